@@ -1,0 +1,54 @@
+"""The ``hawqc`` command.
+
+Each subcommand is a module of :mod:`hawqc.commands` that defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; adding a module adds a subcommand.
+Command modules import torch and tvm inside ``run`` so that ``hawqc --help`` stays fast.
+User errors (``ValueError``, ``OSError``) end in one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+import hawqc
+import hawqc.commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hawqc",
+        description="HAWQ-V3 integer-only quantization: quantize, compile with TVM, tune, choose bits.",
+    )
+    parser.add_argument("--version", action="version", version=f"hawqc {hawqc.__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(hawqc.commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"hawqc.commands.{info.name}")
+        name = info.name.replace("_", "-")
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run, command=name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"hawqc {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hawqc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``hawqc`` subcommand (see :mod:`hawqc.cli`)."""

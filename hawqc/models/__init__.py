@@ -1,0 +1,56 @@
+"""Built-in models, by name: ``hawqc.models.get("resnet50")``.
+
+ResNet-18/50 and Inception-V3 use torchvision's module names, so torchvision checkpoints load
+with ``load_state_dict(strict=True)``. Importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model: where its constructor lives and what input it expects."""
+
+    name: str
+    constructor: str
+    """``module:function`` under ``hawqc.models``."""
+    input_shape: tuple[int, int, int]
+    """Default (channels, height, width)."""
+    description: str
+
+    def build(self, **kwargs: Any) -> Any:
+        module, function = self.constructor.split(":")
+        return getattr(importlib.import_module(f"hawqc.models.{module}"), function)(**kwargs)
+
+
+_SPECS = [
+    ModelSpec("resnet18", "resnet:resnet18", (3, 224, 224), "ResNet-18 (torchvision layout)"),
+    ModelSpec("resnet50", "resnet:resnet50", (3, 224, 224), "ResNet-50 v1.5 (torchvision layout)"),
+    ModelSpec("inceptionv3", "inception:inception_v3", (3, 299, 299), "Inception-V3 (torchvision layout)"),
+    ModelSpec("tiny_resnet", "resnet:tiny_resnet", (1, 28, 28), "3-block residual CNN for 28x28 images"),
+]
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a built-in model; ``ValueError`` naming the choices otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def get(name: str, **kwargs: Any) -> Any:
+    """Build a built-in model with random weights (``num_classes=...`` and other options pass through)."""
+    return spec(name).build(**kwargs)
+
+
+def quantizable_layers(model: Any) -> list[str]:
+    """Names of the model's Conv2d and Linear modules, in registration order: the layers a
+    :class:`~hawqc.bitconfig.BitConfig` gives bits to."""
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

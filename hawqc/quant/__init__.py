@@ -1,0 +1,1 @@
+"""PyTorch side of hawqc: quantizers, dyadic arithmetic, QAT modules, calibration, QDQ export."""

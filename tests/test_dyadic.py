@@ -1,0 +1,128 @@
+"""Dyadic requantization against exact rational arithmetic."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hawqc.quant.dyadic import dyadic, dyadic_per_channel, requantize, scale_ratio, self_check
+
+INT32 = st.integers(-(2**31), 2**31 - 1)
+# Ratios over all representable decades [2^-32, 2^30), log-uniform, plus raw floats in that range.
+RATIOS = st.one_of(
+    st.floats(-32, 29.999).map(lambda e: float(np.exp2(e))),
+    st.floats(2.0**-32, 2.0**30 - 1),
+)
+
+
+def round_half_up(x: Fraction) -> int:
+    return math.floor(x + Fraction(1, 2))
+
+
+@settings(max_examples=10_000, deadline=None)
+@given(ratio=RATIOS, acc=INT32)
+def test_requantize_equals_exact_rounding(ratio: float, acc: int) -> None:
+    b, c = dyadic(ratio)
+    assert 2**30 <= b < 2**31 and 1 <= c <= 62
+    assert abs(Fraction(b, 2**c) - Fraction(ratio)) <= Fraction(ratio) / 2**31
+    got = requantize(np.array([acc], dtype=np.int32), b, c, -(2**31), 2**31 - 1)
+    assert int(got[0]) == max(-(2**31), min(2**31 - 1, round_half_up(Fraction(acc * b, 2**c))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ratios=st.lists(RATIOS, min_size=1, max_size=8), data=st.data())
+def test_numpy_and_torch_are_bit_identical_per_channel(ratios: list[float], data: st.DataObject) -> None:
+    b, c = dyadic_per_channel(ratios)
+    rows = data.draw(st.integers(1, 6))
+    acc = np.array(data.draw(st.lists(INT32, min_size=rows * len(ratios), max_size=rows * len(ratios))),
+                   dtype=np.int32).reshape(rows, len(ratios))
+    qmin, qmax = data.draw(st.sampled_from([(-128, 127), (0, 15), (-8, 7), (0, 255)]))
+    expected = np.array([[min(max(round_half_up(Fraction(int(a) * int(bb), 2 ** int(cc))), qmin), qmax)
+                          for a, bb, cc in zip(row, b, c)] for row in acc])
+    got_np = requantize(acc, b, c, qmin, qmax, axis=1)
+    got_torch = requantize(torch.from_numpy(acc), b, c, qmin, qmax, axis=1)
+    assert got_np.dtype == np.int32 and got_torch.dtype == torch.int32
+    np.testing.assert_array_equal(got_np, expected)
+    np.testing.assert_array_equal(got_torch.numpy(), expected)
+
+
+def test_ties_round_half_up_toward_positive_infinity() -> None:
+    b, c = dyadic(0.5)  # exactly 1/2
+    assert Fraction(b, 2**c) == Fraction(1, 2)
+    acc = np.array([5, -5, 3, -3, 1, -1, 0])
+    expected = [3, -2, 2, -1, 1, 0, 0]  # 2.5, -2.5, 1.5, -1.5, 0.5, -0.5, 0
+    assert requantize(acc, b, c, -100, 100).tolist() == expected
+    assert requantize(torch.tensor(acc), b, c, -100, 100).tolist() == expected
+
+
+def test_per_channel_axis_and_clipping() -> None:
+    b, c = dyadic_per_channel([1.0, 0.25, 2.0])
+    acc = np.array([[[10]], [[10]], [[100]]])  # (C, 1, 1)
+    assert requantize(acc, b, c, -128, 127, axis=0).ravel().tolist() == [10, 3, 127]
+    relu4 = requantize(np.array([-7, 3, 40]), *dyadic(1.0), 0, 15)
+    assert relu4.tolist() == [0, 3, 15]
+
+
+def test_scale_ratio_forms_the_product_in_float32() -> None:
+    s_in, s_w, s_out = 0.1, np.array([0.3, 0.7]), 0.05
+    expected = np.float64(np.float32(s_in) * np.float32(s_w)) / np.float64(np.float32(s_out))
+    np.testing.assert_array_equal(scale_ratio(s_in, s_w, s_out), expected)
+    assert not np.array_equal(scale_ratio(s_in, s_w, s_out), s_in * s_w / s_out)
+
+
+def test_dyadic_mantissa_carry_stays_in_range() -> None:
+    assert dyadic(np.nextafter(1.0, 0.0)) == (2**30, 30)  # m * 2^31 rounds up to 2^31
+    assert dyadic(np.nextafter(2.0**-32, 0.0)) == (2**30, 62)  # the carry brings c back to 62
+    with pytest.raises(ValueError, match="c=0"):
+        dyadic(np.nextafter(2.0**30, 0.0))  # the carry pushes c below 1
+
+
+@pytest.mark.parametrize(
+    ("ratio", "message"),
+    [
+        (0.0, "must be > 0"),
+        (-0.5, "must be > 0"),
+        (float("nan"), "must be finite"),
+        (float("inf"), "must be finite"),
+        (2.0**30, r"shift c=\d+ outside \[1, 62\]"),
+        (2.0**-33, r"shift c=\d+ outside \[1, 62\]"),
+    ],
+)
+def test_dyadic_rejects_bad_ratios(ratio: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dyadic(ratio)
+    with pytest.raises(ValueError, match=message):
+        dyadic_per_channel([1.0, ratio])
+
+
+@pytest.mark.parametrize(
+    ("acc", "b", "c", "qmin", "qmax", "message"),
+    [
+        (np.array([2**33], dtype=np.int64), 2**31 - 1, 40, -128, 127, "overflows the int64 product"),
+        (torch.tensor([-(2**40)]), 2**30, 31, -128, 127, "overflows the int64 product"),
+        (np.array([1.5]), 2**30, 31, -128, 127, "integer dtype"),
+        (torch.tensor([1.5]), 2**30, 31, -128, 127, "integer dtype"),
+        (np.array([1]), 2**31, 31, -128, 127, r"b must be in \[0, 2\^31\)"),
+        (np.array([1]), 2**30, 0, -128, 127, r"c must be in \[1, 62\]"),
+        (np.array([1]), 2**30, 63, -128, 127, r"c must be in \[1, 62\]"),
+        (np.array([1]), 0.5, 31, -128, 127, "must be integers"),
+        (np.array([1]), 2**30, 31, 127, -128, "qmin <= qmax"),
+    ],
+)
+def test_requantize_rejects_bad_input(acc, b, c, qmin, qmax, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        requantize(acc, b, c, qmin, qmax)
+
+
+def test_int32_accumulators_never_overflow() -> None:
+    acc = np.array([-(2**31), 2**31 - 1], dtype=np.int32)
+    got = requantize(acc, 2**31 - 1, 62, -(2**31), 2**31 - 1)
+    assert got.tolist() == [round_half_up(Fraction(int(a) * (2**31 - 1), 2**62)) for a in acc]
+
+
+def test_self_check_finds_no_mismatch() -> None:
+    assert self_check(2_000, seed=1) == 0
