@@ -21,11 +21,12 @@ import ast
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hawqc.fileio import write_atomic
 
 SCHEMA_VERSION = 1
 SUPPORTED_BITS = (4, 8)
@@ -168,26 +169,13 @@ class BitConfig:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON form atomically (a reader never sees a half-written file)."""
-        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 PRESETS: dict[str, BitConfig] = {
     "uniform8": BitConfig(default=LayerBits(8, 8)),
     "uniform4": BitConfig(default=LayerBits(4, 4), first_last=LayerBits(8, 8)),
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _layer_names(model: Any) -> list[str]:

@@ -54,3 +54,27 @@ def quantizable_layers(model: Any) -> list[str]:
     from torch import nn
 
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def recalibrate_bn(model: Any, batches: Any) -> Any:
+    """Reset BatchNorm running statistics to the mean over ``batches`` (inputs only), in place.
+
+    Gives a randomly initialised model sane activation scales, so that it can stand in for a
+    trained one in tests and latency benchmarks. Returns the model in eval mode.
+    """
+    import torch
+    from torch import nn
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [bn.momentum for bn in bns]
+    model.eval()  # only BatchNorm trains: no dropout, no auxiliary heads
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+        bn.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for bn, momentum in zip(bns, saved):
+        bn.momentum = momentum
+    return model.eval()

@@ -1,0 +1,132 @@
+"""Export a :class:`~hawqc.quant.model.QuantModel` as a standard ONNX QDQ model.
+
+Every quantized activation is ``QuantizeLinear -> DequantizeLinear`` (zero point 0: int8, or
+int4/uint4 at opset 21); weights are int8/int4 initializers behind a per-channel
+``DequantizeLinear`` (axis 0); biases are int32 behind a ``DequantizeLinear`` with scale
+``S_in * S_w``. A conv output that the integer graph keeps as an int32 accumulator (it feeds an add
+or a concat) goes to that add/concat unquantized, which is how a QDQ reader recognises it. The
+resolved bit config is stored in the model's metadata (``hawqc.bit_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+import hawqc
+from hawqc.fileio import atomic_output
+from hawqc.quant.model import QuantModel, _key
+from hawqc.quant.quantizers import ActQuantizer
+
+INT4_OPSET = 21
+_ZERO_POINT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
+                     (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, data_type: int, array: np.ndarray) -> str:
+        array = np.asarray(array)
+        self.inits.append(helper.make_tensor(name, data_type, array.shape, array.ravel().tolist()))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def qdq(self, src: str, name: str, quantizer: ActQuantizer) -> str:
+        scale = self.const(f"{name}.scale", TensorProto.FLOAT, np.float32(quantizer.scale.item()))
+        zp = self.const(f"{name}.zero_point", _ZERO_POINT_TYPES[(quantizer.bits, quantizer.signed)], np.int8(0))
+        q = self.node("QuantizeLinear", [src, scale, zp], f"{name}.q")
+        return self.node("DequantizeLinear", [q, scale, zp], f"{name}.dq")
+
+
+def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any = None,
+            opset: int | None = None) -> onnx.ModelProto:
+    """Write ``qmodel`` to ``path`` as an ONNX QDQ model (atomically) and return it.
+
+    ``example_input`` (a batch) fixes the input's channel and spatial sizes; without it the
+    calibration shape is used. The batch dimension stays symbolic. ``opset`` defaults to 13, or 21
+    when any weight or activation is 4-bit.
+    """
+    needs_int4 = any(b.w_bits == 4 for b in qmodel.bits.values()) or any(q.bits == 4 for q in qmodel.acts.values())
+    opset = opset or (INT4_OPSET if needs_int4 else 13)
+    if needs_int4 and opset < INT4_OPSET:
+        raise ValueError(f"4-bit tensors need ONNX opset {INT4_OPSET} or later, got opset {opset}")
+    if opset < 13:
+        raise ValueError(f"per-channel QDQ needs ONNX opset 13 or later, got {opset}")
+    shape = tuple(np.asarray(example_input).shape[1:]) if example_input is not None else qmodel.input_shape
+    if not shape:
+        raise ValueError("give example_input: the model has no calibration shape")
+    with torch.no_grad():
+        out_shape = qmodel._float_forward(torch.zeros(1, *shape), fake=False, observe=False).shape[1:]
+    g = _Builder()
+    values: dict[str, str] = {}
+    for node in qmodel.nodes:
+        name, kind, attrs = node.name, node.kind, node.attrs
+        ins = [values[i] for i in node.inputs]
+        if kind == "output":
+            g.node("Identity", ins, "output")
+            break
+        if kind == "input":
+            out = "input"
+        elif kind in ("conv", "dense"):
+            layer = qmodel.layers[_key(node.layer)]
+            p = layer.integer_params(qmodel.input_scale(node))  # the integers the integer graph runs
+            w_type = TensorProto.INT4 if layer.w_bits == 4 else TensorProto.INT8
+            wq = g.const(f"{node.layer}.weight_quantized", w_type, p["weight"])
+            w = g.node("DequantizeLinear", [wq, g.const(f"{node.layer}.weight_scale", TensorProto.FLOAT,
+                                                          p["w_scale"])], f"{node.layer}.weight", axis=0)
+            bq = g.const(f"{node.layer}.bias_quantized", TensorProto.INT32, p["bias"])
+            b = g.node("DequantizeLinear", [bq, g.const(f"{node.layer}.bias_scale", TensorProto.FLOAT,
+                                                          p["acc_scale"])], f"{node.layer}.bias", axis=0)
+            if kind == "conv":
+                conv = layer.layer
+                pads = [conv.padding[0], conv.padding[1], conv.padding[0], conv.padding[1]]
+                out = g.node("Conv", [ins[0], w, b], name, strides=list(conv.stride), pads=pads,
+                             dilations=list(conv.dilation), group=conv.groups,
+                             kernel_shape=list(conv.kernel_size))
+            else:
+                out = g.node("Gemm", [ins[0], w, b], name, transB=1)
+        elif kind == "add":
+            out = g.node("Add", ins, name)
+        elif kind == "concat":
+            out = g.node("Concat", ins, name, axis=1)
+        elif kind == "maxpool":
+            out = g.node("MaxPool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
+                         pads=attrs["padding"] * 2)
+        elif kind == "avgpool":
+            out = g.node("AveragePool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
+                         pads=attrs["padding"] * 2, count_include_pad=1)
+        elif kind == "gap":
+            out = g.node("GlobalAveragePool", ins, name)
+        elif kind == "flatten":
+            out = g.node("Flatten", ins, name, axis=1)
+        else:
+            out = g.node("Relu", ins, name)
+        if node.relu:
+            out = g.node("Relu", [out], f"{name}.relu")
+        if name in qmodel.acts:
+            out = g.qdq(out, name, qmodel.acts[name])
+        elif kind in ("avgpool", "gap", "maxpool"):  # pooled integers stay on the input's grid
+            out = g.qdq(out, name, qmodel.acts[qmodel.scale_source[name]])
+        values[name] = out
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "hawqc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", *out_shape])], g.inits),
+        opset_imports=[helper.make_opsetid("", opset)], producer_name="hawqc", producer_version=hawqc.__version__)
+    helper.set_model_props(model, {"hawqc.bit_config": json.dumps({k: v.to_dict() for k, v in qmodel.bits.items()}),
+                                   "hawqc.version": hawqc.__version__})
+    onnx.checker.check_model(model)
+    with atomic_output(path) as tmp:
+        onnx.save(model, str(tmp))
+    return model

@@ -1,0 +1,297 @@
+"""``QuantModel``: a captured model with HAWQ-V3 quantizers, and ``quantize`` (PTQ).
+
+Where tensors are quantized (the plan, fixed at construction):
+
+- the input, and every conv/dense output that feeds anything but an add or a concat, get their own
+  activation quantizer; so do add and concat outputs;
+- a conv/dense output feeding only adds/concats stays an int32 accumulator: each add/concat input
+  is requantized straight to the output scale by its own dyadic number (HAWQ-V3's residual rule);
+- max/avg/global-avg pool, flatten and ReLU keep their input's scale;
+- an activation's bits are the largest ``a_bits`` of the layers that read it (8 if none), and it is
+  unsigned only when it is 4-bit and non-negative (after a ReLU).
+
+Modes (``QuantModel.mode``): ``"int"`` runs the integer graph with torch kernels, the integers
+the deployed graph must produce; ``"fake"`` is the QAT forward (fake-quant, straight-through
+gradients); ``"float"`` is the folded float model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawqc.bitconfig import BitConfig, LayerBits
+from hawqc.quant.capture import Node, capture
+from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
+from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
+from hawqc.quant.quantizers import ActQuantizer
+from hawqc.reference.graph import IntegerGraph, IntOp, execute
+
+MODES = ("int", "fake", "float")
+_RESCALING = {"add", "concat", "output"}
+_SCALE_PRESERVING = {"maxpool", "avgpool", "gap", "flatten", "relu"}
+
+
+def _key(layer: str) -> str:
+    return layer.replace(".", "/")
+
+
+def _pads(padding: list[int]) -> list[int]:
+    return [padding[0], padding[1], padding[0], padding[1]]
+
+
+class QuantModel(nn.Module):
+    """A quantized model: captured graph, quantized layers and activation quantizers."""
+
+    def __init__(self, model: nn.Module, bits: Mapping[str, LayerBits], observer: str = "minmax",
+                 momentum: float = 0.9, percentile: float = 99.99, weight_percentile: float | None = None) -> None:
+        super().__init__()
+        self.nodes = capture(model.eval())
+        self.bits = dict(bits)
+        self.mode = "int"
+        modules = dict(model.named_modules())
+        self.layers = nn.ModuleDict()
+        for node in self.nodes:
+            if node.kind in ("conv", "dense"):
+                w_bits = self.bits[node.layer].w_bits
+                self.layers[_key(node.layer)] = (
+                    QuantConv2d(modules[node.layer], modules.get(node.bn), w_bits, weight_percentile)
+                    if node.kind == "conv" else QuantLinear(modules[node.layer], w_bits, weight_percentile))
+        consumers: dict[str, list[Node]] = {n.name: [] for n in self.nodes}
+        for node in self.nodes:
+            for i in node.inputs:
+                consumers[i].append(node)
+        self.accumulators = {n.name for n in self.nodes if n.kind in ("conv", "dense")
+                             and all(c.kind in _RESCALING for c in consumers[n.name])}
+        nonneg: dict[str, bool] = {}
+        self.scale_source: dict[str, str] = {}
+        self.acts = nn.ModuleDict()
+        for node in self.nodes:
+            ins = node.inputs
+            nonneg[node.name] = node.relu or node.kind == "relu" or (
+                node.kind in _SCALE_PRESERVING | {"concat"} and all(nonneg[i] for i in ins))
+            if node.kind in _SCALE_PRESERVING:
+                self.scale_source[node.name] = self.scale_source[ins[0]]
+            elif node.kind in ("input", "add", "concat") or (
+                    node.kind in ("conv", "dense") and node.name not in self.accumulators):
+                a_bits = self._reader_bits(node.name, consumers)
+                self.acts[node.name] = ActQuantizer(a_bits, signed=not (a_bits == 4 and nonneg[node.name]),
+                                                    relu=node.relu, observer=observer, momentum=momentum,
+                                                    percentile=percentile)
+                self.scale_source[node.name] = node.name
+        self.input_shape: tuple[int, ...] = ()
+        self._int_cache: tuple[tuple[int, ...], IntegerGraph] | None = None
+
+    def _reader_bits(self, name: str, consumers: Mapping[str, list[Node]]) -> int:
+        """Largest a_bits of the layers reading tensor ``name`` (through scale-preserving ops)."""
+        found, stack = [], list(consumers[name])
+        while stack:
+            node = stack.pop()
+            if node.kind in ("conv", "dense"):
+                found.append(self.bits[node.layer].a_bits)
+            elif node.kind in _SCALE_PRESERVING:
+                stack.extend(consumers[node.name])
+        return max(found, default=8)
+
+    def input_scale(self, node: Node) -> np.float32:
+        """The float32 scale of a node's (first) integer input."""
+        return np.float32(self.acts[self.scale_source[node.inputs[0]]].scale.item())
+
+    # ---- float and fake-quant execution ---------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int":
+            return execute(self.integer_graph(), x, _torch_kernels())
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        return self._float_forward(x, fake=self.mode == "fake", observe=False)
+
+    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool) -> torch.Tensor:
+        values: dict[str, torch.Tensor] = {}
+        for node in self.nodes:
+            ins = [values[i] for i in node.inputs]
+            kind, attrs = node.kind, node.attrs
+            if kind == "output":
+                return ins[0]
+            if kind == "input":
+                y = x
+            elif kind in ("conv", "dense"):
+                layer = self.layers[_key(node.layer)]
+                if fake:
+                    y = layer.fake_forward(ins[0], self.acts[self.scale_source[node.inputs[0]]].scale)
+                else:
+                    y = layer.float_forward(ins[0])
+            elif kind == "add":
+                y = ins[0] + ins[1]
+            elif kind == "concat":
+                y = torch.cat(ins, dim=1)
+            elif kind == "maxpool":
+                y = F.max_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"])
+            elif kind == "avgpool":
+                y = F.avg_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"], count_include_pad=True)
+            elif kind == "gap":
+                y = ins[0].mean(dim=(2, 3), keepdim=True)
+            elif kind == "flatten":
+                y = ins[0].flatten(1)
+            else:  # relu
+                y = F.relu(ins[0])
+            if node.relu:
+                y = F.relu(y)
+            if node.name in self.acts:
+                quantizer = self.acts[node.name]
+                if observe:
+                    quantizer.observe(y)
+                if fake:
+                    y = quantizer.fake(y)
+            elif fake and kind in ("avgpool", "gap"):  # integer pooling rounds to the input's grid
+                y = self.acts[self.scale_source[node.name]].fake(y)
+            values[node.name] = y
+        raise AssertionError("captured graph has no output")
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Any]) -> int:
+        """Observe activation ranges on float batches, then fix the scales. Returns the batch count."""
+        count, shape = 0, None
+        for batch in batches:
+            x = _as_input(batch)
+            if shape is not None and x.shape[1:] != shape:
+                raise ValueError(f"calibration batch {count} has shape {tuple(x.shape)}, earlier batches "
+                                 f"{(-1, *shape)}")
+            shape = x.shape[1:]
+            try:
+                self._float_forward(x, fake=False, observe=True)
+            except RuntimeError as err:
+                raise ValueError(f"calibration batch of shape {tuple(x.shape)} does not fit the model: "
+                                 f"{str(err).splitlines()[0]}") from None
+            count += 1
+        if count == 0:
+            raise ValueError("calibration data is empty: give at least one batch of inputs")
+        for name, quantizer in self.acts.items():
+            quantizer.freeze(name)
+        self.input_shape = tuple(int(d) for d in shape)
+        return count
+
+    # ---- the integer graph ----------------------------------------------------------------------
+    def integer_graph(self) -> IntegerGraph:
+        """The integer-only program of this model (rebuilt only when parameters or scales change)."""
+        key = tuple(t._version for t in [*self.parameters(), *self.buffers()])
+        if self._int_cache is None or self._int_cache[0] != key:
+            self._int_cache = (key, self._build_integer_graph())
+        return self._int_cache[1]
+
+    @torch.no_grad()
+    def _build_integer_graph(self) -> IntegerGraph:
+        ops: list[IntOp] = []
+        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, lo)
+        qint: dict[str, tuple[np.float32, int, int]] = {}
+        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, int]] = {}
+
+        def rescale(src: str, dst: str, scale_out: np.float32, lo: int, hi: int) -> None:
+            if src in acc:
+                s_in, s_w, _, acc_lo = acc[src]
+                b, c = dyadic_per_channel(scale_ratio(s_in, s_w, scale_out))
+                lo = max(lo, acc_lo)
+            else:
+                b, c = dyadic_per_channel(scale_ratio(qint[src][0], np.float32(1.0), scale_out))
+            ops.append(IntOp("requantize", [src], dst, {"qmin": lo, "qmax": hi}, {"b": b, "c": c}))
+
+        output = None
+        for node in self.nodes:
+            name, kind, attrs = node.name, node.kind, node.attrs
+            quantizer = self.acts[name] if name in self.acts else None
+            qmin, qmax = quantizer.qrange if quantizer is not None else (0, 0)
+            scale = np.float32(quantizer.scale.item()) if quantizer is not None else np.float32(0)
+            if kind == "input":
+                ops.append(IntOp("quantize", ["input"], name, {"qmin": qmin, "qmax": qmax},
+                                 {"scale": np.array(scale, dtype=np.float32)}))
+            elif kind in ("conv", "dense"):
+                layer = self.layers[_key(node.layer)]
+                s_in = self.input_scale(node)
+                p = layer.integer_params(s_in)
+                target = name if name in self.accumulators else f"{name}:acc"
+                if kind == "conv":
+                    conv = layer.layer
+                    op_attrs = {"stride": list(conv.stride), "padding": _pads(list(conv.padding)),
+                                "dilation": list(conv.dilation), "groups": conv.groups}
+                    ops.append(IntOp("conv2d", node.inputs, target, op_attrs, {"weight": p["weight"], "bias": p["bias"]}))
+                else:
+                    ops.append(IntOp("dense", node.inputs, target, {}, {"weight": p["weight"], "bias": p["bias"]}))
+                acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN)
+                if target != name:
+                    rescale(target, name, scale, qmin, qmax)
+            elif kind in ("add", "concat"):
+                parts = []
+                for j, src in enumerate(node.inputs):
+                    parts.append(f"{name}:in{j}")
+                    if kind == "add":
+                        rescale(src, parts[-1], scale, INT32_MIN, INT32_MAX)
+                    else:
+                        rescale(src, parts[-1], scale, qmin, qmax)
+                ops.append(IntOp(kind, parts, name, {"qmin": qmin, "qmax": qmax} if kind == "add" else {}))
+            elif kind == "output":
+                src = node.inputs[0]
+                out_scale = acc[src][2] if src in acc else np.array(qint[src][0], dtype=np.float32)
+                ops.append(IntOp("dequantize", [src], "output", {}, {"scale": out_scale}))
+                output = "output"
+            else:
+                s, in_min, in_max = qint[node.inputs[0]]
+                if kind == "maxpool":
+                    ops.append(IntOp("maxpool", node.inputs, name, {"kernel": attrs["kernel"], "stride": attrs["stride"],
+                                                                    "padding": _pads(attrs["padding"])}))
+                elif kind == "avgpool":
+                    b, c = dyadic(1.0 / (attrs["kernel"][0] * attrs["kernel"][1]))
+                    ops.append(IntOp("avgpool", node.inputs, name,
+                                     {"kernel": attrs["kernel"], "stride": attrs["stride"],
+                                      "padding": _pads(attrs["padding"]), "qmin": in_min, "qmax": in_max},
+                                     {"b": np.array(b, dtype=np.int32), "c": np.array(c, dtype=np.int32)}))
+                elif kind == "gap":
+                    ops.append(IntOp("global_avgpool", node.inputs, name, {"qmin": in_min, "qmax": in_max}))
+                elif kind == "flatten":
+                    ops.append(IntOp("flatten", node.inputs, name))
+                else:  # relu
+                    in_min = max(in_min, 0)
+                    ops.append(IntOp("clip", node.inputs, name, {"qmin": in_min, "qmax": in_max}))
+                qint[name] = (s, in_min, in_max)
+                continue
+            if quantizer is not None:
+                qint[name] = (scale, qmin, qmax)
+        metadata = {"bit_config": {k: v.to_dict() for k, v in self.bits.items()},
+                    "input_shape": list(self.input_shape)}
+        return IntegerGraph("input", output or "output", ops, metadata)
+
+
+def _torch_kernels() -> Mapping[str, Any]:
+    from hawqc.quant.torch_kernels import KERNELS
+
+    return KERNELS
+
+
+def _as_input(batch: Any) -> torch.Tensor:
+    """The input tensor of a calibration batch: a tensor/array, or the first item of a tuple/list/dict."""
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    elif isinstance(batch, Mapping) and batch:
+        batch = next(iter(batch.values()))
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+        raise ValueError(f"calibration batches must be float tensors or arrays, got {type(batch).__name__}"
+                         + (f" of {batch.dtype}" if isinstance(batch, torch.Tensor) else ""))
+    return batch.float()
+
+
+def quantize(model: nn.Module, bit_config: BitConfig | Mapping[str, Any] | str, calib_data: Iterable[Any], *,
+             observer: str = "minmax", momentum: float = 0.9, percentile: float = 99.99,
+             weight_percentile: float | None = None) -> QuantModel:
+    """Quantize a float model the HAWQ-V3 way (post-training): fold BatchNorm, quantize weights per
+    channel, calibrate static activation ranges on ``calib_data`` (an iterable of input batches or
+    ``(input, label)`` pairs). Returns a :class:`QuantModel` in integer-simulation mode."""
+    config = BitConfig.from_any(bit_config)
+    bits = config.resolve(model)
+    qmodel = QuantModel(model, bits, observer, momentum, percentile, weight_percentile)
+    qmodel.calibrate(calib_data)
+    return qmodel.eval()

@@ -1,0 +1,105 @@
+"""``QuantConv2d`` (BatchNorm folded) and ``QuantLinear``: per-channel weights, int32 bias.
+
+Three ways to run one layer:
+
+- ``float_forward``: the folded float layer (calibration);
+- ``fake_forward``: QAT. Folded weights and the bias are fake-quantized (straight-through). While
+  training with BatchNorm not yet frozen, the fold uses the batch statistics (and updates the
+  running ones), as in HAWQ-V3's recipe; after ``freeze_bn`` it uses the running statistics;
+- ``integer_params``: the integer weights, int32 bias (scale ``S_in * S_w``, formed in float32)
+  and scales that the integer graph runs with.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawqc.quant.quantizers import fake_quant, quantize_weight, weight_qmax, weight_scale
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+class _QuantLayer(nn.Module):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None, w_bits: int,
+                 weight_percentile: float | None) -> None:
+        super().__init__()
+        self.layer = copy.deepcopy(layer)
+        self.bn = copy.deepcopy(bn)
+        self.w_bits = w_bits
+        self.weight_percentile = weight_percentile
+        self.freeze_bn = False
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _channel_shape(self, w: torch.Tensor) -> tuple[int, ...]:
+        return (-1,) + (1,) * (w.dim() - 1)
+
+    def folded(self, batch_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Folded (weight, bias); with ``batch_input``, BatchNorm uses (and updates) batch statistics."""
+        w = self.layer.weight
+        b = self.layer.bias if self.layer.bias is not None else w.new_zeros(w.shape[0])
+        if self.bn is None:
+            return w, b
+        if batch_input is not None:
+            y = self._op(batch_input, w, b)
+            mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                n = y.numel() / y.shape[1]
+                m = self.bn.momentum if self.bn.momentum is not None else 0.1
+                self.bn.running_mean.mul_(1 - m).add_(m * mean)
+                self.bn.running_var.mul_(1 - m).add_(m * var * n / max(n - 1, 1))
+                self.bn.num_batches_tracked += 1
+        else:
+            mean, var = self.bn.running_mean, self.bn.running_var
+        inv_std = self.bn.weight / torch.sqrt(var + self.bn.eps)
+        return w * inv_std.reshape(self._channel_shape(w)), self.bn.bias + (b - mean) * inv_std
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, *self.folded())
+
+    def fake_forward(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training and self.bn is not None and not self.freeze_bn
+        w, b = self.folded(x if use_batch_stats else None)
+        s_w = weight_scale(w, self.w_bits, self.weight_percentile)
+        n = weight_qmax(self.w_bits)
+        w_q = fake_quant(w, s_w.reshape(self._channel_shape(w)), -n, n)
+        b_q = fake_quant(b, input_scale.to(torch.float32) * s_w, INT32_MIN, INT32_MAX)
+        return self._op(x, w_q, b_q)
+
+    @torch.no_grad()
+    def integer_params(self, input_scale: np.float32) -> dict[str, np.ndarray]:
+        """``weight`` (int8 storage), ``bias`` (int32), ``w_scale`` and ``acc_scale`` (float32, per channel)."""
+        w, b = self.folded()
+        s_w = weight_scale(w, self.w_bits, self.weight_percentile)
+        acc_scale = np.float32(input_scale) * s_w.numpy()  # float32 product, as the deployed graph forms it
+        bias = np.clip(np.rint(b.double().numpy() / acc_scale.astype(np.float64)), INT32_MIN, INT32_MAX)
+        return {"weight": quantize_weight(w, s_w, self.w_bits).numpy(), "bias": bias.astype(np.int32),
+                "w_scale": s_w.numpy(), "acc_scale": acc_scale}
+
+
+class QuantConv2d(_QuantLayer):
+    """A Conv2d with its BatchNorm folded in, quantized per output channel."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, w_bits: int,
+                 weight_percentile: float | None = None) -> None:
+        super().__init__(conv, bn, w_bits, weight_percentile)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c = self.layer
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+
+class QuantLinear(_QuantLayer):
+    """A Linear layer quantized per output channel."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, weight_percentile: float | None = None) -> None:
+        super().__init__(linear, None, w_bits, weight_percentile)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, b)

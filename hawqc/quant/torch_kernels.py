@@ -1,0 +1,114 @@
+"""torch kernels of the integer graph: the PyTorch integer simulation.
+
+Same operations and rounding as :mod:`hawqc.reference.kernels`, computed with torch's own
+convolution and pooling (in float64, exact for these integer ranges) so that the two
+implementations check each other. Integer tensors are int32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hawqc.quant.dyadic import dyadic, requantize
+
+Consts = Mapping[str, np.ndarray]
+
+
+def _t(a: np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+
+def _pad(x: torch.Tensor, pads: list[int], value: float) -> torch.Tensor:
+    top, left, bottom, right = pads
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
+def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x = torch.as_tensor(inputs[0]).to(torch.float32)
+    q = torch.round(x / _t(consts["scale"], torch.float32))
+    return q.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
+
+
+def dequantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    q = inputs[0]
+    scale = _t(consts["scale"], torch.float32)
+    if scale.dim() == 1:
+        scale = scale.reshape((1, -1) + (1,) * (q.dim() - 2))
+    return q.to(torch.float32) * scale
+
+
+def _with_bias(acc: torch.Tensor, consts: Consts, shape: tuple[int, ...]) -> torch.Tensor:
+    acc = torch.round(acc).to(torch.int64)
+    if "bias" in consts:
+        acc = acc + _t(consts["bias"], torch.int64).reshape(shape)
+    if acc.numel() and (acc.min() < -(2**31) or acc.max() > 2**31 - 1):
+        raise ValueError("int32 accumulator overflow")
+    return acc.to(torch.int32)
+
+
+def conv2d(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x = _pad(inputs[0].to(torch.float64), attrs["padding"], 0.0)
+    acc = F.conv2d(x, _t(consts["weight"]), stride=attrs["stride"], dilation=attrs["dilation"], groups=attrs["groups"])
+    return _with_bias(acc, consts, (1, -1, 1, 1))
+
+
+def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return _with_bias(F.linear(inputs[0].to(torch.float64), _t(consts["weight"])), consts, (1, -1))
+
+
+def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    per_channel = consts["b"].ndim == 1
+    return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None)
+
+
+def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    total = sum(x.to(torch.int64) for x in inputs)
+    return total.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
+
+
+def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return torch.cat(inputs, dim=1)
+
+
+def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return inputs[0].clamp(attrs["qmin"], attrs["qmax"])
+
+
+def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x = _pad(inputs[0].to(torch.float64), attrs["padding"], float("-inf"))
+    return F.max_pool2d(x, attrs["kernel"], attrs["stride"]).to(torch.int32)
+
+
+def avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x = _pad(inputs[0].to(torch.float64), attrs["padding"], 0.0)
+    sums = torch.round(F.avg_pool2d(x, attrs["kernel"], attrs["stride"], divisor_override=1)).to(torch.int64)
+    return requantize(sums, consts["b"], consts["c"], attrs["qmin"], attrs["qmax"])
+
+
+def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x = inputs[0]
+    b, c = dyadic(1.0 / (x.shape[2] * x.shape[3]))
+    return requantize(x.to(torch.int64).sum(dim=(2, 3), keepdim=True), b, c, attrs["qmin"], attrs["qmax"])
+
+
+def pad(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return _pad(inputs[0], attrs["pads"], 0)
+
+
+def flatten(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return inputs[0].flatten(1)
+
+
+def reshape(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return inputs[0].reshape(attrs["shape"])
+
+
+KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
+           "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
+           "global_avgpool": global_avgpool, "pad": pad, "flatten": flatten, "reshape": reshape,
+           "dequantize": dequantize}

@@ -1,0 +1,106 @@
+"""The integer graph: a plain, serialisable program of integer operations.
+
+Float enters once (``quantize``) and leaves once (``dequantize``); in between every tensor is an
+integer tensor (int32 values) and every rescale is a ``requantize`` by a dyadic number. The same
+graph runs on numpy (:mod:`hawqc.reference.kernels`, the golden model) and on torch (the PyTorch
+integer simulation); both walk it with :func:`execute`.
+
+Operations (inputs -> output; ``attrs`` are JSON values, ``consts`` numpy arrays):
+
+================  ==============================================================================
+quantize          float -> int: ``clip(rint(float32(x) / scale), qmin, qmax)`` (consts: scale)
+conv2d            int x int -> int32 accumulator, + int32 bias (consts: weight OIHW, bias;
+                  attrs: stride, padding [top, left, bottom, right], dilation, groups)
+dense             int x int -> int32 accumulator, + int32 bias (consts: weight [out, in], bias)
+requantize        dyadic rescale and clip (consts: b, c, scalar or per channel; attrs: qmin, qmax)
+add               elementwise sum of its inputs, clipped (attrs: qmin, qmax)
+concat            along the channel axis
+clip              clip to [qmin, qmax]: ReLU on integers
+maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
+avgpool           window sum (padding counts as zeros), then requantize by 1/(kh*kw) (consts: b, c)
+global_avgpool    sum over H and W, then requantize by dyadic(1/(H*W)); keeps dims (N, C, 1, 1)
+pad               zero padding (attrs: pads [top, left, bottom, right])
+flatten           (N, ...) -> (N, -1)
+reshape           attrs: shape
+dequantize        int -> float32: ``float32(q) * scale`` (consts: scale, scalar or per channel)
+================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hawqc.fileio import write_atomic
+
+FORMAT_VERSION = 1
+OPS = ("quantize", "conv2d", "dense", "requantize", "add", "concat", "clip", "maxpool", "avgpool",
+       "global_avgpool", "pad", "flatten", "reshape", "dequantize")
+
+Kernel = Callable[[list[Any], Mapping[str, Any], Mapping[str, Any]], Any]
+
+
+@dataclass
+class IntOp:
+    """One operation: ``output = op(*inputs)`` with attributes and constant arrays."""
+
+    op: str
+    inputs: list[str]
+    output: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class IntegerGraph:
+    """An integer-only program with one float input and one float output."""
+
+    input: str
+    output: str
+    ops: list[IntOp]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Run the golden model on a float input batch; returns the dequantized float32 output."""
+        from hawqc.reference.kernels import KERNELS
+
+        return execute(self, np.asarray(x), KERNELS)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write one ``.npz`` file (a JSON header plus the constants), atomically."""
+        header = {"format_version": FORMAT_VERSION, "input": self.input, "output": self.output,
+                  "metadata": self.metadata,
+                  "ops": [{"op": o.op, "inputs": o.inputs, "output": o.output, "attrs": o.attrs,
+                           "consts": sorted(o.consts)} for o in self.ops]}
+        arrays = {f"{i}/{k}": v for i, o in enumerate(self.ops) for k, v in o.consts.items()}
+        buffer = io.BytesIO()
+        np.savez(buffer, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+        write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> IntegerGraph:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(bytes(data["__header__"]).decode())
+                arrays = {k: data[k] for k in data.files if k != "__header__"}
+        except (ValueError, KeyError, OSError) as err:
+            raise ValueError(f"{path}: not an integer graph file ({err})") from None
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: integer graph format {header.get('format_version')} is not supported")
+        ops = [IntOp(o["op"], o["inputs"], o["output"], o["attrs"], {k: arrays[f"{i}/{k}"] for k in o["consts"]})
+               for i, o in enumerate(header["ops"])]
+        return cls(header["input"], header["output"], ops, header["metadata"])
+
+
+def execute(graph: IntegerGraph, x: Any, kernels: Mapping[str, Kernel]) -> Any:
+    """Walk the graph once with the given kernels (numpy or torch); returns the output value."""
+    values = {graph.input: x}
+    for op in graph.ops:
+        values[op.output] = kernels[op.op]([values[i] for i in op.inputs], op.attrs, op.consts)
+    return values[graph.output]

@@ -1,0 +1,137 @@
+"""numpy kernels of the integer graph: the golden model, written to be read.
+
+Integer tensors are int32 arrays. Convolutions and matrix products multiply integers in float64
+through BLAS: every product and partial sum is an integer below 2^53, so the result is exact
+(checked per call), and it is much faster than numpy's integer matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from hawqc.quant.dyadic import dyadic, requantize
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+_EXACT = 2**53
+
+
+def _int32(x: np.ndarray, what: str) -> np.ndarray:
+    if x.size and (x.min() < INT32_MIN or x.max() > INT32_MAX):
+        raise ValueError(f"{what}: int32 accumulator overflow")
+    return x.astype(np.int32)
+
+
+def _exact_product_bound(x: np.ndarray, w: np.ndarray, depth: int, what: str) -> None:
+    bound = depth * (int(np.abs(x).max(initial=0)) * int(np.abs(w).max(initial=0)))
+    if bound >= _EXACT:
+        raise ValueError(f"{what}: integer products too large to evaluate exactly ({bound})")
+
+
+def _pad_nchw(x: np.ndarray, pads: list[int], value: int) -> np.ndarray:
+    top, left, bottom, right = pads
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
+def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """(N, C, OH, OW, KH, KW) view of the windows of an already padded NCHW tensor."""
+    kh, kw = (kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1
+    view = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, :: stride[0], :: stride[1]]
+    return view[..., :: dilation[0], :: dilation[1]]
+
+
+def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = np.asarray(inputs[0], dtype=np.float32)
+    q = np.rint(x / consts["scale"].astype(np.float32))
+    return np.clip(q, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+
+
+def dequantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    q = inputs[0]
+    scale = consts["scale"].astype(np.float32)
+    if scale.ndim == 1:  # per channel, channels on axis 1
+        scale = scale.reshape((1, -1) + (1,) * (q.ndim - 2))
+    return q.astype(np.float32) * scale
+
+
+def conv2d(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x, w = _pad_nchw(inputs[0], attrs["padding"], 0), consts["weight"]
+    groups = attrs["groups"]
+    out_ch, in_per_group, kh, kw = w.shape
+    _exact_product_bound(x, w, in_per_group * kh * kw, "conv2d")
+    windows = _windows(x, [kh, kw], attrs["stride"], tuple(attrs["dilation"]))  # N, C, OH, OW, KH, KW
+    outs = []
+    for g in range(groups):
+        cols = windows[:, g * in_per_group:(g + 1) * in_per_group].astype(np.float64)
+        wg = w[g * out_ch // groups:(g + 1) * out_ch // groups].astype(np.float64)
+        outs.append(np.einsum("ncijkl,ockl->noij", cols, wg, optimize=True))
+    acc = np.rint(np.concatenate(outs, axis=1)).astype(np.int64)
+    if "bias" in consts:
+        acc += consts["bias"].astype(np.int64).reshape(1, -1, 1, 1)
+    return _int32(acc, "conv2d")
+
+
+def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x, w = inputs[0], consts["weight"]
+    _exact_product_bound(x, w, w.shape[1], "dense")
+    acc = np.rint(x.astype(np.float64) @ w.astype(np.float64).T).astype(np.int64)
+    if "bias" in consts:
+        acc += consts["bias"].astype(np.int64)
+    return _int32(acc, "dense")
+
+
+def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    per_channel = consts["b"].ndim == 1
+    return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None)
+
+
+def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    total = sum(x.astype(np.int64) for x in inputs)
+    return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+
+
+def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate(inputs, axis=1)
+
+
+def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.clip(inputs[0], attrs["qmin"], attrs["qmax"]).astype(np.int32)
+
+
+def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = _pad_nchw(inputs[0], attrs["padding"], INT32_MIN)
+    return _windows(x, attrs["kernel"], attrs["stride"]).max(axis=(-2, -1)).astype(np.int32)
+
+
+def avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = _pad_nchw(inputs[0], attrs["padding"], 0).astype(np.int64)
+    sums = _windows(x, attrs["kernel"], attrs["stride"]).sum(axis=(-2, -1))
+    return requantize(sums, consts["b"], consts["c"], attrs["qmin"], attrs["qmax"])
+
+
+def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = inputs[0]
+    sums = x.astype(np.int64).sum(axis=(2, 3), keepdims=True)
+    b, c = dyadic(1.0 / (x.shape[2] * x.shape[3]))
+    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"])
+
+
+def pad(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return _pad_nchw(inputs[0], attrs["pads"], 0)
+
+
+def flatten(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return inputs[0].reshape(inputs[0].shape[0], -1)
+
+
+def reshape(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return inputs[0].reshape(attrs["shape"])
+
+
+KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
+           "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
+           "global_avgpool": global_avgpool, "pad": pad, "flatten": flatten, "reshape": reshape,
+           "dequantize": dequantize}
