@@ -122,22 +122,24 @@ def _check_conv(name: str, conv: nn.Conv2d) -> None:
 
 def _pool_or_flatten(gm: torch.fx.GraphModule, n: torch.fx.Node, module: nn.Module | None, src: Any) -> Node:
     """Pooling and flatten nodes, from modules or functions; anything else is unsupported."""
-    if module is not None:
-        kind, args = _module_op(module)
-    elif n.op == "call_function" and n.target in _FUNCTION_KINDS:
+    module_op = _module_op(module) if module is not None else None
+    if module_op is not None:
+        kind, args = module_op
+    elif module is None and n.op == "call_function" and n.target in _FUNCTION_KINDS:
         kind = _FUNCTION_KINDS[n.target]
         args = dict(n.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs)
         args.pop("input", None)
-    elif n.op == "call_method" and n.target == "flatten":
+    elif module is None and n.op == "call_method" and n.target == "flatten":
         kind, args = "flatten", {"start_dim": n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)}
     else:
         what = f"{type(module).__name__} module" if module is not None else f"{n.op} {getattr(n.target, '__name__', n.target)}"
-        raise ValueError(f"unsupported operation {what} at {n.name!r}; hawqc quantizes conv, linear, add, cat, "
+        where = n.target if module is not None else n.name
+        raise ValueError(f"unsupported operation {what} at {where!r}; hawqc quantizes conv, linear, add, cat, "
                          "max/avg/global-avg pool, flatten and relu")
     return Node(n.name, kind, [src(n.args[0])], attrs=_pool_attrs(n.name, kind, args))
 
 
-def _module_op(module: nn.Module) -> tuple[str, dict[str, Any]]:
+def _module_op(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
     if isinstance(module, nn.MaxPool2d):
         return "maxpool", {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
     if isinstance(module, nn.AvgPool2d):
@@ -147,7 +149,7 @@ def _module_op(module: nn.Module) -> tuple[str, dict[str, Any]]:
         return "gap", {"output_size": module.output_size}
     if isinstance(module, nn.Flatten):
         return "flatten", {"start_dim": module.start_dim, "end_dim": module.end_dim}
-    raise ValueError(f"unsupported module {type(module).__name__}")
+    return None
 
 
 _FUNCTION_KINDS = {F.max_pool2d: "maxpool", torch.max_pool2d: "maxpool", F.avg_pool2d: "avgpool",
