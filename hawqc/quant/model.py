@@ -126,6 +126,9 @@ class QuantModel(nn.Module):
                 else:
                     y = layer.float_forward(ins[0])
             elif kind == "add":
+                if fake:  # the integer add rounds each input to the output grid, then sums
+                    grid = self.acts[node.name].scale
+                    ins = [x + (torch.round(x / grid) * grid - x).detach() for x in ins]
                 y = ins[0] + ins[1]
             elif kind == "concat":
                 y = torch.cat(ins, dim=1)
