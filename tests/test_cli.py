@@ -4,10 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hawqc
 import hawqc.commands
+from hawqc import LayerBits
 from hawqc.cli import build_parser, main
 
 
@@ -45,11 +47,30 @@ def test_a_new_command_module_is_a_new_subcommand(
         sys.modules.pop("hawqc.commands.say_hello", None)
 
 
-def test_demo_checks_arithmetic_and_shows_the_bit_plan() -> None:
-    result = run_hawqc("demo", "--model", "tiny_resnet", "--cases", "500")
+def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    result = run_hawqc("demo", "--cases", "500", "-o", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "500 random cases" in result.stdout and "OK" in result.stdout
-    assert "layer2.0.downsample.0" in result.stdout
+    assert "layer2.0.downsample.0" in result.stdout and "bit-exact" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bit_config.json", "tiny_resnet.int.npz", "tiny_resnet.onnx"]
+
+
+def test_quantize_writes_artifacts_that_reload(tmp_path: Path) -> None:
+    import torch
+
+    from hawqc import BitConfig, models
+    from hawqc.reference import IntegerGraph
+
+    checkpoint = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(models.get("tiny_resnet", num_classes=4).state_dict(), checkpoint)
+    out = tmp_path / "out"
+    result = run_hawqc("quantize", "tiny_resnet", "--checkpoint", str(checkpoint), "--num-classes", "4",
+                       "--bit-config", "uniform8", "--data", "digits", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    graph = IntegerGraph.load(out / "tiny_resnet.int.npz")
+    assert graph.run(np.zeros((1, 1, 8, 8), dtype=np.float32)).shape == (1, 4)
+    assert set(BitConfig.load(out / "bit_config.json").layers.values()) == {LayerBits(8, 8)}
 
 
 @pytest.mark.parametrize(
@@ -57,11 +78,28 @@ def test_demo_checks_arithmetic_and_shows_the_bit_plan() -> None:
     [
         (["demo", "--model", "vgg"], "hawqc demo: error: unknown model 'vgg'"),
         (["demo", "--bit-config", "nope.json"], "hawqc demo: error: nope.json is neither a bit-config file"),
+        (["quantize", "resnet18", "--checkpoint", "missing.pt"], "hawqc quantize: error: checkpoint missing.pt does not exist"),
+        (["quantize", "tiny_resnet", "--qat-steps", "5"], "hawqc quantize: error: QAT needs labelled data"),
+        (["quantize", "tiny_resnet", "--calib-batches", "0"], "hawqc quantize: error: --calib-batches and --batch-size"),
     ],
 )
-def test_bad_input_gives_one_line_and_nonzero_exit(args: list[str], message: str) -> None:
-    result = run_hawqc(*args)
+def test_bad_input_gives_one_line_and_nonzero_exit(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_hawqc(*args, "-o", str(tmp_path / "out"))
     assert result.returncode == 1
     assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
     assert result.stderr.startswith(message)
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from hawqc import models
+
+    checkpoint = tmp_path / "r18.pt"
+    torch.save(models.get("tiny_resnet").state_dict(), checkpoint)
+    result = run_hawqc("quantize", "resnet18", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"hawqc quantize: error: {checkpoint} does not fit resnet18: ")
+    assert len(result.stderr.strip().splitlines()) == 1
