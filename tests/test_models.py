@@ -66,3 +66,22 @@ def test_quantizable_layers_run_from_first_conv_to_classifier() -> None:
 def test_unknown_model_names_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown model 'resnet19'; built-in models: resnet18, resnet50"):
         models.get("resnet19")
+
+
+def test_fashion_mnist_loads_when_installed() -> None:
+    from hawqc import data
+
+    if not data.FASHION_MNIST_ROOT.is_dir():
+        pytest.skip("Fashion-MNIST absent: install the Debian package dataset-fashion-mnist")
+    test = data.fashion_mnist("test")
+    assert len(test) == 10_000 and test[0][0].shape == (1, 28, 28)
+    assert set(test.tensors[1].unique().tolist()) == set(range(10))
+
+
+def test_missing_fashion_mnist_is_one_clear_error(tmp_path: Path) -> None:
+    from hawqc import data
+
+    with pytest.raises(FileNotFoundError, match="install the Debian package dataset-fashion-mnist"):
+        data.fashion_mnist("train", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        data.digits("val")

@@ -128,3 +128,38 @@ def test_unsupported_operations_are_named() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Sigmoid())
     with pytest.raises(ValueError, match="unsupported operation Sigmoid module at '1'"):
         quantize(model, "uniform8", [torch.randn(2, 1, 8, 8)])
+
+
+# ---- observers, weight clipping, QAT on the large models ----------------------------------------
+def test_observers_order_their_ranges(digits_model, digits_calibration) -> None:  # type: ignore[no-untyped-def]
+    scales = {obs: quantize(digits_model, "uniform8", digits_calibration, observer=obs).acts["layer1_0_conv1"].scale
+              for obs in ("minmax", "ema", "percentile")}
+    assert scales["percentile"] < scales["minmax"]
+    assert scales["ema"] <= scales["minmax"]
+    with pytest.raises(ValueError, match="unknown observer 'max'"):
+        quantize(digits_model, "uniform8", digits_calibration, observer="max")
+
+
+def test_weight_percentile_clips_outliers(digits_model, digits_calibration) -> None:  # type: ignore[no-untyped-def]
+    plain = quantize(digits_model, "uniform4", digits_calibration)
+    clipped = quantize(digits_model, "uniform4", digits_calibration, weight_percentile=90.0)
+    s_plain = plain.layers["layer2/0/conv2"].integer_params(np.float32(0.1))["w_scale"]
+    s_clipped = clipped.layers["layer2/0/conv2"].integer_params(np.float32(0.1))["w_scale"]
+    assert np.all(s_clipped < s_plain)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("resnet18", (3, 64, 64)), ("resnet50", (3, 64, 64)),
+                                             ("inceptionv3", (3, 96, 96))])
+def test_qat_steps_run_on_the_large_models(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = models.get(name, num_classes=4)
+    calib = [torch.randn(2, *shape)]
+    models.recalibrate_bn(model, calib)
+    qmodel = quantize(model, "uniform4", calib)
+    first_conv = next(iter(qmodel.layers.values()))
+    before = first_conv.layer.weight.detach().clone()
+    batches = [(torch.randn(2, *shape), torch.tensor([0, 3]))]
+    losses = train(qmodel, batches, steps=2, lr=0.01, teacher=model, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert not torch.equal(before, first_conv.layer.weight)
+    assert torch.equal(qmodel(calib[0]), torch.from_numpy(qmodel.integer_graph().run(calib[0].numpy())))
