@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 
 import hawqc
 from hawqc.fileio import atomic_output
-from hawqc.quant.model import QuantModel, _key
+from hawqc.quant.model import QuantModel
 from hawqc.quant.quantizers import ActQuantizer
 
 INT4_OPSET = 21
@@ -80,7 +80,7 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
         if kind == "input":
             out = "input"
         elif kind in ("conv", "dense"):
-            layer = qmodel.layers[_key(node.layer)]
+            layer = qmodel.layer(node)
             p = layer.integer_params(qmodel.input_scale(node))  # the integers the integer graph runs
             w_type = TensorProto.INT4 if layer.w_bits == 4 else TensorProto.INT8
             wq = g.const(f"{node.layer}.weight_quantized", w_type, p["weight"])

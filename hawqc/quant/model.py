@@ -38,6 +38,7 @@ _SCALE_PRESERVING = {"maxpool", "avgpool", "gap", "flatten", "relu"}
 
 
 def _key(layer: str) -> str:
+    """ModuleDict keys cannot hold dots."""
     return layer.replace(".", "/")
 
 
@@ -98,6 +99,10 @@ class QuantModel(nn.Module):
                 stack.extend(consumers[node.name])
         return max(found, default=8)
 
+    def layer(self, node: Node) -> QuantConv2d | QuantLinear:
+        """The quantized layer of a conv/dense node."""
+        return self.layers[_key(node.layer)]
+
     def input_scale(self, node: Node) -> np.float32:
         """The float32 scale of a node's (first) integer input."""
         return np.float32(self.acts[self.scale_source[node.inputs[0]]].scale.item())
@@ -120,7 +125,7 @@ class QuantModel(nn.Module):
             if kind == "input":
                 y = x
             elif kind in ("conv", "dense"):
-                layer = self.layers[_key(node.layer)]
+                layer = self.layer(node)
                 if fake:
                     y = layer.fake_forward(ins[0], self.acts[self.scale_source[node.inputs[0]]].scale)
                 else:
@@ -212,7 +217,7 @@ class QuantModel(nn.Module):
                 ops.append(IntOp("quantize", ["input"], name, {"qmin": qmin, "qmax": qmax},
                                  {"scale": np.array(scale, dtype=np.float32)}))
             elif kind in ("conv", "dense"):
-                layer = self.layers[_key(node.layer)]
+                layer = self.layer(node)
                 s_in = self.input_scale(node)
                 p = layer.integer_params(s_in)
                 target = name if name in self.accumulators else f"{name}:acc"
