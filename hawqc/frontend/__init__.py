@@ -1,0 +1,1 @@
+"""Frontends: quantized graphs in, integer-only Relax modules out."""

@@ -1,0 +1,191 @@
+"""Lower an :class:`~hawqc.reference.IntegerGraph` to an integer-only Relax module.
+
+One Relax expression per integer operation, with the reference kernels' exact semantics:
+convolutions and dense layers multiply int8 (or uint8) operands into int32; ``requantize`` is the
+dyadic rule of :mod:`hawqc.quant.dyadic` (int64 product with per-channel ``b``, add ``2^(c-1)``,
+arithmetic right shift by ``c``, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
+average pooling is a depthwise convolution with a ones kernel (an integer window sum) followed by a
+requantize. Float appears only in the input ``quantize`` and the output ``dequantize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from hawqc.quant.dyadic import dyadic
+from hawqc.reference.graph import IntegerGraph, IntOp
+
+
+def storage_dtype(qmin: int, qmax: int) -> str:
+    """The narrowest integer type holding [qmin, qmax]: int8, uint8 or int32."""
+    if -128 <= qmin and qmax <= 127:
+        return "int8"
+    if 0 <= qmin and qmax <= 255:
+        return "uint8"
+    return "int32"
+
+
+def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...]) -> Any:
+    """An ``IRModule`` whose ``main`` maps a float32 input of ``input_shape`` to the float32 output."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("input", relax.TensorType(input_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            values: dict[str, Any] = {graph.input: x}
+            for op in graph.ops:
+                values[op.output] = bb.emit(_LOWERINGS[op.op](bb, [values[i] for i in op.inputs], op))
+            out = bb.emit_output(values[graph.output])
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _const(array: Any, dtype: str) -> Any:
+    from tvm import relax
+
+    return relax.const(np.asarray(array).astype(dtype), dtype)  # dtype given: int64 would become int32
+
+
+def _channel(array: np.ndarray, ndim: int, dtype: str) -> Any:
+    """A per-channel constant shaped to broadcast along axis 1 (or a scalar)."""
+    a = np.asarray(array)
+    return _const(a.reshape((1, -1) + (1,) * (ndim - 2)) if a.ndim == 1 else a, dtype)
+
+
+def _ndim(expr: Any) -> int:
+    return len(expr.ty.shape)
+
+
+def _requantize(x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int) -> Any:
+    """``clip((x*b + 2^(c-1)) >> c, qmin, qmax)`` in int64, stored in the narrowest type."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    ndim = _ndim(x)
+    c = np.asarray(c, dtype=np.int64)
+    y = R.multiply(R.astype(x, "int64"), _channel(b, ndim, "int64"))
+    y = R.right_shift(R.add(y, _channel(np.left_shift(1, c - 1), ndim, "int64")), _channel(c, ndim, "int64"))
+    y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
+    return R.astype(y, storage_dtype(qmin, qmax))
+
+
+def _quantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm import relax
+    from tvm.relax import op as R
+
+    q = R.round(R.divide(ins[0], _const(op.consts["scale"], "float32")))
+    q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
+    return R.astype(q, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
+
+
+def _dequantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    return R.multiply(R.astype(ins[0], "float32"), _channel(op.consts["scale"], _ndim(ins[0]), "float32"))
+
+
+def _conv2d(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    a = op.attrs
+    acc = R.nn.conv2d(ins[0], _const(op.consts["weight"], "int8"), strides=a["stride"], padding=a["padding"],
+                      dilation=a["dilation"], groups=a["groups"], out_dtype="int32")
+    return R.add(acc, _channel(op.consts["bias"], 4, "int32")) if "bias" in op.consts else acc
+
+
+def _dense(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    acc = R.matmul(ins[0], _const(op.consts["weight"].T, "int8"), out_dtype="int32")
+    return R.add(acc, _const(op.consts["bias"], "int32")) if "bias" in op.consts else acc
+
+
+def _requantize_op(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    return _requantize(ins[0], op.consts["b"], op.consts["c"], op.attrs["qmin"], op.attrs["qmax"])
+
+
+def _add(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm import relax
+    from tvm.relax import op as R
+
+    total = R.astype(ins[0], "int64")
+    for x in ins[1:]:
+        total = R.add(total, R.astype(x, "int64"))
+    total = R.clip(total, relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
+    return R.astype(total, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
+
+
+def _concat(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    dtypes = {str(x.ty.dtype) for x in ins}
+    common = dtypes.pop() if len(dtypes) == 1 else "int32"
+    return R.concat([x if str(x.ty.dtype) == common else R.astype(x, common) for x in ins], axis=1)
+
+
+def _clip(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm import relax
+    from tvm.relax import op as R
+
+    y = R.clip(ins[0], relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
+    return R.astype(y, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
+
+
+def _maxpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    a = op.attrs
+    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=a["padding"])
+
+
+def _window_sum(bb: Any, x: Any, kernel: list[int], stride: list[int], padding: list[int]) -> Any:
+    from tvm.relax import op as R
+
+    channels = int(x.ty.shape[1])
+    ones = _const(np.ones((channels, 1, *kernel)), str(x.ty.dtype))
+    return R.nn.conv2d(x, ones, strides=stride, padding=padding, groups=channels, out_dtype="int32")
+
+
+def _avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    a = op.attrs
+    sums = bb.emit(_window_sum(bb, ins[0], a["kernel"], a["stride"], a["padding"]))
+    return _requantize(sums, op.consts["b"], op.consts["c"], a["qmin"], a["qmax"])
+
+
+def _global_avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    h, w = int(ins[0].ty.shape[2]), int(ins[0].ty.shape[3])
+    b, c = dyadic(1.0 / (h * w))
+    sums = bb.emit(R.sum(R.astype(ins[0], "int32"), axis=[2, 3], keepdims=True))
+    return _requantize(sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"])
+
+
+def _pad(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    top, left, bottom, right = op.attrs["pads"]
+    return R.nn.pad(ins[0], [0, 0, 0, 0, top, bottom, left, right])
+
+
+def _flatten(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    return R.reshape(ins[0], [int(ins[0].ty.shape[0]), -1])
+
+
+def _reshape(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    return R.reshape(ins[0], op.attrs["shape"])
+
+
+_LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
+    "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
+    "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
+    "global_avgpool": _global_avgpool, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
+    "dequantize": _dequantize}
