@@ -9,12 +9,14 @@ from hawqc.bitconfig import BitConfig, LayerBits
 
 __version__ = "0.1.0"
 
-__all__ = ["BitConfig", "LayerBits", "__version__", "quantize"]
+__all__ = ["BitConfig", "LayerBits", "__version__", "compile_integer_only", "load", "quantize"]
+_LAZY = {"quantize": "hawqc.quant.model", "compile_integer_only": "hawqc.api", "load": "hawqc.api"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "quantize":
-        from hawqc.quant.model import quantize
+    """Heavy entry points load on first use, keeping ``import hawqc`` free of torch and tvm."""
+    if name in _LAZY:
+        import importlib
 
-        return quantize
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hawqc' has no attribute {name!r}")

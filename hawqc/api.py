@@ -46,3 +46,88 @@ def dataset(name: str, split: str, input_shape: tuple[int, ...], size: int = 256
         generator = torch.Generator().manual_seed(seed + (split == "test"))
         return TensorDataset(torch.randn(size, *input_shape, generator=generator), torch.zeros(size, dtype=torch.long))
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None) -> Any:
+    """The :class:`~hawqc.reference.IntegerGraph` of an ONNX QDQ model (path or ``ModelProto``), a
+    saved integer graph (``.int.npz``), a quantized model, or a float ``nn.Module`` (quantized here
+    with ``bit_config`` on ``calib_data``). A ``bit_config`` given with an already quantized graph
+    must match the bits it was quantized with."""
+    from pathlib import Path
+
+    from hawqc.bitconfig import BitConfig
+    from hawqc.reference.graph import IntegerGraph
+
+    if isinstance(graph, IntegerGraph):
+        result = graph
+    elif isinstance(graph, (str, os.PathLike)) and str(graph).endswith(".npz"):
+        result = IntegerGraph.load(graph)
+    elif isinstance(graph, (str, os.PathLike)) or type(graph).__name__ == "ModelProto":
+        from hawqc.frontend.onnx_qdq import from_onnx
+
+        if isinstance(graph, (str, os.PathLike)) and not Path(graph).is_file():
+            raise ValueError(f"{graph}: no such file")
+        result = from_onnx(graph)
+    elif hasattr(graph, "integer_graph"):
+        result = graph.integer_graph()
+    elif hasattr(graph, "named_modules"):
+        from hawqc.quant.model import quantize
+
+        if calib_data is None:
+            raise ValueError("a float model needs calib_data (input batches) to be quantized")
+        return quantize(graph, bit_config or "uniform8", calib_data).integer_graph()
+    else:
+        raise ValueError(f"cannot compile a {type(graph).__name__}: give an ONNX QDQ model, a .int.npz integer "
+                         "graph, a quantized model or a float torch model")
+    if bit_config is not None:
+        found = result.metadata.get("bit_config")
+        if found is None:
+            raise ValueError("this graph records no bit config to check --bit-config against")
+        wanted = {k: v.to_dict() for k, v in BitConfig.from_any(bit_config).resolve(list(found)).items()}
+        differ = [k for k in found if found[k] != wanted[k]]
+        if differ:
+            raise ValueError(f"the graph is quantized with other bits than the bit config asks for at {len(differ)} "
+                             f"layers (first: {differ[0]} {found[differ[0]]} vs {wanted[differ[0]]}); "
+                             "quantize the model again with this config")
+    return result
+
+
+def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int, ...]:
+    """The static input shape to compile for: ``input_shape`` if given, else the graph's own; a
+    dynamic dimension (a batch size left open, as exporters do) without ``input_shape`` is an error."""
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if not shape or any(d < 1 for d in shape):
+            raise ValueError(f"input shape must be positive dimensions, got {input_shape}")
+        return shape
+    recorded = graph.metadata.get("input_shape") or []
+    if not recorded or any(d is None for d in recorded):
+        shown = "x".join("?" if d is None else str(d) for d in recorded) or "unknown"
+        raise ValueError(f"the model's input shape is {shown}: give a static input shape "
+                         "(e.g. --input-shape 1,3,224,224)")
+    return tuple(recorded)
+
+
+def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm", *,
+                         input_shape: Any = None, calib_data: Any = None) -> Any:
+    """Compile a quantized graph to an integer-only TVM module.
+
+    ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
+    ``nn.Module`` (see :func:`integer_graph_of`). ``target``: ``"llvm"`` (host CPU), a string such as
+    ``"llvm -mcpu=znver4"`` or a TVM target dict. Returns a
+    :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
+    ``cm.export(dir)``.
+    """
+    from hawqc.runtime.module import compile_graph
+    from hawqc.runtime.target import parse_target
+
+    config = parse_target(target)
+    integer_graph = integer_graph_of(graph, bit_config, calib_data)
+    return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config)
+
+
+def load(folder: str | os.PathLike[str]) -> Any:
+    """Load a compiled artifact folder (written by ``CompiledModule.export`` or ``hawqc compile``)."""
+    from hawqc.runtime.module import load as load_module
+
+    return load_module(folder)

@@ -1,6 +1,6 @@
 """The ``hawqc`` command.
 
-Each subcommand is a module of :mod:`hawqc.commands` that defines ``HELP`` (one line),
+Each subcommand is a public module of :mod:`hawqc.commands` that defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; adding a module adds a subcommand.
 Command modules import torch and tvm inside ``run`` so that ``hawqc --help`` stays fast.
 User errors (``ValueError``, ``OSError``) end in one line on stderr and exit status 1.
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hawqc {hawqc.__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(hawqc.commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # shared helpers, not commands
+            continue
         module = importlib.import_module(f"hawqc.commands.{info.name}")
         name = info.name.replace("_", "-")
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)

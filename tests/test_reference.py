@@ -21,7 +21,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     loaded = IntegerGraph.load(path)
     assert [o.op for o in loaded.ops] == [o.op for o in graph.ops]
     assert loaded.metadata["bit_config"]["conv1"] == {"w_bits": 8, "a_bits": 8}
-    assert loaded.metadata["input_shape"] == [1, 28, 28]
+    assert loaded.metadata["input_shape"] == [None, 1, 28, 28]
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     np.testing.assert_array_equal(loaded.run(x), graph.run(x))
 

@@ -28,8 +28,9 @@ def storage_dtype(qmin: int, qmax: int) -> str:
     return "int32"
 
 
-def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...]) -> Any:
-    """An ``IRModule`` whose ``main`` maps a float32 input of ``input_shape`` to the float32 output."""
+def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None) -> Any:
+    """An ``IRModule`` whose ``main`` maps a float32 input of ``input_shape`` to the float32 output
+    (or, for debugging, to the tuple of the named intermediate tensors)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -39,7 +40,8 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...]) -> Any:
             values: dict[str, Any] = {graph.input: x}
             for op in graph.ops:
                 values[op.output] = bb.emit(_LOWERINGS[op.op](bb, [values[i] for i in op.inputs], op))
-            out = bb.emit_output(values[graph.output])
+            result = values[graph.output] if outputs is None else relax.Tuple([values[n] for n in outputs])
+            out = bb.emit_output(result)
         bb.emit_func_output(out)
     return bb.get()
 

@@ -74,6 +74,7 @@ class _Reader:
     ops: list[IntOp] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
     inits: dict[str, np.ndarray] = field(default_factory=dict)
+    dequantized_from: dict[str, str] = field(default_factory=dict)
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -139,6 +140,7 @@ class _Reader:
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if node.input[0] in self.inits:
             self.values[node.output[0]] = _Const(self.inits[node.input[0]], scale)
+            self.dequantized_from[node.output[0]] = node.input[0]
             return
         src = self.values.get(node.input[0])
         if not isinstance(src, _View):
@@ -165,15 +167,15 @@ class _Reader:
             exact = bias.values if np.array_equal(bias.scale, acc_scale) else np.rint(real / acc_scale)
             consts["bias"] = np.clip(exact, INT32_MIN, INT32_MAX).astype(np.int32)
         name = node.output[0]
+        w_bits = 4 if _is_int4(self.model, node.input[1], self.dequantized_from) else 8
+        attrs = {"layer": node.name or name, "w_bits": w_bits, "a_bits": 4 if x.qmax - x.qmin < 16 else 8}
         if node.op_type == "Conv":
             pads = _attr(node, "pads", [0, 0, 0, 0])
             if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 self.fail(node, "auto_pad is not supported: export with explicit pads")
-            attrs = {"stride": list(_attr(node, "strides", [1, 1])), "dilation": list(_attr(node, "dilations", [1, 1])),
-                     "groups": int(_attr(node, "group", 1)), "padding": [pads[0], pads[1], pads[2], pads[3]]}
-            self.emit("conv2d", [x.name], name, attrs, consts)
-        else:
-            self.emit("dense", [x.name], name, {}, consts)
+            attrs.update(stride=list(_attr(node, "strides", [1, 1])), dilation=list(_attr(node, "dilations", [1, 1])),
+                         groups=int(_attr(node, "group", 1)), padding=[pads[0], pads[1], pads[2], pads[3]])
+        self.emit("conv2d" if node.op_type == "Conv" else "dense", [x.name], name, attrs, consts)
         self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32))
 
     def relu_or_clip(self, node: Any) -> None:
@@ -257,6 +259,13 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
+def _is_int4(model: Any, tensor: str, dequantized_from: dict[str, str]) -> bool:
+    from onnx import TensorProto
+
+    source = dequantized_from.get(tensor, tensor)
+    return any(t.name == source and t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in model.graph.initializer)
+
+
 def _bound(value: float, scale: np.float32, side: str) -> int:
     """A float clip bound as the integer bound QuantizeLinear would give it (round half to even)."""
     if not np.isfinite(value):
@@ -323,5 +332,5 @@ def from_onnx(source: str | os.PathLike[str] | Any) -> IntegerGraph:
     props = {p.key: p.value for p in model.metadata_props}
     metadata = {"bit_config": json.loads(props["hawqc.bit_config"])} if "hawqc.bit_config" in props else {}
     dims = graph.input[[i.name for i in graph.input].index(input_name)].type.tensor_type.shape.dim
-    metadata["input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
+    metadata["input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return IntegerGraph(input_name, "output", reader.ops, metadata)

@@ -39,8 +39,8 @@ class _Builder:
         self.inits.append(helper.make_tensor(name, data_type, array.shape, array.ravel().tolist()))
         return name
 
-    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+    def node(self, op: str, inputs: list[str], output: str, node_name: str | None = None, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=node_name or output, **attrs))
         return output
 
     def qdq(self, src: str, name: str, quantizer: ActQuantizer) -> str:
@@ -92,11 +92,11 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
             if kind == "conv":
                 conv = layer.layer
                 pads = [conv.padding[0], conv.padding[1], conv.padding[0], conv.padding[1]]
-                out = g.node("Conv", [ins[0], w, b], name, strides=list(conv.stride), pads=pads,
+                out = g.node("Conv", [ins[0], w, b], name, node.layer, strides=list(conv.stride), pads=pads,
                              dilations=list(conv.dilation), group=conv.groups,
                              kernel_shape=list(conv.kernel_size))
             else:
-                out = g.node("Gemm", [ins[0], w, b], name, transB=1)
+                out = g.node("Gemm", [ins[0], w, b], name, node.layer, transB=1)
         elif kind == "add":
             out = g.node("Add", ins, name)
         elif kind == "concat":

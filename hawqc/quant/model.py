@@ -221,13 +221,13 @@ class QuantModel(nn.Module):
                 s_in = self.input_scale(node)
                 p = layer.integer_params(s_in)
                 target = name if name in self.accumulators else f"{name}:acc"
+                op_attrs = {"layer": node.layer, "w_bits": layer.w_bits, "a_bits": self.acts[self.scale_source[node.inputs[0]]].bits}
                 if kind == "conv":
                     conv = layer.layer
-                    op_attrs = {"stride": list(conv.stride), "padding": _pads(list(conv.padding)),
-                                "dilation": list(conv.dilation), "groups": conv.groups}
-                    ops.append(IntOp("conv2d", node.inputs, target, op_attrs, {"weight": p["weight"], "bias": p["bias"]}))
-                else:
-                    ops.append(IntOp("dense", node.inputs, target, {}, {"weight": p["weight"], "bias": p["bias"]}))
+                    op_attrs.update(stride=list(conv.stride), padding=_pads(list(conv.padding)),
+                                    dilation=list(conv.dilation), groups=conv.groups)
+                ops.append(IntOp("conv2d" if kind == "conv" else "dense", node.inputs, target, op_attrs,
+                                 {"weight": p["weight"], "bias": p["bias"]}))
                 acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN)
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
@@ -268,7 +268,7 @@ class QuantModel(nn.Module):
             if quantizer is not None:
                 qint[name] = (scale, qmin, qmax)
         metadata = {"bit_config": {k: v.to_dict() for k, v in self.bits.items()},
-                    "input_shape": list(self.input_shape)}
+                    "input_shape": [None, *self.input_shape]}
         return IntegerGraph("input", output or "output", ops, metadata)
 
 

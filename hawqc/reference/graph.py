@@ -98,9 +98,11 @@ class IntegerGraph:
         return cls(header["input"], header["output"], ops, header["metadata"])
 
 
-def execute(graph: IntegerGraph, x: Any, kernels: Mapping[str, Kernel]) -> Any:
-    """Walk the graph once with the given kernels (numpy or torch); returns the output value."""
-    values = {graph.input: x}
+def execute(graph: IntegerGraph, x: Any, kernels: Mapping[str, Kernel], trace: dict[str, Any] | None = None) -> Any:
+    """Walk the graph once with the given kernels (numpy or torch); returns the output value.
+    With ``trace``, every intermediate value is left in it, by tensor name."""
+    values = trace if trace is not None else {}
+    values[graph.input] = x
     for op in graph.ops:
         values[op.output] = kernels[op.op]([values[i] for i in op.inputs], op.attrs, op.consts)
     return values[graph.output]

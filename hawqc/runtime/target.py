@@ -1,0 +1,49 @@
+"""Targets: the familiar string form (``llvm -mcpu=znver4``, ``cuda -arch=sm_75``) or TVM 0.27's
+JSON dicts, normalised to a dict; plain ``llvm`` means the host CPU."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+
+def parse_target(spec: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """A TVM target dict from a string, JSON text or dict; ``ValueError`` for anything TVM refuses."""
+    if spec is None or spec == "":
+        spec = "llvm"
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"target {spec!r} is not valid JSON ({err})") from None
+    config = dict(spec) if isinstance(spec, dict) else _from_string(spec)
+    if config.get("kind") == "llvm" and "mcpu" not in config:
+        config["mcpu"] = host_cpu()
+    import tvm
+
+    try:
+        tvm.target.Target(config)
+    except Exception as err:  # tvm raises ValueError/TVMError with multi-line texts
+        raise ValueError(f"unknown target {spec!r}: {str(err).splitlines()[0]}") from None
+    return config
+
+
+def _from_string(text: str) -> dict[str, Any]:
+    words = shlex.split(text)
+    if not words or words[0].startswith("-"):
+        raise ValueError(f"unknown target {text!r}: it must start with a kind such as llvm or cuda")
+    config: dict[str, Any] = {"kind": words[0]}
+    for word in words[1:]:
+        key, sep, value = word.lstrip("-").partition("=")
+        if not word.startswith("-") or not sep:
+            raise ValueError(f"unknown target {text!r}: options look like -key=value, got {word!r}")
+        config[key] = value.split(",") if key in ("mattr", "libs", "keys") else value
+    return config
+
+
+def host_cpu() -> str:
+    """The host CPU name LLVM knows (e.g. znver4)."""
+    import tvm
+
+    return str(tvm.target.codegen.llvm_get_system_cpu())
