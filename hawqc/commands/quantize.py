@@ -77,7 +77,7 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
     graph = from_torch(qmodel)
     with torch.no_grad():
         bit_exact = bool(np.array_equal(graph.run(x.numpy()), qmodel(x).numpy()))
-    report: dict[str, Any] = {"bit_exact": bit_exact}
+    report: dict[str, Any] = {"bit_exact": bit_exact, "graph": graph, "sample": x.numpy()}
     if labelled:
         report["float_accuracy"] = accuracy(model, test_loader)
         report["quantized_accuracy"] = accuracy(qmodel, test_loader)

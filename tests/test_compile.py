@@ -1,0 +1,138 @@
+"""Integer-only TVM modules: bit-exact against the reference, through PyTorch and through ONNX."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import hawqc
+from hawqc import BitConfig, LayerBits, models, quantize
+from hawqc.frontend.integer_graph import to_relax
+from hawqc.frontend.onnx_qdq import from_onnx
+from hawqc.quant.export import to_onnx
+from hawqc.runtime.module import compile_graph, first_divergence, float_ops
+from hawqc.runtime.target import parse_target
+
+TARGET = parse_target("llvm")
+
+
+def quantized(name: str, shape: tuple[int, ...], config: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = models.get(name)
+    calib = [torch.randn(2, *shape)]
+    models.recalibrate_bn(model, calib)
+    if config == "mixed":
+        rng = np.random.default_rng(seed)
+        config = BitConfig(layers={n: LayerBits(int(rng.choice([4, 8])), int(rng.choice([4, 8])))
+                                   for n in models.quantizable_layers(model)})
+    return quantize(model, config, calib)
+
+
+CASES = [("tiny_resnet", (1, 28, 28)), ("resnet18", (3, 56, 56)), ("resnet50", (3, 64, 64)),
+         ("inceptionv3", (3, 80, 80))]
+
+
+@pytest.mark.parametrize("config", ["uniform8", "uniform4", "mixed"])
+@pytest.mark.parametrize(("name", "shape"), CASES)
+def test_compiled_module_is_bit_exact(name: str, shape: tuple[int, ...], config: str, tmp_path: Path) -> None:
+    qmodel = quantized(name, shape, config)
+    path = tmp_path / "model.onnx"
+    to_onnx(qmodel, path)
+    x = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
+    module = hawqc.compile_integer_only(path, input_shape=x.shape)  # in through ONNX QDQ
+    expected = qmodel.integer_graph().run(x)  # the PyTorch path's reference
+    np.testing.assert_array_equal(module(x), expected)
+    np.testing.assert_array_equal(module.reference(x), expected)
+    assert float_ops(module.ir) == []
+
+
+def test_requantization_fuses_into_the_conv_kernels() -> None:
+    import tvm
+    from tvm import relax
+
+    qmodel = quantized("tiny_resnet", (1, 28, 28), "uniform8")
+    ir = to_relax(qmodel.integer_graph(), (1, 1, 28, 28))
+    target = tvm.target.Target(TARGET)
+    with target:
+        lowered = relax.get_default_pipeline(target)(ir)
+    kernels = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    convs = [k for k in kernels if "conv2d" in k]
+    assert len(convs) >= 5 and all("right_shift" in k and "clip" in k for k in convs)
+    assert not any(k.startswith(("right_shift", "multiply", "fused_multiply")) for k in kernels)
+
+
+def test_python_api_export_and_load(tmp_path: Path) -> None:
+    qmodel = quantized("tiny_resnet", (1, 28, 28), "uniform4")
+    module = hawqc.compile_integer_only(qmodel, input_shape=(3, 1, 28, 28))
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    out = module.export(tmp_path / "artifact")
+    assert sorted(p.name for p in out.iterdir()) == ["graph.int.npz", "manifest.json", "model.so"]
+    loaded = hawqc.load(out)
+    np.testing.assert_array_equal(loaded(x), module(x))
+    np.testing.assert_array_equal(loaded.reference(x), module(x))
+    assert loaded.summary()[1] == {"layer": "layer1.0.conv1", "op": "conv2d", "weight": [16, 16, 3, 3],
+                                   "w_bits": 4, "a_bits": 4}
+    with pytest.raises(ValueError, match="exists: choose another output folder"):
+        module.export(out)
+    with pytest.raises(ValueError, match=r"input has shape \(1, 1, 28, 28\), the module was compiled for"):
+        module(x[:1])
+
+
+def test_a_float_model_is_quantized_first() -> None:
+    torch.manual_seed(0)
+    model = models.get("tiny_resnet")
+    calib = [torch.randn(4, 1, 28, 28)]
+    module = hawqc.compile_integer_only(model, "uniform4", calib_data=calib, input_shape=(4, 1, 28, 28))
+    np.testing.assert_array_equal(module(calib[0].numpy()), quantize(model, "uniform4", calib)(calib[0]).numpy())
+    with pytest.raises(ValueError, match="needs calib_data"):
+        hawqc.compile_integer_only(model, "uniform4")
+
+
+def test_first_divergence_names_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hawqc.reference import kernels
+
+    graph = quantized("tiny_resnet", (1, 28, 28), "uniform8").integer_graph()
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    assert first_divergence(graph, x, TARGET) == ("none", 0)
+    broken = dict(kernels.KERNELS, requantize=lambda i, a, c: kernels.requantize_op(i, a, c) + 1)
+    monkeypatch.setattr(kernels, "KERNELS", broken)
+    first_requant = next(op.output for op in graph.ops if op.op == "requantize")
+    assert first_divergence(graph, x, TARGET) == (f"requantize -> {first_requant}", 1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("llvm -mcpu=znver4", {"kind": "llvm", "mcpu": "znver4"}),
+     ("cuda -arch=sm_75", {"kind": "cuda", "arch": "sm_75"}),
+     ('{"kind": "llvm", "mcpu": "skylake"}', {"kind": "llvm", "mcpu": "skylake"}),
+     ("llvm -mattr=+avx2,+fma -mcpu=haswell", {"kind": "llvm", "mattr": ["+avx2", "+fma"], "mcpu": "haswell"})],
+)
+def test_target_strings(spec: str, expected: dict) -> None:  # type: ignore[type-arg]
+    assert parse_target(spec) == expected
+    assert parse_target("llvm")["mcpu"]  # the host CPU
+
+
+@pytest.mark.parametrize("spec", ["tpu", "llvm mcpu", "-mcpu=x", "{nope"])
+def test_unknown_targets_are_one_error(spec: str) -> None:
+    with pytest.raises(ValueError, match="target"):
+        parse_target(spec)
+
+
+def test_zero_points_and_unsupported_ops_are_named(tmp_path: Path) -> None:
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zp = helper.make_tensor("z", TensorProto.UINT8, [], [128])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant_in")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                                [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 4])], [scale, zp]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ValueError, match="'quant_in' .*non-zero zero points"):
+        from_onnx(model)
+    sigmoid = helper.make_model(helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"], name="act")], "g",
+                                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]),
+                                opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ValueError, match="'act' \\(Sigmoid\\): operator has no integer lowering"):
+        from_onnx(sigmoid)
