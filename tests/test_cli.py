@@ -52,7 +52,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "500 random cases" in result.stdout and "OK" in result.stdout
     assert "layer2.0.downsample.0" in result.stdout and "bit-exact" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bit_config.json", "tiny_resnet.int.npz", "tiny_resnet.onnx"]
+    assert "compiled vs reference on 64 inputs: bit-exact" in " ".join(result.stdout.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bit_config.json", "compiled", "tiny_resnet.int.npz",
+                                                          "tiny_resnet.onnx"]
 
 
 def test_quantize_writes_artifacts_that_reload(tmp_path: Path) -> None:
