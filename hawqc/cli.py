@@ -13,13 +13,21 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import hawqc
 import hawqc.commands
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage stays in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hawqc",
         description="HAWQ-V3 integer-only quantization: quantize, compile with TVM, tune, choose bits.",
     )

@@ -1,5 +1,6 @@
 """The hawqc command: discovery of subcommands, lazy imports, errors, the demo."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,79 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith(f"hawqc quantize: error: {checkpoint} does not fit resnet18: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- compile / run / verify ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from hawqc import models, quantize
+    from hawqc.quant.export import to_onnx
+
+    torch.manual_seed(0)
+    qmodel = quantize(models.get("tiny_resnet"), "uniform4", [torch.randn(4, 1, 28, 28)])
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    to_onnx(qmodel, path)
+    return path
+
+
+def test_compile_run_verify(tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    result = run_hawqc("compile", str(tiny_onnx), "--input-shape", "2,1,28,28", "-o", str(out), "--strict")
+    assert result.returncode == 0, result.stderr
+    assert "layer1.0.conv1" in result.stdout and (out / "model.so").is_file()
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = run_hawqc("run", str(out), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
+    assert result.returncode == 0, result.stderr
+    from hawqc.reference import IntegerGraph
+
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), IntegerGraph.load(out / "graph.int.npz").run(x))
+    result = run_hawqc("verify", str(tiny_onnx), "--input", str(tmp_path / "x.npy"))
+    assert result.returncode == 0 and "bit-exact" in result.stdout
+
+
+def _opset11(path: Path) -> Path:
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "message"),
+    [
+        (lambda d, m: d / "missing.onnx", [], "no such file"),
+        (lambda d, m: (d / "garbage.onnx").write_bytes(b"\x00garbage" * 10) and d / "garbage.onnx", [],
+         "not a valid ONNX model"),
+        (lambda d, m: (d / "cut.onnx").write_bytes(m.read_bytes()[:2000]) and d / "cut.onnx", [], "not a valid ONNX model"),
+        (lambda d, m: _opset11(d / "old.onnx"), [], "opset 11 is too old"),
+        (lambda d, m: m, [], "input shape is \\?x1x28x28: give a static input shape"),
+        (lambda d, m: m, ["--input-shape", "2,1,28,28", "--bit-config", "uniform8"], "other bits than the bit config"),
+        (lambda d, m: m, ["--input-shape", "2,1,28,28", "--target", "tpu -x=1"], "unknown target 'tpu -x=1'"),
+        (lambda d, m: m, ["--input-shape", "0,1,28,28"], "input shape must be positive"),
+    ],
+)
+def test_compile_bad_input_is_one_line_and_leaves_nothing(make, extra, message, tiny_onnx: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = make(tmp_path, tiny_onnx)
+    out = tmp_path / "artifact"
+    result = run_hawqc("compile", str(model), "-o", str(out), *extra)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact")]
+
+
+def test_compile_refuses_an_existing_folder_unless_forced(tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_hawqc("compile", str(tiny_onnx), "--input-shape", "1,1,28,28", "-o", str(out))
+    assert result.returncode == 1 and "exists: choose another output folder or pass --force" in result.stderr
+    assert (out / "keep.txt").exists()
+    result = run_hawqc("compile", str(tiny_onnx), "--input-shape", "1,1,28,28", "-o", str(out), "--force")
+    assert result.returncode == 0 and not (out / "keep.txt").exists() and (out / "model.so").exists()
