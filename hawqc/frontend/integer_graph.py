@@ -3,7 +3,7 @@
 One Relax expression per integer operation, with the reference kernels' exact semantics:
 convolutions and dense layers multiply int8 (or uint8) operands into int32; ``requantize`` is the
 dyadic rule of :mod:`hawqc.quant.dyadic` (int64 product with per-channel ``b``, add ``2^(c-1)``,
-arithmetic right shift by ``c``, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
+arithmetic right shift by ``c``, zero points where a tensor has them, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
 average pooling is a depthwise convolution with a ones kernel (an integer window sum) followed by a
 requantize. Float appears only in the input ``quantize`` and the output ``dequantize``.
 """
@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import dyadic
-from hawqc.reference.graph import IntegerGraph, IntOp
+from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
 
 
 def storage_dtype(qmin: int, qmax: int) -> str:
@@ -62,15 +61,22 @@ def _ndim(expr: Any) -> int:
     return len(expr.ty.shape)
 
 
-def _requantize(x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int) -> Any:
-    """``clip((x*b + 2^(c-1)) >> c, qmin, qmax)`` in int64, stored in the narrowest type."""
+def _requantize(x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
+                zero_point: int = 0) -> Any:
+    """``clip(((x - z_in)*b + 2^(c-1)) >> c + z_out, qmin, qmax)`` in int64 (the rule of
+    :func:`hawqc.quant.dyadic.requantize`), stored in the narrowest type."""
     from tvm import relax
     from tvm.relax import op as R
 
     ndim = _ndim(x)
     c = np.asarray(c, dtype=np.int64)
-    y = R.multiply(R.astype(x, "int64"), _channel(b, ndim, "int64"))
+    y = R.astype(x, "int64")
+    if input_zero_point:
+        y = R.subtract(y, _const(input_zero_point, "int64"))
+    y = R.multiply(y, _channel(b, ndim, "int64"))
     y = R.right_shift(R.add(y, _channel(np.left_shift(1, c - 1), ndim, "int64")), _channel(c, ndim, "int64"))
+    if zero_point:
+        y = R.add(y, _const(zero_point, "int64"))
     y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
     return R.astype(y, storage_dtype(qmin, qmax))
 
@@ -80,6 +86,8 @@ def _quantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     q = R.round(R.divide(ins[0], _const(op.consts["scale"], "float32")))
+    if op.attrs.get("zero_point", 0):
+        q = R.add(q, _const(op.attrs["zero_point"], "float32"))
     q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
     return R.astype(q, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
 
@@ -87,14 +95,18 @@ def _quantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
 def _dequantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    return R.multiply(R.astype(ins[0], "float32"), _channel(op.consts["scale"], _ndim(ins[0]), "float32"))
+    q = R.astype(ins[0], "int32")
+    if op.attrs.get("zero_point", 0):
+        q = R.subtract(q, _const(op.attrs["zero_point"], "int32"))
+    return R.multiply(R.astype(q, "float32"), _channel(op.consts["scale"], _ndim(ins[0]), "float32"))
 
 
 def _conv2d(bb: Any, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
-    acc = R.nn.conv2d(ins[0], _const(op.consts["weight"], "int8"), strides=a["stride"], padding=a["padding"],
+    x, padding = _padded(bb, ins[0], a["padding"], a.get("pad_value", 0))
+    acc = R.nn.conv2d(x, _const(op.consts["weight"], "int8"), strides=a["stride"], padding=padding,
                       dilation=a["dilation"], groups=a["groups"], out_dtype="int32")
     return R.add(acc, _channel(op.consts["bias"], 4, "int32")) if "bias" in op.consts else acc
 
@@ -106,8 +118,24 @@ def _dense(bb: Any, ins: list[Any], op: IntOp) -> Any:
     return R.add(acc, _const(op.consts["bias"], "int32")) if "bias" in op.consts else acc
 
 
+def _padded(bb: Any, x: Any, padding: list[int], value: int) -> tuple[Any, list[int]]:
+    """Explicit padding with a zero point (an op's own padding only pads with 0)."""
+    if not value or not any(padding):
+        return x, padding
+    return bb.emit(_pad_expr(x, padding, value)), [0, 0, 0, 0]
+
+
+def _pad_expr(x: Any, pads: list[int], value: int) -> Any:
+    from tvm.relax import op as R
+
+    top, left, bottom, right = pads
+    return R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(value))
+
+
 def _requantize_op(bb: Any, ins: list[Any], op: IntOp) -> Any:
-    return _requantize(ins[0], op.consts["b"], op.consts["c"], op.attrs["qmin"], op.attrs["qmax"])
+    a = op.attrs
+    return _requantize(ins[0], op.consts["b"], op.consts["c"], a["qmin"], a["qmax"], a.get("input_zero_point", 0),
+                       a.get("zero_point", 0))
 
 
 def _add(bb: Any, ins: list[Any], op: IntOp) -> Any:
@@ -117,6 +145,8 @@ def _add(bb: Any, ins: list[Any], op: IntOp) -> Any:
     total = R.astype(ins[0], "int64")
     for x in ins[1:]:
         total = R.add(total, R.astype(x, "int64"))
+    if op.attrs.get("zero_point", 0):
+        total = R.add(total, _const(op.attrs["zero_point"], "int64"))
     total = R.clip(total, relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
     return R.astype(total, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
 
@@ -154,24 +184,23 @@ def _window_sum(bb: Any, x: Any, kernel: list[int], stride: list[int], padding: 
 
 def _avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
-    sums = bb.emit(_window_sum(bb, ins[0], a["kernel"], a["stride"], a["padding"]))
-    return _requantize(sums, op.consts["b"], op.consts["c"], a["qmin"], a["qmax"])
+    b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
+    x, padding = _padded(bb, ins[0], a["padding"], a.get("input_zero_point", 0))
+    sums = bb.emit(_window_sum(bb, x, a["kernel"], a["stride"], padding))
+    return _requantize(sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)
 
 
 def _global_avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     h, w = int(ins[0].ty.shape[2]), int(ins[0].ty.shape[3])
-    b, c = dyadic(1.0 / (h * w))
+    b, c, offset, zp = pool_rescale(op.attrs, op.consts, h * w)
     sums = bb.emit(R.sum(R.astype(ins[0], "int32"), axis=[2, 3], keepdims=True))
-    return _requantize(sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"])
+    return _requantize(sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
 
 def _pad(bb: Any, ins: list[Any], op: IntOp) -> Any:
-    from tvm.relax import op as R
-
-    top, left, bottom, right = op.attrs["pads"]
-    return R.nn.pad(ins[0], [0, 0, 0, 0, top, bottom, left, right])
+    return _pad_expr(ins[0], op.attrs["pads"], op.attrs.get("pad_value", 0))
 
 
 def _flatten(bb: Any, ins: list[Any], op: IntOp) -> Any:

@@ -8,11 +8,17 @@ fixes their integer form:
 - ``Conv``/``Gemm``/``MatMul`` of views and constants give an *accumulator* (int32, scale
   ``S_in * S_w``); ``Relu``/``Clip`` on it narrow the clip bounds of its requantization;
 - ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input is requantized to
-  the output scale by its own dyadic number (then summed or concatenated);
+  the output scale by its own dyadic number, then concatenated, or summed: in hawqc's own exports
+  each input is rounded to the output grid first (HAWQ-V3's rule, what the PyTorch path computes);
+  in other QDQ models, whose Add means one rounding of the real sum, the inputs meet on a grid
+  2^8 times finer and the sum is rounded once;
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops.
 
-Zero points must be 0 (symmetric quantization, as hawqc and HAWQ-V3 produce). A model that needs
-anything else fails with one error naming the node.
+Activation zero points (asymmetric uint8/int8, as ONNX Runtime's ``quantize_static`` writes by
+default) are carried exactly: a convolution over an input with zero point ``z`` pads with ``z`` and
+folds ``-z * sum(w)`` into its int32 bias; requantizations subtract the input zero point and add
+the output one. Weight zero points must be 0. Anything unsupported fails with one error naming
+the node.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from hawqc.reference.graph import IntegerGraph, IntOp
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 MIN_OPSET = 13
+ADD_BITS = 8
+"""Extra fractional bits on which the inputs of a (non-hawqc) Add are summed before one rounding."""
 
 
 @dataclass
@@ -38,6 +46,7 @@ class _View:
     scale: np.float32
     qmin: int
     qmax: int
+    zero_point: int = 0
 
 
 @dataclass
@@ -59,13 +68,14 @@ class _Acc:
 
 @dataclass
 class _Pending:
-    """An add or concat of views/accumulators, resolved by the QuantizeLinear that follows."""
+    """An add, concat or average pool of views/accumulators, resolved by the QuantizeLinear that
+    follows (whose scale it is rescaled to in one rounding)."""
 
     kind: str
     parts: list[Any]
     lo: float = -np.inf
     hi: float = np.inf
-    name: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +85,9 @@ class _Reader:
     values: dict[str, Any] = field(default_factory=dict)
     inits: dict[str, np.ndarray] = field(default_factory=dict)
     dequantized_from: dict[str, str] = field(default_factory=dict)
+    hawq_add: bool = False
+    """hawqc's own exports round each Add input to the output grid (HAWQ-V3); other QDQ models mean
+    the real sum, rounded once."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -84,73 +97,127 @@ class _Reader:
             raise ValueError(f"ONNX tensor {name!r} must be a constant initializer")
         return self.inits[name]
 
-    def zero_point_is_zero(self, node: Any) -> None:
-        if len(node.input) > 2 and node.input[2] and np.any(self.const_array(node.input[2]) != 0):
-            self.fail(node, "non-zero zero points are not supported (hawqc quantizes symmetrically)")
+    def zero_point(self, node: Any) -> int:
+        """The (per-tensor) zero point of a QuantizeLinear/DequantizeLinear, 0 if absent."""
+        if len(node.input) < 3 or not node.input[2]:
+            return 0
+        zp = self.const_array(node.input[2])
+        if zp.size != 1 and np.any(zp != zp.flat[0]):
+            self.fail(node, "per-channel zero points are not supported")
+        return int(zp.flat[0])
 
     def emit(self, op: str, inputs: list[str], output: str, attrs: dict[str, Any] | None = None,
              consts: dict[str, np.ndarray] | None = None) -> str:
         self.ops.append(IntOp(op, inputs, output, attrs or {}, consts or {}))
         return output
 
-    def rescale(self, value: Any, dst: str, scale_out: np.float32, lo: int, hi: int) -> tuple[int, int]:
-        """Requantize a view or accumulator to ``scale_out``, clipped to [lo, hi]; returns the bounds."""
+    def rescale(self, value: Any, dst: str, scale_out: np.float32, lo: int, hi: int,
+                zero_point: int = 0) -> tuple[int, int]:
+        """Requantize a view or accumulator to ``scale_out`` (and ``zero_point``), clipped to [lo, hi];
+        returns the bounds."""
+        attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
             b, c = dyadic_per_channel(scale_ratio(value.s_in, value.s_w, scale_out))
-            lo = max(lo, _bound(value.lo, scale_out, "lo"))
-            hi = min(hi, _bound(value.hi, scale_out, "hi"))
+            lo = max(lo, _bound(value.lo, scale_out, zero_point, "lo"))
+            hi = min(hi, _bound(value.hi, scale_out, zero_point, "hi"))
         else:
             b, c = dyadic_per_channel(scale_ratio(value.scale, np.float32(1.0), scale_out))
-        self.emit("requantize", [value.name], dst, {"qmin": lo, "qmax": hi}, {"b": b, "c": c})
+            if value.zero_point:
+                attrs["input_zero_point"] = value.zero_point
+        if zero_point:
+            attrs["zero_point"] = zero_point
+        self.emit("requantize", [value.name], dst, {"qmin": lo, "qmax": hi, **attrs}, {"b": b, "c": c})
         return lo, hi
 
     # ---- node handlers ------------------------------------------------------------------------
     def quantize_linear(self, node: Any) -> None:
-        self.zero_point_is_zero(node)
+        zp = self.zero_point(node)
         scale = np.float32(self.const_array(node.input[1]))
         if scale.ndim:
             self.fail(node, "activations must be quantized per tensor")
         qmin, qmax = _qrange(self.model, node)
         src, out = self.values[node.input[0]], node.output[0]
         if isinstance(src, str):  # the float graph input
-            self.emit("quantize", [src], out, {"qmin": qmin, "qmax": qmax}, {"scale": np.array(scale)})
+            attrs = {"qmin": qmin, "qmax": qmax, **({"zero_point": zp} if zp else {})}
+            self.emit("quantize", [src], out, attrs, {"scale": np.array(scale)})
         elif isinstance(src, _Acc):
-            qmin, qmax = self.rescale(src, out, scale, qmin, qmax)
+            qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
         elif isinstance(src, _View):
-            if src.scale == scale and qmin <= src.qmin and src.qmax <= qmax:  # already on this grid
-                self.values[out] = src
+            if src.scale == scale and src.zero_point == zp and qmin <= src.qmin and src.qmax <= qmax:
+                self.values[out] = src  # already on this grid
                 return
-            qmin, qmax = self.rescale(src, out, scale, qmin, qmax)
+            qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
         elif isinstance(src, _Pending):
-            lo, hi = max(qmin, _bound(src.lo, scale, "lo")), min(qmax, _bound(src.hi, scale, "hi"))
+            lo = max(qmin, _bound(src.lo, scale, zp, "lo"))
+            hi = min(qmax, _bound(src.hi, scale, zp, "hi"))
             parts = [f"{out}:in{j}" for j in range(len(src.parts))]
-            for part, value in zip(parts, src.parts):
-                if src.kind == "add":
+            if src.kind in ("avgpool", "global_avgpool"):
+                self.pool(src, out, scale, zp, lo, hi)
+            elif src.kind == "concat":
+                for part, value in zip(parts, src.parts):
+                    self.rescale(value, part, scale, lo, hi, zp)
+                self.emit("concat", parts, out)
+            elif self.hawq_add:  # HAWQ-V3: each input rounded to the output grid, then summed
+                for part, value in zip(parts, src.parts):
                     self.rescale(value, part, scale, INT32_MIN, INT32_MAX)
-                else:
-                    self.rescale(value, part, scale, lo, hi)
-            self.emit(src.kind, parts, out, {"qmin": lo, "qmax": hi} if src.kind == "add" else {})
+                self.emit("add", parts, out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})})
+            else:  # ONNX: the real sum, rounded once; inputs meet on a grid 2^ADD_BITS times finer
+                fine = np.float32(scale / np.float32(2**ADD_BITS))
+                for part, value in zip(parts, src.parts):
+                    self.rescale(value, part, fine, INT32_MIN, INT32_MAX)
+                self.emit("add", parts, f"{out}:sum", {"qmin": INT32_MIN, "qmax": INT32_MAX})
+                b, c = dyadic(2.0**-ADD_BITS)
+                self.emit("requantize", [f"{out}:sum"], out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})},
+                          {"b": np.array(b, np.int32), "c": np.array(c, np.int32)})
             qmin, qmax = lo, hi
         else:
             self.fail(node, "cannot quantize a constant")
-        self.values[out] = _View(out, scale, qmin, qmax)
+        self.values[out] = _View(out, scale, qmin, qmax, zp)
+
+    def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        """An average pool rescaled straight to the output scale and zero point."""
+        (src,) = pending.parts
+        ratio = float(np.float64(src.scale) / np.float64(scale))
+        attrs = {**pending.attrs, "qmin": lo, "qmax": hi}
+        attrs.update({k: v for k, v in (("input_zero_point", src.zero_point), ("zero_point", zp)) if v})
+        consts = {}
+        if pending.kind == "avgpool":
+            b, c = dyadic(ratio / (attrs["kernel"][0] * attrs["kernel"][1]))
+            consts = {"b": np.array(b, np.int32), "c": np.array(c, np.int32)}
+        elif ratio != 1.0:
+            attrs["scale_ratio"] = ratio
+        self.emit(pending.kind, [src.name], out, attrs, consts)
+
+    def view(self, node: Any, value: Any) -> _View:
+        """``value`` as an integer tensor; a pool not followed by a QuantizeLinear keeps its input scale."""
+        if isinstance(value, _Pending) and value.kind in ("avgpool", "global_avgpool"):
+            (src,) = value.parts
+            name = f"{node.input[0]}:pooled"
+            self.pool(value, name, src.scale, src.zero_point, src.qmin, src.qmax)
+            return _View(name, src.scale, src.qmin, src.qmax, src.zero_point)
+        if not isinstance(value, _View):
+            self.fail(node, "input must be a dequantized tensor")
+        return value
 
     def dequantize_linear(self, node: Any) -> None:
-        self.zero_point_is_zero(node)
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if node.input[0] in self.inits:
+            if len(node.input) > 2 and node.input[2] and np.any(self.const_array(node.input[2]) != 0):
+                self.fail(node, "constants (weights, biases) must have zero points of 0")
             self.values[node.output[0]] = _Const(self.inits[node.input[0]], scale)
             self.dequantized_from[node.output[0]] = node.input[0]
             return
         src = self.values.get(node.input[0])
         if not isinstance(src, _View):
             self.fail(node, "dequantizes a tensor that is not the output of a QuantizeLinear")
+        if self.zero_point(node) != src.zero_point or scale.ndim or scale != src.scale:
+            self.fail(node, "dequantizes with another scale or zero point than its QuantizeLinear")
         self.values[node.output[0]] = src
 
     def conv_or_dense(self, node: Any) -> None:
-        x, w = self.values.get(node.input[0]), self.values.get(node.input[1])
-        if not isinstance(x, _View) or not isinstance(w, _Const):
-            self.fail(node, "needs a dequantized input and dequantized constant weights")
+        x, w = self.view(node, self.values.get(node.input[0])), self.values.get(node.input[1])
+        if not isinstance(w, _Const):
+            self.fail(node, "needs dequantized constant weights")
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB", 0))
         weight = w.values.T if transposed else w.values  # (out, ...) in every case
         w_scale = np.broadcast_to(w.scale, (weight.shape[0],))
@@ -159,16 +226,22 @@ class _Reader:
             self.fail(node, "only Gemm with transA=0, alpha=1, beta=1 is supported")
         acc_scale = np.float32(x.scale) * w_scale.astype(np.float32)
         consts = {"weight": weight.astype(np.int8)}
+        bias = np.zeros(weight.shape[0], dtype=np.int64)
         if len(node.input) > 2 and node.input[2]:
-            bias = self.values.get(node.input[2])
-            if not isinstance(bias, _Const):
+            b = self.values.get(node.input[2])
+            if not isinstance(b, _Const):
                 self.fail(node, "bias must be a dequantized constant")
-            real = bias.values.astype(np.float64) * bias.scale.astype(np.float64)
-            exact = bias.values if np.array_equal(bias.scale, acc_scale) else np.rint(real / acc_scale)
-            consts["bias"] = np.clip(exact, INT32_MIN, INT32_MAX).astype(np.int32)
+            real = b.values.astype(np.float64) * b.scale.astype(np.float64)
+            bias = b.values.astype(np.int64) if np.array_equal(b.scale, acc_scale) else np.rint(real / acc_scale)
+        if x.zero_point:  # sum((x - z) * w) = sum(x * w) - z * sum(w); padding pads with z
+            bias = bias - x.zero_point * weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
+        if np.any(bias):
+            consts["bias"] = np.clip(bias, INT32_MIN, INT32_MAX).astype(np.int32)
         name = node.output[0]
         w_bits = 4 if _is_int4(self.model, node.input[1], self.dequantized_from) else 8
         attrs = {"layer": node.name or name, "w_bits": w_bits, "a_bits": 4 if x.qmax - x.qmin < 16 else 8}
+        if x.zero_point and node.op_type == "Conv":
+            attrs["pad_value"] = x.zero_point
         if node.op_type == "Conv":
             pads = _attr(node, "pads", [0, 0, 0, 0])
             if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -188,25 +261,21 @@ class _Reader:
             bounded = type(src)(**{**src.__dict__, "lo": max(src.lo, lo), "hi": min(src.hi, hi)})
             self.values[node.output[0]] = bounded
         elif isinstance(src, _View):
-            qmin = max(src.qmin, _bound(lo, src.scale, "lo"))
-            qmax = min(src.qmax, _bound(hi, src.scale, "hi"))
+            qmin = max(src.qmin, _bound(lo, src.scale, src.zero_point, "lo"))
+            qmax = min(src.qmax, _bound(hi, src.scale, src.zero_point, "hi"))
             self.emit("clip", [src.name], node.output[0], {"qmin": qmin, "qmax": qmax})
-            self.values[node.output[0]] = _View(node.output[0], src.scale, qmin, qmax)
+            self.values[node.output[0]] = _View(node.output[0], src.scale, qmin, qmax, src.zero_point)
         else:
             self.fail(node, "applies to a constant")
 
     def add_or_concat(self, node: Any) -> None:
-        parts = [self.values.get(i) for i in node.input]
-        if not all(isinstance(p, (_View, _Acc)) for p in parts):
-            self.fail(node, "inputs must be dequantized tensors or conv/dense outputs")
+        parts = [v if isinstance(v, _Acc) else self.view(node, v) for v in (self.values.get(i) for i in node.input)]
         if node.op_type == "Concat" and _attr(node, "axis", 1) != 1:
             self.fail(node, "only channel concatenation (axis 1) is supported")
         self.values[node.output[0]] = _Pending("add" if node.op_type == "Add" else "concat", parts)
 
     def pool_or_flatten(self, node: Any) -> None:
-        src = self.values.get(node.input[0])
-        if not isinstance(src, _View):
-            self.fail(node, "input must be a dequantized tensor")
+        src = self.view(node, self.values.get(node.input[0]))
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
             pads = list(_attr(node, "pads", [0, 0, 0, 0]))
@@ -219,16 +288,16 @@ class _Reader:
         elif node.op_type == "AveragePool":
             if not _attr(node, "count_include_pad", 0) and any(attrs["padding"]):
                 self.fail(node, "padded average pooling must count the padding (count_include_pad=1)")
-            b, c = dyadic(1.0 / (attrs["kernel"][0] * attrs["kernel"][1]))
-            self.emit("avgpool", [src.name], out, {**attrs, "qmin": src.qmin, "qmax": src.qmax},
-                      {"b": np.array(b, np.int32), "c": np.array(c, np.int32)})
+            self.values[out] = _Pending("avgpool", [src], attrs=attrs)
+            return
         elif node.op_type == "GlobalAveragePool":
-            self.emit("global_avgpool", [src.name], out, {"qmin": src.qmin, "qmax": src.qmax})
+            self.values[out] = _Pending("global_avgpool", [src])
+            return
         else:  # Flatten
             if _attr(node, "axis", 1) != 1:
                 self.fail(node, "only Flatten(axis=1) is supported")
             self.emit("flatten", [src.name], out)
-        self.values[out] = _View(out, src.scale, src.qmin, src.qmax)
+        self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     def output(self, name: str) -> str:
         value = self.values.get(name)
@@ -238,7 +307,8 @@ class _Reader:
             scale = np.array(value.scale, dtype=np.float32)
         else:
             raise ValueError(f"ONNX output {name!r} is not an integer tensor or a conv/dense output")
-        return self.emit("dequantize", [value.name], "output", {}, {"scale": scale})
+        attrs = {"zero_point": value.zero_point} if isinstance(value, _View) and value.zero_point else {}
+        return self.emit("dequantize", [value.name], "output", attrs, {"scale": scale})
 
 
 _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Reader.dequantize_linear,
@@ -266,11 +336,11 @@ def _is_int4(model: Any, tensor: str, dequantized_from: dict[str, str]) -> bool:
     return any(t.name == source and t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in model.graph.initializer)
 
 
-def _bound(value: float, scale: np.float32, side: str) -> int:
+def _bound(value: float, scale: np.float32, zero_point: int, side: str) -> int:
     """A float clip bound as the integer bound QuantizeLinear would give it (round half to even)."""
     if not np.isfinite(value):
         return INT32_MIN if side == "lo" else INT32_MAX
-    return int(np.rint(np.float32(value) / scale))
+    return int(np.rint(np.float32(value) / scale)) + zero_point
 
 
 def _qrange(model: Any, node: Any) -> tuple[int, int]:
@@ -318,7 +388,9 @@ def from_onnx(source: str | os.PathLike[str] | Any) -> IntegerGraph:
     if len(graph.input) - len({t.name for t in graph.initializer} & {i.name for i in graph.input}) != 1 \
             or len(graph.output) != 1:
         raise ValueError("the ONNX model must have exactly one input and one output")
-    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer})
+    props = {p.key: p.value for p in model.metadata_props}
+    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer},
+                     hawq_add="hawqc.bit_config" in props)
     input_name = next(i.name for i in graph.input if i.name not in reader.inits)
     reader.values[input_name] = input_name
     for node in graph.node:
@@ -329,7 +401,6 @@ def from_onnx(source: str | os.PathLike[str] | Any) -> IntegerGraph:
         else:
             reader.fail(node, "operator has no integer lowering in hawqc")
     reader.output(graph.output[0].name)
-    props = {p.key: p.value for p in model.metadata_props}
     metadata = {"bit_config": json.loads(props["hawqc.bit_config"])} if "hawqc.bit_config" in props else {}
     dims = graph.input[[i.name for i in graph.input].index(input_name)].type.tensor_type.shape.dim
     metadata["input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]

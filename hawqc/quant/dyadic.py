@@ -28,7 +28,9 @@ Requantization ``requantize(acc, b, c, qmin, qmax)``
     round half up, toward +inf at ties (2.5 -> 3, -2.5 -> -2). HAWQ's released
     code rounds half to even in PyTorch but half up in TVM, so its ties disagree
     between simulation and deployment; hawqc uses this one rule everywhere.
-    The same function serves numpy arrays and torch tensors, bit for bit.
+    The same function serves numpy arrays and torch tensors, bit for bit. Asymmetric
+    tensors (zero points, as other tools produce) subtract the input zero point from
+    ``acc`` first and add the output zero point after the shift, before the clip.
 """
 
 from __future__ import annotations
@@ -91,15 +93,16 @@ def dyadic(ratio: float) -> tuple[int, int]:
 
 
 def requantize(
-    acc: Array, b: Any, c: Any, qmin: int, qmax: int, axis: int | None = None
+    acc: Array, b: Any, c: Any, qmin: int, qmax: int, axis: int | None = None,
+    input_zero_point: int = 0, zero_point: int = 0,
 ) -> Array:
-    """``clip((acc*b + 2^(c-1)) >> c, qmin, qmax)`` on a numpy array or torch tensor.
+    """``clip(((acc - z_in)*b + 2^(c-1)) >> c + z_out, qmin, qmax)`` on a numpy array or torch tensor.
 
     ``acc`` is an integer accumulator; ``b`` and ``c`` are scalars or arrays
-    broadcastable to it, or 1-D per-channel arrays along ``axis``. Returns int32
-    of the same kind (numpy or torch) as ``acc``. Raises ``ValueError`` if
-    ``b``/``c`` are not a valid dyadic pair or ``acc`` could overflow the int64
-    product.
+    broadcastable to it, or 1-D per-channel arrays along ``axis``. The zero points
+    are for asymmetric tensors (HAWQ-V3 itself uses none). Returns int32 of the same
+    kind (numpy or torch) as ``acc``. Raises ``ValueError`` if ``b``/``c`` are not a
+    valid dyadic pair or ``acc`` could overflow the int64 product.
     """
     b64, c64 = _check_dyadic_pair(b, c)
     if not -(2**31) <= qmin <= qmax <= 2**31 - 1:
@@ -118,8 +121,9 @@ def requantize(
         shape = [1] * x.ndim
         shape[axis] = -1
         b_, c_ = b_.reshape(shape), c_.reshape(shape)
+    x = x - input_zero_point
     _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()))
-    y = ((x * b_ + (1 << (c_ - 1))) >> c_).clip(qmin, qmax)
+    y = (((x * b_ + (1 << (c_ - 1))) >> c_) + zero_point).clip(qmin, qmax)
     return y.astype(np.int32) if torch_mod is None else y.to(torch_mod.int32)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hawqc.quant.dyadic import dyadic, requantize
+from hawqc.quant.dyadic import requantize
+from hawqc.reference.graph import pool_rescale
 
 Consts = Mapping[str, np.ndarray]
 
@@ -30,7 +31,7 @@ def _pad(x: torch.Tensor, pads: list[int], value: float) -> torch.Tensor:
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     x = torch.as_tensor(inputs[0]).to(torch.float32)
-    q = torch.round(x / _t(consts["scale"], torch.float32))
+    q = torch.round(x / _t(consts["scale"], torch.float32)) + attrs.get("zero_point", 0)
     return q.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
 
 
@@ -39,7 +40,7 @@ def dequantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> t
     scale = _t(consts["scale"], torch.float32)
     if scale.dim() == 1:
         scale = scale.reshape((1, -1) + (1,) * (q.dim() - 2))
-    return q.to(torch.float32) * scale
+    return (q.to(torch.int64) - attrs.get("zero_point", 0)).to(torch.float32) * scale
 
 
 def _with_bias(acc: torch.Tensor, consts: Consts, shape: tuple[int, ...]) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _with_bias(acc: torch.Tensor, consts: Consts, shape: tuple[int, ...]) -> tor
 
 
 def conv2d(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    x = _pad(inputs[0].to(torch.float64), attrs["padding"], 0.0)
+    x = _pad(inputs[0].to(torch.float64), attrs["padding"], float(attrs.get("pad_value", 0)))
     acc = F.conv2d(x, _t(consts["weight"]), stride=attrs["stride"], dilation=attrs["dilation"], groups=attrs["groups"])
     return _with_bias(acc, consts, (1, -1, 1, 1))
 
@@ -63,11 +64,12 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.
 
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     per_channel = consts["b"].ndim == 1
-    return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None)
+    return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    total = sum(x.to(torch.int64) for x in inputs)
+    total = sum(x.to(torch.int64) for x in inputs) + attrs.get("zero_point", 0)
     return total.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
 
 
@@ -85,19 +87,22 @@ def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torc
 
 
 def avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    x = _pad(inputs[0].to(torch.float64), attrs["padding"], 0.0)
-    sums = torch.round(F.avg_pool2d(x, attrs["kernel"], attrs["stride"], divisor_override=1)).to(torch.int64)
-    return requantize(sums, consts["b"], consts["c"], attrs["qmin"], attrs["qmax"])
+    kernel = attrs["kernel"]
+    b, c, offset, zp = pool_rescale(attrs, consts, kernel[0] * kernel[1])
+    x = _pad(inputs[0].to(torch.float64), attrs["padding"], float(attrs.get("input_zero_point", 0)))
+    sums = torch.round(F.avg_pool2d(x, kernel, attrs["stride"], divisor_override=1)).to(torch.int64)
+    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
 
 
 def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     x = inputs[0]
-    b, c = dyadic(1.0 / (x.shape[2] * x.shape[3]))
-    return requantize(x.to(torch.int64).sum(dim=(2, 3), keepdim=True), b, c, attrs["qmin"], attrs["qmax"])
+    b, c, offset, zp = pool_rescale(attrs, consts, x.shape[2] * x.shape[3])
+    sums = x.to(torch.int64).sum(dim=(2, 3), keepdim=True)
+    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
 
 
 def pad(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    return _pad(inputs[0], attrs["pads"], 0)
+    return _pad(inputs[0], attrs["pads"], attrs.get("pad_value", 0))
 
 
 def flatten(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:

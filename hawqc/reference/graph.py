@@ -8,22 +8,29 @@ integer simulation); both walk it with :func:`execute`.
 Operations (inputs -> output; ``attrs`` are JSON values, ``consts`` numpy arrays):
 
 ================  ==============================================================================
-quantize          float -> int: ``clip(rint(float32(x) / scale), qmin, qmax)`` (consts: scale)
+quantize          float -> int: ``clip(rint(float32(x) / scale) + zero_point, qmin, qmax)``
 conv2d            int x int -> int32 accumulator, + int32 bias (consts: weight OIHW, bias;
-                  attrs: stride, padding [top, left, bottom, right], dilation, groups)
+                  attrs: stride, padding [top, left, bottom, right], dilation, groups, pad_value)
 dense             int x int -> int32 accumulator, + int32 bias (consts: weight [out, in], bias)
-requantize        dyadic rescale and clip (consts: b, c, scalar or per channel; attrs: qmin, qmax)
-add               elementwise sum of its inputs, clipped (attrs: qmin, qmax)
+requantize        dyadic rescale and clip (consts: b, c, scalar or per channel; attrs: qmin, qmax,
+                  input_zero_point, zero_point)
+add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax)
 concat            along the channel axis
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
-avgpool           window sum (padding counts as zeros), then requantize by 1/(kh*kw) (consts: b, c)
-global_avgpool    sum over H and W, then requantize by dyadic(1/(H*W)); keeps dims (N, C, 1, 1)
-pad               zero padding (attrs: pads [top, left, bottom, right])
+avgpool           window sum (padding counts as the input zero point), then requantize by
+                  ratio/(kh*kw) (consts: b, c; attrs: qmin, qmax, input_zero_point, zero_point)
+global_avgpool    sum over H and W, then requantize by dyadic(scale_ratio/(H*W)); keeps dims
+                  (N, C, 1, 1) (attrs: qmin, qmax, scale_ratio, input_zero_point, zero_point)
+pad               constant padding (attrs: pads [top, left, bottom, right], pad_value)
 flatten           (N, ...) -> (N, -1)
 reshape           attrs: shape
-dequantize        int -> float32: ``float32(q) * scale`` (consts: scale, scalar or per channel)
+dequantize        int -> float32: ``float32(q - zero_point) * scale`` (consts: scale)
 ================  ==============================================================================
+
+Zero points (attrs, default 0) exist for asymmetric tensors that other tools produce; hawqc's own
+quantization is symmetric. A convolution over an input with zero point ``z`` pads with ``z`` and
+carries ``-z * sum(w)`` in its bias, so its accumulator is exactly ``sum((x - z) * w)``.
 """
 
 from __future__ import annotations
@@ -96,6 +103,21 @@ class IntegerGraph:
         ops = [IntOp(o["op"], o["inputs"], o["output"], o["attrs"], {k: arrays[f"{i}/{k}"] for k in o["consts"]})
                for i, o in enumerate(header["ops"])]
         return cls(header["input"], header["output"], ops, header["metadata"])
+
+
+def pool_rescale(attrs: Mapping[str, Any], consts: Mapping[str, Any], window: int) -> tuple[Any, Any, int, int]:
+    """``(b, c, input offset, output zero point)`` that turn a pooling window sum into the output.
+
+    The sum of ``window`` values with input zero point ``z`` is requantized after subtracting
+    ``window * z``; ``b``/``c`` come from the op's constants or from ``scale_ratio / window``.
+    """
+    from hawqc.quant.dyadic import dyadic
+
+    if "b" in consts:
+        b, c = consts["b"], consts["c"]
+    else:
+        b, c = dyadic(attrs.get("scale_ratio", 1.0) / window)
+    return b, c, window * attrs.get("input_zero_point", 0), attrs.get("zero_point", 0)
 
 
 def execute(graph: IntegerGraph, x: Any, kernels: Mapping[str, Kernel], trace: dict[str, Any] | None = None) -> Any:

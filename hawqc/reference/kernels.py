@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from hawqc.quant.dyadic import dyadic, requantize
+from hawqc.quant.dyadic import requantize
+from hawqc.reference.graph import pool_rescale
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _EXACT = 2**53
@@ -45,7 +46,7 @@ def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: tupl
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     x = np.asarray(inputs[0], dtype=np.float32)
-    q = np.rint(x / consts["scale"].astype(np.float32))
+    q = np.rint(x / consts["scale"].astype(np.float32)) + attrs.get("zero_point", 0)
     return np.clip(q, attrs["qmin"], attrs["qmax"]).astype(np.int32)
 
 
@@ -54,11 +55,11 @@ def dequantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str,
     scale = consts["scale"].astype(np.float32)
     if scale.ndim == 1:  # per channel, channels on axis 1
         scale = scale.reshape((1, -1) + (1,) * (q.ndim - 2))
-    return q.astype(np.float32) * scale
+    return (q.astype(np.int64) - attrs.get("zero_point", 0)).astype(np.float32) * scale
 
 
 def conv2d(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x, w = _pad_nchw(inputs[0], attrs["padding"], 0), consts["weight"]
+    x, w = _pad_nchw(inputs[0], attrs["padding"], attrs.get("pad_value", 0)), consts["weight"]
     groups = attrs["groups"]
     out_ch, in_per_group, kh, kw = w.shape
     _exact_product_bound(x, w, in_per_group * kh * kw, "conv2d")
@@ -85,11 +86,12 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.n
 
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     per_channel = consts["b"].ndim == 1
-    return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None)
+    return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    total = sum(x.astype(np.int64) for x in inputs)
+    total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
     return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
 
 
@@ -107,20 +109,22 @@ def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np
 
 
 def avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x = _pad_nchw(inputs[0], attrs["padding"], 0).astype(np.int64)
-    sums = _windows(x, attrs["kernel"], attrs["stride"]).sum(axis=(-2, -1))
-    return requantize(sums, consts["b"], consts["c"], attrs["qmin"], attrs["qmax"])
+    kernel = attrs["kernel"]
+    b, c, offset, zp = pool_rescale(attrs, consts, kernel[0] * kernel[1])
+    x = _pad_nchw(inputs[0], attrs["padding"], attrs.get("input_zero_point", 0)).astype(np.int64)
+    sums = _windows(x, kernel, attrs["stride"]).sum(axis=(-2, -1))
+    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
 
 
 def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     x = inputs[0]
+    b, c, offset, zp = pool_rescale(attrs, consts, x.shape[2] * x.shape[3])
     sums = x.astype(np.int64).sum(axis=(2, 3), keepdims=True)
-    b, c = dyadic(1.0 / (x.shape[2] * x.shape[3]))
-    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"])
+    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
 
 
 def pad(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    return _pad_nchw(inputs[0], attrs["pads"], 0)
+    return _pad_nchw(inputs[0], attrs["pads"], attrs.get("pad_value", 0))
 
 
 def flatten(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
