@@ -299,6 +299,38 @@ class _Reader:
             self.emit("flatten", [src.name], out)
         self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
+    def qlinear(self, node: Any) -> None:
+        """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd,
+        QLinearGlobalAveragePool) read as the DequantizeLinear -> op -> QuantizeLinear it stands for."""
+        from onnx import helper
+
+        i, out = list(node.input), node.output[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in ("QLinearConv", "QLinearMatMul", "QGemm"):
+            weight, w_scale, w_zp = i[3], i[4], i[5]
+            self.dequantize_linear(helper.make_node("DequantizeLinear", [weight, w_scale, w_zp], [f"{out}:w"], name=node.name))
+            inputs = [i[0], f"{out}:w"]
+            bias = i[8] if node.op_type == "QLinearConv" and len(i) > 8 else i[6] if node.op_type == "QGemm" else ""
+            if bias:
+                acc_scale = np.float32(self.const_array(i[1])) * np.asarray(self.const_array(w_scale), np.float32)
+                self.values[f"{out}:b"] = _Const(self.const_array(bias), acc_scale)
+                inputs.append(f"{out}:b")
+            op_type = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}[node.op_type]
+            self.conv_or_dense(helper.make_node(op_type, inputs, [f"{out}:f"], name=node.name, **attrs))
+            y_scale, y_zp = (i[7], i[8] if len(i) > 8 else "") if node.op_type == "QGemm" else (i[6], i[7])
+            if node.op_type == "QGemm" and (len(i) < 8 or not y_scale):  # float output
+                self.values[out] = self.values[f"{out}:f"]
+                return
+        elif node.op_type == "QLinearAdd":
+            self.add_or_concat(helper.make_node("Add", [i[0], i[3]], [f"{out}:f"], name=node.name))
+            y_scale, y_zp = i[6], i[7] if len(i) > 7 else ""
+        else:  # QLinearGlobalAveragePool
+            if attrs.get("channels_last", 0):
+                self.fail(node, "channels_last pooling is not supported")
+            self.pool_or_flatten(helper.make_node("GlobalAveragePool", [i[0]], [f"{out}:f"], name=node.name))
+            y_scale, y_zp = i[3], i[4] if len(i) > 4 else ""
+        self.quantize_linear(helper.make_node("QuantizeLinear", [f"{out}:f", y_scale, y_zp], [out], name=node.name))
+
     def output(self, name: str) -> str:
         value = self.values.get(name)
         if isinstance(value, _Acc):
@@ -316,7 +348,8 @@ _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Rea
              "Relu": _Reader.relu_or_clip, "Clip": _Reader.relu_or_clip, "Add": _Reader.add_or_concat,
              "Concat": _Reader.add_or_concat, "MaxPool": _Reader.pool_or_flatten,
              "AveragePool": _Reader.pool_or_flatten, "GlobalAveragePool": _Reader.pool_or_flatten,
-             "Flatten": _Reader.pool_or_flatten}
+             "Flatten": _Reader.pool_or_flatten, "QLinearConv": _Reader.qlinear, "QLinearMatMul": _Reader.qlinear,
+             "QLinearAdd": _Reader.qlinear, "QLinearGlobalAveragePool": _Reader.qlinear, "QGemm": _Reader.qlinear}
 _PASS_THROUGH = {"Identity", "Dropout"}
 
 
@@ -356,6 +389,36 @@ def _qrange(model: Any, node: Any) -> tuple[int, int]:
     return ranges[zp_type]
 
 
+def _fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
+    """Evaluate what does not depend on the input (Constant nodes, shape arithmetic, Shape of a
+    tensor whose shape is static) into ``inits``; returns the nodes left to read."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    remaining = []
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = onnx.helper.get_attribute_value(node.attribute[0])
+            inits[node.output[0]] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
+        elif node.op_type == "Shape" and None not in shapes.get(node.input[0], [None]):
+            inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
+        elif node.op_type not in _HANDLERS and node.op_type not in _PASS_THROUGH and node.input and all(
+                i in inits or not i for i in node.input):
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                            for o in node.output]),
+                opset_imports=model.opset_import)
+            results = ReferenceEvaluator(single).run(None, {})
+            inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
+        else:
+            remaining.append(node)
+    return remaining
+
+
 def load_onnx(source: str | os.PathLike[str] | Any) -> Any:
     """An ``onnx.ModelProto`` from a path or a model, checked; one clear error for anything else."""
     import onnx
@@ -393,7 +456,7 @@ def from_onnx(source: str | os.PathLike[str] | Any) -> IntegerGraph:
                      hawq_add="hawqc.bit_config" in props)
     input_name = next(i.name for i in graph.input if i.name not in reader.inits)
     reader.values[input_name] = input_name
-    for node in graph.node:
+    for node in _fold_constants(model, reader.inits):
         if node.op_type in _PASS_THROUGH:
             reader.values[node.output[0]] = reader.values[node.input[0]]
         elif node.op_type in _HANDLERS:
