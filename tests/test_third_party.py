@@ -1,0 +1,92 @@
+"""QDQ models quantized by ONNX Runtime's quantize_static compile and agree with ONNX Runtime."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from torch import nn
+
+import hawqc
+from hawqc import models
+from hawqc.runtime.module import float_ops
+
+
+class DepthwiseReLU6(nn.Module):
+    """A MobileNet-style block: ReLU6 everywhere, a depthwise 3x3 between pointwise convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.pw(self.dw(self.stem(x))), 1), 1))
+
+
+NETS = {"tiny_resnet": (lambda: models.get("tiny_resnet"), (1, 1, 28, 28)),
+        "depthwise_relu6": (DepthwiseReLU6, (1, 3, 32, 32))}
+MODES = {"qdq-uint8-asymmetric": (QuantFormat.QDQ, QuantType.QUInt8, False),
+         "qdq-int8-symmetric": (QuantFormat.QDQ, QuantType.QInt8, True),
+         "operator-form": (QuantFormat.QOperator, QuantType.QUInt8, False)}
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.batches = iter([{"input": np.random.default_rng(i).standard_normal(shape).astype(np.float32)}
+                             for i in range(8)])
+
+    def get_next(self):  # type: ignore[no-untyped-def]
+        return next(self.batches, None)
+
+
+def ort_quantized(net: str, mode: str, folder: Path) -> tuple[Path, tuple[int, ...]]:
+    build, shape = NETS[net]
+    torch.manual_seed(0)
+    model = models.recalibrate_bn(build(), [torch.randn(8, *shape[1:])])
+    float_path, path = folder / f"{net}.onnx", folder / f"{net}_{mode}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(shape),), str(float_path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"])
+    quant_format, activations, symmetric = MODES[mode]
+    quantize_static(str(float_path), str(path), _Reader(shape), quant_format=quant_format, per_channel=True,
+                    activation_type=activations, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": symmetric})
+    return path, shape
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("net", list(NETS))
+def test_agrees_with_onnx_runtime(net: str, mode: str, tmp_path: Path) -> None:
+    path, shape = ort_quantized(net, mode, tmp_path)
+    module = hawqc.compile_integer_only(path, input_shape=shape)
+    assert float_ops(module.ir) == []
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours, theirs = [], []
+    for seed in range(100):
+        x = np.random.default_rng(1000 + seed).standard_normal(shape).astype(np.float32)
+        y = module(x)
+        np.testing.assert_array_equal(y, module.reference(x))
+        ours.append(y)
+        theirs.append(session.run(None, {"input": x})[0])
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() >= 0.99
+    scale = final_scale(onnx.load(path))
+    if scale is not None:  # the output is 8-bit values: compare them in LSBs
+        assert (np.abs(ours - theirs) / scale <= 1 + 1e-4).mean() >= 0.99
+
+
+def final_scale(model: onnx.ModelProto) -> float | None:
+    """The scale of the DequantizeLinear that produces the output, None if the output is float."""
+    producer = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+    if producer.op_type != "DequantizeLinear":
+        return None
+    return float(next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == producer.input[1]))
