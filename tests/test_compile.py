@@ -136,3 +136,27 @@ def test_zero_points_and_unsupported_ops_are_named(tmp_path: Path) -> None:
                                 opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(ValueError, match="'act' \\(Sigmoid\\): operator has no integer lowering"):
         from_onnx(sigmoid)
+
+
+def test_four_bit_lookup_table_has_16_entries() -> None:
+    def const(name: str, value: object, dtype: int) -> onnx.TensorProto:
+        return helper.make_tensor(name, dtype, [], [value])
+
+    inits = [const("s_in", 0.25, TensorProto.FLOAT), const("z4", 0, TensorProto.INT4),
+             const("s_out", 1 / 255, TensorProto.FLOAT), const("z8", 0, TensorProto.UINT8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z4"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "z4"], ["xf"]),
+             helper.make_node("Sigmoid", ["xf"], ["yf"]),
+             helper.make_node("QuantizeLinear", ["yf", "s_out", "z8"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s_out", "z8"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "lut4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    module = hawqc.compile_integer_only(model)
+    (table,) = [op.consts["table"] for op in module.graph.ops if op.op == "lut"]
+    assert len(table) == 16
+    x = np.linspace(-2.5, 2.5, 8, dtype=np.float32)[None]
+    q = np.clip(np.rint(x / 0.25), -8, 7)
+    expected = np.clip(np.rint((1 / (1 + np.exp(-q * 0.25))).astype(np.float32) / np.float32(1 / 255)), 0, 255) / 255
+    np.testing.assert_allclose(module(x), expected.astype(np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(module(x), module.reference(x))

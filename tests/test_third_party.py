@@ -32,7 +32,9 @@ class DepthwiseReLU6(nn.Module):
 
 
 NETS = {"tiny_resnet": (lambda: models.get("tiny_resnet"), (1, 1, 28, 28)),
-        "depthwise_relu6": (DepthwiseReLU6, (1, 3, 32, 32))}
+        "depthwise_relu6": (DepthwiseReLU6, (1, 3, 32, 32)),
+        "activations": (lambda: Activations(), (1, 3, 16, 16))}
+COMPARED = ["tiny_resnet", "depthwise_relu6"]
 MODES = {"qdq-uint8-asymmetric": (QuantFormat.QDQ, QuantType.QUInt8, False),
          "qdq-int8-symmetric": (QuantFormat.QDQ, QuantType.QInt8, True),
          "operator-form": (QuantFormat.QOperator, QuantType.QUInt8, False)}
@@ -48,6 +50,7 @@ class _Reader(CalibrationDataReader):
 
 
 def ort_quantized(net: str, mode: str, folder: Path) -> tuple[Path, tuple[int, ...]]:
+    """The float net exported to ONNX, then quantized by ONNX Runtime in the given mode."""
     build, shape = NETS[net]
     torch.manual_seed(0)
     model = models.recalibrate_bn(build(), [torch.randn(8, *shape[1:])])
@@ -64,7 +67,7 @@ def ort_quantized(net: str, mode: str, folder: Path) -> tuple[Path, tuple[int, .
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("net", list(NETS))
+@pytest.mark.parametrize("net", COMPARED)
 def test_agrees_with_onnx_runtime(net: str, mode: str, tmp_path: Path) -> None:
     path, shape = ort_quantized(net, mode, tmp_path)
     module = hawqc.compile_integer_only(path, input_shape=shape)
@@ -90,3 +93,33 @@ def final_scale(model: onnx.ModelProto) -> float | None:
     if producer.op_type != "DequantizeLinear":
         return None
     return float(next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == producer.input[1]))
+
+
+class Activations(nn.Module):
+    """SiLU, HardSwish, Sigmoid and Tanh between quantized convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3, 1, 1), nn.Conv2d(16, 16, 3, 1, 1), nn.Conv2d(16, 16, 3, 1, 1),
+                                    nn.Conv2d(16, 16, 1)])
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, act in zip(self.convs, (nn.functional.silu, nn.functional.hardswish, torch.sigmoid, torch.tanh)):
+            x = act(conv(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_nonlinearities_become_exact_lookup_tables(tmp_path: Path) -> None:
+    path, shape = ort_quantized("activations", "qdq-uint8-asymmetric", tmp_path)
+    module = hawqc.compile_integer_only(path, input_shape=shape)
+    tables = [op for op in module.graph.ops if op.op == "lut"]
+    assert len(tables) == 4 and all(len(op.consts["table"]) == 256 for op in tables)
+    assert any(op.op == "mul" for op in module.graph.ops)  # x * sigmoid(x), both quantized
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scale = final_scale(onnx.load(path))
+    for seed in range(20):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        y = module(x)
+        np.testing.assert_array_equal(y, module.reference(x))
+        assert np.abs(y - session.run(None, {"input": x})[0]).max() <= scale * (1 + 1e-4)

@@ -199,6 +199,28 @@ def _global_avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
     return _requantize(sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
 
+def _lut(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    table = op.consts["table"]
+    out_dtype = storage_dtype(int(table.min()), int(table.max()))
+    index = R.subtract(R.astype(ins[0], "int32"), _const(op.attrs["offset"], "int32"))
+    return R.take(_const(table, out_dtype), index, axis=0)
+
+
+def _mul(bb: Any, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    a, b = (R.astype(x, "int64") for x in ins)
+    if op.attrs.get("a_zero_point", 0):
+        a = R.subtract(a, _const(op.attrs["a_zero_point"], "int64"))
+    if op.attrs.get("b_zero_point", 0):
+        b = R.subtract(b, _const(op.attrs["b_zero_point"], "int64"))
+    product = bb.emit(R.multiply(a, b))
+    return _requantize(product, op.consts["b"], op.consts["c"], op.attrs["qmin"], op.attrs["qmax"], 0,
+                       op.attrs.get("zero_point", 0))
+
+
 def _pad(bb: Any, ins: list[Any], op: IntOp) -> Any:
     return _pad_expr(ins[0], op.attrs["pads"], op.attrs.get("pad_value", 0))
 
@@ -218,5 +240,5 @@ def _reshape(bb: Any, ins: list[Any], op: IntOp) -> Any:
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
     "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
     "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
-    "global_avgpool": _global_avgpool, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
+    "global_avgpool": _global_avgpool, "lut": _lut, "mul": _mul, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
     "dequantize": _dequantize}

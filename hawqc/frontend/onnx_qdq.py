@@ -12,7 +12,10 @@ fixes their integer form:
   each input is rounded to the output grid first (HAWQ-V3's rule, what the PyTorch path computes);
   in other QDQ models, whose Add means one rounding of the real sum, the inputs meet on a grid
   2^8 times finer and the sum is rounded once;
-- ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops.
+- ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
+- element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
+  LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
+  integer range (256 entries at 8 bits, 16 at 4), computed from the float function and both scales.
 
 Activation zero points (asymmetric uint8/int8, as ONNX Runtime's ``quantize_static`` writes by
 default) are carried exactly: a convolution over an input with zero point ``z`` pads with ``z`` and
@@ -23,6 +26,7 @@ the node.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +157,10 @@ class _Reader:
             parts = [f"{out}:in{j}" for j in range(len(src.parts))]
             if src.kind in ("avgpool", "global_avgpool"):
                 self.pool(src, out, scale, zp, lo, hi)
+            elif src.kind == "lut":
+                self.lut(src, out, scale, zp, lo, hi)
+            elif src.kind == "mul":
+                self.product(src, out, scale, zp, lo, hi)
             elif src.kind == "concat":
                 for part, value in zip(parts, src.parts):
                     self.rescale(value, part, scale, lo, hi, zp)
@@ -299,6 +307,40 @@ class _Reader:
             self.emit("flatten", [src.name], out)
         self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
+    def elementwise(self, node: Any) -> None:
+        """A non-linearity on an integer tensor: an exact lookup table once its output scale is known."""
+        src = self.view(node, self.values.get(node.input[0]))
+        fn = _ELEMENTWISE[node.op_type]
+        attrs = {a.name: _attr(node, a.name, None) for a in node.attribute}
+        self.values[node.output[0]] = _Pending("lut", [src], attrs={"fn": lambda x: fn(x, **attrs)})
+
+    def mul(self, node: Any) -> None:
+        """A product of two integer tensors (requantized once at the QuantizeLinear); ``x * f(x)`` with
+        ``f`` not quantized in between (SiLU/Swish as exporters write it) becomes one lookup table."""
+        a, b = (self.values.get(i) for i in node.input)
+        for x, gate in ((a, b), (b, a)):
+            if isinstance(x, _View) and isinstance(gate, _Pending) and gate.kind == "lut" and gate.parts[0] is x:
+                fn = gate.attrs["fn"]
+                self.values[node.output[0]] = _Pending("lut", [x], attrs={"fn": lambda v, fn=fn: v * fn(v)})
+                return
+        self.values[node.output[0]] = _Pending("mul", [self.view(node, a), self.view(node, b)])
+
+    def product(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        a, b = pending.parts
+        bb, c = dyadic_per_channel(scale_ratio(a.scale, b.scale, scale))
+        attrs = {"qmin": lo, "qmax": hi}
+        attrs.update({k: v for k, v in (("a_zero_point", a.zero_point), ("b_zero_point", b.zero_point),
+                                         ("zero_point", zp)) if v})
+        self.emit("mul", [a.name, b.name], out, attrs, {"b": bb, "c": c})
+
+    def lut(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        (src,) = pending.parts
+        q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
+        real = ((q - src.zero_point).astype(np.float32) * src.scale).astype(np.float32)
+        y = np.asarray(pending.attrs["fn"](real), dtype=np.float32)
+        table = np.clip(np.rint(y / scale) + zp, lo, hi).astype(np.int32)
+        self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
+
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd,
         QLinearGlobalAveragePool) read as the DequantizeLinear -> op -> QuantizeLinear it stands for."""
@@ -343,14 +385,35 @@ class _Reader:
         return self.emit("dequantize", [value.name], "output", attrs, {"scale": scale})
 
 
+_PASS_THROUGH = {"Identity", "Dropout"}
+
+
+def _gelu(x: np.ndarray, approximate: Any = "none") -> np.ndarray:
+    if approximate in ("tanh", b"tanh"):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+
+
+_ELEMENTWISE: dict[str, Any] = {
+    "Sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "Tanh": lambda x: np.tanh(x),
+    "HardSigmoid": lambda x, alpha=0.2, beta=0.5: np.clip(alpha * x + beta, 0, 1),
+    "HardSwish": lambda x: x * np.clip(x / 6 + 0.5, 0, 1),
+    "LeakyRelu": lambda x, alpha=0.01: np.where(x >= 0, x, alpha * x),
+    "Elu": lambda x, alpha=1.0: np.where(x >= 0, x, alpha * (np.exp(x) - 1)),
+    "Gelu": _gelu,
+}
+"""Element-wise functions lowered to lookup tables, with their ONNX attributes as keywords."""
+
 _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Reader.dequantize_linear,
              "Conv": _Reader.conv_or_dense, "Gemm": _Reader.conv_or_dense, "MatMul": _Reader.conv_or_dense,
              "Relu": _Reader.relu_or_clip, "Clip": _Reader.relu_or_clip, "Add": _Reader.add_or_concat,
              "Concat": _Reader.add_or_concat, "MaxPool": _Reader.pool_or_flatten,
              "AveragePool": _Reader.pool_or_flatten, "GlobalAveragePool": _Reader.pool_or_flatten,
              "Flatten": _Reader.pool_or_flatten, "QLinearConv": _Reader.qlinear, "QLinearMatMul": _Reader.qlinear,
-             "QLinearAdd": _Reader.qlinear, "QLinearGlobalAveragePool": _Reader.qlinear, "QGemm": _Reader.qlinear}
-_PASS_THROUGH = {"Identity", "Dropout"}
+             "QLinearAdd": _Reader.qlinear, "QLinearGlobalAveragePool": _Reader.qlinear, "QGemm": _Reader.qlinear,
+             "Mul": _Reader.mul, **{op: _Reader.elementwise for op in _ELEMENTWISE}}
+
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:

@@ -22,6 +22,10 @@ avgpool           window sum (padding counts as the input zero point), then requ
                   ratio/(kh*kw) (consts: b, c; attrs: qmin, qmax, input_zero_point, zero_point)
 global_avgpool    sum over H and W, then requantize by dyadic(scale_ratio/(H*W)); keeps dims
                   (N, C, 1, 1) (attrs: qmin, qmax, scale_ratio, input_zero_point, zero_point)
+lut               ``table[x - offset]``: an element-wise function on integers (consts: table, int32;
+                  attrs: offset, the smallest input value)
+mul               ``requantize((a - a_zero_point) * (b - b_zero_point))``, broadcasting (consts: b, c;
+                  attrs: qmin, qmax, a_zero_point, b_zero_point, zero_point)
 pad               constant padding (attrs: pads [top, left, bottom, right], pad_value)
 flatten           (N, ...) -> (N, -1)
 reshape           attrs: shape
@@ -48,7 +52,7 @@ from hawqc.fileio import write_atomic
 
 FORMAT_VERSION = 1
 OPS = ("quantize", "conv2d", "dense", "requantize", "add", "concat", "clip", "maxpool", "avgpool",
-       "global_avgpool", "pad", "flatten", "reshape", "dequantize")
+       "global_avgpool", "lut", "mul", "pad", "flatten", "reshape", "dequantize")
 
 Kernel = Callable[[list[Any], Mapping[str, Any], Mapping[str, Any]], Any]
 

@@ -123,6 +123,16 @@ def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[
     return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
 
 
+def lut(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return consts["table"][inputs[0].astype(np.int64) - attrs["offset"]]
+
+
+def mul(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    a = inputs[0].astype(np.int64) - attrs.get("a_zero_point", 0)
+    b = inputs[1].astype(np.int64) - attrs.get("b_zero_point", 0)
+    return requantize(a * b, consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0))
+
+
 def pad(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     return _pad_nchw(inputs[0], attrs["pads"], attrs.get("pad_value", 0))
 
@@ -137,5 +147,5 @@ def reshape(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np
 
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
-           "global_avgpool": global_avgpool, "pad": pad, "flatten": flatten, "reshape": reshape,
+           "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
            "dequantize": dequantize}
