@@ -48,11 +48,11 @@ def dataset(name: str, split: str, input_shape: tuple[int, ...], size: int = 256
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None) -> Any:
+def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None, input_shape: Any = None) -> Any:
     """The :class:`~hawqc.reference.IntegerGraph` of an ONNX QDQ model (path or ``ModelProto``), a
     saved integer graph (``.int.npz``), a quantized model, or a float ``nn.Module`` (quantized here
     with ``bit_config`` on ``calib_data``). A ``bit_config`` given with an already quantized graph
-    must match the bits it was quantized with."""
+    must match the bits it was quantized with; ``input_shape`` fixes an ONNX model's dynamic dims."""
     from pathlib import Path
 
     from hawqc.bitconfig import BitConfig
@@ -67,7 +67,7 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None)
 
         if isinstance(graph, (str, os.PathLike)) and not Path(graph).is_file():
             raise ValueError(f"{graph}: no such file")
-        result = from_onnx(graph)
+        result = from_onnx(graph, tuple(input_shape) if input_shape is not None else None)
     elif hasattr(graph, "integer_graph"):
         result = graph.integer_graph()
     elif hasattr(graph, "named_modules"):
@@ -122,7 +122,7 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
     from hawqc.runtime.target import parse_target
 
     config = parse_target(target)
-    integer_graph = integer_graph_of(graph, bit_config, calib_data)
+    integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)
     return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config)
 
 

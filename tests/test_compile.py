@@ -121,21 +121,18 @@ def test_unknown_targets_are_one_error(spec: str) -> None:
         parse_target(spec)
 
 
-def test_zero_points_and_unsupported_ops_are_named(tmp_path: Path) -> None:
-    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
-    zp = helper.make_tensor("z", TensorProto.UINT8, [], [128])
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant_in")]
-    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                                                [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 4])], [scale, zp]),
-                              opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ValueError, match="'quant_in' .*non-zero zero points"):
-        from_onnx(model)
-    sigmoid = helper.make_model(helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"], name="act")], "g",
-                                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]),
-                                opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ValueError, match="'act' \\(Sigmoid\\): operator has no integer lowering"):
-        from_onnx(sigmoid)
+def test_weight_zero_points_and_unsupported_ops_are_named() -> None:
+    def one_node_model(node: onnx.NodeProto, inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    weights = [helper.make_tensor("w", TensorProto.INT8, [4], [1, 2, 3, 4]),
+               helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [3])]
+    with pytest.raises(ValueError, match="'dq_w' .*zero points of 0"):
+        from_onnx(one_node_model(helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], name="dq_w"), weights))
+    with pytest.raises(ValueError, match="'act' \\(Erf\\): operator has no integer lowering"):
+        from_onnx(one_node_model(helper.make_node("Erf", ["x"], ["y"], name="act"), []))
 
 
 def test_four_bit_lookup_table_has_16_entries() -> None:

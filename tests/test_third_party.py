@@ -123,3 +123,36 @@ def test_nonlinearities_become_exact_lookup_tables(tmp_path: Path) -> None:
         y = module(x)
         np.testing.assert_array_equal(y, module.reference(x))
         assert np.abs(y - session.run(None, {"input": x})[0]).max() <= scale * (1 + 1e-4)
+
+
+class ShapeArithmetic(nn.Module):
+    """F.pad and x.view(x.size(0), -1): exporters leave Shape/ConstantOfShape/Slice/Concat sub-graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv(nn.functional.pad(x, (1, 1, 1, 1)))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_shape_subgraphs_fold_once_the_batch_is_fixed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    float_path, path = tmp_path / "shape.onnx", tmp_path / "shape_q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ShapeArithmetic().eval(), (torch.randn(1, 3, 12, 12),), str(float_path), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+    quantize_static(str(float_path), str(path), _Reader((1, 3, 12, 12)), quant_format=QuantFormat.QDQ, per_channel=True)
+    assert {"Shape", "ConstantOfShape", "Slice"} <= {n.op_type for n in onnx.load(path).graph.node}
+    with pytest.raises(ValueError, match="give a static input shape"):
+        hawqc.compile_integer_only(path)
+    module = hawqc.compile_integer_only(path, input_shape=(4, 3, 12, 12))
+    assert [op.op for op in module.graph.ops][:3] == ["quantize", "pad", "conv2d"]
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(module(x), module.reference(x))
+    assert np.abs(module(x) - expected).max() <= final_scale(onnx.load(path)) * (1 + 1e-4)

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} exists: choose another output folder or pass --force")
     console = Console()
     target = parse_target(args.target)
-    graph = api.integer_graph_of(args.model, args.bit_config)
+    graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
     shape = api.input_shape_of(graph, args.input_shape)
     start = time.perf_counter()
     module = compile_graph(graph, shape, target)

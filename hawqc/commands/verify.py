@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from hawqc.runtime.target import parse_target
 
     target = parse_target(args.target)
-    graph = api.integer_graph_of(args.model, args.bit_config)
+    graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
     if args.input:
         x = np.load(args.input, allow_pickle=False).astype(np.float32)
         shape = x.shape

@@ -26,6 +26,7 @@ the node.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -341,6 +342,22 @@ class _Reader:
         table = np.clip(np.rint(y / scale) + zp, lo, hi).astype(np.int32)
         self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
 
+    def reshape_or_pad(self, node: Any) -> None:
+        """Reshape (shape folded to a constant) and constant Pad of an integer tensor."""
+        src = self.view(node, self.values.get(node.input[0]))
+        out = node.output[0]
+        if node.op_type == "Reshape":
+            shape = [int(d) for d in self.const_array(node.input[1])]
+            self.emit("reshape", [src.name], out, {"shape": shape})
+        else:
+            pads = [int(p) for p in self.const_array(node.input[1])]
+            value = float(self.const_array(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
+            if _attr(node, "mode", b"constant") not in (b"constant", "constant") or len(pads) != 8 or any(pads[:2] + pads[4:6]):
+                self.fail(node, "only constant padding of the spatial dimensions is supported")
+            self.emit("pad", [src.name], out, {"pads": [pads[2], pads[3], pads[6], pads[7]],
+                                               "pad_value": _bound(value, src.scale, src.zero_point, "lo")})
+        self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
+
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd,
         QLinearGlobalAveragePool) read as the DequantizeLinear -> op -> QuantizeLinear it stands for."""
@@ -386,6 +403,9 @@ class _Reader:
 
 
 _PASS_THROUGH = {"Identity", "Dropout"}
+_QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
+                 "QLinearGlobalAveragePool"}
+"""Never constant-folded: their integer constants are what the reader keeps."""
 
 
 def _gelu(x: np.ndarray, approximate: Any = "none") -> np.ndarray:
@@ -412,7 +432,8 @@ _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Rea
              "AveragePool": _Reader.pool_or_flatten, "GlobalAveragePool": _Reader.pool_or_flatten,
              "Flatten": _Reader.pool_or_flatten, "QLinearConv": _Reader.qlinear, "QLinearMatMul": _Reader.qlinear,
              "QLinearAdd": _Reader.qlinear, "QLinearGlobalAveragePool": _Reader.qlinear, "QGemm": _Reader.qlinear,
-             "Mul": _Reader.mul, **{op: _Reader.elementwise for op in _ELEMENTWISE}}
+             "Mul": _Reader.mul, "Reshape": _Reader.reshape_or_pad, "Pad": _Reader.reshape_or_pad,
+             **{op: _Reader.elementwise for op in _ELEMENTWISE}}
 
 
 
@@ -452,34 +473,74 @@ def _qrange(model: Any, node: Any) -> tuple[int, int]:
     return ranges[zp_type]
 
 
+def _with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    initializers = {t.name for t in model.graph.initializer}
+    (graph_input,) = [i for i in model.graph.input if i.name not in initializers] or [None]
+    dims = graph_input.type.tensor_type.shape.dim if graph_input is not None else []
+    if len(dims) != len(shape):
+        raise ValueError(f"input shape {tuple(shape)} has {len(shape)} dimensions, the model's input {len(dims)}")
+    for dim, size in zip(dims, shape):
+        if dim.HasField("dim_value") and dim.dim_value != size:
+            raise ValueError(f"input shape {tuple(shape)} does not fit the model's input "
+                             f"{[d.dim_value or d.dim_param for d in dims]}")
+        dim.dim_value = size
+    return model
+
+
 def _fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
-    """Evaluate what does not depend on the input (Constant nodes, shape arithmetic, Shape of a
-    tensor whose shape is static) into ``inits``; returns the nodes left to read."""
+    """Evaluate what does not depend on the input's values (Constant nodes, shape arithmetic, Shape of
+    a tensor whose shape is static) into ``inits``, to a fixed point; returns the nodes left to read."""
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in [*inferred.graph.value_info, *inferred.graph.input]}
-    remaining = []
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = onnx.helper.get_attribute_value(node.attribute[0])
-            inits[node.output[0]] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
-        elif node.op_type == "Shape" and None not in shapes.get(node.input[0], [None]):
-            inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
-        elif node.op_type not in _HANDLERS and node.op_type not in _PASS_THROUGH and node.input and all(
-                i in inits or not i for i in node.input):
-            single = onnx.helper.make_model(
-                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
-                                                            for o in node.output]),
-                opset_imports=model.opset_import)
-            results = ReferenceEvaluator(single).run(None, {})
-            inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
-        else:
-            remaining.append(node)
-    return remaining
+    nodes = list(model.graph.node)
+    while True:
+        shapes = _static_shapes(model, nodes, inits)
+        remaining = []
+        for node in nodes:
+            if node.op_type == "Constant":
+                value = onnx.helper.get_attribute_value(node.attribute[0])
+                inits[node.output[0]] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) \
+                    else np.asarray(value)
+            elif node.op_type == "Shape" and node.input[0] in shapes:
+                inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
+            elif node.op_type not in _QUANTIZATION and node.input and all(i in inits or not i for i in node.input):
+                single = onnx.helper.make_model(
+                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                                for o in node.output],
+                                           [numpy_helper.from_array(np.asarray(inits[i]), i) for i in node.input if i]),
+                    opset_imports=model.opset_import)
+                results = ReferenceEvaluator(single).run(None, {})
+                inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
+            else:
+                remaining.append(node)
+        if len(remaining) == len(nodes):
+            return nodes
+        nodes = remaining
+
+
+def _static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Fully known tensor shapes, by ONNX shape inference over ``nodes`` with ``inits`` as constants."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    known = {t.name for t in graph.initializer}
+    extra = [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items() if k not in known]
+    probe = onnx.helper.make_model(onnx.helper.make_graph(nodes, "shapes", list(graph.input), list(graph.output),
+                                                          [*graph.initializer, *extra]),
+                                   opset_imports=model.opset_import)
+    inferred = onnx.shape_inference.infer_shapes(probe)
+    shapes = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        if v.type.tensor_type.HasField("shape") and None not in dims:
+            shapes[v.name] = dims
+    return shapes
 
 
 def load_onnx(source: str | os.PathLike[str] | Any) -> Any:
@@ -503,13 +564,14 @@ def load_onnx(source: str | os.PathLike[str] | Any) -> Any:
     return model
 
 
-def from_onnx(source: str | os.PathLike[str] | Any) -> IntegerGraph:
-    """The integer graph of an ONNX QDQ model (a path or an ``onnx.ModelProto``)."""
-    import json
-
+def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...] | None = None) -> IntegerGraph:
+    """The integer graph of an ONNX QDQ model (a path or an ``onnx.ModelProto``). ``input_shape``
+    fixes dynamic input dimensions, so that shape arithmetic folds to constants."""
     from onnx import numpy_helper
 
     model = load_onnx(source)
+    if input_shape is not None:
+        model = _with_input_shape(model, input_shape)
     graph = model.graph
     if len(graph.input) - len({t.name for t in graph.initializer} & {i.name for i in graph.input}) != 1 \
             or len(graph.output) != 1:
@@ -524,6 +586,10 @@ def from_onnx(source: str | os.PathLike[str] | Any) -> IntegerGraph:
             reader.values[node.output[0]] = reader.values[node.input[0]]
         elif node.op_type in _HANDLERS:
             _HANDLERS[node.op_type](reader, node)
+        elif node.op_type == "Shape":  # left unfolded: the input shape is not static
+            dims = [d.dim_value if d.HasField("dim_value") else "?" for d in model.graph.input[0].type.tensor_type.shape.dim]
+            raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "
+                             "(e.g. --input-shape 1,3,224,224)")
         else:
             reader.fail(node, "operator has no integer lowering in hawqc")
     reader.output(graph.output[0].name)
