@@ -14,7 +14,7 @@ from torch import nn
 
 import hawqc
 from hawqc import models
-from hawqc.runtime.module import float_ops
+from hawqc.relax_passes.float_ops import float_ops
 
 
 class DepthwiseReLU6(nn.Module):

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hawqc import api
-    from hawqc.runtime.module import compile_graph, float_ops
+    from hawqc.relax_passes.float_ops import float_ops
+    from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
 
     if Path(args.out).exists() and not args.force:
@@ -48,5 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     module.export(args.out, force=args.force)
-    console.print(f"compiled in {seconds:.1f} s; wrote {args.out}/ (model.so, graph.int.npz, manifest.json)")
+    fused, kernels = module.fused
+    console.print(f"requantization fused into {fused} of {kernels} distinct conv/dense kernels (one ending in the "
+                  f"output dequantize has none); compiled in {seconds:.1f} s; "
+                  f"wrote {args.out}/ (model.so, graph.int.npz, manifest.json)")
     return 0

@@ -54,7 +54,8 @@ def _compile_and_verify(graph: object, x: object, out: Path, console: object) ->
 
     import numpy as np
 
-    from hawqc.runtime.module import compile_graph, float_ops
+    from hawqc.relax_passes.float_ops import float_ops
+    from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
 
     target = parse_target("llvm")

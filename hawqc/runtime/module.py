@@ -38,6 +38,8 @@ class CompiledModule:
         self.graph, self.input_shape, self.target = graph, tuple(input_shape), target
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
+        self.fused: tuple[int, int] | None = None
+        """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self._executable = executable
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
 
@@ -95,13 +97,18 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dic
     from tvm import relax
 
     from hawqc.frontend.integer_graph import to_relax
+    from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") != "llvm":
         raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
     ir = to_relax(graph, input_shape)
     tvm_target = tvm.target.Target(target)
-    executable = tvm.compile(ir, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
-    return CompiledModule(graph, input_shape, target, executable, ir)
+    with tvm_target:
+        lowered = relax.get_default_pipeline(tvm_target)(ir)  # fusion included
+    executable = tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([]))
+    module = CompiledModule(graph, input_shape, target, executable, ir)
+    module.fused = fused_requant(lowered)
+    return module
 
 
 def load(folder: str | os.PathLike[str]) -> CompiledModule:
@@ -144,36 +151,6 @@ def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any])
     return "none", 0
 
 
-def float_ops(ir: Any) -> list[str]:
-    """Float operations of ``main`` strictly between the input quantize and the output dequantize."""
-    from tvm import relax
-
-    func = ir["main"]
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    is_float = {b.var: _is_float(b.var) for b in bindings}
-    params = set(func.params)
-    uses: dict[Any, list[Any]] = {b.var: [] for b in bindings}
-    inputs: dict[Any, list[Any]] = {}
-    for b in bindings:
-        args = [b.value] if isinstance(b.value, relax.Var) else [
-            a for a in getattr(b.value, "args", []) if isinstance(a, relax.Var)]
-        inputs[b.var] = args
-        for a in args:
-            if a in uses:
-                uses[a].append(b.var)
-    from_input: set[Any] = set()
-    for b in bindings:
-        if is_float[b.var] and all(a in params or a in from_input for a in inputs[b.var]):
-            from_input.add(b.var)
-    outputs = {v for v in relax.analysis.free_vars(func.body.body)} | {func.body.body}
-    to_output: set[Any] = set()
-    for b in reversed(bindings):
-        if is_float[b.var] and (b.var in outputs or (uses[b.var] and all(u in to_output for u in uses[b.var]))):
-            to_output.add(b.var)
-    interior = [b for b in bindings if is_float[b.var] and b.var not in from_input and b.var not in to_output]
-    return [f"{b.var} = {b.value.op.name if hasattr(b.value, 'op') else type(b.value).__name__}" for b in interior]
-
-
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """Send what C++ code writes to file descriptor 2 to /dev/null for the duration."""
@@ -186,8 +163,3 @@ def _native_stderr_silenced() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def _is_float(var: Any) -> bool:
-    ty = getattr(var, "ty", None)
-    return "float" in str(getattr(ty, "dtype", ""))
