@@ -149,6 +149,23 @@ def _opset11(path: Path) -> Path:
     return path
 
 
+def _unsupported(path: Path) -> Path:
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"], name="erf")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def _resnet18_bits(path: Path) -> Path:
+    from hawqc import BitConfig, models
+
+    BitConfig(layers=BitConfig.preset("uniform4").resolve(models.get("resnet18"))).save(path)
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "message"),
     [
@@ -161,12 +178,15 @@ def _opset11(path: Path) -> Path:
         (lambda d, m: m, ["--input-shape", "2,1,28,28", "--bit-config", "uniform8"], "other bits than the bit config"),
         (lambda d, m: m, ["--input-shape", "2,1,28,28", "--target", "tpu -x=1"], "unknown target 'tpu -x=1'"),
         (lambda d, m: m, ["--input-shape", "0,1,28,28"], "input shape must be positive"),
+        (lambda d, m: _unsupported(d / "erf.onnx"), ["--strict"], "'erf' \\(Erf\\): operator has no integer lowering"),
+        (lambda d, m: _resnet18_bits(d / "r18.json") and m, ["--input-shape", "2,1,28,28", "--bit-config", "{tmp}/r18.json"],
+         "bit config does not fit the model: unknown layers"),
     ],
 )
 def test_compile_bad_input_is_one_line_and_leaves_nothing(make, extra, message, tiny_onnx: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     model = make(tmp_path, tiny_onnx)
     out = tmp_path / "artifact"
-    result = run_hawqc("compile", str(model), "-o", str(out), *extra)
+    result = run_hawqc("compile", str(model), "-o", str(out), *(a.replace("{tmp}", str(tmp_path)) for a in extra))
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert re.search(message, result.stderr), result.stderr
