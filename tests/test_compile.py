@@ -10,7 +10,6 @@ from onnx import TensorProto, helper
 
 import hawqc
 from hawqc import BitConfig, LayerBits, models, quantize
-from hawqc.frontend.integer_graph import to_relax
 from hawqc.frontend.onnx_qdq import from_onnx
 from hawqc.quant.export import to_onnx
 from hawqc.relax_passes.float_ops import float_ops

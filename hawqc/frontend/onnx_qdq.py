@@ -27,18 +27,18 @@ the node.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from hawqc.frontend.elementwise import ELEMENTWISE
+from hawqc.frontend.onnx_model import fold_constants, load_onnx, with_input_shape
 from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
 from hawqc.reference.graph import IntegerGraph, IntOp
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-MIN_OPSET = 13
 ADD_BITS = 8
 """Extra fractional bits on which the inputs of a (non-hawqc) Add are summed before one rounding."""
 
@@ -311,7 +311,7 @@ class _Reader:
     def elementwise(self, node: Any) -> None:
         """A non-linearity on an integer tensor: an exact lookup table once its output scale is known."""
         src = self.view(node, self.values.get(node.input[0]))
-        fn = _ELEMENTWISE[node.op_type]
+        fn = ELEMENTWISE[node.op_type]
         attrs = {a.name: _attr(node, a.name, None) for a in node.attribute}
         self.values[node.output[0]] = _Pending("lut", [src], attrs={"fn": lambda x: fn(x, **attrs)})
 
@@ -403,27 +403,7 @@ class _Reader:
 
 
 _PASS_THROUGH = {"Identity", "Dropout"}
-_QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
-                 "QLinearGlobalAveragePool"}
-"""Never constant-folded: their integer constants are what the reader keeps."""
 
-
-def _gelu(x: np.ndarray, approximate: Any = "none") -> np.ndarray:
-    if approximate in ("tanh", b"tanh"):
-        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
-
-
-_ELEMENTWISE: dict[str, Any] = {
-    "Sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-    "Tanh": lambda x: np.tanh(x),
-    "HardSigmoid": lambda x, alpha=0.2, beta=0.5: np.clip(alpha * x + beta, 0, 1),
-    "HardSwish": lambda x: x * np.clip(x / 6 + 0.5, 0, 1),
-    "LeakyRelu": lambda x, alpha=0.01: np.where(x >= 0, x, alpha * x),
-    "Elu": lambda x, alpha=1.0: np.where(x >= 0, x, alpha * (np.exp(x) - 1)),
-    "Gelu": _gelu,
-}
-"""Element-wise functions lowered to lookup tables, with their ONNX attributes as keywords."""
 
 _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Reader.dequantize_linear,
              "Conv": _Reader.conv_or_dense, "Gemm": _Reader.conv_or_dense, "MatMul": _Reader.conv_or_dense,
@@ -433,7 +413,7 @@ _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Rea
              "Flatten": _Reader.pool_or_flatten, "QLinearConv": _Reader.qlinear, "QLinearMatMul": _Reader.qlinear,
              "QLinearAdd": _Reader.qlinear, "QLinearGlobalAveragePool": _Reader.qlinear, "QGemm": _Reader.qlinear,
              "Mul": _Reader.mul, "Reshape": _Reader.reshape_or_pad, "Pad": _Reader.reshape_or_pad,
-             **{op: _Reader.elementwise for op in _ELEMENTWISE}}
+             **{op: _Reader.elementwise for op in ELEMENTWISE}}
 
 
 
@@ -473,97 +453,6 @@ def _qrange(model: Any, node: Any) -> tuple[int, int]:
     return ranges[zp_type]
 
 
-def _with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
-    import onnx
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    initializers = {t.name for t in model.graph.initializer}
-    (graph_input,) = [i for i in model.graph.input if i.name not in initializers] or [None]
-    dims = graph_input.type.tensor_type.shape.dim if graph_input is not None else []
-    if len(dims) != len(shape):
-        raise ValueError(f"input shape {tuple(shape)} has {len(shape)} dimensions, the model's input {len(dims)}")
-    for dim, size in zip(dims, shape):
-        if dim.HasField("dim_value") and dim.dim_value != size:
-            raise ValueError(f"input shape {tuple(shape)} does not fit the model's input "
-                             f"{[d.dim_value or d.dim_param for d in dims]}")
-        dim.dim_value = size
-    return model
-
-
-def _fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
-    """Evaluate what does not depend on the input's values (Constant nodes, shape arithmetic, Shape of
-    a tensor whose shape is static) into ``inits``, to a fixed point; returns the nodes left to read."""
-    import onnx
-    from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    nodes = list(model.graph.node)
-    while True:
-        shapes = _static_shapes(model, nodes, inits)
-        remaining = []
-        for node in nodes:
-            if node.op_type == "Constant":
-                value = onnx.helper.get_attribute_value(node.attribute[0])
-                inits[node.output[0]] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) \
-                    else np.asarray(value)
-            elif node.op_type == "Shape" and node.input[0] in shapes:
-                inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
-            elif node.op_type not in _QUANTIZATION and node.input and all(i in inits or not i for i in node.input):
-                single = onnx.helper.make_model(
-                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
-                                                                for o in node.output],
-                                           [numpy_helper.from_array(np.asarray(inits[i]), i) for i in node.input if i]),
-                    opset_imports=model.opset_import)
-                results = ReferenceEvaluator(single).run(None, {})
-                inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
-            else:
-                remaining.append(node)
-        if len(remaining) == len(nodes):
-            return nodes
-        nodes = remaining
-
-
-def _static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:
-    """Fully known tensor shapes, by ONNX shape inference over ``nodes`` with ``inits`` as constants."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    known = {t.name for t in graph.initializer}
-    extra = [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items() if k not in known]
-    probe = onnx.helper.make_model(onnx.helper.make_graph(nodes, "shapes", list(graph.input), list(graph.output),
-                                                          [*graph.initializer, *extra]),
-                                   opset_imports=model.opset_import)
-    inferred = onnx.shape_inference.infer_shapes(probe)
-    shapes = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.input]:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        if v.type.tensor_type.HasField("shape") and None not in dims:
-            shapes[v.name] = dims
-    return shapes
-
-
-def load_onnx(source: str | os.PathLike[str] | Any) -> Any:
-    """An ``onnx.ModelProto`` from a path or a model, checked; one clear error for anything else."""
-    import onnx
-
-    if isinstance(source, onnx.ModelProto):
-        model = source
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such file")
-        try:
-            model = onnx.load(path)
-            onnx.checker.check_model(model)
-        except Exception as err:  # protobuf decode errors and checker errors have many types
-            raise ValueError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0][:200]})") from None
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < MIN_OPSET:
-        raise ValueError(f"ONNX opset {opset} is too old: QDQ models need opset {MIN_OPSET} or later")
-    return model
-
-
 def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...] | None = None) -> IntegerGraph:
     """The integer graph of an ONNX QDQ model (a path or an ``onnx.ModelProto``). ``input_shape``
     fixes dynamic input dimensions, so that shape arithmetic folds to constants."""
@@ -571,7 +460,7 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
 
     model = load_onnx(source)
     if input_shape is not None:
-        model = _with_input_shape(model, input_shape)
+        model = with_input_shape(model, input_shape)
     graph = model.graph
     if len(graph.input) - len({t.name for t in graph.initializer} & {i.name for i in graph.input}) != 1 \
             or len(graph.output) != 1:
@@ -581,7 +470,7 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
                      hawq_add="hawqc.bit_config" in props)
     input_name = next(i.name for i in graph.input if i.name not in reader.inits)
     reader.values[input_name] = input_name
-    for node in _fold_constants(model, reader.inits):
+    for node in fold_constants(model, reader.inits):
         if node.op_type in _PASS_THROUGH:
             reader.values[node.output[0]] = reader.values[node.input[0]]
         elif node.op_type in _HANDLERS:

@@ -1,0 +1,111 @@
+"""Loading ONNX models and folding what does not depend on the input's values.
+
+Exporters leave shape arithmetic behind (Shape, ConstantOfShape, Slice, Concat feeding Pad or
+Reshape); once the input shape is static, ONNX shape inference and the ONNX reference evaluator
+turn it into constants, to a fixed point. Quantize/dequantize operators are never folded: their
+integer constants are what the reader keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+MIN_OPSET = 13
+QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
+                    "QLinearGlobalAveragePool"}
+
+
+def with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    initializers = {t.name for t in model.graph.initializer}
+    (graph_input,) = [i for i in model.graph.input if i.name not in initializers] or [None]
+    dims = graph_input.type.tensor_type.shape.dim if graph_input is not None else []
+    if len(dims) != len(shape):
+        raise ValueError(f"input shape {tuple(shape)} has {len(shape)} dimensions, the model's input {len(dims)}")
+    for dim, size in zip(dims, shape):
+        if dim.HasField("dim_value") and dim.dim_value != size:
+            raise ValueError(f"input shape {tuple(shape)} does not fit the model's input "
+                             f"{[d.dim_value or d.dim_param for d in dims]}")
+        dim.dim_value = size
+    return model
+
+
+def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
+    """Evaluate what does not depend on the input's values (Constant nodes, shape arithmetic, Shape of
+    a tensor whose shape is static) into ``inits``, to a fixed point; returns the nodes left to read."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = list(model.graph.node)
+    while True:
+        shapes = _static_shapes(model, nodes, inits)
+        remaining = []
+        for node in nodes:
+            if node.op_type == "Constant":
+                value = onnx.helper.get_attribute_value(node.attribute[0])
+                inits[node.output[0]] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) \
+                    else np.asarray(value)
+            elif node.op_type == "Shape" and node.input[0] in shapes:
+                inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
+            elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in inits or not i for i in node.input):
+                single = onnx.helper.make_model(
+                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                                for o in node.output],
+                                           [numpy_helper.from_array(np.asarray(inits[i]), i) for i in node.input if i]),
+                    opset_imports=model.opset_import)
+                results = ReferenceEvaluator(single).run(None, {})
+                inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
+            else:
+                remaining.append(node)
+        if len(remaining) == len(nodes):
+            return nodes
+        nodes = remaining
+
+
+def _static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Fully known tensor shapes, by ONNX shape inference over ``nodes`` with ``inits`` as constants."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    known = {t.name for t in graph.initializer}
+    extra = [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items() if k not in known]
+    probe = onnx.helper.make_model(onnx.helper.make_graph(nodes, "shapes", list(graph.input), list(graph.output),
+                                                          [*graph.initializer, *extra]),
+                                   opset_imports=model.opset_import)
+    inferred = onnx.shape_inference.infer_shapes(probe)
+    shapes = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        if v.type.tensor_type.HasField("shape") and None not in dims:
+            shapes[v.name] = dims
+    return shapes
+
+
+def load_onnx(source: str | os.PathLike[str] | Any) -> Any:
+    """An ``onnx.ModelProto`` from a path or a model, checked; one clear error for anything else."""
+    import onnx
+
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    else:
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file")
+        try:
+            model = onnx.load(path)
+            onnx.checker.check_model(model)
+        except Exception as err:  # protobuf decode errors and checker errors have many types
+            raise ValueError(f"{path}: not a valid ONNX model ({str(err).splitlines()[0][:200]})") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ValueError(f"ONNX opset {opset} is too old: QDQ models need opset {MIN_OPSET} or later")
+    return model
+
+
