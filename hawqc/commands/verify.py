@@ -23,12 +23,11 @@ def run(args: argparse.Namespace) -> int:
     from hawqc.runtime.target import parse_target
 
     target = parse_target(args.target)
-    graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
-    if args.input:
-        x = np.load(args.input, allow_pickle=False).astype(np.float32)
-        shape = x.shape
-    else:
-        shape = api.input_shape_of(graph, args.input_shape)
+    x = np.load(args.input, allow_pickle=False).astype(np.float32) if args.input else None
+    given_shape = x.shape if x is not None else args.input_shape
+    graph = api.integer_graph_of(args.model, args.bit_config, input_shape=given_shape)
+    shape = api.input_shape_of(graph, given_shape)
+    if x is None:
         x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
     module = compile_graph(graph, shape, target)
     compiled, reference = module(x), module.reference(x)

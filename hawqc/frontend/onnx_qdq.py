@@ -36,7 +36,7 @@ import numpy as np
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import fold_constants, load_onnx, with_input_shape
 from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
-from hawqc.reference.graph import IntegerGraph, IntOp
+from hawqc.reference.graph import IntegerGraph, IntOp, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 ADD_BITS = 8
@@ -120,18 +120,14 @@ class _Reader:
                 zero_point: int = 0) -> tuple[int, int]:
         """Requantize a view or accumulator to ``scale_out`` (and ``zero_point``), clipped to [lo, hi];
         returns the bounds."""
-        attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
-            b, c = dyadic_per_channel(scale_ratio(value.s_in, value.s_w, scale_out))
             lo = max(lo, _bound(value.lo, scale_out, zero_point, "lo"))
             hi = min(hi, _bound(value.hi, scale_out, zero_point, "hi"))
+            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point)
         else:
-            b, c = dyadic_per_channel(scale_ratio(value.scale, np.float32(1.0), scale_out))
-            if value.zero_point:
-                attrs["input_zero_point"] = value.zero_point
-        if zero_point:
-            attrs["zero_point"] = zero_point
-        self.emit("requantize", [value.name], dst, {"qmin": lo, "qmax": hi, **attrs}, {"b": b, "c": c})
+            op = rescale_op(value.name, dst, value.scale, np.float32(1.0), scale_out, lo, hi, value.zero_point,
+                            zero_point)
+        self.ops.append(op)
         return lo, hi
 
     # ---- node handlers ------------------------------------------------------------------------

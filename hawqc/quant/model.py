@@ -27,10 +27,10 @@ from torch import nn
 
 from hawqc.bitconfig import BitConfig, LayerBits
 from hawqc.quant.capture import Node, capture
-from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
+from hawqc.quant.dyadic import dyadic
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
-from hawqc.reference.graph import IntegerGraph, IntOp, execute
+from hawqc.reference.graph import IntegerGraph, IntOp, execute, rescale_op
 
 MODES = ("int", "fake", "float")
 _RESCALING = {"add", "concat", "output"}
@@ -201,11 +201,9 @@ class QuantModel(nn.Module):
         def rescale(src: str, dst: str, scale_out: np.float32, lo: int, hi: int) -> None:
             if src in acc:
                 s_in, s_w, _, acc_lo = acc[src]
-                b, c = dyadic_per_channel(scale_ratio(s_in, s_w, scale_out))
-                lo = max(lo, acc_lo)
+                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), hi))
             else:
-                b, c = dyadic_per_channel(scale_ratio(qint[src][0], np.float32(1.0), scale_out))
-            ops.append(IntOp("requantize", [src], dst, {"qmin": lo, "qmax": hi}, {"b": b, "c": c}))
+                ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
         output = None
         for node in self.nodes:
@@ -221,7 +219,8 @@ class QuantModel(nn.Module):
                 s_in = self.input_scale(node)
                 p = layer.integer_params(s_in)
                 target = name if name in self.accumulators else f"{name}:acc"
-                op_attrs = {"layer": node.layer, "w_bits": layer.w_bits, "a_bits": self.acts[self.scale_source[node.inputs[0]]].bits}
+                a_bits = self.acts[self.scale_source[node.inputs[0]]].bits
+                op_attrs = {"layer": node.layer, "w_bits": layer.w_bits, "a_bits": a_bits}
                 if kind == "conv":
                     conv = layer.layer
                     op_attrs.update(stride=list(conv.stride), padding=_pads(list(conv.padding)),

@@ -109,6 +109,18 @@ class IntegerGraph:
         return cls(header["input"], header["output"], ops, header["metadata"])
 
 
+def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, qmax: int,
+               input_zero_point: int = 0, zero_point: int = 0) -> IntOp:
+    """A ``requantize`` from scale ``s_in * s_w`` (``s_w`` per channel for an accumulator, 1 for a
+    tensor) to ``s_out``, its dyadic numbers from :mod:`hawqc.quant.dyadic`."""
+    from hawqc.quant.dyadic import dyadic_per_channel, scale_ratio
+
+    b, c = dyadic_per_channel(scale_ratio(s_in, s_w, s_out))
+    attrs = {"qmin": qmin, "qmax": qmax}
+    attrs.update({k: v for k, v in (("input_zero_point", input_zero_point), ("zero_point", zero_point)) if v})
+    return IntOp("requantize", [src], dst, attrs, {"b": b, "c": c})
+
+
 def pool_rescale(attrs: Mapping[str, Any], consts: Mapping[str, Any], window: int) -> tuple[Any, Any, int, int]:
     """``(b, c, input offset, output zero point)`` that turn a pooling window sum into the output.
 
