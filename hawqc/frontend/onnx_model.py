@@ -27,10 +27,10 @@ def with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
     dims = graph_input.type.tensor_type.shape.dim if graph_input is not None else []
     if len(dims) != len(shape):
         raise ValueError(f"input shape {tuple(shape)} has {len(shape)} dimensions, the model's input {len(dims)}")
+    declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    if any(isinstance(d, int) and d != size for d, size in zip(declared, shape)):
+        raise ValueError(f"input shape {tuple(shape)} does not fit the model's input {declared}")
     for dim, size in zip(dims, shape):
-        if dim.HasField("dim_value") and dim.dim_value != size:
-            raise ValueError(f"input shape {tuple(shape)} does not fit the model's input "
-                             f"{[d.dim_value or d.dim_param for d in dims]}")
         dim.dim_value = size
     return model
 
