@@ -16,9 +16,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-KINDS = ("input", "conv", "dense", "add", "concat", "maxpool", "avgpool", "gap", "flatten", "relu", "output")
-"""Node kinds of a captured graph."""
-
 _RELU = {F.relu, torch.relu, torch.relu_}
 _ADD = {operator.add, operator.iadd, torch.add}
 _PASS_MODULES = (nn.Dropout, nn.Identity)
@@ -30,6 +27,7 @@ class Node:
 
     name: str
     kind: str
+    """input, conv, dense, add, concat, maxpool, avgpool, gap, flatten, relu or output."""
     inputs: list[str]
     layer: str | None = None
     """For conv/dense: the module name of the Conv2d/Linear in the source model."""

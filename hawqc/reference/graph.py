@@ -104,6 +104,9 @@ class IntegerGraph:
             raise ValueError(f"{path}: not an integer graph file ({err})") from None
         if header.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: integer graph format {header.get('format_version')} is not supported")
+        unknown = sorted({o["op"] for o in header["ops"]} - set(OPS))
+        if unknown:
+            raise ValueError(f"{path}: unknown integer operations {', '.join(unknown)} (a newer hawqc wrote it?)")
         ops = [IntOp(o["op"], o["inputs"], o["output"], o["attrs"], {k: arrays[f"{i}/{k}"] for k in o["consts"]})
                for i, o in enumerate(header["ops"])]
         return cls(header["input"], header["output"], ops, header["metadata"])
