@@ -93,22 +93,27 @@ class CompiledModule:
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any]) -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included)."""
-    import tvm
-    from tvm import relax
-
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") != "llvm":
         raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
     ir = to_relax(graph, input_shape)
-    tvm_target = tvm.target.Target(target)
-    with tvm_target:
-        lowered = relax.get_default_pipeline(tvm_target)(ir)  # fusion included
-    executable = tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([]))
+    executable, lowered = _build(ir, target)
     module = CompiledModule(graph, input_shape, target, executable, ir)
     module.fused = fused_requant(lowered)
     return module
+
+
+def _build(ir: Any, target: dict[str, Any]) -> tuple[Any, Any]:
+    """TVM's default pipeline (fusion included) run once, then the build: (executable, lowered module)."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = tvm.target.Target(target)
+    with tvm_target:
+        lowered = relax.get_default_pipeline(tvm_target)(ir)
+    return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
 
 
 def load(folder: str | os.PathLike[str]) -> CompiledModule:
@@ -137,14 +142,12 @@ def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any])
     from hawqc.reference.graph import execute
     from hawqc.reference.kernels import KERNELS
 
-    names = [op.output for op in graph.ops if op.op != "dequantize"]
-    tvm_target = tvm.target.Target(target)
-    executable = tvm.compile(to_relax(graph, x.shape, names), target=tvm_target,
-                             relax_pipeline=relax.get_default_pipeline(tvm_target))
+    integer_ops = [op for op in graph.ops if op.op != "dequantize"]
+    executable, _ = _build(to_relax(graph, x.shape, [op.output for op in integer_ops]), target)
     compiled = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
     reference: dict[str, Any] = {}
     execute(graph, x, KERNELS, trace=reference)
-    for op, got in zip(graph.ops, compiled):
+    for op, got in zip(integer_ops, compiled):
         diff = np.abs(got.numpy().astype(np.int64) - reference[op.output].astype(np.int64))
         if diff.any():
             return f"{op.op} -> {op.output}", int(diff.max())
