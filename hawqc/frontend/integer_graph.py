@@ -27,13 +27,15 @@ def storage_dtype(qmin: int, qmax: int) -> str:
     return "int32"
 
 
-def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None) -> Any:
-    """An ``IRModule`` whose ``main`` maps a float32 input of ``input_shape`` to the float32 output
-    (or, for debugging, to the tuple of the named intermediate tensors)."""
+def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None,
+             input_dtype: str = "float32") -> Any:
+    """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
+    debugging, to the tuple of the named intermediate tensors). Whole models take and give float32;
+    a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    x = relax.Var("input", relax.TensorType(input_shape, "float32"))
+    x = relax.Var("input", relax.TensorType(input_shape, input_dtype))
     with bb.function("main", [x]):
         with bb.dataflow():
             values: dict[str, Any] = {graph.input: x}

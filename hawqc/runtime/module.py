@@ -31,11 +31,12 @@ class CompiledModule:
     """An integer-only TVM module with float input and output (quantize/dequantize at the edges)."""
 
     def __init__(self, graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                 executable: Any, ir: Any = None) -> None:
+                 executable: Any, ir: Any = None, input_dtype: str = "float32") -> None:
         import tvm
         from tvm import relax
 
         self.graph, self.input_shape, self.target = graph, tuple(input_shape), target
+        self.input_dtype = input_dtype
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
         self.fused: tuple[int, int] | None = None
@@ -46,7 +47,7 @@ class CompiledModule:
     def __call__(self, x: Any) -> np.ndarray:
         import tvm
 
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
         if x.shape != self.input_shape:
             raise ValueError(f"input has shape {x.shape}, the module was compiled for {self.input_shape}")
         return self._vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -91,16 +92,18 @@ class CompiledModule:
         return out
 
 
-def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any]) -> CompiledModule:
-    """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included)."""
+def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
+                  input_dtype: str = "float32") -> CompiledModule:
+    """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
+    ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer)."""
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") != "llvm":
         raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
-    ir = to_relax(graph, input_shape)
+    ir = to_relax(graph, input_shape, input_dtype=input_dtype)
     executable, lowered = _build(ir, target)
-    module = CompiledModule(graph, input_shape, target, executable, ir)
+    module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
     module.fused = fused_requant(lowered)
     return module
 
