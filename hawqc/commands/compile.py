@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="hawqc-compiled", help="artifact folder (default: hawqc-compiled)")
     parser.add_argument("--force", action="store_true", help="replace the artifact folder if it exists")
     parser.add_argument("--strict", action="store_true", help="fail if any float op is left inside the graph")
+    parser.add_argument("-arch", "--arch", help="CUDA architecture for --target cuda: sm_75 (default), sm_80, sm_86, "
+                        "sm_89 or sm_90")
+    parser.add_argument("--emit-source", action="store_true", help="also write the generated CUDA source (model.cu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hawqc import api
+    from hawqc.fileio import write_atomic
     from hawqc.relax_passes.float_ops import float_ops
     from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
@@ -32,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} exists: choose another output folder or pass --force")
     console = Console()
     target = parse_target(args.target)
+    if target.get("kind") == "cuda":
+        target.setdefault("arch", args.arch or "sm_75")
+    if args.arch and target.get("arch") != args.arch:
+        raise ValueError(f"-arch={args.arch} needs --target cuda (or agrees with the target's arch)")
+    if args.emit_source and target.get("kind") != "cuda":
+        raise ValueError("--emit-source writes CUDA source: it needs --target cuda")
     graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
     shape = api.input_shape_of(graph, args.input_shape)
     start = time.perf_counter()
@@ -49,8 +59,25 @@ def run(args: argparse.Namespace) -> int:
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     module.export(args.out, force=args.force)
+    if target.get("kind") == "cuda":
+        source = module.source()
+        console.print(tensor_core_summary(source, target["arch"]))
+        if args.emit_source:
+            write_atomic(Path(args.out) / "model.cu", source)
     fused, kernels = module.fused
     console.print(f"requantization fused into {fused} of {kernels} distinct conv/dense kernels (one ending in the "
                   f"output dequantize has none); compiled in {seconds:.1f} s; "
-                  f"wrote {args.out}/ (model.so, graph.int.npz, manifest.json)")
+                  f"wrote {args.out}/ (model.so, graph.int.npz, manifest.json{', model.cu' if args.emit_source else ''})")
     return 0
+
+
+def tensor_core_summary(source: str, arch: str) -> str:
+    """One line: how many conv kernels of the CUDA ``source`` use INT4 and INT8 Tensor Core ``mma``."""
+    from hawqc.topi_int4.cuda.pipeline import int4_tensor_cores
+
+    kernels = source.split("__global__")[1:]
+    int4, int8 = (sum(shape in k for k in kernels) for shape in ("m8n8k32", "m8n8k16"))
+    line = f"Tensor Core conv kernels for {arch}: {int4} INT4 (mma m8n8k32), {int8} INT8 (mma m8n8k16)"
+    if not int4_tensor_cores(arch):
+        line += f"; {arch} has no INT4 mma, so INT4 layers run on the INT8 kernels (unpacked)"
+    return line

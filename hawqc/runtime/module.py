@@ -32,9 +32,6 @@ class CompiledModule:
 
     def __init__(self, graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
                  executable: Any, ir: Any = None, input_dtype: str = "float32") -> None:
-        import tvm
-        from tvm import relax
-
         self.graph, self.input_shape, self.target = graph, tuple(input_shape), target
         self.input_dtype = input_dtype
         self.ir = ir
@@ -42,15 +39,32 @@ class CompiledModule:
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self._executable = executable
-        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._vm: Any = None
+        """Created on the first call: a CUDA module needs a GPU to load, not to be exported."""
 
     def __call__(self, x: Any) -> np.ndarray:
         import tvm
+        from tvm import relax
 
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         if x.shape != self.input_shape:
             raise ValueError(f"input has shape {x.shape}, the module was compiled for {self.input_shape}")
-        return self._vm["main"](tvm.runtime.tensor(x)).numpy()
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self._executable, self.device)
+        return self._vm["main"](tvm.runtime.tensor(x, device=self.device)).numpy()
+
+    @property
+    def device(self) -> Any:
+        """The TVM device the module runs on: ``cuda(0)`` for CUDA targets, else the CPU."""
+        import tvm
+
+        return tvm.cuda() if self.target.get("kind") == "cuda" else tvm.cpu()
+
+    def source(self) -> str:
+        """The CUDA C source of a module compiled for a CUDA target."""
+        from hawqc.topi_int4.cuda.pipeline import cuda_source
+
+        return cuda_source(self._executable)
 
     def reference(self, x: Any) -> np.ndarray:
         """The numpy reference executor on the same integer graph."""
@@ -99,8 +113,8 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dic
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.fused_requant import fused_requant
 
-    if target.get("kind") != "llvm":
-        raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
+    if target.get("kind") not in ("llvm", "cuda"):
+        raise ValueError(f"target kind {target.get('kind')!r} is not supported: hawqc compiles for llvm and cuda")
     ir = to_relax(graph, input_shape, input_dtype=input_dtype)
     executable, lowered = _build(ir, target)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
@@ -113,9 +127,17 @@ def _build(ir: Any, target: dict[str, Any]) -> tuple[Any, Any]:
     import tvm
     from tvm import relax
 
-    tvm_target = tvm.target.Target(target)
+    if target.get("kind") == "cuda":
+        from hawqc.topi_int4.cuda.pipeline import check_arch, cuda_pipeline
+
+        check_arch(target)
+        tvm_target = tvm.target.Target(target, host={"kind": "llvm"})
+        pipeline = cuda_pipeline(tvm_target)
+    else:
+        tvm_target = tvm.target.Target(target)
+        pipeline = relax.get_default_pipeline(tvm_target)
     with tvm_target:
-        lowered = relax.get_default_pipeline(tvm_target)(ir)
+        lowered = pipeline(ir)
     return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
 
 

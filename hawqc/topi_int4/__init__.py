@@ -1,0 +1,1 @@
+"""Hand-written integer kernels (TIR) for hawqc's targets."""

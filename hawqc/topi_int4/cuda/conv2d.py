@@ -1,0 +1,236 @@
+"""Implicit-GEMM int8/int4 conv2d on Turing Tensor Cores, dyadic requantization fused in the epilogue.
+
+The GEMM is ``Y[m, o] = sum_k A[m, k] * W[o, k]`` with ``m`` an output pixel ``(n, oh, ow)``, ``o`` an
+output channel and ``k = (kh, kw, c)`` (channel fastest). Both operands are int32 words holding
+``32 / bits`` values along ``k``: weights are packed once at compile time (:func:`pack_weight`), the
+activation tile is packed while it is staged in shared memory. A block of 4 warps computes a 64x64
+tile; each warp issues ``mma.sync.aligned.m8n8k32`` (s4/u4 x s4) or ``m8n8k16`` (s8/u8 x s8) on
+fragments of one word per lane: lane ``l`` holds row ``l // 4``, word ``l % 4`` of A and B and the
+accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue adds the bias, applies
+``clip((acc * b + 2^(c-1)) >> c)`` in int64 (:func:`hawqc.quant.dyadic.requantize`) and stores NCHW.
+
+``conv2d_kernel(spec, tensor_cores=False)`` is the same program with every thread loop serial and
+each ``mma`` computed by plain loops over the same fragments: it builds for llvm, so the index math
+and the packing are checked on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BLOCK_M, BLOCK_N = 64, 64
+"""Output pixels x output channels per thread block."""
+WARPS_M, WARPS_N = 2, 2
+"""Warps per block along M and N; each computes a (BLOCK_M / WARPS_M) x (BLOCK_N / WARPS_N) tile."""
+STAGE_WORDS = 8
+"""int32 words of K staged in shared memory per step (two mma K steps)."""
+MMA_WORDS = 4
+"""int32 words of K per mma (16 int8 or 32 int4 values)."""
+WARP = 32
+FRAG = 8
+"""mma tile: 8 x 8 outputs."""
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One conv2d + requantize: NCHW input and output, OIHW weights, groups 1."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    """top, left, bottom, right (zeros)."""
+    dilation: tuple[int, int]
+    bits: int
+    """4 or 8: the width of both operands on the Tensor Cores."""
+    signed_input: bool
+    input_dtype: str
+    out_dtype: str
+    qmin: int
+    qmax: int
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + self.padding[0] + self.padding[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) \
+            // self.stride[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + self.padding[1] + self.padding[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) \
+            // self.stride[1] + 1
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def gemm_k(self) -> int:
+        return self.kernel[0] * self.kernel[1] * self.channels
+
+    @property
+    def k_words(self) -> int:
+        """K in packed words, padded to a whole number of stages."""
+        return math.ceil(self.gemm_k / (self.per_word * STAGE_WORDS)) * STAGE_WORDS
+
+    @property
+    def padded_out_channels(self) -> int:
+        return math.ceil(self.out_channels / BLOCK_N) * BLOCK_N
+
+    @property
+    def mma_shape(self) -> str:
+        return "m8n8k32" if self.bits == 4 else "m8n8k16"
+
+
+def operand_bits(weight_range: tuple[int, int], input_range: tuple[int, int], int4: bool) -> int | None:
+    """4 or 8: the Tensor Core operand width that holds both ranges (4 only if ``int4``); None if neither does.
+    Weights are signed; activations are signed or unsigned (``[0, 2^bits)``)."""
+    for bits in (4, 8) if int4 else (8,):
+        half = 1 << (bits - 1)
+        signed_input = input_range[0] < 0
+        lo, hi = (-half, half - 1) if signed_input else (0, 2 * half - 1)
+        if -half <= weight_range[0] and weight_range[1] < half and lo <= input_range[0] and input_range[1] <= hi:
+            return bits
+    return None
+
+
+def pack_weight(weight: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """OIHW integer weights as int32 words ``[padded O, k_words]``, ``per_word`` values of K per word."""
+    w = np.asarray(weight, dtype=np.int64).transpose(0, 2, 3, 1).reshape(spec.out_channels, -1)
+    lo, hi = -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
+    if w.size and (w.min() < lo or w.max() > hi):
+        raise ValueError(f"weights span [{w.min()}, {w.max()}]: they do not fit {spec.bits}-bit Tensor Core operands")
+    padded = np.zeros((spec.padded_out_channels, spec.k_words * spec.per_word), dtype=np.int64)
+    padded[: spec.out_channels, : w.shape[1]] = w
+    return pack_words(padded, spec.bits)
+
+
+def pack_words(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis ``32 / bits`` values per int32 word, element ``e`` at bits ``[bits*e, bits*(e+1))``."""
+    per_word = 32 // bits
+    fields = (np.asarray(values, dtype=np.int64) & ((1 << bits) - 1)).reshape(*values.shape[:-1], -1, per_word)
+    words = (fields << (bits * np.arange(per_word))).sum(axis=-1)
+    return words.astype(np.uint32).view(np.int32)
+
+
+def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
+    """The PrimFunc ``(X, packed W, bias int32[O], b int64[O], c int64[O]) -> Y`` of ``spec``."""
+    from tvm.script import tirx as T
+
+    loop = T.thread_binding if tensor_cores else (lambda extent, thread: T.serial(extent))
+    shared, local = ("shared", "local") if tensor_cores else ("global", "global")
+    bits, per_word, mask = spec.bits, spec.per_word, (1 << spec.bits) - 1
+    kw_size = spec.kernel[1]
+    (sh, sw), (dh, dw), (pt, pl) = spec.stride, spec.dilation, spec.padding[:2]
+    channels, height, width = spec.channels, spec.height, spec.width
+    oh_size, ow_size, out_channels = spec.out_height, spec.out_width, spec.out_channels
+    gemm_m, gemm_k = spec.batch * oh_size * ow_size, spec.gemm_k
+    warp_m, warp_n = BLOCK_M // WARPS_M, BLOCK_N // WARPS_N
+    frags_m, frags_n = warp_m // FRAG, warp_n // FRAG
+    threads = WARPS_M * WARPS_N * WARP
+    a_loads, b_loads = BLOCK_M * STAGE_WORDS // threads, BLOCK_N * STAGE_WORDS // threads
+    a_type = ("int" if spec.signed_input else "uint") + str(bits)
+    b_type = f"int{bits}"
+    qmin, qmax = spec.qmin, spec.qmax
+
+    @T.macro
+    def mma_tensor_core(acc, a_tile, b_tile, warp, lane, acc_slot_m, acc_slot_n, kk):
+        a_frag = T.alloc_buffer((1,), "int32", scope="local")
+        b_frag = T.alloc_buffer((1,), "int32", scope="local")
+        c_frag = T.alloc_buffer((2,), "int32", scope="local")
+        a_frag[0] = a_tile[warp // WARPS_N * warp_m + acc_slot_m * FRAG + lane // 4, kk * MMA_WORDS + lane % 4]
+        b_frag[0] = b_tile[warp % WARPS_N * warp_n + acc_slot_n * FRAG + lane // 4, kk * MMA_WORDS + lane % 4]
+        for i in T.unroll(2):
+            c_frag[i] = acc[warp, lane, acc_slot_m, acc_slot_n, i]
+        T.evaluate(T.ptx_legacy.mma("int32", spec.mma_shape, "row", "col", a_type, b_type, "int32",
+                                    a_frag.data, 0, b_frag.data, 0, c_frag.data, 0, False))
+        for i in T.unroll(2):
+            acc[warp, lane, acc_slot_m, acc_slot_n, i] = c_frag[i]
+
+    @T.macro
+    def mma_loops(acc, a_tile, b_tile, warp, lane, acc_slot_m, acc_slot_n, kk):
+        for i, j, e in T.grid(2, MMA_WORDS, per_word):
+            acc[warp, lane, acc_slot_m, acc_slot_n, i] = acc[warp, lane, acc_slot_m, acc_slot_n, i] + _unpack(
+                a_tile[warp // WARPS_N * warp_m + acc_slot_m * FRAG + lane // 4, kk * MMA_WORDS + j], e, bits, spec.signed_input
+            ) * _unpack(b_tile[warp % WARPS_N * warp_n + acc_slot_n * FRAG + (lane % 4) * 2 + i, kk * MMA_WORDS + j], e, bits, True)
+
+    mma = mma_tensor_core if tensor_cores else mma_loops
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((spec.batch, channels, height, width), spec.input_dtype),
+               W: T.Buffer((spec.padded_out_channels, spec.k_words), "int32"),
+               bias: T.Buffer((out_channels,), "int32"), mult: T.Buffer((out_channels,), "int64"),
+               shift: T.Buffer((out_channels,), "int64"),
+               Y: T.Buffer((spec.batch, out_channels, oh_size, ow_size), spec.out_dtype)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        for bm in loop(math.ceil(gemm_m / BLOCK_M), "blockIdx.x"):
+            for bn in loop(spec.padded_out_channels // BLOCK_N, "blockIdx.y"):
+                with T.sblock("tile"):
+                    T.reads(X[:, :, :, :], W[:, :], bias[:], mult[:], shift[:])
+                    T.writes(Y[:, :, :, :])
+                    a_tile = T.alloc_buffer((BLOCK_M, STAGE_WORDS), "int32", scope=shared)
+                    b_tile = T.alloc_buffer((BLOCK_N, STAGE_WORDS), "int32", scope=shared)
+                    acc = T.alloc_buffer((WARPS_M * WARPS_N, WARP, frags_m, frags_n, 2), "int32", scope=local)
+                    for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
+                        for lane in loop(WARP, "threadIdx.x"):
+                            for fm, fn, i in T.grid(frags_m, frags_n, 2):
+                                acc[warp, lane, fm, fn, i] = 0
+                    for ko in T.serial(spec.k_words // STAGE_WORDS):
+                        for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
+                            for lane in loop(WARP, "threadIdx.x"):
+                                for s in T.unroll(a_loads):
+                                    word = T.alloc_buffer((1,), "int32", scope=local)
+                                    word[0] = 0
+                                    for e in T.unroll(per_word):
+                                        row = (s * threads + warp * WARP + lane) // STAGE_WORDS
+                                        m = bm * BLOCK_M + row
+                                        k = (ko * STAGE_WORDS + (s * threads + warp * WARP + lane) % STAGE_WORDS) \
+                                            * per_word + e
+                                        ih = (m // ow_size) % oh_size * sh - pt + k // (kw_size * channels) * dh
+                                        iw = m % ow_size * sw - pl + k // channels % kw_size * dw
+                                        value = T.if_then_else(
+                                            m < gemm_m and k < gemm_k and 0 <= ih and ih < height and 0 <= iw and iw < width,  # noqa: PLR1716 (no chained comparisons in TVMScript)
+                                            T.Cast("int32", X[m // (oh_size * ow_size), k % channels, ih, iw]), 0)
+                                        word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(value, mask),
+                                                                                     bits * e))
+                                    a_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
+                                           (s * threads + warp * WARP + lane) % STAGE_WORDS] = word[0]
+                                for s in T.unroll(b_loads):
+                                    b_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
+                                           (s * threads + warp * WARP + lane) % STAGE_WORDS] = W[
+                                        bn * BLOCK_N + (s * threads + warp * WARP + lane) // STAGE_WORDS,
+                                        ko * STAGE_WORDS + (s * threads + warp * WARP + lane) % STAGE_WORDS]
+                        for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
+                            for lane in loop(WARP, "threadIdx.x"):
+                                for kk in T.unroll(STAGE_WORDS // MMA_WORDS):
+                                    for fm in T.unroll(frags_m):
+                                        for fn in T.unroll(frags_n):
+                                            mma(acc, a_tile, b_tile, warp, lane, fm, fn, kk)
+                    for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
+                        for lane in loop(WARP, "threadIdx.x"):
+                            for fm, fn, i in T.grid(frags_m, frags_n, 2):
+                                m = bm * BLOCK_M + warp // WARPS_N * warp_m + fm * FRAG + lane // 4
+                                o = bn * BLOCK_N + warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i
+                                if m < gemm_m and o < out_channels:
+                                    Y[m // (oh_size * ow_size), o, m // ow_size % oh_size, m % ow_size] = T.Cast(
+                                        spec.out_dtype, T.max(T.min(T.shift_right(
+                                            T.Cast("int64", acc[warp, lane, fm, fn, i] + bias[o]) * mult[o]
+                                            + T.shift_left(T.int64(1), shift[o] - 1), shift[o]), T.int64(qmax)), T.int64(qmin)))
+
+    return kernel
+
+
+def _unpack(word: Any, e: Any, bits: int, signed: bool) -> Any:
+    """Element ``e`` of a packed int32 word, sign-extended or zero-extended (a TIR expression)."""
+    from tvm import tirx
+
+    if signed:
+        return tirx.shift_right(tirx.shift_left(word, 32 - bits * (e + 1)), 32 - bits)
+    return tirx.bitwise_and(tirx.shift_right(word, bits * e), (1 << bits) - 1)

@@ -1,0 +1,60 @@
+"""The Relax pipeline for CUDA targets: TVM's default CUDA pipeline with hawqc's Tensor Core convs.
+
+Every conv2d + requantize is replaced by a call to the kernel of :mod:`hawqc.topi_int4.cuda.conv2d`
+(already scheduled); the other operators are fused and get thread bindings from dlight. dlight's
+``Matmul`` rule is left out: its int8 tensorization crashes TVM 0.27's software-pipeline pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+"""CUDA architectures hawqc compiles for (INT4 ``mma`` exists on sm_75 to sm_89)."""
+
+
+def int4_tensor_cores(arch: str) -> bool:
+    """Whether ``arch`` has INT4 Tensor Core ``mma`` (sm_90 runs INT4 layers as int8)."""
+    return arch in ARCHS and int(arch[3:]) < 90
+
+
+def check_arch(target: dict[str, Any]) -> str:
+    """The target's ``arch``; ``ValueError`` unless it is one of :data:`ARCHS`."""
+    arch = target.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"cuda target needs -arch= one of {', '.join(ARCHS)}, got {arch!r}")
+    return arch
+
+
+def cuda_pipeline(target: Any) -> Any:
+    """A module pass lowering an integer-only Relax module for the CUDA ``target`` (a ``tvm.target.Target``)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    from hawqc.relax_passes.tensor_core_conv import TensorCoreConv
+
+    schedule = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                relax.transform.FuseOps(), relax.transform.FuseTIR(), schedule]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            passes = [TensorCoreConv(str(target.arch))] + cuda.library_dispatch_passes(target) + legalize
+            return tvm.transform.Sequential(passes + cuda.dataflow_lower_passes(target)
+                                            + cuda.finalize_passes(target))(mod)
+
+    return _pipeline
+
+
+def cuda_source(executable: Any) -> str:
+    """The CUDA C source of a built module (``tvm.compile`` result), found among its imported modules."""
+    pending = [executable.mod]
+    while pending:
+        module = pending.pop()
+        if module.kind == "cuda":
+            return str(module.inspect_source())
+        pending.extend(module.imports)
+    raise ValueError("the module holds no CUDA code")
