@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from hawqc.relax_passes.float_ops import float_ops
     from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
+    from hawqc.topi_int4.cuda.pipeline import check_arch
 
     if Path(args.out).exists() and not args.force:
         raise ValueError(f"{args.out} exists: choose another output folder or pass --force")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     if target.get("kind") == "cuda":
         target.setdefault("arch", args.arch or "sm_75")
+        check_arch(target)
     if args.arch and target.get("arch") != args.arch:
         raise ValueError(f"-arch={args.arch} needs --target cuda (or agrees with the target's arch)")
     if args.emit_source and target.get("kind") != "cuda":
@@ -79,5 +81,5 @@ def tensor_core_summary(source: str, arch: str) -> str:
     int4, int8 = (sum(shape in k for k in kernels) for shape in ("m8n8k32", "m8n8k16"))
     line = f"Tensor Core conv kernels for {arch}: {int4} INT4 (mma m8n8k32), {int8} INT8 (mma m8n8k16)"
     if not int4_tensor_cores(arch):
-        line += f"; {arch} has no INT4 mma, so INT4 layers run on the INT8 kernels (unpacked)"
+        line += f"; {arch} has no INT4 mma, so INT4 layers run as int8 (INT8 Tensor Core kernels)"
     return line

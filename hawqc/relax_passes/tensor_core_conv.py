@@ -5,7 +5,8 @@ groups 1), an optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``cl
 The operand width follows the values: weights from the constant, activations from the ``clip`` that
 produced them (through casts and max-pooling); 4-bit operands use the INT4 kernel where the target
 has INT4 ``mma``, the int8 kernel otherwise. Convs that fit neither (zero points, wider operands,
-grouped) keep TVM's lowering.
+grouped) keep TVM's lowering. ``tensor_cores=False`` inserts the same kernels with plain loops in place
+of ``mma`` (they build for llvm: the whole rewritten graph can be checked on a CPU).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ KERNEL_PREFIX = "tensor_core_conv2d"
 class TensorCoreConv:
     """Rewrite conv2d + requantize chains of ``main`` into ``call_tir`` of Tensor Core kernels for ``arch``."""
 
-    def __init__(self, arch: str) -> None:
-        self.int4 = int4_tensor_cores(arch)
+    def __init__(self, arch: str, tensor_cores: bool = True) -> None:
+        self.int4, self.tensor_cores = int4_tensor_cores(arch), tensor_cores
         self.input, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.multiplier, self.rounding, self.shift = is_const(), is_const(), is_const()
         self.conv = is_op("relax.nn.conv2d")(self.input, self.weight)
@@ -54,7 +55,7 @@ class TensorCoreConv:
             if spec_and_args is None:
                 return expr
             spec, args = spec_and_args
-            kernel = conv2d_kernel(spec).with_attr("op_pattern", 8).without_attr("global_symbol")  # opaque: not fused
+            kernel = conv2d_kernel(spec, self.tensor_cores).with_attr("op_pattern", 8).without_attr("global_symbol")  # opaque: not fused
             gv = builder.add_func(kernel, f"{KERNEL_PREFIX}_s{spec.bits}")
             return relax.call_tir(gv, args, out_ty=expr.ty)
 

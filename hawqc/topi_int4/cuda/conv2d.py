@@ -125,6 +125,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
     from tvm.script import tirx as T
 
     loop = T.thread_binding if tensor_cores else (lambda extent, thread: T.serial(extent))
+    unroll = T.unroll if tensor_cores else T.serial  # unrolled loops only slow the llvm build down
     shared, local = ("shared", "local") if tensor_cores else ("global", "global")
     bits, per_word, mask = spec.bits, spec.per_word, (1 << spec.bits) - 1
     kw_size = spec.kernel[1]
@@ -185,10 +186,10 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                     for ko in T.serial(spec.k_words // STAGE_WORDS):
                         for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
                             for lane in loop(WARP, "threadIdx.x"):
-                                for s in T.unroll(a_loads):
+                                for s in unroll(a_loads):
                                     word = T.alloc_buffer((1,), "int32", scope=local)
                                     word[0] = 0
-                                    for e in T.unroll(per_word):
+                                    for e in unroll(per_word):
                                         row = (s * threads + warp * WARP + lane) // STAGE_WORDS
                                         m = bm * BLOCK_M + row
                                         k = (ko * STAGE_WORDS + (s * threads + warp * WARP + lane) % STAGE_WORDS) \
@@ -202,16 +203,16 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                                                                                      bits * e))
                                     a_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
                                            (s * threads + warp * WARP + lane) % STAGE_WORDS] = word[0]
-                                for s in T.unroll(b_loads):
+                                for s in unroll(b_loads):
                                     b_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
                                            (s * threads + warp * WARP + lane) % STAGE_WORDS] = W[
                                         bn * BLOCK_N + (s * threads + warp * WARP + lane) // STAGE_WORDS,
                                         ko * STAGE_WORDS + (s * threads + warp * WARP + lane) % STAGE_WORDS]
                         for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
                             for lane in loop(WARP, "threadIdx.x"):
-                                for kk in T.unroll(STAGE_WORDS // MMA_WORDS):
-                                    for fm in T.unroll(frags_m):
-                                        for fn in T.unroll(frags_n):
+                                for kk in unroll(STAGE_WORDS // MMA_WORDS):
+                                    for fm in unroll(frags_m):
+                                        for fn in unroll(frags_n):
                                             mma(acc, a_tile, b_tile, warp, lane, fm, fn, kk)
                     for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
                         for lane in loop(WARP, "threadIdx.x"):

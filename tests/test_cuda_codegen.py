@@ -1,0 +1,250 @@
+"""CUDA Tensor Core kernels (sm_75): generated source, nvcc, and the same TIR built for llvm against the reference.
+
+No GPU is needed except for the tests marked ``gpu`` (they skip without one)."""
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hawqc import BitConfig, LayerBits, models, quantize
+from hawqc.cli import main as cli_main
+from hawqc.frontend.integer_graph import to_relax
+from hawqc.quant.dyadic import dyadic_per_channel, requantize
+from hawqc.reference.graph import IntegerGraph, IntOp
+from hawqc.relax_passes.tensor_core_conv import KERNEL_PREFIX, TensorCoreConv
+from hawqc.runtime.module import compile_graph
+from hawqc.topi_int4.cuda.conv2d import (
+    ConvSpec,
+    conv2d_kernel,
+    operand_bits,
+    pack_weight,
+    pack_words,
+)
+
+SM75 = {"kind": "cuda", "arch": "sm_75"}
+
+
+def has_gpu() -> bool:
+    import tvm
+
+    return bool(tvm.cuda().exist)
+
+
+gpu = pytest.mark.skipif("not has_gpu()", reason="needs a CUDA GPU")
+
+
+def quantized_graph(name: str, shape: tuple[int, ...], config: str, seed: int = 0) -> IntegerGraph:
+    torch.manual_seed(seed)
+    model = models.get(name)
+    calib = [torch.randn(2, *shape)]
+    models.recalibrate_bn(model, calib)
+    if config == "mixed":
+        rng = np.random.default_rng(seed)
+        config = BitConfig(layers={n: LayerBits(int(rng.choice([4, 8])), int(rng.choice([4, 8])))
+                                   for n in models.quantizable_layers(model)})
+    return quantize(model, config, calib).integer_graph()
+
+
+def conv_graph(spec: ConvSpec, seed: int = 0) -> tuple[IntegerGraph, np.ndarray]:
+    """``[conv2d -> requantize]`` with random operands of ``spec``'s widths, and an input for it."""
+    rng = np.random.default_rng(seed)
+    half = 1 << (spec.bits - 1)
+    lo, hi = (-half, half - 1) if spec.signed_input else (0, 2 * half - 1)
+    weight = rng.integers(-half, half, (spec.out_channels, spec.channels, *spec.kernel)).astype(np.int8)
+    b, c = dyadic_per_channel(rng.uniform(2.0, 8.0, spec.out_channels) / (np.sqrt(spec.gemm_k) * half))
+    conv = IntOp("conv2d", ["x"], "acc", {"stride": list(spec.stride), "padding": list(spec.padding),
+                                          "dilation": list(spec.dilation), "groups": 1},
+                 {"weight": weight, "bias": rng.integers(-50, 50, spec.out_channels).astype(np.int32)})
+    requant = IntOp("requantize", ["acc"], "y", {"qmin": spec.qmin, "qmax": spec.qmax}, {"b": b, "c": c})
+    graph = IntegerGraph(input="x", output="y", ops=[conv, requant])
+    x = rng.integers(lo, hi + 1, (spec.batch, spec.channels, spec.height, spec.width)).astype(spec.input_dtype)
+    return graph, x
+
+
+def spec(bits: int, signed: bool, channels: int, out_channels: int, kernel: int, stride: int, dilation: int = 1,
+         out: tuple[str, int, int] = ("int8", 0, 15)) -> ConvSpec:
+    pad = dilation * (kernel // 2)
+    input_dtype = "uint8" if bits == 8 and not signed else "int8"
+    return ConvSpec(2, channels, 9, 11, out_channels, (kernel, kernel), (stride, stride), (pad, pad, pad, pad),
+                    (dilation, dilation), bits, signed, input_dtype, *out)
+
+
+SPECS = [spec(4, False, 64, 64, 3, 1), spec(4, True, 32, 40, 1, 2, out=("int8", -8, 7)),
+         spec(8, True, 3, 64, 7, 2, out=("int8", -128, 127)), spec(8, False, 16, 72, 3, 1, dilation=2),
+         spec(4, False, 24, 64, 3, 2, out=("int32", -(2**31), 2**31 - 1))]
+
+
+@pytest.mark.parametrize("conv", SPECS, ids=lambda s: f"s{s.bits}{'s' if s.signed_input else 'u'}-c{s.channels}"
+                         f"-k{s.kernel[0]}-s{s.stride[0]}-d{s.dilation[0]}-{s.out_dtype}")
+def test_kernel_on_llvm_equals_reference(conv: ConvSpec) -> None:
+    """The kernel's TIR (tiling, index math, packing) with mma replaced by loops equals the reference executor."""
+    import tvm
+
+    graph, x = conv_graph(conv)
+    ops = {op.op: op for op in graph.ops}
+    lib = tvm.compile(tvm.IRModule({"main": conv2d_kernel(conv, tensor_cores=False)}), target={"kind": "llvm"})
+    y = tvm.runtime.tensor(np.zeros((conv.batch, conv.out_channels, conv.out_height, conv.out_width), conv.out_dtype))
+    args = [x, pack_weight(ops["conv2d"].consts["weight"], conv), ops["conv2d"].consts["bias"],
+            ops["requantize"].consts["b"].astype(np.int64), ops["requantize"].consts["c"].astype(np.int64)]
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
+    expected = graph.run(x)
+    assert len(np.unique(expected)) > 3  # not saturated to a constant
+    np.testing.assert_array_equal(y.numpy(), expected)
+
+
+def test_pack_words_places_element_e_at_bits_e() -> None:
+    words = pack_words(np.array([[1, -1, 0, 7, -8, 2, 3, 4]]), 4)
+    assert words.dtype == np.int32 and words.shape == (1, 1)
+    assert int(words[0, 0]) & 0xFFFFFFFF == 0x4328_70F1
+    assert pack_words(np.array([[-128, 127, 1, -1]]), 8)[0, 0] == np.array(0xFF017F80).astype(np.uint32).view(np.int32)
+
+
+def test_operand_bits() -> None:
+    assert operand_bits((-8, 7), (0, 15), int4=True) == 4
+    assert operand_bits((-8, 7), (-8, 7), int4=True) == 4
+    assert operand_bits((-8, 7), (0, 15), int4=False) == 8
+    assert operand_bits((-9, 7), (0, 15), int4=True) == 8
+    assert operand_bits((-8, 7), (0, 255), int4=True) == 8
+    assert operand_bits((-8, 7), (-129, 0), int4=True) is None
+
+
+def test_weights_too_wide_are_refused() -> None:
+    conv = SPECS[0]
+    with pytest.raises(ValueError, match="do not fit 4-bit"):
+        pack_weight(np.full((conv.out_channels, conv.channels, 3, 3), 8), conv)
+
+
+def run_on_llvm(ir: object, x: np.ndarray) -> np.ndarray:
+    import tvm
+    from tvm import relax
+
+    target = tvm.target.Target({"kind": "llvm"})
+    ex = tvm.compile(ir, target=target, relax_pipeline=relax.get_default_pipeline(target))
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def tensor_core_calls(ir: object) -> list[str]:
+    return [str(b.value.args[0].name_hint) for block in ir["main"].body.blocks for b in block.bindings
+            if getattr(getattr(b.value, "op", None), "name", "") == "relax.call_tir"
+            and str(b.value.args[0].name_hint).startswith(KERNEL_PREFIX)]
+
+
+def test_rewritten_model_on_llvm_equals_reference() -> None:
+    """Every conv of a residual network goes to the kernel; the whole graph stays bit-exact (CPU loops for mma)."""
+    graph = quantized_graph("tiny_resnet", (1, 28, 28), "mixed")
+    x = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape))
+    convs = [op for op in graph.ops if op.op == "conv2d"]
+    calls = tensor_core_calls(ir)
+    assert len(calls) == len(convs)
+    assert sum(name.startswith(f"{KERNEL_PREFIX}_s4") for name in calls) == sum(
+        op.attrs["w_bits"] == 4 and op.attrs["a_bits"] == 4 for op in convs)
+    np.testing.assert_array_equal(run_on_llvm(ir, x), graph.run(x))
+
+
+resnet18_group = pytest.mark.xdist_group("resnet18")  # one worker builds the shared ResNet-18 fixtures
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> IntegerGraph:
+    return quantized_graph("resnet18", (3, 64, 64), "mixed", seed=3)
+
+
+@pytest.fixture(scope="module")
+def resnet18_cuda(resnet18: IntegerGraph) -> object:
+    return compile_graph(resnet18, (8, 3, 64, 64), SM75)
+
+
+def kernels_of(source: str) -> dict[str, str]:
+    """Kernel name -> source text up to the next kernel, for every ``__global__`` definition."""
+    definitions = list(re.finditer(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\)\s*\{", source))
+    ends = [d.start() for d in definitions[1:]] + [len(source)]
+    return {d.group(1): source[d.start():end] for d, end in zip(definitions, ends)}
+
+
+@resnet18_group
+def test_resnet18_source_uses_mma_for_every_conv(resnet18: IntegerGraph, resnet18_cuda: object) -> None:
+    convs = [op for op in resnet18.ops if op.op == "conv2d"]
+    calls = tensor_core_calls(TensorCoreConv("sm_75")(to_relax(resnet18, (8, 3, 64, 64))))
+    assert len(calls) == len(convs) == 20
+    int4 = sum(op.attrs["w_bits"] == 4 and op.attrs["a_bits"] == 4 for op in convs)
+    assert 0 < int4 < len(convs)  # the mixed config has both kinds
+    assert sum(name.startswith(f"{KERNEL_PREFIX}_s4") for name in calls) == int4
+    kernels = kernels_of(resnet18_cuda.source())
+    conv_kernels = {name: body for name, body in kernels.items() if name.startswith(KERNEL_PREFIX)}
+    assert {name.removesuffix("_kernel") for name in conv_kernels} == set(calls)
+    for name, body in conv_kernels.items():
+        shape = "m8n8k32" if name.startswith(f"{KERNEL_PREFIX}_s4") else "m8n8k16"
+        assert f"mma.sync.aligned.{shape}.row.col.s32" in body, name
+        assert "__shared__" in body and ">> shift_ptr[" in body, name  # staged operands, requantized in the epilogue
+    assert not [name for name in kernels if "conv2d" in name and not name.startswith(KERNEL_PREFIX)]
+
+
+def test_sm90_runs_int4_layers_as_int8() -> None:
+    graph = quantized_graph("tiny_resnet", (1, 28, 28), "uniform4")
+    calls = tensor_core_calls(TensorCoreConv("sm_90")(to_relax(graph, (8, 1, 28, 28))))
+    assert len(calls) == sum(op.op == "conv2d" for op in graph.ops) and all(
+        name.startswith(f"{KERNEL_PREFIX}_s8") for name in calls)
+
+
+@resnet18_group
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_nvcc_compiles_resnet18_for_sm75(resnet18_cuda: object) -> None:
+    import tvm
+    from tvm.support import nvcc
+
+    with tvm.target.Target(SM75):
+        cubin = nvcc.compile_cuda(resnet18_cuda.source(), target_format="cubin", arch="sm_75", compiler="nvcc")
+    assert len(cubin) > 10_000
+
+
+def test_cli_compiles_for_cuda_and_emits_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    graph_file = tmp_path / "tiny.int.npz"
+    quantized_graph("tiny_resnet", (1, 28, 28), "uniform4").save(graph_file)
+    out = tmp_path / "out"
+    code = cli_main(["compile", str(graph_file), "--input-shape", "8,1,28,28", "--target", "cuda", "-arch=sm_75",
+                     "-o", str(out), "--emit-source"])
+    assert code == 0
+    assert {"model.so", "model.cu", "manifest.json", "graph.int.npz"} <= {p.name for p in out.iterdir()}
+    assert "mma.sync.aligned.m8n8k32" in (out / "model.cu").read_text()
+    assert "INT4 (mma m8n8k32)" in capsys.readouterr().out
+
+
+def test_cli_refuses_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    graph_file = tmp_path / "tiny.int.npz"
+    quantized_graph("tiny_resnet", (1, 28, 28), "uniform4").save(graph_file)
+    assert cli_main(["compile", str(graph_file), "--target", "cuda", "-arch=sm_70", "-o", str(tmp_path / "o")]) != 0
+    assert "sm_75" in capsys.readouterr().err
+
+
+@gpu
+@pytest.mark.parametrize("conv", SPECS[:3], ids=["int4u", "int4s", "int8-7x7"])
+def test_kernel_on_gpu_equals_reference(conv: ConvSpec) -> None:
+    graph, x = conv_graph(conv)
+    module = compile_graph(graph, x.shape, SM75, input_dtype=str(x.dtype))
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@resnet18_group
+@gpu
+def test_resnet18_on_gpu_equals_reference(resnet18: IntegerGraph, resnet18_cuda: object) -> None:
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(resnet18_cuda(x), resnet18.run(x))
+
+
+def test_requantize_rule_is_the_dyadic_one() -> None:
+    """The epilogue's formula on int64: checked against quant.dyadic on the llvm build of a 1x1 conv."""
+    conv = ConvSpec(1, 16, 4, 4, 64, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 8, True, "int8", "int32",
+                    -(2**31), 2**31 - 1)
+    graph, x = conv_graph(conv, seed=5)
+    acc = graph.ops[0]
+    expected = requantize(np.einsum("nchw,oc->nohw", x.astype(np.int64), acc.consts["weight"][:, :, 0, 0])
+                          + acc.consts["bias"].reshape(1, -1, 1, 1), graph.ops[1].consts["b"],
+                          graph.ops[1].consts["c"], conv.qmin, conv.qmax, axis=1)
+    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype="int8"))
+    assert len(tensor_core_calls(ir)) == 1
+    np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
