@@ -112,11 +112,13 @@ def _value_ranges(func: Any) -> dict[Any, tuple[int, int]]:
                 continue
             bounds = _dtype_range(dtype)
             op = getattr(getattr(value, "op", None), "name", "")
-            if op in ("relax.astype", "relax.nn.max_pool2d") and value.args[0] in ranges:
-                bounds = ranges[value.args[0]]
-            elif op == "relax.astype" and value.args[0] in clips:
-                lo, hi = clips[value.args[0]]
-                bounds = (max(lo, bounds[0]), min(hi, bounds[1]))
+            if op == "relax.clip":
+                inner = clips[binding.var]
+            elif op in ("relax.astype", "relax.nn.max_pool2d"):
+                inner = ranges.get(value.args[0], clips.get(value.args[0], bounds))
+            else:
+                inner = bounds
+            bounds = (max(inner[0], bounds[0]), min(inner[1], bounds[1]))
             ranges[binding.var] = bounds
     return ranges
 

@@ -54,6 +54,11 @@ class CompiledModule:
         return self._vm["main"](tvm.runtime.tensor(x, device=self.device)).numpy()
 
     @property
+    def executable(self) -> Any:
+        """The built TVM executable (e.g. to time it with ``relax.VirtualMachine(...).time_evaluator``)."""
+        return self._executable
+
+    @property
     def device(self) -> Any:
         """The TVM device the module runs on: ``cuda(0)`` for CUDA targets, else the CPU."""
         import tvm
