@@ -19,7 +19,6 @@ from hawqc.relax_passes.tensor_core_conv import KERNEL_PREFIX, TensorCoreConv
 from hawqc.runtime.module import compile_graph
 from hawqc.topi_int4.cuda.conv2d import (
     ConvSpec,
-    conv2d_kernel,
     operand_bits,
     pack_weight,
     pack_words,
@@ -50,17 +49,19 @@ def quantized_graph(name: str, shape: tuple[int, ...], config: str, seed: int = 
 
 
 def conv_graph(spec: ConvSpec, seed: int = 0) -> tuple[IntegerGraph, np.ndarray]:
-    """``[conv2d -> requantize]`` with random operands of ``spec``'s widths, and an input for it."""
+    """``[clip -> conv2d -> requantize]`` with random operands of ``spec``'s widths, and an input for it
+    (the clip declares the input range, as a producing requantize does in a model)."""
     rng = np.random.default_rng(seed)
     half = 1 << (spec.bits - 1)
     lo, hi = (-half, half - 1) if spec.signed_input else (0, 2 * half - 1)
     weight = rng.integers(-half, half, (spec.out_channels, spec.channels, *spec.kernel)).astype(np.int8)
     b, c = dyadic_per_channel(rng.uniform(2.0, 8.0, spec.out_channels) / (np.sqrt(spec.gemm_k) * half))
-    conv = IntOp("conv2d", ["x"], "acc", {"stride": list(spec.stride), "padding": list(spec.padding),
+    clip = IntOp("clip", ["x"], "a", {"qmin": lo, "qmax": hi})
+    conv = IntOp("conv2d", ["a"], "acc", {"stride": list(spec.stride), "padding": list(spec.padding),
                                           "dilation": list(spec.dilation), "groups": 1},
                  {"weight": weight, "bias": rng.integers(-50, 50, spec.out_channels).astype(np.int32)})
     requant = IntOp("requantize", ["acc"], "y", {"qmin": spec.qmin, "qmax": spec.qmax}, {"b": b, "c": c})
-    graph = IntegerGraph(input="x", output="y", ops=[conv, requant])
+    graph = IntegerGraph(input="x", output="y", ops=[clip, conv, requant])
     x = rng.integers(lo, hi + 1, (spec.batch, spec.channels, spec.height, spec.width)).astype(spec.input_dtype)
     return graph, x
 
@@ -82,18 +83,12 @@ SPECS = [spec(4, False, 64, 64, 3, 1), spec(4, True, 32, 40, 1, 2, out=("int8", 
                          f"-k{s.kernel[0]}-s{s.stride[0]}-d{s.dilation[0]}-{s.out_dtype}")
 def test_kernel_on_llvm_equals_reference(conv: ConvSpec) -> None:
     """The kernel's TIR (tiling, index math, packing) with mma replaced by loops equals the reference executor."""
-    import tvm
-
     graph, x = conv_graph(conv)
-    ops = {op.op: op for op in graph.ops}
-    lib = tvm.compile(tvm.IRModule({"main": conv2d_kernel(conv, tensor_cores=False)}), target={"kind": "llvm"})
-    y = tvm.runtime.tensor(np.zeros((conv.batch, conv.out_channels, conv.out_height, conv.out_width), conv.out_dtype))
-    args = [x, pack_weight(ops["conv2d"].consts["weight"], conv), ops["conv2d"].consts["bias"],
-            ops["requantize"].consts["b"].astype(np.int64), ops["requantize"].consts["c"].astype(np.int64)]
-    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
+    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype=str(x.dtype)))
+    assert tensor_core_calls(ir) == [f"{KERNEL_PREFIX}_s{conv.bits}"]
     expected = graph.run(x)
     assert len(np.unique(expected)) > 3  # not saturated to a constant
-    np.testing.assert_array_equal(y.numpy(), expected)
+    np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
 
 
 def test_pack_words_places_element_e_at_bits_e() -> None:
@@ -222,10 +217,12 @@ def test_cli_refuses_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 @gpu
-@pytest.mark.parametrize("conv", SPECS[:3], ids=["int4u", "int4s", "int8-7x7"])
+@pytest.mark.parametrize("conv", SPECS, ids=["int4u", "int4s", "int8-7x7", "uint8-dilated", "int4-int32-out"])
 def test_kernel_on_gpu_equals_reference(conv: ConvSpec) -> None:
     graph, x = conv_graph(conv)
     module = compile_graph(graph, x.shape, SM75, input_dtype=str(x.dtype))
+    calls = tensor_core_calls(TensorCoreConv("sm_75")(to_relax(graph, x.shape, input_dtype=str(x.dtype))))
+    assert calls == [f"{KERNEL_PREFIX}_s{conv.bits}"]
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
@@ -241,10 +238,10 @@ def test_requantize_rule_is_the_dyadic_one() -> None:
     conv = ConvSpec(1, 16, 4, 4, 64, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 8, True, "int8", "int32",
                     -(2**31), 2**31 - 1)
     graph, x = conv_graph(conv, seed=5)
-    acc = graph.ops[0]
+    _, acc, requant = graph.ops
     expected = requantize(np.einsum("nchw,oc->nohw", x.astype(np.int64), acc.consts["weight"][:, :, 0, 0])
-                          + acc.consts["bias"].reshape(1, -1, 1, 1), graph.ops[1].consts["b"],
-                          graph.ops[1].consts["c"], conv.qmin, conv.qmax, axis=1)
-    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype="int8"))
+                          + acc.consts["bias"].reshape(1, -1, 1, 1), requant.consts["b"], requant.consts["c"],
+                          conv.qmin, conv.qmax, axis=1)
+    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype=str(x.dtype)))
     assert len(tensor_core_calls(ir)) == 1
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
