@@ -207,6 +207,10 @@ def test_cli_compiles_for_cuda_and_emits_source(tmp_path: Path, capsys: pytest.C
     assert {"model.so", "model.cu", "manifest.json", "graph.int.npz"} <= {p.name for p in out.iterdir()}
     assert "mma.sync.aligned.m8n8k32" in (out / "model.cu").read_text()
     assert "INT4 (mma m8n8k32)" in capsys.readouterr().out
+    if not has_gpu():  # the artifact needs a GPU to load: one clear line, no traceback
+        np.save(tmp_path / "x.npy", np.zeros((8, 1, 28, 28), np.float32))
+        assert cli_main(["run", str(out), "--input", str(tmp_path / "x.npy")]) != 0
+        assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_cli_refuses_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise ValueError(f"{args.out} exists: choose another output folder or pass --force")
     console = Console()
-    target = parse_target(args.target)
+    spec = args.target
+    if spec.split()[:1] == ["cuda"] and "-arch" not in spec:  # TVM warns about a cuda target without an arch
+        spec = f"{spec} -arch={args.arch or 'sm_75'}"
+    target = parse_target(spec)
     if target.get("kind") == "cuda":
-        target.setdefault("arch", args.arch or "sm_75")
         check_arch(target)
     if args.arch and target.get("arch") != args.arch:
         raise ValueError(f"-arch={args.arch} needs --target cuda (or agrees with the target's arch)")

@@ -50,6 +50,8 @@ class CompiledModule:
         if x.shape != self.input_shape:
             raise ValueError(f"input has shape {x.shape}, the module was compiled for {self.input_shape}")
         if self._vm is None:
+            if not self.device.exist:
+                raise ValueError(f"this module was compiled for {self.target.get('kind')}: running it needs that device")
             self._vm = relax.VirtualMachine(self._executable, self.device)
         return self._vm["main"](tvm.runtime.tensor(x, device=self.device)).numpy()
 
@@ -157,6 +159,8 @@ def load(folder: str | os.PathLike[str]) -> CompiledModule:
         raise ValueError(f"{folder}: not a hawqc artifact ({err})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: artifact format {manifest.get('format_version')} is not supported")
+    if manifest["target"].get("kind") == "cuda" and not tvm.cuda().exist:
+        raise ValueError(f"{folder} was compiled for CUDA: loading it needs a CUDA GPU")
     with _native_stderr_silenced():
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
     graph = IntegerGraph.load(folder / GRAPH)

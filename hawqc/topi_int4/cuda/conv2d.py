@@ -16,6 +16,7 @@ and the packing are checked on a CPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,7 @@ def pack_words(values: np.ndarray, bits: int) -> np.ndarray:
     return words.astype(np.uint32).view(np.int32)
 
 
+@functools.lru_cache(maxsize=256)
 def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
     """The PrimFunc ``(X, packed W, bias int32[O], b int64[O], c int64[O]) -> Y`` of ``spec``."""
     from tvm.script import tirx as T
