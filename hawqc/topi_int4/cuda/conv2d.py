@@ -141,28 +141,30 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
     a_loads, b_loads = BLOCK_M * STAGE_WORDS // threads, BLOCK_N * STAGE_WORDS // threads
     a_type = ("int" if spec.signed_input else "uint") + str(bits)
     b_type = f"int{bits}"
-    qmin, qmax = spec.qmin, spec.qmax
 
     @T.macro
-    def mma_tensor_core(acc, a_tile, b_tile, warp, lane, acc_slot_m, acc_slot_n, kk):
+    def mma_tensor_core(acc, a_tile, b_tile, warp, lane, fm, fn, kk):
+        """One warp-wide mma: lane ``l`` gives word ``l % 4`` of A row ``l // 4`` and of B column ``l // 4``."""
         a_frag = T.alloc_buffer((1,), "int32", scope="local")
         b_frag = T.alloc_buffer((1,), "int32", scope="local")
         c_frag = T.alloc_buffer((2,), "int32", scope="local")
-        a_frag[0] = a_tile[warp // WARPS_N * warp_m + acc_slot_m * FRAG + lane // 4, kk * MMA_WORDS + lane % 4]
-        b_frag[0] = b_tile[warp % WARPS_N * warp_n + acc_slot_n * FRAG + lane // 4, kk * MMA_WORDS + lane % 4]
+        a_frag[0] = a_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4, kk * MMA_WORDS + lane % 4]
+        b_frag[0] = b_tile[warp % WARPS_N * warp_n + fn * FRAG + lane // 4, kk * MMA_WORDS + lane % 4]
         for i in T.unroll(2):
-            c_frag[i] = acc[warp, lane, acc_slot_m, acc_slot_n, i]
+            c_frag[i] = acc[warp, lane, fm, fn, i]
         T.evaluate(T.ptx_legacy.mma("int32", spec.mma_shape, "row", "col", a_type, b_type, "int32",
                                     a_frag.data, 0, b_frag.data, 0, c_frag.data, 0, False))
         for i in T.unroll(2):
-            acc[warp, lane, acc_slot_m, acc_slot_n, i] = c_frag[i]
+            acc[warp, lane, fm, fn, i] = c_frag[i]
 
     @T.macro
-    def mma_loops(acc, a_tile, b_tile, warp, lane, acc_slot_m, acc_slot_n, kk):
+    def mma_loops(acc, a_tile, b_tile, warp, lane, fm, fn, kk):
+        """The same mma per lane: accumulators of row ``l // 4``, columns ``2 * (l % 4) + i``."""
         for i, j, e in T.grid(2, MMA_WORDS, per_word):
-            acc[warp, lane, acc_slot_m, acc_slot_n, i] = acc[warp, lane, acc_slot_m, acc_slot_n, i] + _unpack(
-                a_tile[warp // WARPS_N * warp_m + acc_slot_m * FRAG + lane // 4, kk * MMA_WORDS + j], e, bits, spec.signed_input
-            ) * _unpack(b_tile[warp % WARPS_N * warp_n + acc_slot_n * FRAG + (lane % 4) * 2 + i, kk * MMA_WORDS + j], e, bits, True)
+            acc[warp, lane, fm, fn, i] = acc[warp, lane, fm, fn, i] + _unpack(
+                a_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4, kk * MMA_WORDS + j], e, bits,
+                spec.signed_input) * _unpack(
+                b_tile[warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i, kk * MMA_WORDS + j], e, bits, True)
 
     mma = mma_tensor_core if tensor_cores else mma_loops
 
@@ -188,24 +190,26 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                     for ko in T.serial(spec.k_words // STAGE_WORDS):
                         for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
                             for lane in loop(WARP, "threadIdx.x"):
-                                for s in unroll(a_loads):
+                                for s in unroll(a_loads):  # gather and pack the activation tile
+                                    slot = s * threads + warp * WARP + lane
+                                    m = bm * BLOCK_M + slot // STAGE_WORDS
                                     word = T.alloc_buffer((1,), "int32", scope=local)
                                     word[0] = 0
                                     for e in unroll(per_word):
-                                        row = (s * threads + warp * WARP + lane) // STAGE_WORDS
-                                        m = bm * BLOCK_M + row
-                                        k = (ko * STAGE_WORDS + (s * threads + warp * WARP + lane) % STAGE_WORDS) \
-                                            * per_word + e
-                                        ih = (m // ow_size) % oh_size * sh - pt + k // (kw_size * channels) * dh
+                                        k = (ko * STAGE_WORDS + slot % STAGE_WORDS) * per_word + e
+                                        ih = m // ow_size % oh_size * sh - pt + k // (kw_size * channels) * dh
                                         iw = m % ow_size * sw - pl + k // channels % kw_size * dw
-                                        value = T.if_then_else(
-                                            m < gemm_m and k < gemm_k and 0 <= ih and ih < height and 0 <= iw and iw < width,  # noqa: PLR1716 (no chained comparisons in TVMScript)
+                                        value = T.if_then_else(  # zero padding, and zeros past M and K
+                                            m < gemm_m and k < gemm_k and 0 <= ih and ih < height and 0 <= iw  # noqa: PLR1716 (no chained comparisons in TVMScript)
+                                            and iw < width,
                                             T.Cast("int32", X[m // (oh_size * ow_size), k % channels, ih, iw]), 0)
                                         word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(value, mask),
                                                                                      bits * e))
+                                    # stored at the thread index itself: an index read from a local buffer would
+                                    # make TVM's sync analysis put a barrier before every store
                                     a_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
                                            (s * threads + warp * WARP + lane) % STAGE_WORDS] = word[0]
-                                for s in unroll(b_loads):
+                                for s in unroll(b_loads):  # the weights are packed already
                                     b_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
                                            (s * threads + warp * WARP + lane) % STAGE_WORDS] = W[
                                         bn * BLOCK_N + (s * threads + warp * WARP + lane) // STAGE_WORDS,
@@ -223,9 +227,8 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                                 o = bn * BLOCK_N + warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i
                                 if m < gemm_m and o < out_channels:
                                     Y[m // (oh_size * ow_size), o, m // ow_size % oh_size, m % ow_size] = T.Cast(
-                                        spec.out_dtype, T.max(T.min(T.shift_right(
-                                            T.Cast("int64", acc[warp, lane, fm, fn, i] + bias[o]) * mult[o]
-                                            + T.shift_left(T.int64(1), shift[o] - 1), shift[o]), T.int64(qmax)), T.int64(qmin)))
+                                        spec.out_dtype, _requantize(acc[warp, lane, fm, fn, i] + bias[o], mult[o],
+                                                                    shift[o], spec.qmin, spec.qmax))
 
     return kernel
 
@@ -237,3 +240,11 @@ def _unpack(word: Any, e: Any, bits: int, signed: bool) -> Any:
     if signed:
         return tirx.shift_right(tirx.shift_left(word, 32 - bits * (e + 1)), 32 - bits)
     return tirx.bitwise_and(tirx.shift_right(word, bits * e), (1 << bits) - 1)
+
+
+def _requantize(acc: Any, b: Any, c: Any, qmin: int, qmax: int) -> Any:
+    """``clip((acc * b + 2^(c-1)) >> c, qmin, qmax)`` in int64: :func:`hawqc.quant.dyadic.requantize` in TIR."""
+    from tvm import tirx
+
+    scaled = tirx.Cast("int64", acc) * b + tirx.shift_left(tirx.const(1, "int64"), c - 1)
+    return tirx.max(tirx.min(tirx.shift_right(scaled, c), tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
