@@ -73,6 +73,10 @@ class ConvSpec:
         return 32 // self.bits
 
     @property
+    def gemm_m(self) -> int:
+        return self.batch * self.out_height * self.out_width
+
+    @property
     def gemm_k(self) -> int:
         return self.kernel[0] * self.kernel[1] * self.channels
 
@@ -134,11 +138,13 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
     (sh, sw), (dh, dw), (pt, pl) = spec.stride, spec.dilation, spec.padding[:2]
     channels, height, width = spec.channels, spec.height, spec.width
     oh_size, ow_size, out_channels = spec.out_height, spec.out_width, spec.out_channels
-    gemm_m, gemm_k = spec.batch * oh_size * ow_size, spec.gemm_k
+    gemm_m = spec.gemm_m
     warp_m, warp_n = BLOCK_M // WARPS_M, BLOCK_N // WARPS_N
     frags_m, frags_n = warp_m // FRAG, warp_n // FRAG
     threads = WARPS_M * WARPS_N * WARP
     a_loads, b_loads = BLOCK_M * STAGE_WORDS // threads, BLOCK_N * STAGE_WORDS // threads
+    word_in_pixel = channels % per_word == 0
+    """Whether the values of a word are channels of one input pixel (all but stems like C=3)."""
     a_type = ("int" if spec.signed_input else "uint") + str(bits)
     b_type = f"int{bits}"
 
@@ -197,11 +203,11 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                                     word[0] = 0
                                     for e in unroll(per_word):
                                         k = (ko * STAGE_WORDS + slot % STAGE_WORDS) * per_word + e
-                                        ih = m // ow_size % oh_size * sh - pt + k // (kw_size * channels) * dh
-                                        iw = m % ow_size * sw - pl + k // channels % kw_size * dw
+                                        pixel_k = _pixel_position(k, e, word_in_pixel)
+                                        ih = m // ow_size % oh_size * sh - pt + pixel_k // (kw_size * channels) * dh
+                                        iw = m % ow_size * sw - pl + pixel_k // channels % kw_size * dw
                                         value = T.if_then_else(  # zero padding, and zeros past M and K
-                                            m < gemm_m and k < gemm_k and 0 <= ih and ih < height and 0 <= iw  # noqa: PLR1716 (no chained comparisons in TVMScript)
-                                            and iw < width,
+                                            _inside(spec, m, pixel_k, ih, iw),
                                             T.Cast("int32", X[m // (oh_size * ow_size), k % channels, ih, iw]), 0)
                                         word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(value, mask),
                                                                                      bits * e))
@@ -248,3 +254,17 @@ def _requantize(acc: Any, b: Any, c: Any, qmin: int, qmax: int) -> Any:
 
     scaled = tirx.Cast("int64", acc) * b + tirx.shift_left(tirx.const(1, "int64"), c - 1)
     return tirx.max(tirx.min(tirx.shift_right(scaled, c), tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
+
+
+def _pixel_position(k: Any, e: int, word_in_pixel: bool) -> Any:
+    """The K index that locates the input pixel of element ``e`` of a word (its first element's, when the
+    word lies in one pixel: the index math is then the same for the whole word)."""
+    return k - e if word_in_pixel else k
+
+
+def _inside(spec: ConvSpec, m: Any, k: Any, ih: Any, iw: Any) -> Any:
+    """Whether GEMM row ``m`` and column ``k`` exist and read a pixel inside the (unpadded) input."""
+    from tvm import tirx
+
+    return tirx.all(m < spec.gemm_m, k < spec.gemm_k, ih >= 0, ih < spec.height,
+                    iw >= 0, iw < spec.width)
