@@ -77,7 +77,8 @@ def layer_graphs(graph: IntegerGraph, x: np.ndarray) -> list[tuple[str, IntegerG
         clip = IntOp("clip", ["x"], op.inputs[0], {"qmin": qmin, "qmax": qmax})
         requant = consumers[op.output]
         layer = IntegerGraph(input="x", output=requant.output, ops=[clip, op, requant])
-        name = f"{op.attrs.get('layer', op.output)} {'x'.join(map(str, op.consts['weight'].shape))} s{op.attrs['stride'][0]}"
+        shape = "x".join(map(str, op.consts["weight"].shape))
+        name = f"{op.attrs.get('layer', op.output)} {shape} s{op.attrs['stride'][0]}"
         layers.append((name, layer, activation.astype(np.int8 if qmin >= -128 and qmax <= 127 else np.int32)))
     return layers
 

@@ -69,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
         if args.emit_source:
             write_atomic(Path(args.out) / "model.cu", source)
     fused, kernels = module.fused
+    source_file = ", model.cu" if args.emit_source else ""
     console.print(f"requantization fused into {fused} of {kernels} distinct conv/dense kernels (one ending in the "
                   f"output dequantize has none); compiled in {seconds:.1f} s; "
-                  f"wrote {args.out}/ (model.so, graph.int.npz, manifest.json{', model.cu' if args.emit_source else ''})")
+                  f"wrote {args.out}/ (model.so, graph.int.npz, manifest.json{source_file})")
     return 0
 
 

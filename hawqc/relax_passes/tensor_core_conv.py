@@ -28,6 +28,8 @@ from hawqc.topi_int4.cuda.pipeline import int4_tensor_cores
 
 KERNEL_PREFIX = "tensor_core_conv2d"
 """Name prefix of the kernels this pass adds to the module."""
+OPAQUE = 8
+"""TVM's ``kOpaque`` operator pattern: ``FuseOps`` fuses nothing into the kernels."""
 
 
 @tvm.transform.module_pass(opt_level=0, name="TensorCoreConv")
@@ -55,8 +57,8 @@ class TensorCoreConv:
             if spec_and_args is None:
                 return expr
             spec, args = spec_and_args
-            kernel = conv2d_kernel(spec, self.tensor_cores).with_attr("op_pattern", 8).without_attr("global_symbol")  # opaque: not fused
-            gv = builder.add_func(kernel, f"{KERNEL_PREFIX}_s{spec.bits}")
+            kernel = conv2d_kernel(spec, self.tensor_cores).without_attr("global_symbol")
+            gv = builder.add_func(kernel.with_attr("op_pattern", OPAQUE), f"{KERNEL_PREFIX}_s{spec.bits}")
             return relax.call_tir(gv, args, out_ty=expr.ty)
 
         main = relax.analysis.remove_all_unused(rewrite_call(self.pattern, rewrite, mod["main"]))
@@ -75,6 +77,7 @@ class TensorCoreConv:
         multiplier, shift = (_per_channel(matches[p], out_channels) for p in (self.multiplier, self.shift))
         rounding = _per_channel(matches[self.rounding], out_channels)
         if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW"
+                or str(attrs.out_dtype) != "int32"
                 or multiplier is None or shift is None or rounding is None
                 or not np.array_equal(rounding, np.left_shift(1, shift - 1)) or x not in ranges):
             return None
