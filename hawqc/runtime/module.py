@@ -92,30 +92,61 @@ class CompiledModule:
         return out
 
 
+KERNELS = ("auto", "vnni", "avx2", "generic")
+"""CPU kernel choices: ``auto`` picks ``vnni`` where the target has AVX-512 VNNI, else ``avx2``;
+``generic`` is TVM's own lowering without hawqc schedules (a baseline)."""
+
+
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                  input_dtype: str = "float32") -> CompiledModule:
+                  input_dtype: str = "float32", kernels: str = "auto") -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
     ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer)."""
-    from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") != "llvm":
         raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
-    ir = to_relax(graph, input_shape, input_dtype=input_dtype)
-    executable, lowered = _build(ir, target)
+    ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
+    executable, lowered = _build(ir, target, kernels)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
     module.fused = fused_requant(lowered)
     return module
 
 
-def _build(ir: Any, target: dict[str, Any]) -> tuple[Any, Any]:
-    """TVM's default pipeline (fusion included) run once, then the build: (executable, lowered module)."""
+def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any], kernels: str,
+           **kwargs: Any) -> Any:
+    """The integer-only Relax module, with the target's conv/dense kernels and layout."""
+    from hawqc.frontend.integer_graph import to_relax
+    from hawqc.topi_int4.x86.lowering import X86Kernels
+
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    if kernels == "generic":
+        return to_relax(graph, input_shape, **kwargs)
+    vnni = kernels == "vnni" or (kernels == "auto" and has_vnni(target))
+    return to_relax(graph, input_shape, layout="NHWC", kernels=X86Kernels(vnni), **kwargs)
+
+
+def has_vnni(target: dict[str, Any]) -> bool:
+    """Whether the llvm target has AVX-512 VNNI (``vpdpbusd``)."""
+    import tvm
+
+    return bool(tvm.target.codegen.target_has_features("avx512vnni", tvm.target.Target(target)))
+
+
+def _build(ir: Any, target: dict[str, Any], kernels: str = "auto") -> tuple[Any, Any]:
+    """TVM's default pipeline (fusion included) run once, hawqc's CPU schedules on every kernel
+    not scheduled yet (unless ``generic``), then the build: (executable, lowered module)."""
     import tvm
     from tvm import relax
+    from tvm.s_tir import dlight
+
+    from hawqc.topi_int4.x86.schedules import Parallel
 
     tvm_target = tvm.target.Target(target)
     with tvm_target:
         lowered = relax.get_default_pipeline(tvm_target)(ir)
+        if kernels != "generic":
+            lowered = dlight.ApplyDefaultSchedule(Parallel())(lowered)
     return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
 
 
@@ -136,20 +167,21 @@ def load(folder: str | os.PathLike[str]) -> CompiledModule:
     return CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
 
 
-def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any]) -> tuple[str, int]:
+def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
+                     kernels: str = "auto") -> tuple[str, int]:
     """The first operation whose compiled output differs from the reference, and its max |diff|."""
     import tvm
     from tvm import relax
 
-    from hawqc.frontend.integer_graph import to_relax
     from hawqc.reference.graph import execute
-    from hawqc.reference.kernels import KERNELS
+    from hawqc.reference.kernels import KERNELS as REFERENCE
 
     integer_ops = [op for op in graph.ops if op.op != "dequantize"]
-    executable, _ = _build(to_relax(graph, x.shape, [op.output for op in integer_ops]), target)
+    ir = _lower(graph, x.shape, target, kernels, outputs=[op.output for op in integer_ops])
+    executable, _ = _build(ir, target, kernels)
     compiled = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
     reference: dict[str, Any] = {}
-    execute(graph, x, KERNELS, trace=reference)
+    execute(graph, x, REFERENCE, trace=reference)
     for op, got in zip(integer_ops, compiled):
         diff = np.abs(got.numpy().astype(np.int64) - reference[op.output].astype(np.int64))
         if diff.any():

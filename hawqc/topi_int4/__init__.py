@@ -1,0 +1,1 @@
+"""Kernels: TIR computes and schedules for integer conv2d/dense (x86 VNNI today; Tensor Cores next)."""
