@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.reference.graph import IntegerGraph
+from hawqc.runtime.target import KERNELS
 
 FORMAT_VERSION = 1
 LIBRARY, GRAPH, MANIFEST = "model.so", "graph.int.npz", "manifest.json"
@@ -39,6 +40,8 @@ class CompiledModule:
         self.input_dtype = input_dtype
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
+        self.kernels = "generic"
+        """The conv/dense kernels it runs: vnni, avx2 or generic."""
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self._executable = executable
@@ -80,6 +83,7 @@ class CompiledModule:
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape),
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "kernels": self.kernels,
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(tmp, 0o755)
@@ -92,11 +96,6 @@ class CompiledModule:
         return out
 
 
-KERNELS = ("auto", "vnni", "avx2", "generic")
-"""CPU kernel choices: ``auto`` picks ``vnni`` where the target has AVX-512 VNNI, else ``avx2``;
-``generic`` is TVM's own lowering without hawqc schedules (a baseline)."""
-
-
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
                   input_dtype: str = "float32", kernels: str = "auto") -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
@@ -105,10 +104,11 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dic
 
     if target.get("kind") != "llvm":
         raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
+    kernels = resolve_kernels(kernels, target)
     ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
     executable, lowered = _build(ir, target, kernels)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
-    module.fused = fused_requant(lowered)
+    module.kernels, module.fused = kernels, fused_requant(lowered)
     return module
 
 
@@ -118,12 +118,19 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, 
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.topi_int4.x86.lowering import X86Kernels
 
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    kernels = resolve_kernels(kernels, target)
     if kernels == "generic":
         return to_relax(graph, input_shape, **kwargs)
-    vnni = kernels == "vnni" or (kernels == "auto" and has_vnni(target))
-    return to_relax(graph, input_shape, layout="NHWC", kernels=X86Kernels(vnni), **kwargs)
+    return to_relax(graph, input_shape, layout="NHWC", kernels=X86Kernels(kernels == "vnni"), **kwargs)
+
+
+def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
+    """``auto`` made concrete for ``target``: ``vnni`` where it has AVX-512 VNNI, else ``avx2``."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    if kernels != "auto":
+        return kernels
+    return "vnni" if has_vnni(target) else "avx2"
 
 
 def has_vnni(target: dict[str, Any]) -> bool:
@@ -164,7 +171,9 @@ def load(folder: str | os.PathLike[str]) -> CompiledModule:
     with _native_stderr_silenced():
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
     graph = IntegerGraph.load(folder / GRAPH)
-    return CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
+    module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
+    module.kernels = manifest.get("kernels", "generic")
+    return module
 
 
 def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
