@@ -109,12 +109,13 @@ def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int, ...]:
 
 
 def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm", *,
-                         input_shape: Any = None, calib_data: Any = None) -> Any:
+                         input_shape: Any = None, calib_data: Any = None, kernels: str = "auto") -> Any:
     """Compile a quantized graph to an integer-only TVM module.
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
     ``nn.Module`` (see :func:`integer_graph_of`). ``target``: ``"llvm"`` (host CPU), a string such as
-    ``"llvm -mcpu=znver4"`` or a TVM target dict. Returns a
+    ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
+    it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). Returns a
     :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
     ``cm.export(dir)``.
     """
@@ -123,7 +124,7 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
 
     config = parse_target(target)
     integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)
-    return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config)
+    return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config, kernels=kernels)
 
 
 def load(folder: str | os.PathLike[str]) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hawqc.commands._common import add_model_arguments
+from hawqc.runtime.target import KERNELS
 
 HELP = "compile a quantized model to an integer-only TVM module (artifact folder)"
 
@@ -14,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="hawqc-compiled", help="artifact folder (default: hawqc-compiled)")
     parser.add_argument("--force", action="store_true", help="replace the artifact folder if it exists")
     parser.add_argument("--strict", action="store_true", help="fail if any float op is left inside the graph")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="CPU kernels: auto (VNNI where the CPU has it, else AVX2), vnni, avx2, or generic "
+                             "(TVM's unscheduled lowering, a baseline)")
     parser.add_argument("-arch", "--arch", help="CUDA architecture for --target cuda: sm_75 (default), sm_80, sm_86, "
                         "sm_89 or sm_90")
     parser.add_argument("--emit-source", action="store_true", help="also write the generated CUDA source (model.cu)")
@@ -49,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
     shape = api.input_shape_of(graph, args.input_shape)
     start = time.perf_counter()
-    module = compile_graph(graph, shape, target)
+    module = compile_graph(graph, shape, target, kernels=args.kernels)
     seconds = time.perf_counter() - start
     leftovers = float_ops(module.ir)
     if leftovers and args.strict:
         raise ValueError(f"{len(leftovers)} float ops remain inside the graph (--strict): {', '.join(leftovers[:5])}")
-    table = Table(title=f"{args.model}: integer-only, input {shape}, target {target}")
+    table = Table(title=f"{args.model}: integer-only, input {shape}, target {target}, kernels {module.kernels}")
     for column in ("layer", "op", "weight", "W", "A"):
         table.add_column(column)
     for row in module.summary():

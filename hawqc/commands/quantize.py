@@ -58,7 +58,8 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
 
     from hawqc import BitConfig, models, quantize
     from hawqc.quant.export import to_onnx
-    from hawqc.quant.qat import accuracy, train as qat_train
+    from hawqc.quant.qat import accuracy
+    from hawqc.quant.qat import train as qat_train
     from hawqc.reference import from_torch
 
     if qat_steps and not labelled:

@@ -11,6 +11,7 @@ requantize. Float appears only in the input ``quantize`` and the output ``dequan
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,24 +28,90 @@ def storage_dtype(qmin: int, qmax: int) -> str:
     return "int32"
 
 
+@dataclass(frozen=True)
+class Context:
+    """What every lowering sees: the block builder, the layout of 4-d tensors inside the module
+    (``NCHW`` or ``NHWC``; inputs and outputs stay NCHW) and the target's conv/dense kernels."""
+
+    bb: Any
+    layout: str = "NCHW"
+    kernels: ConvKernels | None = None
+
+    def channel_axis(self, ndim: int) -> int:
+        return ndim - 1 if self.layout == "NHWC" else 1
+
+    def spatial_axes(self, ndim: int) -> list[int]:
+        return [1, 2] if self.layout == "NHWC" else [2, 3]
+
+    def to_internal(self, x: Any) -> Any:
+        """An NCHW tensor in the module's layout (other ranks unchanged)."""
+        from tvm.relax import op as R
+
+        return R.permute_dims(x, [0, 2, 3, 1]) if self.layout == "NHWC" and _ndim(x) == 4 else x
+
+    def to_external(self, x: Any) -> Any:
+        """A tensor of the module's layout back in NCHW."""
+        from tvm.relax import op as R
+
+        return R.permute_dims(x, [0, 3, 1, 2]) if self.layout == "NHWC" and _ndim(x) == 4 else x
+
+
+ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
+"""A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None) -> expr``, with the
+requantization fused in when given; ``None`` where it has no kernel (the generic lowering is used)."""
+
+
 def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None,
-             input_dtype: str = "float32") -> Any:
+             input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
     debugging, to the tuple of the named intermediate tensors). Whole models take and give float32;
-    a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers."""
+    a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers.
+
+    ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
+    quantize, the outputs once at the end. ``kernels`` lowers conv/dense layers, each fused with the
+    requantize that follows it when nothing else reads the accumulator.
+    """
     from tvm import relax
 
     bb = relax.BlockBuilder()
+    ctx = Context(bb, layout, kernels)
     x = relax.Var("input", relax.TensorType(input_shape, input_dtype))
+    fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
-            values: dict[str, Any] = {graph.input: x}
+            values: dict[str, Any] = {graph.input: x if "float" in input_dtype else bb.emit(ctx.to_internal(x))}
             for op in graph.ops:
-                values[op.output] = bb.emit(_LOWERINGS[op.op](bb, [values[i] for i in op.inputs], op))
-            result = values[graph.output] if outputs is None else relax.Tuple([values[n] for n in outputs])
-            out = bb.emit_output(result)
+                if op.output in values:  # a requantize fused into its conv
+                    continue
+                ins = [values[i] for i in op.inputs]
+                requant = fused.get(op.output)
+                expr = kernels(ctx, ins[0], op, requant) if kernels and op.op in ("conv2d", "dense") else None
+                if expr is None:
+                    values[op.output] = bb.emit(_LOWERINGS[op.op](ctx, ins, op))
+                else:
+                    values[(requant or op).output] = bb.emit(expr)
+            names = [graph.output] if outputs is None else outputs
+            results = [_emitted(bb, ctx.to_external(values[n])) for n in names]
+            out = bb.emit_output(results[0] if outputs is None else relax.Tuple(results))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _emitted(bb: Any, expr: Any) -> Any:
+    from tvm import relax
+
+    return expr if isinstance(expr, relax.Var) else bb.emit(expr)
+
+
+def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp]:
+    """conv/dense output name -> the requantize that is its only reader (when it is not an output)."""
+    readers: dict[str, list[IntOp]] = {}
+    for op in graph.ops:
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+    return {op.output: readers[op.output][0] for op in graph.ops
+            if op.op in ("conv2d", "dense") and op.output not in keep and len(readers.get(op.output, [])) == 1
+            and readers[op.output][0].op == "requantize"}
 
 
 def _const(array: Any, dtype: str) -> Any:
@@ -53,17 +120,21 @@ def _const(array: Any, dtype: str) -> Any:
     return relax.const(np.asarray(array).astype(dtype), dtype)  # dtype given: int64 would become int32
 
 
-def _channel(array: np.ndarray, ndim: int, dtype: str) -> Any:
-    """A per-channel constant shaped to broadcast along axis 1 (or a scalar)."""
+def _channel(ctx: Context, array: np.ndarray, ndim: int, dtype: str) -> Any:
+    """A per-channel constant shaped to broadcast along the channel axis (or a scalar)."""
     a = np.asarray(array)
-    return _const(a.reshape((1, -1) + (1,) * (ndim - 2)) if a.ndim == 1 else a, dtype)
+    if a.ndim != 1:
+        return _const(a, dtype)
+    shape = [1] * ndim
+    shape[ctx.channel_axis(ndim)] = -1
+    return _const(a.reshape(shape), dtype)
 
 
 def _ndim(expr: Any) -> int:
     return len(expr.ty.shape)
 
 
-def _requantize(x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
+def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
                 zero_point: int = 0) -> Any:
     """``clip(((x - z_in)*b + 2^(c-1)) >> c + z_out, qmin, qmax)`` in int64 (the rule of
     :func:`hawqc.quant.dyadic.requantize`), stored in the narrowest type."""
@@ -75,15 +146,16 @@ def _requantize(x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, inpu
     y = R.astype(x, "int64")
     if input_zero_point:
         y = R.subtract(y, _const(input_zero_point, "int64"))
-    y = R.multiply(y, _channel(b, ndim, "int64"))
-    y = R.right_shift(R.add(y, _channel(np.left_shift(1, c - 1), ndim, "int64")), _channel(c, ndim, "int64"))
+    y = R.multiply(y, _channel(ctx, b, ndim, "int64"))
+    y = R.right_shift(R.add(y, _channel(ctx, np.left_shift(1, c - 1), ndim, "int64")),
+                      _channel(ctx, c, ndim, "int64"))
     if zero_point:
         y = R.add(y, _const(zero_point, "int64"))
     y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
     return R.astype(y, storage_dtype(qmin, qmax))
 
 
-def _quantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
@@ -91,56 +163,60 @@ def _quantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
     if op.attrs.get("zero_point", 0):
         q = R.add(q, _const(op.attrs["zero_point"], "float32"))
     q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
-    return R.astype(q, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
+    return ctx.to_internal(ctx.bb.emit(R.astype(q, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))))
 
 
-def _dequantize(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _dequantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     q = R.astype(ins[0], "int32")
     if op.attrs.get("zero_point", 0):
         q = R.subtract(q, _const(op.attrs["zero_point"], "int32"))
-    return R.multiply(R.astype(q, "float32"), _channel(op.consts["scale"], _ndim(ins[0]), "float32"))
+    return R.multiply(R.astype(q, "float32"), _channel(ctx, op.consts["scale"], _ndim(ins[0]), "float32"))
 
 
-def _conv2d(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _conv2d(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
-    x, padding = _padded(bb, ins[0], a["padding"], a.get("pad_value", 0))
+    x, padding = _padded(ctx, ins[0], a["padding"], a.get("pad_value", 0))
     acc = R.nn.conv2d(x, _const(op.consts["weight"], "int8"), strides=a["stride"], padding=padding,
-                      dilation=a["dilation"], groups=a["groups"], out_dtype="int32")
-    return R.add(acc, _channel(op.consts["bias"], 4, "int32")) if "bias" in op.consts else acc
+                      dilation=a["dilation"], groups=a["groups"], data_layout=ctx.layout, kernel_layout="OIHW",
+                      out_dtype="int32")
+    return R.add(acc, _channel(ctx, op.consts["bias"], 4, "int32")) if "bias" in op.consts else acc
 
 
-def _dense(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _dense(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     acc = R.matmul(ins[0], _const(op.consts["weight"].T, "int8"), out_dtype="int32")
     return R.add(acc, _const(op.consts["bias"], "int32")) if "bias" in op.consts else acc
 
 
-def _padded(bb: Any, x: Any, padding: list[int], value: int) -> tuple[Any, list[int]]:
+def _padded(ctx: Context, x: Any, padding: list[int], value: int) -> tuple[Any, list[int]]:
     """Explicit padding with a zero point (an op's own padding only pads with 0)."""
     if not value or not any(padding):
         return x, padding
-    return bb.emit(_pad_expr(x, padding, value)), [0, 0, 0, 0]
+    return ctx.bb.emit(_pad_expr(ctx, x, padding, value)), [0, 0, 0, 0]
 
 
-def _pad_expr(x: Any, pads: list[int], value: int) -> Any:
+def _pad_expr(ctx: Context, x: Any, pads: list[int], value: int) -> Any:
     from tvm.relax import op as R
 
     top, left, bottom, right = pads
-    return R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(value))
+    widths = [0] * 8
+    (h, w) = ctx.spatial_axes(4)
+    widths[2 * h: 2 * h + 2], widths[2 * w: 2 * w + 2] = [top, bottom], [left, right]
+    return R.nn.pad(x, widths, pad_value=float(value))
 
 
-def _requantize_op(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _requantize_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
-    return _requantize(ins[0], op.consts["b"], op.consts["c"], a["qmin"], a["qmax"], a.get("input_zero_point", 0),
-                       a.get("zero_point", 0))
+    return _requantize(ctx, ins[0], op.consts["b"], op.consts["c"], a["qmin"], a["qmax"],
+                       a.get("input_zero_point", 0), a.get("zero_point", 0))
 
 
-def _add(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
@@ -153,15 +229,16 @@ def _add(bb: Any, ins: list[Any], op: IntOp) -> Any:
     return R.astype(total, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
 
 
-def _concat(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     dtypes = {str(x.ty.dtype) for x in ins}
     common = dtypes.pop() if len(dtypes) == 1 else "int32"
-    return R.concat([x if str(x.ty.dtype) == common else R.astype(x, common) for x in ins], axis=1)
+    return R.concat([x if str(x.ty.dtype) == common else R.astype(x, common) for x in ins],
+                    axis=ctx.channel_axis(_ndim(ins[0])))
 
 
-def _clip(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _clip(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
@@ -169,39 +246,41 @@ def _clip(bb: Any, ins: list[Any], op: IntOp) -> Any:
     return R.astype(y, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
 
 
-def _maxpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _maxpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
-    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=a["padding"])
+    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=a["padding"],
+                           layout=ctx.layout)
 
 
-def _window_sum(bb: Any, x: Any, kernel: list[int], stride: list[int], padding: list[int]) -> Any:
+def _window_sum(ctx: Context, x: Any, kernel: list[int], stride: list[int], padding: list[int]) -> Any:
     from tvm.relax import op as R
 
-    channels = int(x.ty.shape[1])
+    channels = int(x.ty.shape[ctx.channel_axis(4)])
     ones = _const(np.ones((channels, 1, *kernel)), str(x.ty.dtype))
-    return R.nn.conv2d(x, ones, strides=stride, padding=padding, groups=channels, out_dtype="int32")
+    return R.nn.conv2d(x, ones, strides=stride, padding=padding, groups=channels, data_layout=ctx.layout,
+                       kernel_layout="OIHW", out_dtype="int32")
 
 
-def _avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
     b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
-    x, padding = _padded(bb, ins[0], a["padding"], a.get("input_zero_point", 0))
-    sums = bb.emit(_window_sum(bb, x, a["kernel"], a["stride"], padding))
-    return _requantize(sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)
+    x, padding = _padded(ctx, ins[0], a["padding"], a.get("input_zero_point", 0))
+    sums = ctx.bb.emit(_window_sum(ctx, x, a["kernel"], a["stride"], padding))
+    return _requantize(ctx, sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)
 
 
-def _global_avgpool(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    h, w = int(ins[0].ty.shape[2]), int(ins[0].ty.shape[3])
-    b, c, offset, zp = pool_rescale(op.attrs, op.consts, h * w)
-    sums = bb.emit(R.sum(R.astype(ins[0], "int32"), axis=[2, 3], keepdims=True))
-    return _requantize(sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
+    axes = ctx.spatial_axes(4)
+    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]] * ins[0].ty.shape[axes[1]]))
+    sums = ctx.bb.emit(R.sum(R.astype(ins[0], "int32"), axis=axes, keepdims=True))
+    return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
 
-def _lut(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     table = op.consts["table"]
@@ -210,7 +289,7 @@ def _lut(bb: Any, ins: list[Any], op: IntOp) -> Any:
     return R.take(_const(table, out_dtype), index, axis=0)
 
 
-def _mul(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _mul(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a, b = (R.astype(x, "int64") for x in ins)
@@ -218,25 +297,29 @@ def _mul(bb: Any, ins: list[Any], op: IntOp) -> Any:
         a = R.subtract(a, _const(op.attrs["a_zero_point"], "int64"))
     if op.attrs.get("b_zero_point", 0):
         b = R.subtract(b, _const(op.attrs["b_zero_point"], "int64"))
-    product = bb.emit(R.multiply(a, b))
-    return _requantize(product, op.consts["b"], op.consts["c"], op.attrs["qmin"], op.attrs["qmax"], 0,
+    product = ctx.bb.emit(R.multiply(a, b))
+    return _requantize(ctx, product, op.consts["b"], op.consts["c"], op.attrs["qmin"], op.attrs["qmax"], 0,
                        op.attrs.get("zero_point", 0))
 
 
-def _pad(bb: Any, ins: list[Any], op: IntOp) -> Any:
-    return _pad_expr(ins[0], op.attrs["pads"], op.attrs.get("pad_value", 0))
+def _pad(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    return _pad_expr(ctx, ins[0], op.attrs["pads"], op.attrs.get("pad_value", 0))
 
 
-def _flatten(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _flatten(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    return R.reshape(ins[0], [int(ins[0].ty.shape[0]), -1])
+    x = ins[0]
+    if sum(int(d) > 1 for d in list(x.ty.shape)[1:]) > 1:  # the element order depends on the layout
+        x = ctx.bb.emit(ctx.to_external(x))
+    return R.reshape(x, [int(x.ty.shape[0]), -1])
 
 
-def _reshape(bb: Any, ins: list[Any], op: IntOp) -> Any:
+def _reshape(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    return R.reshape(ins[0], op.attrs["shape"])
+    y = ctx.bb.emit(R.reshape(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["shape"]))
+    return ctx.to_internal(y)
 
 
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {

@@ -3,7 +3,7 @@ multiply-shift fused in.
 
 After TVM's default pipeline every PrimFunc is named after the operators ``FuseOps`` put in it;
 a conv2d or matmul kernel whose name also holds ``right_shift`` computes accumulation and
-requantization in one pass over memory; so do hawqc's CUDA ``tensor_core_conv2d`` kernels.
+requantization in one pass over memory; hawqc's own x86 kernels say ``requant`` in their names.
 """
 
 from __future__ import annotations
@@ -16,5 +16,5 @@ def fused_requant(lowered: Any) -> tuple[int, int]:
     import tvm
 
     names = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    kernels = [n for n in names if "conv2d" in n or "matmul" in n]
-    return sum("right_shift" in n or n.startswith("tensor_core_conv2d") for n in kernels), len(kernels)
+    kernels = [n for n in names if "conv2d" in n or "matmul" in n or "dense" in n]
+    return sum("right_shift" in n or "requant" in n for n in kernels), len(kernels)

@@ -26,8 +26,8 @@ from hawqc.topi_int4.cuda.conv2d import (
 )
 from hawqc.topi_int4.cuda.pipeline import int4_tensor_cores
 
-KERNEL_PREFIX = "tensor_core_conv2d"
-"""Name prefix of the kernels this pass adds to the module."""
+KERNEL_PREFIX = "tensor_core_conv2d_requant"
+"""Name prefix of the kernels this pass adds to the module (``requant``: counted as fused by fused_requant)."""
 OPAQUE = 8
 """TVM's ``kOpaque`` operator pattern: ``FuseOps`` fuses nothing into the kernels."""
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.reference.graph import IntegerGraph
+from hawqc.runtime.target import KERNELS
 
 FORMAT_VERSION = 1
 LIBRARY, GRAPH, MANIFEST = "model.so", "graph.int.npz", "manifest.json"
@@ -36,6 +37,8 @@ class CompiledModule:
         self.input_dtype = input_dtype
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
+        self.kernels = "generic"
+        """The conv/dense kernels it runs: vnni, avx2 or generic."""
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self._executable = executable
@@ -101,6 +104,7 @@ class CompiledModule:
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape),
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "kernels": self.kernels,
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(tmp, 0o755)
@@ -114,37 +118,76 @@ class CompiledModule:
 
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                  input_dtype: str = "float32") -> CompiledModule:
+                  input_dtype: str = "float32", kernels: str = "auto") -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
     ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer)."""
-    from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") not in ("llvm", "cuda"):
         raise ValueError(f"target kind {target.get('kind')!r} is not supported: hawqc compiles for llvm and cuda")
-    ir = to_relax(graph, input_shape, input_dtype=input_dtype)
-    executable, lowered = _build(ir, target)
+    kernels = resolve_kernels(kernels, target)
+    ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
+    executable, lowered = _build(ir, target, kernels)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
-    module.fused = fused_requant(lowered)
+    module.kernels, module.fused = kernels, fused_requant(lowered)
     return module
 
 
-def _build(ir: Any, target: dict[str, Any]) -> tuple[Any, Any]:
-    """TVM's default pipeline (fusion included) run once, then the build: (executable, lowered module)."""
+def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any], kernels: str,
+           **kwargs: Any) -> Any:
+    """The integer-only Relax module, with the target's conv/dense kernels and layout."""
+    from hawqc.frontend.integer_graph import to_relax
+    from hawqc.topi_int4.x86.lowering import X86Kernels
+
+    kernels = resolve_kernels(kernels, target)
+    if kernels in ("generic", "tensor_core"):  # the CUDA pipeline swaps the convs for its own kernels
+        return to_relax(graph, input_shape, **kwargs)
+    return to_relax(graph, input_shape, layout="NHWC", kernels=X86Kernels(kernels == "vnni"), **kwargs)
+
+
+def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
+    """``auto`` made concrete for ``target``: ``vnni`` where it has AVX-512 VNNI, else ``avx2``;
+    ``tensor_core`` (the only choice) for CUDA."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    if target.get("kind") == "cuda":
+        if kernels != "auto":
+            raise ValueError(f"kernels {kernels!r} are CPU kernels: a cuda target uses Tensor Core kernels (auto)")
+        return "tensor_core"
+    if kernels != "auto":
+        return kernels
+    return "vnni" if has_vnni(target) else "avx2"
+
+
+def has_vnni(target: dict[str, Any]) -> bool:
+    """Whether the llvm target has AVX-512 VNNI (``vpdpbusd``)."""
+    import tvm
+
+    return bool(tvm.target.codegen.target_has_features("avx512vnni", tvm.target.Target(target)))
+
+
+def _build(ir: Any, target: dict[str, Any], kernels: str = "auto") -> tuple[Any, Any]:
+    """TVM's default pipeline (fusion included) run once, hawqc's CPU schedules on every kernel
+    not scheduled yet (unless ``generic``), then the build: (executable, lowered module)."""
     import tvm
     from tvm import relax
+    from tvm.s_tir import dlight
 
-    if target.get("kind") == "cuda":
+    from hawqc.topi_int4.x86.schedules import Parallel
+
+    if target.get("kind") == "cuda":  # Tensor Core convs, dlight schedules for the rest
         from hawqc.topi_int4.cuda.pipeline import check_arch, cuda_pipeline
 
         check_arch(target)
         tvm_target = tvm.target.Target(target, host={"kind": "llvm"})
-        pipeline = cuda_pipeline(tvm_target)
-    else:
-        tvm_target = tvm.target.Target(target)
-        pipeline = relax.get_default_pipeline(tvm_target)
+        with tvm_target:
+            lowered = cuda_pipeline(tvm_target)(ir)
+        return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
+    tvm_target = tvm.target.Target(target)
     with tvm_target:
-        lowered = pipeline(ir)
+        lowered = relax.get_default_pipeline(tvm_target)(ir)
+        if kernels != "generic":
+            lowered = dlight.ApplyDefaultSchedule(Parallel())(lowered)
     return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
 
 
@@ -164,23 +207,26 @@ def load(folder: str | os.PathLike[str]) -> CompiledModule:
     with _native_stderr_silenced():
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
     graph = IntegerGraph.load(folder / GRAPH)
-    return CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
+    module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
+    module.kernels = manifest.get("kernels", "generic")
+    return module
 
 
-def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any]) -> tuple[str, int]:
+def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
+                     kernels: str = "auto") -> tuple[str, int]:
     """The first operation whose compiled output differs from the reference, and its max |diff|."""
     import tvm
     from tvm import relax
 
-    from hawqc.frontend.integer_graph import to_relax
     from hawqc.reference.graph import execute
-    from hawqc.reference.kernels import KERNELS
+    from hawqc.reference.kernels import KERNELS as REFERENCE
 
     integer_ops = [op for op in graph.ops if op.op != "dequantize"]
-    executable, _ = _build(to_relax(graph, x.shape, [op.output for op in integer_ops]), target)
+    ir = _lower(graph, x.shape, target, kernels, outputs=[op.output for op in integer_ops])
+    executable, _ = _build(ir, target, kernels)
     compiled = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
     reference: dict[str, Any] = {}
-    execute(graph, x, KERNELS, trace=reference)
+    execute(graph, x, REFERENCE, trace=reference)
     for op, got in zip(integer_ops, compiled):
         diff = np.abs(got.numpy().astype(np.int64) - reference[op.output].astype(np.int64))
         if diff.any():

@@ -7,6 +7,10 @@ import json
 import shlex
 from typing import Any
 
+KERNELS = ("auto", "vnni", "avx2", "generic")
+"""CPU kernel choices: ``auto`` picks ``vnni`` where the target has AVX-512 VNNI, else ``avx2``;
+``generic`` is TVM's own lowering without hawqc schedules (a baseline)."""
+
 
 def parse_target(spec: str | dict[str, Any] | None = None) -> dict[str, Any]:
     """A TVM target dict from a string, JSON text or dict; ``ValueError`` for anything TVM refuses."""

@@ -1,1 +1,1 @@
-"""Hand-written integer kernels (TIR) for hawqc's targets."""
+"""Kernels: TIR computes and schedules for integer conv2d/dense (x86 VNNI, CUDA Tensor Cores)."""

@@ -1,0 +1,228 @@
+"""CPU latency side by side: hawqc (W8A8, W4A4, mixed) vs ONNX Runtime INT8/FP32, PyTorch FP32, TVM FP32.
+
+    python benchmarks/cpu_latency.py [--models resnet18,resnet50] [--batches 1,8] [--runs 20] [--quick]
+
+One process, one machine, the same FP32 model everywhere (random weights, BatchNorm statistics
+recalibrated on random images: latency does not depend on the values). ONNX Runtime INT8 is the FP32
+ONNX model quantized by ``quantize_static`` with its defaults (QDQ, uint8 activations, int8 weights),
+2 intra-op threads like every other row. TVM FP32 is ``from_exported_program`` + ``tvm.compile`` with
+the default pipeline (no tuning). Each figure is the median of ``--runs`` runs after a warm-up (rows
+slower than 2 s a run take fewer runs, said in the table). Writes ``cpu_latency.{json,md}`` and
+``cpu_latency_layers.md``: every conv/dense kernel of hawqc W8A8 ResNet-50 at batch 8 with its
+achieved GMAC/s against the machine's VNNI peak (cores x clock x 64 MACs a cycle: one 512-bit
+``vpdpbusd`` a cycle per Zen 4 core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import hawqc
+from hawqc import BitConfig, LayerBits, models, quantize
+from hawqc.fileio import write_atomic
+
+THREADS = 2
+SLOW_RUN_S = 2.0
+MIXED = "mixed: uniform4, layer1+layer2 and first/last at 8"
+
+
+def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
+    """Median and spread (ms) of ``runs`` calls after one warm-up; slow calls get at least 3 runs."""
+    start = time.perf_counter()
+    run()
+    if time.perf_counter() - start > SLOW_RUN_S:
+        runs = 3
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"ms": statistics.median(times), "stdev_ms": statistics.pstdev(times), "runs": runs}
+
+
+def mixed_config(model: torch.nn.Module) -> BitConfig:
+    eight = {n: LayerBits(8, 8) for n in models.quantizable_layers(model) if n.startswith(("layer1", "layer2"))}
+    return BitConfig(default=LayerBits(4, 4), first_last=LayerBits(8, 8), layers=eight)
+
+
+def float_model(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = models.get(name).eval()
+    calib = [torch.randn(4, 3, 224, 224)]
+    models.recalibrate_bn(model, calib)
+    return model, calib
+
+
+def hawqc_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray, runs: int,
+               layers_out: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    rows = []
+    for label, config in (("hawqc W8A8", "uniform8"), ("hawqc W4A4", "uniform4"), ("hawqc mixed", mixed_config(model))):
+        module = hawqc.compile_integer_only(quantize(model, config, calib).integer_graph(), input_shape=x.shape)
+        exact = bool(np.array_equal(module(x), module.reference(x)))
+        rows.append({"engine": label, **timed(lambda: module(x), runs), "bit_exact": exact})
+        if layers_out is not None and config == "uniform8":
+            layers_out.extend(layer_profile(module, x, runs))
+    return rows
+
+
+def layer_profile(module: Any, x: np.ndarray, runs: int) -> list[dict[str, Any]]:
+    """Per conv/dense kernel: median time over ``runs`` model runs, MACs from the call's tensor shapes."""
+    calls: list[tuple[str, float, int]] = []
+    started: dict[str, float] = {}
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if "conv2d" in symbol or "dense" in symbol:
+            if before:
+                started[symbol] = time.perf_counter()
+            else:
+                calls.append((symbol, time.perf_counter() - started[symbol], _macs(args)))
+        return 0
+
+    module._vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            module(x)
+    finally:
+        module._vm.set_instrument(None)
+    per_run = len(calls) // runs
+    layers = [row for row in module.summary()]
+    out = []
+    for i in range(per_run):
+        symbol, _, macs = calls[i]
+        seconds = statistics.median(calls[i + k * per_run][1] for k in range(runs))
+        out.append({"layer": layers[i]["layer"] if i < len(layers) else symbol, "kernel": symbol,
+                    "gmac": macs / 1e9, "us": seconds * 1e6, "gmac_per_s": macs / seconds / 1e9})
+    return out
+
+
+def _macs(args: tuple[Any, ...]) -> int:
+    """MACs of a hawqc x86 conv kernel call: output elements x KH x KW x packed input channels."""
+    weight, out = args[1].shape, args[-1].shape
+    return int(np.prod(out)) * int(np.prod(weight[1:4])) * int(weight[5] if weight[4] == 16 else weight[4])
+
+
+def onnx_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray, runs: int,
+              folder: Path) -> list[dict[str, Any]]:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    fp32 = folder / f"{name}.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x),), str(fp32), input_names=["input"], dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": b[:1].numpy()} for b in calib[0].split(1)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    int8 = folder / f"{name}.int8.onnx"
+    quantize_static(str(fp32), str(int8), Reader())
+    rows = []
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    for label, path in (("ONNX Runtime INT8", int8), ("ONNX Runtime FP32", fp32)):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        rows.append({"engine": label, **timed(lambda: session.run(None, {"input": x}), runs)})
+    return rows
+
+
+def torch_row(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, Any]:
+    torch.set_num_threads(THREADS)
+    inputs = torch.from_numpy(x)
+    with torch.inference_mode():
+        return {"engine": "PyTorch FP32", **timed(lambda: model(inputs), runs)}
+
+
+def tvm_fp32_row(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, Any]:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from hawqc.runtime.target import parse_target
+
+    exported = torch.export.export(model, (torch.from_numpy(x),))
+    target = tvm.target.Target(parse_target("llvm"))
+    mod = from_exported_program(exported, keep_params_as_input=False)
+    executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    inputs = tvm.runtime.tensor(x)
+    return {"engine": "TVM FP32 (default pipeline)", **timed(lambda: vm["main"](inputs), runs)}
+
+
+def peak_gmac_per_s() -> tuple[float, str]:
+    """The VNNI int8 peak: cores x clock x 64 MACs a cycle (one 512-bit vpdpbusd a cycle per core)."""
+    mhz = max(float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("cpu MHz"))
+    return THREADS * mhz * 1e6 * 64 / 1e9, f"{THREADS} cores x {mhz / 1e3:.2f} GHz x 64 MAC/cycle"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,resnet50")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="resnet18, batch 1, 5 runs, no TVM FP32")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    names, batches, runs = args.models.split(","), [int(b) for b in args.batches.split(",")], args.runs
+    if args.quick:
+        names, batches, runs = ["resnet18"], [1], 5
+    torch.set_num_threads(THREADS)
+    results, layers = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            model, calib = float_model(name)
+            for batch in batches:
+                x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+                profile = layers if (name, batch) == (names[-1], batches[-1]) else None
+                rows = hawqc_rows(name, model, calib, x, runs, profile)
+                rows += onnx_rows(name, model, calib, x, runs, Path(tmp))
+                rows.append(torch_row(model, x, runs))
+                if not args.quick:
+                    rows.append(tvm_fp32_row(model, x, runs))
+                ort_int8 = next(r["ms"] for r in rows if r["engine"] == "ONNX Runtime INT8")
+                for row in rows:
+                    row.update(model=name, batch=batch, vs_ort_int8=row["ms"] / ort_int8)
+                    print(json.dumps(row), flush=True)
+                results += rows
+    peak, how = peak_gmac_per_s()
+    for row in layers:
+        row["peak_fraction"] = row["gmac_per_s"] / peak
+    write_report(Path(args.out), results, layers, peak, how, f"{names[-1]} batch {batches[-1]}")
+
+
+def write_report(out: Path, results: list[dict[str, Any]], layers: list[dict[str, Any]], peak: float, how: str,
+                 profiled: str) -> None:
+    machine = f"{platform.processor() or platform.machine()}, {THREADS} threads, torch {torch.__version__}"
+    lines = [f"# CPU latency, ms (median; {machine})", "",
+             "| model | batch | engine | ms | x ORT INT8 | runs | bit-exact |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['engine']} | {r['ms']:.2f} | {r['vs_ort_int8']:.2f} | "
+              f"{r['runs']} | {'' if 'bit_exact' not in r else ('yes' if r['bit_exact'] else 'NO')} |"
+              for r in results]
+    lines += ["", f"hawqc mixed = {MIXED}. VNNI int8 peak {peak:.0f} GMAC/s ({how})."]
+    table = [f"# hawqc W8A8 kernels, {profiled}: achieved GMAC/s vs the VNNI peak ({peak:.0f} GMAC/s, {how})", "",
+             "| layer | kernel | GMAC | us | GMAC/s | % peak |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['layer']} | {r['kernel']} | {r['gmac']:.3f} | {r['us']:.0f} | {r['gmac_per_s']:.0f} | "
+              f"{100 * r['peak_fraction']:.0f} |" for r in layers]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "cpu_latency.json", json.dumps({"machine": machine, "peak_gmac_per_s": peak, "peak": how,
+                                                      "rows": results, "layers": layers}, indent=2) + "\n")
+    write_atomic(out / "cpu_latency.md", "\n".join(lines) + "\n")
+    write_atomic(out / "cpu_latency_layers.md", "\n".join(table) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""INT8/INT4 conv2d for x86, NHWC, with the dyadic requantization in the epilogue.
+
+Compute (one PrimFunc): an optional padding stage (spatial padding and input channels up to a
+multiple of 4, with zeros), the int32 accumulation against weights packed
+``[OC/16, KH, KW, IC/4, 16, 4]`` (see :func:`pack_weight`), then per output channel
+``clip(((acc + bias) * b + 2^(c-1)) >> c + zero_point, qmin, qmax)`` in int64, cast to the output
+type: the rule of :func:`hawqc.quant.dyadic.requantize`, with the input zero point and the VNNI
+offset compensation folded into ``bias``. Without requantization the epilogue writes ``acc + bias``.
+
+Schedule: output rows in parallel, a register tile of ``ow_block`` pixels x ``oc_vectors`` x 16
+channels accumulated over (kh, kw, ic/4), its innermost 16x4 step tensorized with ``vpdpbusd``
+(:mod:`.intrin`) or, without VNNI, left to LLVM as 16-lane int32 multiply-adds; the epilogue runs on the
+tile while it is in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hawqc.topi_int4.x86.intrin import GROUP, LANES, VNNI_S8, VNNI_U8, register
+
+OPAQUE = 8
+"""TVM's ``kOpaque`` operator pattern: FuseOps leaves a scheduled kernel alone."""
+
+
+@dataclass(frozen=True)
+class Requant:
+    """The epilogue's clip bounds, output zero point and storage type."""
+
+    qmin: int
+    qmax: int
+    zero_point: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Conv2dWorkload:
+    """An NHWC convolution with packed weights (groups = 1)."""
+
+    batch: int
+    height: int
+    width: int
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    in_dtype: str
+    pad_value: int = 0
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        top, left, bottom, right = self.padding
+        return ((self.height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                (self.width + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+    @property
+    def packed_in(self) -> int:
+        return -(-self.in_channels // GROUP) * GROUP
+
+    @property
+    def packed_out(self) -> int:
+        return -(-self.out_channels // LANES) * LANES
+
+
+def pack_weight(weight: np.ndarray, vnni: bool = True) -> np.ndarray:
+    """OIHW int8 weights to ``[OC/16, KH, KW, IC/4, 16, 4]`` (``[..., 4, 16]`` without VNNI: 16
+    channels contiguous for plain vector multiply-adds), zero-padded to whole blocks."""
+    oc, ic, kh, kw = weight.shape
+    ocp, icp = -(-oc // LANES) * LANES, -(-ic // GROUP) * GROUP
+    padded = np.zeros((ocp, icp, kh, kw), dtype=np.int8)
+    padded[:oc, :ic] = weight
+    blocks = padded.reshape(ocp // LANES, LANES, icp // GROUP, GROUP, kh, kw)
+    return np.ascontiguousarray(blocks.transpose((0, 4, 5, 2, 1, 3) if vnni else (0, 4, 5, 2, 3, 1)))
+
+
+def offset_of(in_dtype: str, vnni: bool) -> int:
+    """What the kernel adds to each activation: 128 for int8 under VNNI (it wants unsigned bytes), else 0."""
+    return 128 if vnni and in_dtype == "int8" else 0
+
+
+def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True) -> Any:
+    """The unscheduled PrimFunc ``(x, packed_weight, bias[, b, round, shift]) -> out``."""
+    from tvm import te, tirx
+
+    n, h, w, cin = wl.batch, wl.height, wl.width, wl.in_channels
+    (kh, kw), (sh, sw), (dh, dw) = wl.kernel, wl.stride, wl.dilation
+    top, left, bottom, right = wl.padding
+    oh, ow = wl.out_size
+    cp, ocp = wl.packed_in, wl.packed_out
+    x = te.placeholder((n, h, w, cin), wl.in_dtype, name="x")
+    block = (LANES, GROUP) if vnni else (GROUP, LANES)
+    weight = te.placeholder((ocp // LANES, kh, kw, cp // GROUP, *block), "int8", name="weight")
+    bias = te.placeholder((ocp,), "int64", name="bias")
+    data = x
+    if any(wl.padding) or cp != cin:
+        def pad(i: Any, y: Any, z: Any, c: Any) -> Any:
+            inside = tirx.all(y >= top, y < h + top, z >= left, z < w + left)
+            value = tirx.if_then_else(inside, x[i, y - top, z - left, c], tirx.const(wl.pad_value, wl.in_dtype))
+            return tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
+        data = te.compute((n, h + top + bottom, w + left + right, cp), pad, name="pad")
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, cp), "rc")
+    offset = offset_of(wl.in_dtype, vnni)
+    acc = te.compute(
+        (n, oh, ow, ocp),
+        lambda i, y, z, o: te.sum(
+            (data[i, y * sh + ry * dh, z * sw + rx * dw, rc].astype("int32") + offset)
+            * weight[(o // LANES, ry, rx, rc // GROUP) + ((o % LANES, rc % GROUP) if vnni else (rc % GROUP, o % LANES))
+                     ].astype("int32"),
+            axis=[ry, rx, rc]),
+        name="acc")
+    shape = (n, oh, ow, wl.out_channels)
+    if requant is None:
+        out = te.compute(shape, lambda i, y, z, o: (acc[i, y, z, o].astype("int64") + bias[o]).astype("int32"),
+                         name="out")
+        return te.create_prim_func([x, weight, bias, out])
+    b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
+
+    def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
+        v = ((acc[i, y, z, o].astype("int64") + bias[o]) * b[o] + rnd[o]) >> shift[o]
+        if requant.zero_point:
+            v = v + requant.zero_point
+        return tirx.max(tirx.min(v, requant.qmax), requant.qmin).astype(requant.dtype)
+
+    out = te.compute(shape, epilogue, name="out")
+    return te.create_prim_func([x, weight, bias, b, rnd, shift, out])
+
+
+def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[int, int] | None = None) -> Any:
+    """The scheduled PrimFunc; ``tile`` = (output pixels, 16-channel vectors) per register tile."""
+    from tvm import s_tir
+
+    func = conv2d_compute(wl, requant, vnni)
+    ow_block, oc_vectors = tile or default_tile(wl)
+    sch = s_tir.Schedule(func)
+    conv = sch.get_sblock("acc")
+    n, y, z, o, ry, rx, rc = sch.get_loops(conv)
+    oco, ocv, oci = sch.split(o, [None, oc_vectors, LANES])
+    zo, zi = sch.split(z, [None, ow_block])
+    rco, rci = sch.split(rc, [None, GROUP])
+    sch.reorder(n, y, zo, oco, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, oco)
+    sch.parallel(sch.fuse(n, y))
+    sch.unroll(zi)
+    sch.unroll(ocv)
+    if not vnni:  # 16-lane int32 multiply-adds, vectorized while the block still has its init
+        sch.unroll(rci)
+        sch.vectorize(oci)
+    init = sch.decompose_reduction(conv, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if vnni:
+        register()
+        sch.tensorize(oci, VNNI_S8 if wl.in_dtype == "int8" else VNNI_U8)
+    sch.set_scope(init, 0, "local")
+    _vectorize_channels(sch, out)
+    if "pad" in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:
+        pad = sch.get_sblock("pad")
+        pn, py, *_ = sch.get_loops(pad)
+        sch.parallel(sch.fuse(pn, py))
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
+    return func.without_attr("global_symbol")
+
+
+def _vectorize_channels(sch: Any, block: Any) -> None:
+    """Vectorize the epilogue over 16 output channels where they divide evenly."""
+    *_, last = sch.get_loops(block)
+    extent = sch.get(last).extent
+    if int(extent) % LANES == 0:
+        _, inner = sch.split(last, [None, LANES])
+        sch.vectorize(inner)
+
+
+def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
+    """Register tile: up to 24 accumulators (AVX-512 has 32 vector registers), output pixels
+    dividing the row width, preferring 2 channel vectors (each broadcast feeds two dot products)."""
+    _, ow = wl.out_size
+    vectors = 2 if wl.packed_out % (2 * LANES) == 0 else 1
+    pixels = max(d for d in range(1, 24 // vectors + 1) if ow % d == 0)
+    return pixels, vectors

@@ -1,0 +1,81 @@
+"""hawqc's x86 conv/dense lowering: each layer (with the requantize after it) becomes one call to
+the scheduled kernel of :mod:`.conv2d`, its weights packed and its bias compensated at compile time.
+
+Plugged into :func:`hawqc.frontend.integer_graph.to_relax` as its ``kernels`` (NHWC layout). Grouped
+convolutions and int32 inputs keep the generic lowering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hawqc.frontend.integer_graph import Context, storage_dtype
+from hawqc.reference.graph import IntOp
+from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
+
+
+@dataclass(frozen=True)
+class X86Kernels:
+    """Conv/dense kernels for x86: ``vnni`` picks ``vpdpbusd``, else plain 16-lane vector code (AVX2)."""
+
+    vnni: bool
+
+    def __call__(self, ctx: Context, x: Any, op: IntOp, requant: IntOp | None) -> Any:
+        from tvm import relax
+        from tvm.relax import op as R
+
+        dtype = str(x.ty.dtype)
+        if ctx.layout != "NHWC" or dtype not in ("int8", "uint8") or op.attrs.get("groups", 1) != 1:
+            return None
+        shape = [int(d) for d in x.ty.shape]
+        if op.op == "dense":
+            weight = op.consts["weight"][:, :, None, None]
+            x = ctx.bb.emit(R.reshape(x, [shape[0], 1, 1, shape[1]]))
+            wl = Conv2dWorkload(shape[0], 1, 1, shape[1], weight.shape[0], (1, 1), (1, 1), (0, 0, 0, 0), (1, 1),
+                                dtype)
+        else:
+            a, weight = op.attrs, op.consts["weight"]
+            wl = Conv2dWorkload(*shape, weight.shape[0], tuple(weight.shape[2:]), tuple(a["stride"]),
+                                tuple(a["padding"]), tuple(a["dilation"]), dtype, a.get("pad_value", 0))
+        epilogue = _requant(requant)
+        func = conv2d(wl, epilogue, self.vnni)
+        name = f"{op.op}_{'vnni' if self.vnni else 'avx2'}" + ("_requant" if requant else "")
+        gv = ctx.bb.add_func(func, name)
+        consts = _constants(wl, weight, op, requant, self.vnni)
+        oh, ow = wl.out_size
+        out = relax.TensorType((wl.batch, oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
+        y = R.call_tir(gv, [x, *consts], out)
+        if op.op == "dense":
+            y = R.reshape(ctx.bb.emit(y), [wl.batch, wl.out_channels])
+        return y
+
+
+def _requant(op: IntOp | None) -> Requant | None:
+    if op is None:
+        return None
+    a = op.attrs
+    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), storage_dtype(a["qmin"], a["qmax"]))
+
+
+def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None, vnni: bool) -> list[Any]:
+    """Packed weights, the bias with the activation offset (and input zero point of the requantize)
+    folded in, then per-channel ``b``, ``2^(c-1)`` and ``c``, all padded to whole 16-channel blocks."""
+    from tvm import relax
+
+    oc, ocp = wl.out_channels, wl.packed_out
+
+    def padded(values: Any, fill: int = 0) -> Any:
+        v = np.broadcast_to(np.asarray(values, dtype=np.int64), (oc,))
+        return relax.const(np.concatenate([v, np.full(ocp - oc, fill, np.int64)]), "int64")
+
+    bias = np.asarray(op.consts.get("bias", 0), dtype=np.int64)
+    bias = bias - offset_of(wl.in_dtype, vnni) * weight.astype(np.int64).sum(axis=(1, 2, 3))
+    consts = [relax.const(pack_weight(weight, vnni), "int8")]
+    if requant is None:
+        return [*consts, padded(bias)]
+    c = np.asarray(requant.consts["c"], dtype=np.int64)
+    bias = bias - requant.attrs.get("input_zero_point", 0)
+    return [*consts, padded(bias), padded(requant.consts["b"], 1), padded(np.left_shift(1, c - 1)), padded(c, 1)]

@@ -1,0 +1,56 @@
+"""Schedules for every x86 kernel that is not a conv/dense: element-wise ops, requantize, pooling.
+
+TVM 0.27 lowers these without any schedule on CPU (one thread, scalar loops). :class:`Parallel` is a
+dlight rule: inline what can be inlined, then per remaining block put the spatial loops outside
+the reduction loops, run them on all cores and vectorize the innermost spatial loop (in NHWC the
+channels) by 16 lanes when it divides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm.s_tir.dlight.base import ScheduleRule
+
+LANES = 16
+
+
+class Parallel(ScheduleRule):
+    """Parallel outer loops, vectorized channels, for any PrimFunc not scheduled yet."""
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if "llvm" != target.kind.name:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in try_inline(sch, infos):
+            _schedule_block(sch, info.block_rv, info.dom_kind())
+        return sch
+
+
+def _schedule_block(sch: Any, block: Any, kinds: str) -> None:
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    if not spatial or len(spatial) + len(reduce) != len(loops):
+        return
+    *outer, last = spatial
+    sch.reorder(*outer, *reduce, last)  # channels innermost, reductions around them
+    lanes = None
+    if int(sch.get(last).extent) % LANES == 0:
+        last, lanes = sch.split(last, [None, LANES])
+    if not reduce:
+        outer.append(last)
+    if outer:
+        sch.parallel(sch.fuse(*outer))
+    if lanes is not None:
+        try:
+            sch.vectorize(lanes)
+        except Exception:  # noqa: BLE001 - TVM refuses some vectorizations under reductions: keep it scalar
+            pass

@@ -1,0 +1,115 @@
+"""hawqc's x86 kernels (VNNI and the AVX2 fallback, each selected explicitly): bit-exact against the
+reference executor on single layers of every shape class and on whole models."""
+
+import numpy as np
+import pytest
+import torch
+
+from hawqc import models, quantize
+from hawqc.quant.dyadic import dyadic_per_channel
+from hawqc.reference.graph import IntegerGraph, IntOp
+from hawqc.runtime.module import _build, _lower, compile_graph
+from hawqc.runtime.target import parse_target
+from hawqc.topi_int4.x86.conv2d import pack_weight
+
+TARGET = parse_target("llvm")
+KERNELS = ["vnni", "avx2"]
+
+# (in channels, out channels, kernel, stride, padding, dilation, input range, pad value)
+CONVS = {
+    "3x3": (64, 64, 3, 1, 1, 1, (-128, 127), 0),
+    "3x3-s2-int4": (32, 48, 3, 2, 1, 1, (-8, 7), 0),
+    "1x1-uint8": (64, 32, 1, 1, 0, 1, (0, 255), 0),
+    "stem-7x7-s2": (3, 16, 7, 2, 3, 1, (-128, 127), 0),
+    "odd-channels": (5, 10, 3, 1, 1, 1, (-128, 127), 0),
+    "dilated-asym-pad": (16, 16, 3, 1, 2, 2, (-20, 100), 0),
+    "zero-point-pad": (8, 16, 3, 1, 1, 1, (0, 255), 7),
+}
+
+
+def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dilation: int, pad_value: int,
+                requant: bool, seed: int = 0) -> IntegerGraph:
+    rng = np.random.default_rng(seed)
+    shape = (cout, cin, k, k) if op == "conv2d" else (cout, cin)
+    consts = {"weight": rng.integers(-127, 128, shape).astype(np.int8),
+              "bias": rng.integers(-5000, 5000, cout).astype(np.int32)}
+    attrs = {"stride": [stride] * 2, "padding": [pad] * 4, "dilation": [dilation] * 2, "groups": 1,
+             "pad_value": pad_value} if op == "conv2d" else {}
+    ops = [IntOp(op, ["x"], "acc", attrs, consts)]
+    if requant:
+        b, c = dyadic_per_channel(rng.uniform(2e-5, 2e-4, cout))
+        ops.append(IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127, "input_zero_point": 3,
+                                                      "zero_point": -2}, {"b": b, "c": c}))
+    return IntegerGraph("x", ops[-1].output, ops)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_kernel_is_exact(case: str, kernels: str) -> None:
+    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value = CONVS[case]
+    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, requant=True)
+    x = np.random.default_rng(1).integers(lo, hi + 1, (2, cin, 15, 15))
+    dtype = "uint8" if lo >= 0 and hi > 127 else "int8"
+    module = compile_graph(graph, x.shape, TARGET, input_dtype=dtype, kernels=kernels)
+    assert module.fused == (1, 1)
+    np.testing.assert_array_equal(module(x.astype(dtype)), graph.run(x.astype(dtype)))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("op", ["conv2d", "dense"])
+def test_kernel_without_requantize_gives_the_accumulator(op: str, kernels: str) -> None:
+    graph = layer_graph(op, 24, 20, 3, 1, 1, 1, 0, requant=False)
+    shape = (2, 24, 9, 9) if op == "conv2d" else (3, 24)
+    x = np.random.default_rng(2).integers(-128, 128, shape).astype(np.int8)
+    module = compile_graph(graph, x.shape, TARGET, input_dtype="int8", kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_dense_kernel_with_requantize_is_exact(kernels: str) -> None:
+    graph = layer_graph("dense", 100, 10, 1, 1, 0, 1, 0, requant=True)
+    x = np.random.default_rng(3).integers(-128, 128, (4, 100)).astype(np.int8)
+    module = compile_graph(graph, x.shape, TARGET, input_dtype="int8", kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("kernels", [*KERNELS, "generic"])
+@pytest.mark.parametrize(("name", "shape", "config"), [("resnet18", (3, 48, 48), "uniform4"),
+                                                      ("inceptionv3", (3, 80, 80), "uniform8")])
+def test_whole_models_are_exact(name: str, shape: tuple[int, ...], config: str, kernels: str) -> None:
+    torch.manual_seed(0)
+    model = models.get(name)
+    calib = [torch.randn(2, *shape)]
+    models.recalibrate_bn(model, calib)
+    graph = quantize(model, config, calib).integer_graph()
+    x = np.random.default_rng(4).standard_normal((2, *shape)).astype(np.float32)
+    module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize(("kernels", "uses_vnni"), [("vnni", True), ("avx2", False)])
+def test_the_vnni_kernel_runs_vpdpbusd(kernels: str, uses_vnni: bool) -> None:
+    graph = layer_graph("conv2d", 32, 32, 3, 1, 1, 1, 0, requant=True)
+    executable, _ = _build(_lower(graph, (1, 32, 8, 8), TARGET, kernels, input_dtype="int8"), TARGET, kernels)
+    assembly = executable.mod.imports[0].inspect_source("asm")
+    assert ("vpdpbusd" in assembly) == uses_vnni
+
+
+def test_every_kernel_of_a_model_is_scheduled() -> None:
+    torch.manual_seed(0)
+    model = models.get("resnet18")
+    graph = quantize(model, "uniform8", [torch.randn(1, 3, 32, 32)]).integer_graph()
+    _, lowered = _build(_lower(graph, (1, 3, 32, 32), TARGET, "auto"), TARGET)
+    import tvm
+
+    naive = [gv.name_hint for gv, f in lowered.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "T.parallel" not in f.script() and "T.vectorized" not in f.script()]
+    assert naive == []
+
+
+def test_packed_weights_hold_every_weight_once() -> None:
+    w = np.random.default_rng(5).integers(-127, 128, (20, 6, 3, 3)).astype(np.int8)
+    packed = pack_weight(w)
+    assert packed.shape == (2, 3, 3, 2, 16, 4)
+    assert packed[1, 2, 0, 1, 3, 1] == w[16 + 3, 4 + 1, 2, 0]
+    assert np.count_nonzero(packed) == np.count_nonzero(w)
