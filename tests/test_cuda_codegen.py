@@ -249,3 +249,11 @@ def test_requantize_rule_is_the_dyadic_one() -> None:
     ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype=str(x.dtype)))
     assert len(tensor_core_calls(ir)) == 1
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
+
+
+def test_cuda_targets_use_the_tensor_core_kernels() -> None:
+    from hawqc.runtime.module import resolve_kernels
+
+    assert resolve_kernels("auto", SM75) == "tensor_core"
+    with pytest.raises(ValueError, match="for CPUs"):
+        resolve_kernels("vnni", SM75)

@@ -148,12 +148,12 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
     """``auto`` made concrete for ``target``: ``vnni`` where it has AVX-512 VNNI, else ``avx2``;
     ``tensor_core`` (the only choice) for CUDA."""
+    if target.get("kind") == "cuda":
+        if kernels not in ("auto", "tensor_core"):
+            raise ValueError(f"kernels {kernels!r} are for CPUs: a cuda target uses Tensor Core kernels (auto)")
+        return "tensor_core"
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
-    if target.get("kind") == "cuda":
-        if kernels != "auto":
-            raise ValueError(f"kernels {kernels!r} are CPU kernels: a cuda target uses Tensor Core kernels (auto)")
-        return "tensor_core"
     if kernels != "auto":
         return kernels
     return "vnni" if has_vnni(target) else "avx2"
