@@ -7,7 +7,7 @@ recalibrated on random images: latency does not depend on the values). ONNX Runt
 ONNX model quantized by ``quantize_static`` with its defaults (QDQ, uint8 activations, int8 weights),
 2 intra-op threads like every other row. TVM FP32 is ``from_exported_program`` + ``tvm.compile`` with
 the default pipeline (no tuning). Each figure is the median of ``--runs`` runs after a warm-up (rows
-slower than 2 s a run take fewer runs, said in the table). Writes ``cpu_latency.{json,md}`` and
+slower than 2 s a run take 3 runs, said in the table). Writes ``cpu_latency.{json,md}`` and
 ``cpu_latency_layers.md``: every conv/dense kernel of hawqc W8A8 ResNet-50 at batch 8 with its
 achieved GMAC/s against the machine's VNNI peak (cores x clock x 64 MACs a cycle: one 512-bit
 ``vpdpbusd`` a cycle per Zen 4 core).
@@ -38,11 +38,15 @@ MIXED = "mixed: uniform4, layer1+layer2 and first/last at 8"
 
 
 def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
-    """Median and spread (ms) of ``runs`` calls after one warm-up; slow calls get at least 3 runs."""
+    """Median and spread (ms) of ``runs`` calls after warm-up (3 calls; 1 for calls slower than
+    ``SLOW_RUN_S``, which then get 3 runs)."""
     start = time.perf_counter()
     run()
     if time.perf_counter() - start > SLOW_RUN_S:
         runs = 3
+    else:
+        run()
+        run()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -65,14 +69,17 @@ def float_model(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
 
 
 def hawqc_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray, runs: int,
-               layers_out: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+               profiles: dict[str, list[dict[str, Any]]] | None) -> list[dict[str, Any]]:
     rows = []
-    for label, config in (("hawqc W8A8", "uniform8"), ("hawqc W4A4", "uniform4"), ("hawqc mixed", mixed_config(model))):
-        module = hawqc.compile_integer_only(quantize(model, config, calib).integer_graph(), input_shape=x.shape)
+    for label, config, kernels in (("hawqc W8A8", "uniform8", "auto"), ("hawqc W4A4", "uniform4", "auto"),
+                                   ("hawqc W4A4, int4 weights packed", "uniform4", "vnni-w4"),
+                                   ("hawqc mixed", mixed_config(model), "auto")):
+        module = hawqc.compile_integer_only(quantize(model, config, calib).integer_graph(), input_shape=x.shape,
+                                            kernels=kernels)
         exact = bool(np.array_equal(module(x), module.reference(x)))
         rows.append({"engine": label, **timed(lambda: module(x), runs), "bit_exact": exact})
-        if layers_out is not None and config == "uniform8":
-            layers_out.extend(layer_profile(module, x, runs))
+        if profiles is not None and label != "hawqc mixed":
+            profiles[label] = layer_profile(module, x, runs)
     return rows
 
 
@@ -107,9 +114,10 @@ def layer_profile(module: Any, x: np.ndarray, runs: int) -> list[dict[str, Any]]
 
 
 def _macs(args: tuple[Any, ...]) -> int:
-    """MACs of a hawqc x86 conv kernel call: output elements x KH x KW x packed input channels."""
+    """MACs of a hawqc x86 conv kernel call: output elements x KH x KW x input channels (the packed
+    weights are ``[OC/16, KH, KW, IC/4, ...]``)."""
     weight, out = args[1].shape, args[-1].shape
-    return int(np.prod(out)) * int(np.prod(weight[1:4])) * int(weight[5] if weight[4] == 16 else weight[4])
+    return int(np.prod(out)) * int(np.prod(weight[1:4])) * 4
 
 
 def onnx_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray, runs: int,
@@ -180,13 +188,14 @@ def main() -> None:
     if args.quick:
         names, batches, runs = ["resnet18"], [1], 5
     torch.set_num_threads(THREADS)
-    results, layers = [], []
+    results: list[dict[str, Any]] = []
+    profiles: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             model, calib = float_model(name)
             for batch in batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-                profile = layers if (name, batch) == (names[-1], batches[-1]) else None
+                profile = profiles if (name, batch) == (names[-1], batches[-1]) else None
                 rows = hawqc_rows(name, model, calib, x, runs, profile)
                 rows += onnx_rows(name, model, calib, x, runs, Path(tmp))
                 rows.append(torch_row(model, x, runs))
@@ -198,8 +207,9 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                 results += rows
     peak, how = peak_gmac_per_s()
-    for row in layers:
-        row["peak_fraction"] = row["gmac_per_s"] / peak
+    layers = profiles["hawqc W8A8"]
+    for row, w4, packed in zip(layers, profiles["hawqc W4A4"], profiles["hawqc W4A4, int4 weights packed"]):
+        row.update(peak_fraction=row["gmac_per_s"] / peak, w4a4_us=w4["us"], w4a4_packed_us=packed["us"])
     write_report(Path(args.out), results, layers, peak, how, f"{names[-1]} batch {batches[-1]}")
 
 
@@ -212,10 +222,14 @@ def write_report(out: Path, results: list[dict[str, Any]], layers: list[dict[str
               f"{r['runs']} | {'' if 'bit_exact' not in r else ('yes' if r['bit_exact'] else 'NO')} |"
               for r in results]
     lines += ["", f"hawqc mixed = {MIXED}. VNNI int8 peak {peak:.0f} GMAC/s ({how})."]
-    table = [f"# hawqc W8A8 kernels, {profiled}: achieved GMAC/s vs the VNNI peak ({peak:.0f} GMAC/s, {how})", "",
-             "| layer | kernel | GMAC | us | GMAC/s | % peak |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['layer']} | {r['kernel']} | {r['gmac']:.3f} | {r['us']:.0f} | {r['gmac_per_s']:.0f} | "
-              f"{100 * r['peak_fraction']:.0f} |" for r in layers]
+    table = [f"# hawqc kernels, {profiled}: achieved GMAC/s vs the VNNI peak ({peak:.0f} GMAC/s, {how})", "",
+             "W8A8 columns: the int8 kernel; W4A4: the same kernel on 4-bit values, and with the 4-bit weights "
+             "packed two per byte (unpacked in registers). packed/int8 < 1 is where packing pays.", "",
+             "| layer | GMAC | W8A8 us | GMAC/s | % peak | W4A4 us | W4A4 packed us | packed/int8 |",
+             "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['layer']} | {r['gmac']:.3f} | {r['us']:.0f} | {r['gmac_per_s']:.0f} | "
+              f"{100 * r['peak_fraction']:.0f} | {r['w4a4_us']:.0f} | {r['w4a4_packed_us']:.0f} | "
+              f"{r['w4a4_packed_us'] / r['w4a4_us']:.2f} |" for r in layers]
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "cpu_latency.json", json.dumps({"machine": machine, "peak_gmac_per_s": peak, "peak": how,
                                                       "rows": results, "layers": layers}, indent=2) + "\n")

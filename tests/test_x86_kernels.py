@@ -13,25 +13,27 @@ from hawqc.runtime.target import parse_target
 from hawqc.topi_int4.x86.conv2d import pack_weight
 
 TARGET = parse_target("llvm")
-KERNELS = ["vnni", "avx2"]
+KERNELS = ["vnni", "vnni-w4", "avx2"]
 
-# (in channels, out channels, kernel, stride, padding, dilation, input range, pad value)
+# (in channels, out channels, kernel, stride, padding, dilation, input range, pad value, weight bits)
 CONVS = {
-    "3x3": (64, 64, 3, 1, 1, 1, (-128, 127), 0),
-    "3x3-s2-int4": (32, 48, 3, 2, 1, 1, (-8, 7), 0),
-    "1x1-uint8": (64, 32, 1, 1, 0, 1, (0, 255), 0),
-    "stem-7x7-s2": (3, 16, 7, 2, 3, 1, (-128, 127), 0),
-    "odd-channels": (5, 10, 3, 1, 1, 1, (-128, 127), 0),
-    "dilated-asym-pad": (16, 16, 3, 1, 2, 2, (-20, 100), 0),
-    "zero-point-pad": (8, 16, 3, 1, 1, 1, (0, 255), 7),
+    "3x3": (64, 64, 3, 1, 1, 1, (-128, 127), 0, 8),
+    "3x3-s2-w4a4": (32, 48, 3, 2, 1, 1, (-8, 7), 0, 4),
+    "1x1-uint8": (64, 32, 1, 1, 0, 1, (0, 255), 0, 8),
+    "1x1-uint8-w4": (64, 32, 1, 1, 0, 1, (0, 255), 0, 4),
+    "stem-7x7-s2": (3, 16, 7, 2, 3, 1, (-128, 127), 0, 8),
+    "odd-channels-w4": (5, 10, 3, 1, 1, 1, (-128, 127), 0, 4),
+    "dilated-asym-pad": (16, 16, 3, 1, 2, 2, (-20, 100), 0, 8),
+    "zero-point-pad": (8, 16, 3, 1, 1, 1, (0, 255), 7, 8),
 }
 
 
 def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dilation: int, pad_value: int,
-                requant: bool, seed: int = 0) -> IntegerGraph:
+                requant: bool, weight_bits: int = 8, seed: int = 0) -> IntegerGraph:
     rng = np.random.default_rng(seed)
     shape = (cout, cin, k, k) if op == "conv2d" else (cout, cin)
-    consts = {"weight": rng.integers(-127, 128, shape).astype(np.int8),
+    top = 2 ** (weight_bits - 1)
+    consts = {"weight": rng.integers(-top, top, shape).astype(np.int8),
               "bias": rng.integers(-5000, 5000, cout).astype(np.int32)}
     attrs = {"stride": [stride] * 2, "padding": [pad] * 4, "dilation": [dilation] * 2, "groups": 1,
              "pad_value": pad_value} if op == "conv2d" else {}
@@ -46,8 +48,8 @@ def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dil
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("case", CONVS)
 def test_conv_kernel_is_exact(case: str, kernels: str) -> None:
-    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value = CONVS[case]
-    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, requant=True)
+    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value, weight_bits = CONVS[case]
+    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, True, weight_bits)
     x = np.random.default_rng(1).integers(lo, hi + 1, (2, cin, 15, 15))
     dtype = "uint8" if lo >= 0 and hi > 127 else "int8"
     module = compile_graph(graph, x.shape, TARGET, input_dtype=dtype, kernels=kernels)
@@ -87,12 +89,16 @@ def test_whole_models_are_exact(name: str, shape: tuple[int, ...], config: str, 
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
-@pytest.mark.parametrize(("kernels", "uses_vnni"), [("vnni", True), ("avx2", False)])
-def test_the_vnni_kernel_runs_vpdpbusd(kernels: str, uses_vnni: bool) -> None:
-    graph = layer_graph("conv2d", 32, 32, 3, 1, 1, 1, 0, requant=True)
-    executable, _ = _build(_lower(graph, (1, 32, 8, 8), TARGET, kernels, input_dtype="int8"), TARGET, kernels)
+@pytest.mark.parametrize(("kernels", "weight_bits", "kernel"), [("vnni", 4, "conv2d_vnni_requant"),
+                                                                ("vnni-w4", 4, "conv2d_vnni_w4_requant"),
+                                                                ("vnni-w4", 8, "conv2d_vnni_requant"),
+                                                                ("avx2", 8, "conv2d_avx2_requant")])
+def test_the_vnni_kernels_run_vpdpbusd(kernels: str, weight_bits: int, kernel: str) -> None:
+    graph = layer_graph("conv2d", 32, 32, 3, 1, 1, 1, 0, True, weight_bits)
+    executable, lowered = _build(_lower(graph, (1, 32, 8, 8), TARGET, kernels, input_dtype="int8"), TARGET, kernels)
+    assert kernel in [gv.name_hint for gv in lowered.functions]
     assembly = executable.mod.imports[0].inspect_source("asm")
-    assert ("vpdpbusd" in assembly) == uses_vnni
+    assert ("vpdpbusd" in assembly) == kernels.startswith("vnni")
 
 
 def test_every_kernel_of_a_model_is_scheduled() -> None:
@@ -113,3 +119,14 @@ def test_packed_weights_hold_every_weight_once() -> None:
     assert packed.shape == (2, 3, 3, 2, 16, 4)
     assert packed[1, 2, 0, 1, 3, 1] == w[16 + 3, 4 + 1, 2, 0]
     assert np.count_nonzero(packed) == np.count_nonzero(w)
+
+
+def test_4_bit_weights_pack_two_per_byte() -> None:
+    w = np.random.default_rng(6).integers(-8, 8, (20, 6, 3, 3)).astype(np.int8)
+    packed = pack_weight(w, weight_bits=4)
+    assert packed.shape == (2, 3, 3, 2, 32)
+    byte = int(packed[1, 2, 0, 1, 3 * 4 + 1]) & 0xFF  # channel 3 (low nibble) and channel 11 (high nibble)
+    low, high = ((byte & 0xF) ^ 8) - 8, ((byte >> 4) ^ 8) - 8
+    assert (low, high) == (w[16 + 3, 4 + 1, 2, 0], 0 if 16 + 11 >= 20 else w[16 + 11, 4 + 1, 2, 0])
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_weight(w * 2, weight_bits=4)

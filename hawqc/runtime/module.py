@@ -142,7 +142,8 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, 
     kernels = resolve_kernels(kernels, target)
     if kernels in ("generic", "tensor_core"):  # the CUDA pipeline swaps the convs for its own kernels
         return to_relax(graph, input_shape, **kwargs)
-    return to_relax(graph, input_shape, layout="NHWC", kernels=X86Kernels(kernels == "vnni"), **kwargs)
+    x86 = X86Kernels(vnni=kernels.startswith("vnni"), packed_int4=kernels == "vnni-w4")
+    return to_relax(graph, input_shape, layout="NHWC", kernels=x86, **kwargs)
 
 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:

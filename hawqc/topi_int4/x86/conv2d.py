@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.topi_int4.x86.intrin import GROUP, LANES, VNNI_S8, VNNI_U8, register
+from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, unpack_nibble
 
 OPAQUE = 8
 """TVM's ``kOpaque`` operator pattern: FuseOps leaves a scheduled kernel alone."""
@@ -51,6 +51,8 @@ class Conv2dWorkload:
     dilation: tuple[int, int]
     in_dtype: str
     pad_value: int = 0
+    weight_bits: int = 8
+    """4: weights packed two per byte (VNNI only), sign-extended in registers."""
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -68,15 +70,23 @@ class Conv2dWorkload:
         return -(-self.out_channels // LANES) * LANES
 
 
-def pack_weight(weight: np.ndarray, vnni: bool = True) -> np.ndarray:
+def pack_weight(weight: np.ndarray, vnni: bool = True, weight_bits: int = 8) -> np.ndarray:
     """OIHW int8 weights to ``[OC/16, KH, KW, IC/4, 16, 4]`` (``[..., 4, 16]`` without VNNI: 16
-    channels contiguous for plain vector multiply-adds), zero-padded to whole blocks."""
+    channels contiguous for plain vector multiply-adds), zero-padded to whole blocks. With
+    ``weight_bits=4`` (values in [-8, 7]) each 16x4 block becomes 32 bytes: ``[..., IC/4, 32]``, the
+    weight ``e = 4*channel + k`` in the low nibble of byte ``e`` (e < 32) or the high one of ``e - 32``."""
     oc, ic, kh, kw = weight.shape
     ocp, icp = -(-oc // LANES) * LANES, -(-ic // GROUP) * GROUP
     padded = np.zeros((ocp, icp, kh, kw), dtype=np.int8)
     padded[:oc, :ic] = weight
     blocks = padded.reshape(ocp // LANES, LANES, icp // GROUP, GROUP, kh, kw)
-    return np.ascontiguousarray(blocks.transpose((0, 4, 5, 2, 1, 3) if vnni else (0, 4, 5, 2, 3, 1)))
+    packed = np.ascontiguousarray(blocks.transpose((0, 4, 5, 2, 1, 3) if vnni else (0, 4, 5, 2, 3, 1)))
+    if weight_bits == 8:
+        return packed
+    if not vnni or weight.min() < -8 or weight.max() > 7:
+        raise ValueError("4-bit packing needs VNNI kernels and weights in [-8, 7]")
+    flat = packed.reshape(*packed.shape[:4], LANES * GROUP).astype(np.uint8)
+    return ((flat[..., :32] & 0xF) | (flat[..., 32:] << 4)).astype(np.int8)
 
 
 def offset_of(in_dtype: str, vnni: bool) -> int:
@@ -94,8 +104,15 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
     oh, ow = wl.out_size
     cp, ocp = wl.packed_in, wl.packed_out
     x = te.placeholder((n, h, w, cin), wl.in_dtype, name="x")
-    block = (LANES, GROUP) if vnni else (GROUP, LANES)
-    weight = te.placeholder((ocp // LANES, kh, kw, cp // GROUP, *block), "int8", name="weight")
+    block = {(True, 8): (LANES, GROUP), (False, 8): (GROUP, LANES), (True, 4): (LANES * GROUP // 2,)}
+    weight = te.placeholder((ocp // LANES, kh, kw, cp // GROUP, *block[vnni, wl.weight_bits]), "int8", name="weight")
+
+    def weight_at(o: Any, ry: Any, rx: Any, rc: Any) -> Any:
+        outer, i, k = (o // LANES, ry, rx, rc // GROUP), o % LANES, rc % GROUP
+        if wl.weight_bits == 4:
+            return unpack_nibble(weight[(*outer, i % 8 * 4 + k)], i // 8)
+        return weight[(*outer, i, k) if vnni else (*outer, k, i)]
+
     bias = te.placeholder((ocp,), "int64", name="bias")
     data = x
     if any(wl.padding) or cp != cin:
@@ -110,8 +127,7 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
         (n, oh, ow, ocp),
         lambda i, y, z, o: te.sum(
             (data[i, y * sh + ry * dh, z * sw + rx * dw, rc].astype("int32") + offset)
-            * weight[(o // LANES, ry, rx, rc // GROUP) + ((o % LANES, rc % GROUP) if vnni else (rc % GROUP, o % LANES))
-                     ].astype("int32"),
+            * weight_at(o, ry, rx, rc).astype("int32"),
             axis=[ry, rx, rc]),
         name="acc")
     shape = (n, oh, ow, wl.out_channels)
@@ -155,8 +171,7 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     if vnni:
-        register()
-        sch.tensorize(oci, VNNI_S8 if wl.in_dtype == "int8" else VNNI_U8)
+        sch.tensorize(oci, intrinsic_name(wl.in_dtype, wl.weight_bits))
     sch.set_scope(init, 0, "local")
     _vectorize_channels(sch, out)
     if "pad" in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:

@@ -7,49 +7,80 @@
   (``x ^ 0x80`` is ``x + 128`` as a byte); the kernel subtracts ``128 * sum(w)`` per output channel
   in its epilogue, so the result stays exact.
 
+With 4-bit weights (``_w4`` variants) the 16x4 block is 32 bytes, weight ``e = 4*channel + k`` in
+byte ``e % 32`` (low nibble for channels 0-7, high nibble for 8-15): the nibbles are sign-extended in
+registers and fed to two 256-bit ``vpdpbusd``, one per half of the channels (a 512-bit one costs two
+256-bit operations on Zen 4 anyway).
+
 TVM's own ``dot_16x4_vnni`` declares the intrinsic with 32-bit lanes, which the LLVM bundled with
-TVM 0.27 refuses; these pass ``<64 x i8>`` operands as LLVM 22 expects.
+TVM 0.27 refuses; these pass byte vectors as LLVM 22 expects.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
-VNNI_U8, VNNI_S8 = "hawqc_vnni_u8", "hawqc_vnni_s8"
 LANES, GROUP = 16, 4
 """Output channels per instruction, input channels per lane."""
 
 
+def intrinsic_name(in_dtype: str, weight_bits: int) -> str:
+    """The registered intrinsic for int8/uint8 activations and 8- or 4-bit weights."""
+    register()
+    return f"hawqc_vnni_{'s8' if in_dtype == 'int8' else 'u8'}_w{weight_bits}"
+
+
+def unpack_nibble(byte: Any, high: Any) -> Any:
+    """A sign-extended 4-bit weight: the low (``high`` = 0) or high (1) nibble of an int8 ``byte``."""
+    from tvm import tirx
+
+    return (byte << (4 - high * 4).astype("int8")) >> tirx.const(4, "int8")
+
+
 @cache
 def register() -> None:
-    """Register both intrinsics with TVM (once per process)."""
+    """Register the four intrinsics with TVM (once per process)."""
     from tvm.s_tir import TensorIntrin
 
-    for name, signed in ((VNNI_U8, False), (VNNI_S8, True)):
-        TensorIntrin.register(name, *_intrinsic(signed), override=True)
+    for dtype in ("int8", "uint8"):
+        for bits in (8, 4):
+            TensorIntrin.register(f"hawqc_vnni_{'s8' if dtype == 'int8' else 'u8'}_w{bits}",
+                                  *_intrinsic(dtype, bits), override=True)
 
 
-def _intrinsic(signed: bool) -> tuple:
+def _intrinsic(dtype: str, weight_bits: int) -> tuple[Any, Any]:
     from tvm.script import tirx as T
 
-    dtype = "int8" if signed else "uint8"
-    offset = 128 if signed else 0
-    flip = -0x7F7F7F80 if signed else 0  # 0x80808080 as int32: the sign bit of each byte
-
+    offset = 128 if dtype == "int8" else 0
+    flip = -0x7F7F7F80 if dtype == "int8" else 0  # 0x80808080 as int32: the sign bit of each byte
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
-             acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def desc8(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
+              acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(acc[0:16], a[0:4], w[0:16, 0:4])
             T.writes(acc[0:16])
             for i, k in T.grid(16, 4):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    acc[vi] = acc[vi] + (T.cast(a[vk], "int32") + offset) * T.cast(w[vi, vk], "int32")
+                    acc[vi] = acc[vi] + (T.Cast("int32", a[vk]) + offset) * T.Cast("int32", w[vi, vk])
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
-             acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def desc4(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((32,), "int8", offset_factor=1),
+              acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(acc[0:16], a[0:4], w[0:32])
+            T.writes(acc[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    acc[vi] = acc[vi] + (T.Cast("int32", a[vk]) + offset) * T.Cast(
+                        "int32", T.shift_right(T.shift_left(w[vi % 8 * 4 + vk], T.Cast("int8", 4 - vi // 8 * 4)),
+                                               T.int8(4)))
+
+    @T.prim_func(s_tir=True)
+    def impl8(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
+              acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(acc[0:16], a[0:4], w[0:16, 0:4])
             T.writes(acc[0:16])
@@ -58,4 +89,21 @@ def _intrinsic(signed: bool) -> tuple:
                 "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc.vload([0], dtype="int32x16"),
                 T.reinterpret(T.broadcast(quad, 16), dtype="int8x64"), w.vload([0, 0], dtype="int8x64"))
 
-    return desc, impl
+    @T.prim_func(s_tir=True)
+    def impl4(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((32,), "int8", offset_factor=1),
+              acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(acc[0:16], a[0:4], w[0:32])
+            T.writes(acc[0:16])
+            quad = T.bitwise_xor(T.reinterpret(a.vload([0], dtype + "x4"), dtype="int32"), flip)
+            x = T.reinterpret(T.broadcast(quad, 8), dtype="int8x32")
+            packed = w.vload([0], dtype="int8x32")
+            four = T.broadcast(T.int8(4), 32)
+            acc[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                "int32x8", "llvm.x86.avx512.vpdpbusd.256", acc.vload([0], dtype="int32x8"), x,
+                T.shift_right(T.shift_left(packed, four), four))
+            acc[T.ramp(T.int32(8), 1, 8)] = T.call_llvm_pure_intrin(
+                "int32x8", "llvm.x86.avx512.vpdpbusd.256", acc.vload([8], dtype="int32x8"), x,
+                T.shift_right(packed, four))
+
+    return (desc8, impl8) if weight_bits == 8 else (desc4, impl4)

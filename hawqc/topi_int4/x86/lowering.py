@@ -7,6 +7,7 @@ convolutions and int32 inputs keep the generic lowering.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,11 @@ from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_o
 
 @dataclass(frozen=True)
 class X86Kernels:
-    """Conv/dense kernels for x86: ``vnni`` picks ``vpdpbusd``, else plain 16-lane vector code (AVX2)."""
+    """Conv/dense kernels for x86: ``vnni`` picks ``vpdpbusd``, else plain 16-lane vector code (AVX2).
+    With ``packed_int4`` (VNNI only), layers whose weights fit in 4 bits keep them two per byte."""
 
     vnni: bool
+    packed_int4: bool = False
 
     def __call__(self, ctx: Context, x: Any, op: IntOp, requant: IntOp | None) -> Any:
         from tvm import relax
@@ -40,9 +43,12 @@ class X86Kernels:
             a, weight = op.attrs, op.consts["weight"]
             wl = Conv2dWorkload(*shape, weight.shape[0], tuple(weight.shape[2:]), tuple(a["stride"]),
                                 tuple(a["padding"]), tuple(a["dilation"]), dtype, a.get("pad_value", 0))
+        if self.vnni and self.packed_int4 and -8 <= weight.min() and weight.max() <= 7:
+            wl = dataclasses.replace(wl, weight_bits=4)
         epilogue = _requant(requant)
         func = conv2d(wl, epilogue, self.vnni)
-        name = f"{op.op}_{'vnni' if self.vnni else 'avx2'}" + ("_requant" if requant else "")
+        isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
+        name = f"{op.op}_{isa}" + ("_requant" if requant else "")
         gv = ctx.bb.add_func(func, name)
         consts = _constants(wl, weight, op, requant, self.vnni)
         oh, ow = wl.out_size
@@ -73,7 +79,7 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
 
     bias = np.asarray(op.consts.get("bias", 0), dtype=np.int64)
     bias = bias - offset_of(wl.in_dtype, vnni) * weight.astype(np.int64).sum(axis=(1, 2, 3))
-    consts = [relax.const(pack_weight(weight, vnni), "int8")]
+    consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits), "int8")]
     if requant is None:
         return [*consts, padded(bias)]
     c = np.asarray(requant.consts["c"], dtype=np.int64)
