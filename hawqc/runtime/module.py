@@ -39,6 +39,8 @@ class CompiledModule:
         self.input_dtype = input_dtype
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
+        self.lowered: Any = None
+        """The module after TVM's pipeline (its fused kernels are what MetaSchedule tunes), idem."""
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self._executable = executable
@@ -93,22 +95,23 @@ class CompiledModule:
 
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                  input_dtype: str = "float32") -> CompiledModule:
+                  input_dtype: str = "float32", database: Any = None) -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
-    ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer)."""
+    ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer).
+    ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows."""
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") != "llvm":
         raise ValueError(f"target kind {target.get('kind')!r} is not supported yet: hawqc compiles for llvm (CPU)")
     ir = to_relax(graph, input_shape, input_dtype=input_dtype)
-    executable, lowered = _build(ir, target)
+    executable, lowered = _build(ir, target, database)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
-    module.fused = fused_requant(lowered)
+    module.fused, module.lowered = fused_requant(lowered), lowered
     return module
 
 
-def _build(ir: Any, target: dict[str, Any]) -> tuple[Any, Any]:
+def _build(ir: Any, target: dict[str, Any], database: Any = None) -> tuple[Any, Any]:
     """TVM's default pipeline (fusion included) run once, then the build: (executable, lowered module)."""
     import tvm
     from tvm import relax
@@ -116,6 +119,9 @@ def _build(ir: Any, target: dict[str, Any]) -> tuple[Any, Any]:
     tvm_target = tvm.target.Target(target)
     with tvm_target:
         lowered = relax.get_default_pipeline(tvm_target)(ir)
+        if database is not None:
+            with database:
+                lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
     return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
 
 
