@@ -109,13 +109,14 @@ def _best_schedule(workload: Workload, bits: int, options: RunOptions, tuner: Tu
     what = f"{workload.key} w{bits}a{bits}"
     graph = layer_graph(workload, bits, bits, options.seed)
     inputs = [random_input(workload, bits, options.seed + i) for i in range(2)]
+    reference = (inputs, [graph.run(x) for x in inputs])
     default = compile_graph(graph, workload.input_shape, options.target, input_dtype="int8")
-    best = _measured(default, inputs, options, f"{what} default", logger, result)
+    best = _measured(default, reference, options, f"{what} default", logger, result)
     if options.trials <= 0:
         return best, "default"
     try:
-        tuned = _measured(tuned_module(default, tuner, root / "databases"), inputs, options, f"{what} tuned", logger,
-                          result)
+        tuned = _measured(tuned_module(default, tuner, root / "databases"), reference, options, f"{what} tuned",
+                          logger, result)
     except DeviceError as err:
         result.failed.append(str(err))
         logger(f"{what}: the tuned schedule could not be measured ({err}); keeping the default")
@@ -127,11 +128,12 @@ def _best_schedule(workload: Workload, bits: int, options: RunOptions, tuner: Tu
     return best, "default"
 
 
-def _measured(module: Any, inputs: list[Any], options: RunOptions, what: str, logger: Callable[[str], None],
-              result: RunResult) -> Measurement | None:
-    """The module's measurement; ``None`` (logged as rejected) when it is not bit-exact."""
+def _measured(module: Any, reference: tuple[list[Any], list[Any]], options: RunOptions, what: str,
+              logger: Callable[[str], None], result: RunResult) -> Measurement | None:
+    """The module's measurement; ``None`` (logged as rejected) when it is not bit-exact on the
+    reference ``(inputs, outputs)``."""
     try:
-        return options.device.run(what, lambda session: measure(module, inputs, session, options.timing), logger)
+        return options.device.run(what, lambda session: measure(module, *reference, session, options.timing), logger)
     except MismatchError as err:
         result.rejected.append(f"{what}: {err}")
         logger(f"REJECTED {what}: {err}")

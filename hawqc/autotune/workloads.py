@@ -168,8 +168,10 @@ def _from_graph(path: str | os.PathLike[str], input_shape: tuple[int, ...] | Non
 
 
 def weight_range(bits: int) -> tuple[int, int]:
-    """Signed weights: [-2^(b-1), 2^(b-1) - 1]."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    """Weights as hawqc quantizes them: symmetric, [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+    from hawqc.quant.quantizers import weight_qmax
+
+    return -weight_qmax(bits), weight_qmax(bits)
 
 
 def activation_range(bits: int) -> tuple[int, int]:
@@ -210,7 +212,7 @@ def _output_gain(workload: Workload, w_bits: int, a_bits: int) -> float:
     bit-exactness check compares informative values rather than zeros or saturated ones."""
     low, high = activation_range(a_bits)
     reduction = int(np.prod(workload.weight_shape[1:]))
-    weight_std = 2 ** (w_bits - 1) / np.sqrt(3)
+    weight_std = weight_range(w_bits)[1] / np.sqrt(3)
     activation_rms = np.sqrt((low * low + low * high + high * high) / 3)
     return 40 / max(np.sqrt(reduction) * weight_std * activation_rms, 1.0)
 
