@@ -78,7 +78,7 @@ class Device:
             except MismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 - RPC failures surface as TVMError, OSError, RuntimeError...
-                line = f"{what}: attempt {attempt}/{self.attempts} on {self.name} failed ({_first_line(err)})"
+                line = f"{what}: attempt {attempt}/{self.attempts} on {self.name} failed ({error_line(err)})"
                 self.failures.append(line)
                 log(line + ("; retrying" if attempt < self.attempts else ""))
                 time.sleep(min(2.0 * attempt, 5.0))
@@ -127,6 +127,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """``Type: last line of the message``: TVM errors end with the useful line."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:200]

@@ -21,6 +21,7 @@ from hawqc.autotune.measure import (
     Measurement,
     MismatchError,
     Timing,
+    error_line,
     measure,
 )
 from hawqc.autotune.table import LatencyTable
@@ -115,10 +116,13 @@ def _best_schedule(workload: Workload, bits: int, options: RunOptions, tuner: Tu
     if options.trials <= 0:
         return best, "default"
     try:
-        tuned = _measured(tuned_module(default, tuner, root / "databases"), reference, options, f"{what} tuned",
-                          logger, result)
+        candidate = tuned_module(default, tuner, root / "databases")
+    except Exception as err:  # noqa: BLE001 - a search that breaks (TVMError...) must not end a long run
+        logger(f"{what}: tuning failed ({error_line(err)}); keeping the default")
+        return best, "default"
+    try:
+        tuned = _measured(candidate, reference, options, f"{what} tuned", logger, result)
     except DeviceError as err:
-        result.failed.append(str(err))
         logger(f"{what}: the tuned schedule could not be measured ({err}); keeping the default")
         return best, "default"
     if tuned is not None and tuned.latency_ms < best.latency_ms:
