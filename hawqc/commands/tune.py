@@ -31,12 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MetaSchedule trials per workload; 0 measures the default schedule only (default 8)")
     parser.add_argument("-o", "--out", default="latency-table.json",
                         help="latency table (JSON; a CSV is written beside it; default latency-table.json)")
-    parser.add_argument("--limit", type=_count, help="measure only the first N workloads")
+    parser.add_argument("--limit", type=_positive, help="measure only the first N workloads")
     parser.add_argument("--predict-missing", action="store_true",
                         help="predict the layers not measured with an XGBoost regressor (rows marked predicted)")
     parser.add_argument("--report", nargs="?", const="rich", choices=("rich", "markdown"),
                         help="print INT4/INT8 ratios per layer (after tuning, or of -o alone without --layers)")
-    parser.add_argument("--repeat", type=_count, default=5, help="timed repeats per measurement (default 5)")
+    parser.add_argument("--repeat", type=_positive, default=5, help="timed repeats per measurement (default 5)")
     parser.add_argument("--min-repeat-ms", type=_count, default=50, help="minimum length of one repeat (default 50)")
     parser.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the RPC servers of this tracker")
     parser.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers to use")
@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
 
