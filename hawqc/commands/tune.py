@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print INT4/INT8 ratios per layer (after tuning, or of -o alone without --layers)")
     parser.add_argument("--repeat", type=_positive, default=5, help="timed repeats per measurement (default 5)")
     parser.add_argument("--min-repeat-ms", type=_count, default=50, help="minimum length of one repeat (default 50)")
-    parser.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the RPC servers of this tracker")
+    parser.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                        help="measure on the RPC servers of this tracker (give their --target)")
     parser.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers to use")
 
 
