@@ -125,11 +125,10 @@ def _best_schedule(workload: Workload, bits: int, options: RunOptions, tuner: Tu
     except DeviceError as err:
         logger(f"{what}: the tuned schedule could not be measured ({err}); keeping the default")
         return best, "default"
-    if tuned is not None and tuned.latency_ms < best.latency_ms:
-        return tuned, "tuned"
-    if tuned is not None:
-        logger(f"{what}: tuned {tuned.latency_ms:.4f} ms is not faster than default {best.latency_ms:.4f} ms")
-    return best, "default"
+    if tuned is None:
+        return best, "default"
+    logger(f"{what}: default {best.latency_ms:.4f} ms, tuned {tuned.latency_ms:.4f} ms")
+    return (tuned, "tuned") if tuned.latency_ms < best.latency_ms else (best, "default")
 
 
 def _measured(module: Any, reference: tuple[list[Any], list[Any]], options: RunOptions, what: str,
