@@ -114,6 +114,19 @@ def test_a_wrong_candidate_is_rejected_and_logged(tmp_path: Path, tiny_groups: l
     assert "REJECTED" in (runner.tuning_folder(path) / "tune.log").read_text()
 
 
+@pytest.mark.parametrize("default_ms, tuned_ms, kept", [(1.0, 2.0, "default"), (2.0, 1.0, "tuned")])
+def test_the_tuned_schedule_replaces_the_default_only_if_faster(tmp_path: Path, tiny_groups: list,
+                                                                host_target: dict, monkeypatch: pytest.MonkeyPatch,
+                                                                default_ms: float, tuned_ms: float, kept: str) -> None:
+    timings = iter([default_ms, tuned_ms])
+    monkeypatch.setattr(runner, "tuned_module", lambda default, tuner, databases: default)
+    monkeypatch.setattr(runner, "measure", lambda *args: measure_module.Measurement(next(timings), 0.0, 2))
+    path = tmp_path / "table.json"
+    _run(tiny_groups, path, host_target, trials=1, limit=1)
+    (row,) = LatencyTable.open(path).rows
+    assert (row["schedule"], row["latency_ms"]) == (kept, min(default_ms, tuned_ms))
+
+
 def _tune_command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "hawqc.cli", "tune", "--layers", "tiny_resnet", "--bits", "8", "--trials", "0",
             "--repeat", "2", "--min-repeat-ms", "5", "-o", str(out), *extra]
