@@ -22,8 +22,10 @@ DONE = "done"
 class Tuner:
     """MetaSchedule's builder and runner, started once per process (their workers take ~30 s to start)."""
 
-    def __init__(self, target: dict[str, Any], trials: int, device: Any, workers: int = 2) -> None:
-        self.target, self.trials, self.device, self.workers = target, trials, device, workers
+    def __init__(self, target: dict[str, Any], trials: int, device: Any, workers: int | None = None) -> None:
+        self.target, self.trials, self.device = target, trials, device
+        self.workers = workers or os.cpu_count() or 1
+        """Build processes, and the core count MetaSchedule assumes for the target."""
         self._builder: Any = None
         self._runner: Any = None
 
