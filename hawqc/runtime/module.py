@@ -39,6 +39,8 @@ class CompiledModule:
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
         self.kernels = "generic"
         """The conv/dense kernels it runs: vnni, avx2 or generic."""
+        self.lowered: Any = None
+        """The module after TVM's pipeline (its fused kernels are what MetaSchedule tunes), idem."""
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self._executable = executable
@@ -118,18 +120,19 @@ class CompiledModule:
 
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                  input_dtype: str = "float32", kernels: str = "auto") -> CompiledModule:
+                  input_dtype: str = "float32", kernels: str = "auto", database: Any = None) -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
-    ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer)."""
+    ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer).
+    ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows."""
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") not in ("llvm", "cuda"):
         raise ValueError(f"target kind {target.get('kind')!r} is not supported: hawqc compiles for llvm and cuda")
     kernels = resolve_kernels(kernels, target)
     ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
-    executable, lowered = _build(ir, target, kernels)
+    executable, lowered = _build(ir, target, kernels, database)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
-    module.kernels, module.fused = kernels, fused_requant(lowered)
+    module.kernels, module.fused, module.lowered = kernels, fused_requant(lowered), lowered
     return module
 
 
@@ -167,9 +170,10 @@ def has_vnni(target: dict[str, Any]) -> bool:
     return bool(tvm.target.codegen.target_has_features("avx512vnni", tvm.target.Target(target)))
 
 
-def _build(ir: Any, target: dict[str, Any], kernels: str = "auto") -> tuple[Any, Any]:
-    """TVM's default pipeline (fusion included) run once, hawqc's CPU schedules on every kernel
-    not scheduled yet (unless ``generic``), then the build: (executable, lowered module)."""
+def _build(ir: Any, target: dict[str, Any], kernels: str = "auto", database: Any = None) -> tuple[Any, Any]:
+    """TVM's default pipeline (fusion included) run once, the tuned schedules of ``database``,
+    hawqc's CPU schedules on every kernel not scheduled yet (unless ``generic``), then the build:
+    (executable, lowered module)."""
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight
@@ -187,6 +191,9 @@ def _build(ir: Any, target: dict[str, Any], kernels: str = "auto") -> tuple[Any,
     tvm_target = tvm.target.Target(target)
     with tvm_target:
         lowered = relax.get_default_pipeline(tvm_target)(ir)
+        if database is not None:
+            with database:
+                lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
         if kernels != "generic":
             lowered = dlight.ApplyDefaultSchedule(Parallel())(lowered)
     return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered

@@ -1,0 +1,133 @@
+"""Where and how a compiled layer is timed: this machine or an RPC tracker's servers.
+
+Every measurement exports the module, uploads it to a session (a local one, or a server the
+tracker hands out), checks it bit-exact against the numpy reference on random inputs, then times
+it with TVM's time evaluator (median over ``repeat`` runs of at least ``min_repeat_ms`` each).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class MismatchError(Exception):
+    """A compiled candidate disagrees with the reference: it must not enter the table."""
+
+
+class DeviceError(Exception):
+    """The measuring device failed (RPC server gone, session lost) even after retries."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    latency_ms: float
+    """Median over the repeats."""
+    stdev_ms: float
+    n_runs: int
+    """Number of repeats (each one averages enough runs to last ``min_repeat_ms``)."""
+
+
+@dataclass
+class Timing:
+    """How long to time: ``repeat`` medians of runs lasting at least ``min_repeat_ms``."""
+
+    repeat: int = 5
+    min_repeat_ms: int = 50
+
+
+class Device:
+    """The machine that runs the candidates: ``local`` (this process) or an RPC tracker key."""
+
+    def __init__(self, tracker: str | None = None, key: str | None = None, attempts: int = 3,
+                 session_timeout_s: int = 600) -> None:
+        if (tracker is None) != (key is None):
+            raise ValueError("--rpc-tracker and --rpc-key go together")
+        self.tracker, self.key, self.attempts, self.session_timeout_s = tracker, key, attempts, session_timeout_s
+        self.host, self.port = _host_port(tracker) if tracker else (None, None)
+        self.failures: list[str] = []
+        """One line per failed attempt (retried or not), for the report."""
+
+    @property
+    def name(self) -> str:
+        if self.key is None:
+            return _cpu_name()
+        return f"rpc:{self.key}@{self.tracker}"
+
+    def session(self) -> Any:
+        from tvm import rpc
+
+        if self.key is None:
+            logging.getLogger("RPCServer").setLevel(logging.WARNING)  # it logs every module it loads
+            return rpc.LocalSession()
+        return rpc.connect_tracker(self.host, self.port).request(self.key, session_timeout=self.session_timeout_s)
+
+    def run(self, what: str, task: Callable[[Any], Any], log: Callable[[str], None] = print) -> Any:
+        """``task(session)`` with a fresh session, retried on device errors; a mismatch is not retried."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return task(self.session())
+            except MismatchError:
+                raise
+            except Exception as err:  # noqa: BLE001 - RPC failures surface as TVMError, OSError, RuntimeError...
+                line = f"{what}: attempt {attempt}/{self.attempts} on {self.name} failed ({error_line(err)})"
+                self.failures.append(line)
+                log(line + ("; retrying" if attempt < self.attempts else ""))
+                time.sleep(min(2.0 * attempt, 5.0))
+        raise DeviceError(f"{what}: failed {self.attempts} times on {self.name}")
+
+
+def measure(module: Any, inputs: list[np.ndarray], expected: list[np.ndarray], session: Any,
+            timing: Timing) -> Measurement:
+    """Check that ``module`` (a :class:`~hawqc.runtime.module.CompiledModule`) maps ``inputs`` to the
+    reference outputs ``expected`` on the session's CPU, then time it there."""
+    import tvm
+    from tvm import relax
+
+    from hawqc.runtime.module import LIBRARY, _native_stderr_silenced
+
+    with tempfile.TemporaryDirectory(prefix="hawqc-tune-") as tmp:
+        artifact = module.export(Path(tmp) / "layer")
+        session.upload(str(artifact / LIBRARY), "layer.so")
+    device = session.cpu()
+    with _native_stderr_silenced():  # TVM warns "Scope Loaded" per function
+        vm = relax.VirtualMachine(session.load_module("layer.so"), device)
+    for x, want in zip(inputs, expected):
+        got = vm["main"](tvm.runtime.tensor(x, device)).numpy()
+        if got.shape != want.shape or not np.array_equal(got.astype(np.int64), want.astype(np.int64)):
+            wrong = int(np.sum(got.astype(np.int64) != want.astype(np.int64))) if got.shape == want.shape else -1
+            raise MismatchError(f"{wrong} of {want.size} outputs differ from the reference")
+    timer = vm.time_evaluator("main", device, repeat=timing.repeat, min_repeat_ms=timing.min_repeat_ms)
+    seconds = np.asarray(timer(tvm.runtime.tensor(inputs[0], device)).results) * 1e3
+    return Measurement(float(np.median(seconds)), float(np.std(seconds)), len(seconds))
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--rpc-tracker must look like HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: last line of the message``: TVM errors end with the useful line."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:200]

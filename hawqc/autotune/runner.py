@@ -1,0 +1,174 @@
+"""The tuning run: every workload x bit width, default schedule first, then MetaSchedule's.
+
+An entry (a workload at one bit width) is finished when its rows are in the table; a rerun of the
+same command skips finished entries. The tuned schedule replaces the default only if it is
+bit-exact and faster. Failures and rejected candidates are logged to ``<table>.tuning/tune.log``
+and reported at the end; they do not stop the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hawqc.autotune.measure import (
+    Device,
+    DeviceError,
+    Measurement,
+    MismatchError,
+    Timing,
+    error_line,
+    measure,
+)
+from hawqc.autotune.table import LatencyTable
+from hawqc.autotune.tuning import Tuner
+from hawqc.autotune.workloads import LayerGroup, Workload, layer_graph, random_input
+
+
+@dataclass
+class RunOptions:
+    target: dict[str, Any]
+    bits: list[int] = field(default_factory=lambda: [4, 8])
+    trials: int = 8
+    timing: Timing = field(default_factory=Timing)
+    device: Device = field(default_factory=Device)
+    limit: int | None = None
+    """Measure only the first ``limit`` workloads (the others can be predicted)."""
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    table: LatencyTable
+    done: int
+    """Entries finished by this run."""
+    skipped: int
+    """Entries already in the table."""
+    failed: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+
+def target_text(target: dict[str, Any]) -> str:
+    """``llvm -mcpu=znver4``: the familiar form of a target dict."""
+    options = " ".join(f"-{k}={','.join(v) if isinstance(v, list) else v}" for k, v in target.items() if k != "kind")
+    return f"{target['kind']} {options}".strip()
+
+
+def tuning_folder(table_path: Path) -> Path:
+    """Where the tuning databases and the log of a table live: ``table.json`` -> ``table.tuning/``."""
+    return table_path.with_suffix(".tuning")
+
+
+def run(groups: list[LayerGroup], table: LatencyTable, options: RunOptions,
+        progress: Callable[[str, int, int], None] | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Measure (and tune) every unfinished entry, saving the table after each; ``progress(what,
+    finished, total)`` is called as entries finish."""
+    import tvm
+
+    target, device = target_text(options.target), options.device.name
+    table.check_same_place(target, device)
+    root = tuning_folder(table.path)
+    root.mkdir(parents=True, exist_ok=True)
+    logger = _file_logger(root / "tune.log", log)
+    entries = [(g, b) for g in groups[:options.limit] for b in options.bits]
+    todo = [(g, b) for g, b in entries if not all(table.measured(name, b, b) for name in g.layers)]
+    result = RunResult(table, 0, len(entries) - len(todo))
+    tuner = Tuner(options.target, options.trials, options.device)
+    for index, (group, bits) in enumerate(todo):
+        what = f"{group.workload.key} w{bits}a{bits}"
+        if progress:
+            progress(what, index, len(todo))
+        try:
+            best, schedule = _best_schedule(group.workload, bits, options, tuner, root, logger, result)
+        except (DeviceError, MismatchError) as err:
+            result.failed.append(f"{what}: {err}")
+            logger(f"FAILED {what}: {err}")
+            continue
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for layer in group.layers:
+            table.put({"layer": layer, "workload": group.workload.key, "w_bits": bits, "a_bits": bits,
+                       "latency_ms": round(best.latency_ms, 6), "stdev_ms": round(best.stdev_ms, 6),
+                       "n_runs": best.n_runs, "schedule": schedule, "target": target, "device": device,
+                       "tvm_version": tvm.__version__, "date": date})
+        table.save()
+        result.done += 1
+        logger(f"{what}: {best.latency_ms:.4f} ms ({schedule})")
+    if progress:
+        progress("done", len(todo), len(todo))
+    return result
+
+
+def _best_schedule(workload: Workload, bits: int, options: RunOptions, tuner: Tuner, root: Path,
+                   logger: Callable[[str], None], result: RunResult) -> tuple[Measurement, str]:
+    """The default schedule's measurement, or the tuned one's when it is exact and faster."""
+    from hawqc.runtime.module import compile_graph
+
+    what = f"{workload.key} w{bits}a{bits}"
+    graph = layer_graph(workload, bits, bits, options.seed)
+    inputs = [random_input(workload, bits, options.seed + i) for i in range(2)]
+    reference = (inputs, [graph.run(x) for x in inputs])
+    default = compile_graph(graph, workload.input_shape, options.target, input_dtype="int8")
+    best = _measured(default, reference, options, f"{what} default", logger, result)
+    if options.trials <= 0:
+        return best, "default"
+    try:
+        candidate = tuned_module(default, tuner, root / "databases")
+    except Exception as err:  # noqa: BLE001 - a search that breaks (TVMError...) must not end a long run
+        logger(f"{what}: tuning failed ({error_line(err)}); keeping the default")
+        return best, "default"
+    try:
+        tuned = _measured(candidate, reference, options, f"{what} tuned", logger, result)
+    except DeviceError as err:
+        logger(f"{what}: the tuned schedule could not be measured ({err}); keeping the default")
+        return best, "default"
+    if tuned is None:
+        return best, "default"
+    logger(f"{what}: default {best.latency_ms:.4f} ms, tuned {tuned.latency_ms:.4f} ms")
+    return (tuned, "tuned") if tuned.latency_ms < best.latency_ms else (best, "default")
+
+
+def _measured(module: Any, reference: tuple[list[Any], list[Any]], options: RunOptions, what: str,
+              logger: Callable[[str], None], result: RunResult) -> Measurement | None:
+    """The module's measurement; ``None`` (logged as rejected) when it is not bit-exact on the
+    reference ``(inputs, outputs)``."""
+    try:
+        return options.device.run(what, lambda session: measure(module, *reference, session, options.timing), logger)
+    except MismatchError as err:
+        result.rejected.append(f"{what}: {err}")
+        logger(f"REJECTED {what}: {err}")
+        if what.endswith("default"):
+            raise
+        return None
+
+
+def tuned_module(default: Any, tuner: Tuner, databases: Path) -> Any:
+    """``default``'s graph through TVM's generic lowering, compiled with MetaSchedule's best
+    schedules for its kernels (hawqc's own kernels are scheduled by hand: the search starts from
+    TVM's unscheduled ones)."""
+    from hawqc.runtime.module import compile_graph
+
+    def build(**kwargs: Any) -> Any:
+        return compile_graph(default.graph, default.input_shape, default.target, input_dtype=default.input_dtype,
+                             kernels="generic", **kwargs)
+
+    return build(database=tuner.database(build(), databases))
+
+
+def _file_logger(path: Path, echo: Callable[[str], None]) -> Callable[[str], None]:
+    """Append each line, with a time stamp, to ``path`` and echo it."""
+    logger = logging.getLogger(f"hawqc.tune.{path}")
+    if not logger.handlers:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+    def write(line: str) -> None:
+        logger.info(line)
+        echo(line)
+    return write
