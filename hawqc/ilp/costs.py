@@ -8,10 +8,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Weights and MACs (per input sample) of one Conv2d or Linear layer."""
+    """Weights, MACs and input shape (per input sample, no batch dim) of one Conv2d or Linear layer."""
 
     params: int
     macs: int
+    input_shape: tuple[int, ...]
 
 
 def layer_costs(model: Any, input_shape: tuple[int, ...]) -> dict[str, LayerCost]:
@@ -23,11 +24,13 @@ def layer_costs(model: Any, input_shape: tuple[int, ...]) -> dict[str, LayerCost
     from hawqc.models import quantizable_layers
 
     macs: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             per_output = module.weight[0].numel()  # in_channels/groups * kh * kw, or in_features
             macs[name] = macs.get(name, 0) + output.numel() * per_output
+            shapes[name] = tuple(inputs[0].shape[1:])
 
         return record
 
@@ -42,4 +45,4 @@ def layer_costs(model: Any, input_shape: tuple[int, ...]) -> dict[str, LayerCost
     finally:
         for handle in handles:
             handle.remove()
-    return {n: LayerCost(modules[n].weight.numel(), macs.get(n, 0)) for n in names}
+    return {n: LayerCost(modules[n].weight.numel(), macs.get(n, 0), shapes.get(n, ())) for n in names}

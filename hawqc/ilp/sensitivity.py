@@ -6,7 +6,8 @@ weight quantizer, ``n_i`` the number of weights and ``H_i`` the Hessian of the l
 the folded weight. ``Tr(H_i)`` comes from Hutchinson's estimator ``E[vᵀHv]`` with Rademacher ``v``
 and Hessian-vector products by double back-propagation; all layers share each ``v`` (the cross
 terms have zero mean), and iterations stop when every layer's running mean moves by less than
-``tol`` (relative) or after ``max_iters``.
+``tol`` (relative) or after ``max_iters``. Away from a minimum a trace can come out negative: Ω
+then counts it as 0 (the layer is not sensitive), the trace itself is kept as estimated.
 
 The Hessian is taken through the float model with BatchNorm in eval mode. For a folded weight
 ``W_f = d ⊙ W`` (``d`` the per-channel fold factor), ``vᵀH_f v = uᵀH_W u`` with ``u = v / d``, so
@@ -151,7 +152,7 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
     fold = folded_weights(model)
     traces, iters = hessian_traces(model, batches, fold, tol=tol, max_iters=max_iters, seed=seed)
     params = {n: int(w.numel()) for n, (w, _) in fold.items()}
-    omega = {n: {b: traces[n] / params[n] * quantization_error(w, b) for b in settings["bits"]}
+    omega = {n: {b: max(traces[n], 0.0) / params[n] * quantization_error(w, b) for b in settings["bits"]}
              for n, (w, _) in fold.items()}
     result = Sensitivity(traces, params, omega, iters, settings)
     result.save(path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,9 @@ def _run(problem: Problem, limits: Mapping[str, float], objective: str) -> tuple
             ilp += var >= x[a, k] - x[b, k]
     for metric, limit in limits.items():
         ilp += expression(metric) <= limit * (1 + 1e-9) + 1e-9
-    status = ilp.solve(pulp.PULP_CBC_CMD(msg=False))
+    with warnings.catch_warnings():  # PuLP 3 deprecates its bundled CBC (still the one without a binary to install)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        status = ilp.solve(pulp.PULP_CBC_CMD(msg=False))
     if status != 1:
         return status, {}
     return status, {n: next(k for k in options if x[n, k].value() > 0.5) for n in layers}
