@@ -232,8 +232,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
-    full = {"train_images": 60000, "test_images": 2000, "epochs": 2, "widths": (16, 32, 64, 128), "qat_steps": 150,
-                "qat_lr": 0.002, "hessian_iters": 50, "runs": 30}
+    full = {"train_images": 8000, "test_images": 1000, "epochs": 1, "widths": (8, 16, 32, 64), "qat_steps": 30,
+            "qat_lr": 0.002, "hessian_iters": 20, "runs": 10}
     quick = {"train_images": 2048, "test_images": 256, "epochs": 1, "widths": (8, 16, 32, 64), "qat_steps": 5,
                  "qat_lr": 0.002, "hessian_iters": 5, "runs": 5}
     vars(args).update(quick if args.quick else full)
@@ -241,7 +241,11 @@ def main() -> None:
     report = {"command": "python benchmarks/reproduce.py" + (" --quick" if args.quick else ""),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "settings": ", ".join(f"{k}={v}" for k, v in (quick if args.quick else full).items()),
-              "fashion_mnist": fashion_mnist_table(args), "efficientnet_lite0": efficientnet_table(args)}
+              "fashion_mnist": fashion_mnist_table(args)}
+    try:
+        report["efficientnet_lite0"] = efficientnet_table(args)
+    except Exception as err:  # a third-party model: record why it could not run, keep the Fashion-MNIST table
+        report["efficientnet_lite0"] = {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
     report["total_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     stem = "reproduce_quick" if args.quick else "reproduce"
