@@ -62,7 +62,7 @@ class Sensitivity:
     def load(cls, path: str | os.PathLike[str]) -> Sensitivity:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: not a sensitivity file ({err})") from None
 
 
