@@ -31,6 +31,15 @@ from hawqc.quant.qat import accuracy
 pytestmark = pytest.mark.xdist_group("ilp")
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: torch's intra-op threads cost more than they give on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -40,7 +49,7 @@ class _Tiny(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
-def test_hutchinson_matches_exact_hessian_trace_of_folded_weights() -> None:
+def test_hutchinson_matches_exact_hessian_trace_of_folded_weights(one_thread) -> None:
     torch.manual_seed(0)
     model = _Tiny()
     model.bn.running_var.uniform_(0.5, 2.0)
@@ -167,7 +176,7 @@ def test_latency_budget_with_transition_cost(tmp_path, resnet_problem) -> None:
 
 
 # ---- API and CLI ----------------------------------------------------------------------------------
-def test_search_bit_config_api(digits_model, digits_loaders, tmp_path) -> None:
+def test_search_bit_config_api(digits_model, digits_loaders, tmp_path, one_thread) -> None:
     batches = list(digits_loaders[0])[:1]
     sens = sensitivity(digits_model, batches, max_iters=10, cache_dir=tmp_path)
     sens.save(tmp_path / "sens.json")
@@ -207,7 +216,7 @@ def _random_config(problem: Problem, metric: str, limit: float, rng: random.Rand
     return {n: problem.options[k] for n, k in choice.items()}
 
 
-def test_ilp_configs_beat_random_configs_at_equal_budget(tmp_path) -> None:
+def test_ilp_configs_beat_random_configs_at_equal_budget(tmp_path, one_thread) -> None:
     """PTQ accuracy of the ILP's choice against 50 random configs filling the same budget, on a narrow
     ResNet (4/8/16 channels) trained on digits, where 4-bit layers cost accuracy unevenly.
 
