@@ -9,8 +9,9 @@ from hawqc.bitconfig import BitConfig, LayerBits
 
 __version__ = "0.1.0"
 
-__all__ = ["BitConfig", "LayerBits", "__version__", "compile_integer_only", "load", "quantize"]
-_LAZY = {"quantize": "hawqc.quant.model", "compile_integer_only": "hawqc.api", "load": "hawqc.api"}
+__all__ = ["BitConfig", "LayerBits", "__version__", "compile_integer_only", "load", "quantize", "search_bit_config"]
+_LAZY = {"quantize": "hawqc.quant.model", "compile_integer_only": "hawqc.api", "load": "hawqc.api",
+         "search_bit_config": "hawqc.api"}
 
 
 def __getattr__(name: str) -> Any:

@@ -132,3 +132,38 @@ def load(folder: str | os.PathLike[str]) -> Any:
     from hawqc.runtime.module import load as load_module
 
     return load_module(folder)
+
+
+def search_bit_config(model: Any, data: Any = None, *, sensitivity: Any = None, input_shape: Any = None,
+                      size: float | str | None = None, bops: float | str | None = None,
+                      latency: float | str | None = None, table: Any = None, **options: Any) -> Any:
+    """Per-layer bits by HAWQ-V3's ILP: least summed second-order perturbation Ω within the budgets.
+
+    ``model``: a float ``nn.Module``. ``data``: ``(inputs, labels)`` batches for the Hessian (or give
+    ``sensitivity``, a :class:`~hawqc.ilp.sensitivity.Sensitivity` or its JSON path). Budgets are
+    fractions in [0, 1] between uniform 4- and 8-bit or absolute values (``"4MB"``, ``"3G"``,
+    ``"1.5ms"``); a latency budget needs ``table`` (a ``hawqc tune`` JSON). ``input_shape`` (no batch
+    dim) defaults to the data's. Further ``options`` go to :func:`hawqc.ilp.search.search`
+    (``ties``, ``pin_first_last``, ``transition_ms``, ``options``). Returns a :class:`~hawqc.BitConfig`.
+    """
+    from hawqc.ilp.search import search
+    from hawqc.ilp.sensitivity import Sensitivity
+    from hawqc.ilp.sensitivity import sensitivity as compute_sensitivity
+
+    if size is None and bops is None and latency is None:
+        raise ValueError("give at least one budget: size, bops or latency")
+    batches = list(data) if data is not None else None
+    if sensitivity is None:
+        if batches is None:
+            raise ValueError("give data (for the Hessian) or a precomputed sensitivity")
+        sensitivity = compute_sensitivity(model, batches)
+    elif not isinstance(sensitivity, Sensitivity):
+        sensitivity = Sensitivity.load(sensitivity)
+    if input_shape is None:
+        if not batches:
+            raise ValueError("give input_shape (without the batch dimension) or data")
+        first = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
+        input_shape = tuple(first.shape[1:])
+    result = search(model, input_shape, sensitivity.omega, size=size, bops=bops, latency=latency, table=table,
+                    **options)
+    return result.solution.bit_config()

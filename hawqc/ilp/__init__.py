@@ -1,0 +1,1 @@
+"""Mixed-precision search (HAWQ-V3): Hessian sensitivity, per-layer costs and the bit-allocation ILP."""
