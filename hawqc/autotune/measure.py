@@ -92,13 +92,13 @@ def measure(module: Any, inputs: list[np.ndarray], expected: list[np.ndarray], s
     import tvm
     from tvm import relax
 
-    from hawqc.runtime.module import LIBRARY, _native_stderr_silenced
+    from hawqc.runtime.module import LIBRARY, native_stderr_silenced
 
     with tempfile.TemporaryDirectory(prefix="hawqc-tune-") as tmp:
         artifact = module.export(Path(tmp) / "layer")
         session.upload(str(artifact / LIBRARY), "layer.so")
     device = session.cpu()
-    with _native_stderr_silenced():  # TVM warns "Scope Loaded" per function
+    with native_stderr_silenced():  # TVM warns "Scope Loaded" per function
         vm = relax.VirtualMachine(session.load_module("layer.so"), device)
     for x, want in zip(inputs, expected):
         got = vm["main"](tvm.runtime.tensor(x, device)).numpy()

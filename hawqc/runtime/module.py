@@ -100,7 +100,7 @@ class CompiledModule:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
-            with _native_stderr_silenced():  # TVM logs an empty "Scope Saving" warning per function
+            with native_stderr_silenced():  # TVM logs an empty "Scope Saving" warning per function
                 self._executable.export_library(str(tmp / LIBRARY))
             self.graph.save(tmp / GRAPH)
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape),
@@ -212,7 +212,7 @@ def load(folder: str | os.PathLike[str]) -> CompiledModule:
         raise ValueError(f"{folder}: artifact format {manifest.get('format_version')} is not supported")
     if manifest["target"].get("kind") == "cuda" and not tvm.cuda().exist:
         raise ValueError(f"{folder} was compiled for CUDA: loading it needs a CUDA GPU")
-    with _native_stderr_silenced():
+    with native_stderr_silenced():
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
     graph = IntegerGraph.load(folder / GRAPH)
     module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
@@ -243,7 +243,7 @@ def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
+def native_stderr_silenced() -> Iterator[None]:
     """Send what C++ code writes to file descriptor 2 to /dev/null for the duration."""
     sys.stderr.flush()
     saved = os.dup(2)
