@@ -6,7 +6,7 @@ One process, one machine, the same FP32 model everywhere (random weights, BatchN
 recalibrated on random images: latency does not depend on the values). ONNX Runtime INT8 is the FP32
 ONNX model quantized by ``quantize_static`` with its defaults (QDQ, uint8 activations, int8 weights),
 2 intra-op threads like every other row. TVM FP32 is ``from_exported_program`` + ``tvm.compile`` with
-the default pipeline (no tuning). Each figure is the median of ``--runs`` runs after a warm-up (rows
+the default pipeline (no tuning), measured at the first batch size only (it takes seconds a run). Each figure is the median of ``--runs`` runs after a warm-up (rows
 slower than 2 s a run take 3 runs, said in the table). Writes ``cpu_latency.{json,md}`` and
 ``cpu_latency_layers.md``: every conv/dense kernel of hawqc W8A8 ResNet-50 at batch 8 with its
 achieved GMAC/s against the machine's VNNI peak (cores x clock x 64 MACs a cycle: one 512-bit
@@ -34,18 +34,18 @@ from hawqc.fileio import write_atomic
 
 THREADS = 2
 SLOW_RUN_S = 2.0
+WARM_UP_S = 1.0
 MIXED = "mixed: uniform4, layer1+layer2 and first/last at 8"
 
 
 def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
-    """Median and spread (ms) of ``runs`` calls after warm-up (3 calls; 1 for calls slower than
-    ``SLOW_RUN_S``, which then get 3 runs)."""
+    """Median and spread (ms) of ``runs`` calls after warm-up (calls for at least ``WARM_UP_S``;
+    one call for those slower than ``SLOW_RUN_S``, which then get 3 runs)."""
     start = time.perf_counter()
     run()
     if time.perf_counter() - start > SLOW_RUN_S:
         runs = 3
-    else:
-        run()
+    while time.perf_counter() - start < WARM_UP_S:
         run()
     times = []
     for _ in range(runs):
@@ -128,9 +128,9 @@ def onnx_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: n
     fp32 = folder / f"{name}.onnx"
     torch.onnx.export(model, (torch.from_numpy(x),), str(fp32), input_names=["input"], dynamo=False)
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # the calibration images, each repeated to the model's batch size
         def __init__(self) -> None:
-            self.batches = iter([{"input": b[:1].numpy()} for b in calib[0].split(1)])
+            self.batches = iter([{"input": np.repeat(b.numpy(), len(x), axis=0)} for b in calib[0].split(1)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
@@ -199,7 +199,7 @@ def main() -> None:
                 rows = hawqc_rows(name, model, calib, x, runs, profile)
                 rows += onnx_rows(name, model, calib, x, runs, Path(tmp))
                 rows.append(torch_row(model, x, runs))
-                if not args.quick:
+                if not args.quick and batch == batches[0]:  # untuned TVM takes seconds a run: one batch size
                     rows.append(tvm_fp32_row(model, x, runs))
                 ort_int8 = next(r["ms"] for r in rows if r["engine"] == "ONNX Runtime INT8")
                 for row in rows:
