@@ -7,9 +7,10 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from quantized_models import quantized
 
 import hawqc
-from hawqc import BitConfig, LayerBits, models, quantize
+from hawqc import models, quantize
 from hawqc.frontend.onnx_qdq import from_onnx
 from hawqc.quant.export import to_onnx
 from hawqc.relax_passes.float_ops import float_ops
@@ -17,18 +18,6 @@ from hawqc.runtime.module import compile_graph, first_divergence
 from hawqc.runtime.target import parse_target
 
 TARGET = parse_target("llvm")
-
-
-def quantized(name: str, shape: tuple[int, ...], config: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = models.get(name)
-    calib = [torch.randn(2, *shape)]
-    models.recalibrate_bn(model, calib)
-    if config == "mixed":
-        rng = np.random.default_rng(seed)
-        config = BitConfig(layers={n: LayerBits(int(rng.choice([4, 8])), int(rng.choice([4, 8])))
-                                   for n in models.quantizable_layers(model)})
-    return quantize(model, config, calib)
 
 
 CASES = [("tiny_resnet", (1, 28, 28)), ("resnet18", (3, 56, 56)), ("resnet50", (3, 64, 64)),

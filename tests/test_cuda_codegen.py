@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from quantized_models import quantized
 
-from hawqc import BitConfig, LayerBits, models, quantize
 from hawqc.cli import main as cli_main
 from hawqc.frontend.integer_graph import to_relax
 from hawqc.quant.dyadic import dyadic_per_channel, requantize
@@ -37,15 +36,7 @@ gpu = pytest.mark.skipif("not has_gpu()", reason="needs a CUDA GPU")
 
 
 def quantized_graph(name: str, shape: tuple[int, ...], config: str, seed: int = 0) -> IntegerGraph:
-    torch.manual_seed(seed)
-    model = models.get(name)
-    calib = [torch.randn(2, *shape)]
-    models.recalibrate_bn(model, calib)
-    if config == "mixed":
-        rng = np.random.default_rng(seed)
-        config = BitConfig(layers={n: LayerBits(int(rng.choice([4, 8])), int(rng.choice([4, 8])))
-                                   for n in models.quantizable_layers(model)})
-    return quantize(model, config, calib).integer_graph()
+    return quantized(name, shape, config, seed).integer_graph()
 
 
 def conv_graph(spec: ConvSpec, seed: int = 0) -> tuple[IntegerGraph, np.ndarray]:
