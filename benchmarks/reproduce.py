@@ -7,8 +7,8 @@
    BOPS and latency budgets 0.5 and 0.75, each quantized (PTQ) then QAT fine-tuned briefly; per row:
    test accuracy, weight size, BOPS, median CPU latency of the compiled integer-only module (batch 1,
    llvm host), and whether the compiled module is bit-exact with the numpy reference.
-   Latency budgets use a small latency table made here by timing each layer compiled alone
-   (``layer_latency_table``; ``hawqc tune`` writes the real one).
+   Latency budgets use the latency table of ``hawqc tune`` (default kernels, no search), written
+   beside the results.
 2. EfficientNet-Lite0 with ImageNet weights (extra ``bench``), PTQ W8A8 and W4A4: top-1 agreement
    with FP32 on foolbox's 20 ImageNet sample images.
 
@@ -22,6 +22,7 @@ import importlib.util
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,17 @@ from torch.utils.data import DataLoader, Subset
 
 import hawqc
 from hawqc import BitConfig, LayerBits, data, quantize
+from hawqc.autotune.runner import RunOptions, run
+from hawqc.autotune.table import LatencyTable
+from hawqc.autotune.workloads import extract
 from hawqc.fileio import write_atomic
 from hawqc.ilp.costs import layer_costs
 from hawqc.ilp.search import search
 from hawqc.ilp.sensitivity import sensitivity
+from hawqc.ilp.solver import read_latency_table
 from hawqc.models.resnet import BasicBlock, ResNet
 from hawqc.quant.qat import accuracy
 from hawqc.quant.qat import train as qat_train
-from hawqc.reference.graph import IntegerGraph
-from hawqc.runtime.module import compile_graph
 from hawqc.runtime.target import parse_target
 
 OPTIONS = (LayerBits(4, 4), LayerBits(8, 8))
@@ -73,26 +76,14 @@ def train_float(model: torch.nn.Module, loader: DataLoader, epochs: int) -> None
     model.eval()
 
 
-def layer_latency_table(model: torch.nn.Module, calib: list[torch.Tensor], input_shape: tuple[int, ...],
-                        runs: int) -> dict[tuple[str, int, int], float]:
-    """``(layer, w_bits, a_bits) -> ms``: each conv/dense of the uniform W4A4 and W8A8 integer graphs
-    compiled alone (int32 accumulator out) and timed at batch 1. A stand-in for ``hawqc tune``."""
-    target = parse_target("llvm")
-    shapes = {n: c.input_shape for n, c in layer_costs(model, input_shape).items()}
-    table = {}
-    for bits in OPTIONS:
-        config = BitConfig(default=bits)
-        graph = quantize(model, config, calib).integer_graph()
-        for op in graph.ops:
-            if op.op not in ("conv2d", "dense"):
-                continue
-            name = op.attrs["layer"]
-            single = IntegerGraph(op.inputs[0], op.output, [op])
-            dtype = "int8" if bits.a_bits == 8 else "uint8"
-            module = compile_graph(single, (1, *shapes[name]), target, input_dtype=dtype)
-            x = np.random.default_rng(0).integers(0, 8, (1, *shapes[name])).astype(dtype)
-            table[name, bits.w_bits, bits.a_bits] = median_ms(lambda module=module, x=x: module(x), runs)
-    return table
+def latency_table(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[tuple[str, int, int], float]:
+    """``(layer, w_bits, a_bits) -> ms`` for every conv/dense at 4 and 8 bits: ``hawqc tune``'s
+    measurement of the default kernels (no search); the rows go into the results JSON."""
+    with tempfile.TemporaryDirectory() as folder:
+        table = LatencyTable(Path(folder) / "latency-table.json")
+        run(extract(model, (1, *input_shape)), table, RunOptions(parse_target("llvm"), trials=0),
+            log=lambda line: None)
+        return read_latency_table(table.path)
 
 
 def evaluate_row(name: str, model: torch.nn.Module, bits: dict[str, LayerBits] | BitConfig, calib: list[torch.Tensor],
@@ -137,7 +128,7 @@ def fashion_mnist_table(args: argparse.Namespace) -> dict[str, Any]:
     sens = sensitivity(model, hessian_batches, max_iters=args.hessian_iters)
     sens_s = time.perf_counter() - start
     start = time.perf_counter()
-    table = layer_latency_table(model, calib, input_shape, args.runs)
+    table = latency_table(model, input_shape)
     table_s = time.perf_counter() - start
 
     fp32 = {"model": "FP32", "ptq_accuracy": None, "accuracy": accuracy(model, test),

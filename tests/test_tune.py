@@ -63,6 +63,14 @@ def test_workloads_of_an_integer_graph_file_match_the_model(tmp_path: Path,
     assert [(g.workload.key, g.layers) for g in from_file] == [(g.workload.key, g.layers) for g in tiny_groups]
 
 
+def test_workloads_of_a_torch_model_match_the_built_in_name(tiny_groups: list[workloads.LayerGroup]) -> None:
+    model = models.get("tiny_resnet")
+    from_module = workloads.extract(model, (1, 1, 28, 28))
+    assert [(g.workload.key, g.layers) for g in from_module] == [(g.workload.key, g.layers) for g in tiny_groups]
+    with pytest.raises(ValueError, match="input shape"):
+        workloads.extract(model)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_layer_graph_has_informative_outputs_in_the_bit_range(tiny_groups: list[workloads.LayerGroup],
                                                               bits: int) -> None:

@@ -95,12 +95,19 @@ class LayerGroup:
     layers: list[str]
 
 
-def extract(model: str | os.PathLike[str], input_shape: tuple[int, ...] | None = None) -> list[LayerGroup]:
-    """The workloads of a built-in model (by name, at its default input shape unless given) or of a
-    model file (ONNX QDQ or ``.int.npz``), deduplicated, in order of first use."""
+def extract(model: Any, input_shape: tuple[int, ...] | None = None) -> list[LayerGroup]:
+    """The workloads of a built-in model (by name, at its default input shape unless given), of a
+    model file (ONNX QDQ or ``.int.npz``) or of a float ``nn.Module`` (``input_shape`` required),
+    deduplicated, in order of first use."""
+    from torch import nn
+
     from hawqc import models
 
-    if str(model) in models.MODELS:
+    if isinstance(model, nn.Module):
+        if input_shape is None:
+            raise ValueError("a torch model needs its input shape to extract its workloads")
+        found = _from_torch(model, tuple(input_shape))
+    elif str(model) in models.MODELS:
         spec = models.spec(str(model))
         shape = tuple(input_shape) if input_shape else (1, *spec.input_shape)
         found = _from_torch(spec.build(), shape)
