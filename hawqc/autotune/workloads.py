@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.reference.graph import IntegerGraph, IntOp
+from hawqc.reference.graph import IntegerGraph, IntOp, conv_output_size
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,8 @@ class Workload:
 
     @property
     def output_hw(self) -> tuple[int, int]:
-        _, _, h, w = self.input_shape
-        kh, kw = self.weight_shape[2:]
-        top, left, bottom, right = self.padding
-        return ((h + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1,
-                (w + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1)
+        return conv_output_size(tuple(self.input_shape[2:]), tuple(self.weight_shape[2:]), self.stride, self.padding,
+                                self.dilation)
 
     def features(self) -> dict[str, float]:
         """Numbers that describe the workload, for the latency regressor."""

@@ -124,6 +124,14 @@ def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, q
     return IntOp("requantize", [src], dst, attrs, {"b": b, "c": c})
 
 
+def conv_output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                     padding: tuple[int, int, int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a conv2d output; ``padding`` is [top, left, bottom, right]."""
+    top, left, bottom, right = padding
+    return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
+                 for n, k, s, d, lo, hi in zip(size, kernel, stride, dilation, (top, left), (bottom, right)))
+
+
 def pool_rescale(attrs: Mapping[str, Any], consts: Mapping[str, Any], window: int) -> tuple[Any, Any, int, int]:
     """``(b, c, input offset, output zero point)`` that turn a pooling window sum into the output.
 

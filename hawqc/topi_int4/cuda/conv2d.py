@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.reference.graph import conv_output_size
+
 BLOCK_M, BLOCK_N = 64, 64
 """Output pixels x output channels per thread block."""
 WARPS_M, WARPS_N = 2, 2
@@ -60,13 +62,15 @@ class ConvSpec:
 
     @property
     def out_height(self) -> int:
-        return (self.height + self.padding[0] + self.padding[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) \
-            // self.stride[0] + 1
+        return self._out_size[0]
 
     @property
     def out_width(self) -> int:
-        return (self.width + self.padding[1] + self.padding[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) \
-            // self.stride[1] + 1
+        return self._out_size[1]
+
+    @property
+    def _out_size(self) -> tuple[int, int]:
+        return conv_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
 
     @property
     def per_word(self) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.reference.graph import conv_output_size
 from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, unpack_nibble
 
 OPAQUE = 8
@@ -56,10 +57,7 @@ class Conv2dWorkload:
 
     @property
     def out_size(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
-        top, left, bottom, right = self.padding
-        return ((self.height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
-                (self.width + left + right - dw * (kw - 1) - 1) // sw + 1)
+        return conv_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
 
     @property
     def packed_in(self) -> int:
