@@ -58,19 +58,28 @@ def test_hutchinson_matches_exact_hessian_trace_of_folded_weights(one_thread) ->
     x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 4, (16,))
     fold = folded_weights(model)
     iters = 200
-    estimate, done = hessian_traces(model, [(x, y)], fold, tol=1e-9, max_iters=iters, seed=1)
+    estimate, act_estimate, done = hessian_traces(model, [(x, y)], fold, tol=1e-9, max_iters=iters, seed=1,
+                                                  activations=True)
     assert done == iters
+
+    def check(name: str, loss, point: torch.Tensor, estimated: float) -> None:
+        n = point.numel()
+        hessian = torch.autograd.functional.hessian(loss, point).reshape(n, n).double()
+        exact = hessian.diagonal().sum().item()
+        # Rademacher probes: Var(vᵀHv) = 2 Σ_{j≠k} H_jk² (plus the other layers' shared-probe cross terms,
+        # zero-mean); allow four standard errors
+        stderr = (2 * (hessian.square().sum() - hessian.diagonal().square().sum())).sqrt().item() / iters**0.5
+        assert abs(estimated - exact) <= 4 * stderr + 1e-6, (name, estimated, exact, stderr)
+        assert stderr < 0.1 * abs(exact), "the check must be tight enough to catch a wrong scaling"
+
     for name, (folded, factor) in fold.items():
-        def loss(w_folded: torch.Tensor, name: str = name, factor: torch.Tensor = factor) -> torch.Tensor:
+        def weight_loss(w_folded: torch.Tensor, name: str = name, factor: torch.Tensor = factor) -> torch.Tensor:
             return F.cross_entropy(functional_call(model, {f"{name}.weight": w_folded / factor}, (x,)), y)
 
-        n = folded.numel()
-        hessian = torch.autograd.functional.hessian(loss, folded).reshape(n, n).double()
-        exact = hessian.diagonal().sum().item()
-        # Rademacher probes: Var(vᵀHv) = 2 Σ_{j≠k} H_jk²; allow four standard errors
-        stderr = (2 * (hessian.square().sum() - hessian.diagonal().square().sum())).sqrt().item() / iters**0.5
-        assert abs(estimate[name] - exact) <= 4 * stderr + 1e-6, (name, estimate[name], exact, stderr)
-        assert stderr < 0.1 * abs(exact), "the check must be tight enough to catch a wrong scaling"
+        check(name, weight_loss, folded, estimate[name])
+    hidden = torch.relu(model.bn(model.conv(x))).flatten(1).detach()
+    check("fc input", lambda h: F.cross_entropy(model.fc(h), y), hidden, act_estimate["fc"])
+    check("conv input", lambda i: F.cross_entropy(model(i), y), x, act_estimate["conv"])
 
 
 def test_sensitivity_is_cached_and_orders_bits(tmp_path, monkeypatch) -> None:

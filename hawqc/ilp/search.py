@@ -35,10 +35,13 @@ def search(model: Any, input_shape: Sequence[int], omega: Mapping[str, Mapping[i
            table: str | os.PathLike[str] | Mapping[tuple[str, int, int], float] | None = None,
            options: Sequence[LayerBits] = DEFAULT_OPTIONS, ties: Sequence[Sequence[str]] = (),
            pin_first_last: LayerBits | None = EIGHT_BIT, transition_ms: float = 0.0,
-           pareto_points: int = 0, pareto_metric: str | None = None) -> SearchResult:
+           pareto_points: int = 0, pareto_metric: str | None = None,
+           activation_omega: Mapping[str, Mapping[int, float]] | None = None) -> SearchResult:
     """Solve the bit-allocation ILP of ``model`` (see :mod:`hawqc.ilp.solver`) for the budgets given
     (fractions in [0, 1] or absolute values, see :meth:`Budget.parse`), and sweep ``pareto_points``
-    budgets of ``pareto_metric`` (default: the first budget's metric, else size) with the others held."""
+    budgets of ``pareto_metric`` (default: the first budget's metric, else size) with the others held.
+    ``omega`` (per weight width) and ``activation_omega`` (per activation width) are a
+    :class:`~hawqc.ilp.sensitivity.Sensitivity`'s."""
     from hawqc.ilp.solver import read_latency_table
 
     budgets = [Budget.parse(m, v) for m, v in (("size", size), ("bops", bops), ("latency", latency)) if v is not None]
@@ -48,7 +51,8 @@ def search(model: Any, input_shape: Sequence[int], omega: Mapping[str, Mapping[i
         raise ValueError("a latency budget needs a latency table (hawqc tune)")
     latencies = read_latency_table(table) if isinstance(table, (str, os.PathLike)) else table
     problem = build_problem(model, tuple(input_shape), omega, options=options, latency=latencies, ties=ties,
-                            pin_first_last=pin_first_last, transition_ms=transition_ms)
+                            pin_first_last=pin_first_last, transition_ms=transition_ms,
+                            activation_omega=activation_omega)
     solution = solve(problem, budgets) if budgets else None
     metric = pareto_metric or (budgets[0].metric if budgets else "size")
     front = pareto(problem, metric, pareto_points, [b for b in budgets if b.metric != metric]) if pareto_points else []

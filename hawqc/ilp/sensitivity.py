@@ -30,30 +30,34 @@ from torch import nn
 
 from hawqc.fileio import write_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """Hessian traces, weight counts and Ω per layer and weight bit width."""
+    """Hessian traces, weight counts and Ω per layer and weight bit width; ``activation_omega`` is
+    the same second-order term for each layer's input activation, per activation bit width."""
 
     traces: Mapping[str, float]
     params: Mapping[str, int]
     omega: Mapping[str, Mapping[int, float]]
     iterations: int
     settings: Mapping[str, Any] = field(default_factory=dict)
+    activation_traces: Mapping[str, float] = field(default_factory=dict)
+    activation_omega: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"cache_version": CACHE_VERSION, "traces": dict(self.traces), "params": dict(self.params),
-                "omega": {k: {str(b): v for b, v in o.items()} for k, o in self.omega.items()},
-                "iterations": self.iterations, "settings": dict(self.settings)}
+                "omega": _keyed_by_str(self.omega), "iterations": self.iterations, "settings": dict(self.settings),
+                "activation_traces": dict(self.activation_traces),
+                "activation_omega": _keyed_by_str(self.activation_omega)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Sensitivity:
         if data.get("cache_version") != CACHE_VERSION:
             raise ValueError(f"sensitivity file version {data.get('cache_version')!r} is not {CACHE_VERSION}")
-        return cls(data["traces"], data["params"], {k: {int(b): v for b, v in o.items()} for k, o in data["omega"].items()},
-                   data["iterations"], data.get("settings", {}))
+        return cls(data["traces"], data["params"], _keyed_by_int(data["omega"]), data["iterations"],
+                   data.get("settings", {}), data["activation_traces"], _keyed_by_int(data["activation_omega"]))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -98,9 +102,14 @@ def quantization_error(weight: torch.Tensor, bits: int) -> float:
 
 def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                    fold: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, tol: float = 1e-2,
-                   max_iters: int = 100, seed: int = 0) -> tuple[dict[str, float], int]:
+                   max_iters: int = 100, seed: int = 0, activations: bool = False,
+                   ) -> tuple[dict[str, float], int] | tuple[dict[str, float], dict[str, float], int]:
     """Hutchinson estimates of ``Tr(H_i)`` w.r.t. each folded weight in ``fold``; returns them and the
-    iteration count. ``batches`` are ``(inputs, labels)``; the loss is their summed mean cross-entropy."""
+    iteration count. ``batches`` are ``(inputs, labels)``; the loss is their summed mean cross-entropy.
+
+    With ``activations``, also the traces w.r.t. each layer's input activation (all batches' elements),
+    returned between the two. Iterations stop when every trace's standard error is at most ``tol`` times
+    its magnitude (after at least 10 iterations) or after ``max_iters``."""
     if max_iters < 1 or tol <= 0:
         raise ValueError(f"need max_iters >= 1 and tol > 0, got {max_iters} and {tol}")
     modules = dict(model.named_modules())
@@ -109,38 +118,108 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     saved = [p.requires_grad for p in params]
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    totals = torch.zeros(len(names), dtype=torch.float64)
-    previous: torch.Tensor | None = None
+    totals = torch.zeros(len(names) * (2 if activations else 1), dtype=torch.float64)
+    squares = torch.zeros_like(totals)
     iters = 0
+    handles = []
     try:
         for p in params:
             p.requires_grad_(True)
         grads = []
         for x, y in batches:
+            shifts = _input_shifts(model, names, x) if activations else []
+            handles = [modules[n].register_forward_pre_hook(lambda m, a, d=d: (a[0] + d,)) for n, d in zip(names, shifts)]
             loss = F.cross_entropy(model(x), y) / len(batches)
-            grads.append(torch.autograd.grad(loss, params, create_graph=True))
+            for handle in handles:
+                handle.remove()
+            grads.append((shifts, torch.autograd.grad(loss, [*params, *shifts], create_graph=True)))
         for iters in range(1, max_iters + 1):
             vs = [torch.randint(0, 2, p.shape, generator=generator).float() * 2 - 1 for p in params]
             us = [v / fold[n][1] for v, n in zip(vs, names)]
-            hus = [torch.zeros_like(p) for p in params]
-            for g in grads:
-                for acc, hu in zip(hus, torch.autograd.grad(g, params, grad_outputs=us, retain_graph=True)):
-                    acc += hu
-            totals += torch.tensor([float((u * hu).sum()) for u, hu in zip(us, hus)], dtype=torch.float64)
+            sample = torch.zeros_like(totals)
+            for shifts, g in grads:
+                inputs = [*params, *shifts]
+                sample[:len(names)] += _quadratic_forms(g, inputs, us + [torch.zeros_like(d) for d in shifts])[:len(names)]
+                if shifts:  # probed apart from the weights: the mixed weight-activation second derivatives are
+                    # large (they carry the loss gradient), and as cross terms they would swamp these estimates
+                    rs = [torch.randint(0, 2, d.shape, generator=generator).float() * 2 - 1 for d in shifts]
+                    sample[len(names):] += _quadratic_forms(g, inputs, [torch.zeros_like(p) for p in params] + rs)[len(names):]
+            totals += sample
+            squares += sample**2
             mean = totals / iters
-            if previous is not None and bool(((mean - previous).abs() <= tol * (previous.abs() + 1e-12)).all()):
-                break
-            previous = mean
+            if iters >= 10:
+                stderr = ((squares / iters - mean**2).clamp_min(0) / (iters - 1)).sqrt()
+                if bool((stderr <= tol * mean.abs()).all()):
+                    break
     finally:
+        for handle in handles:
+            handle.remove()
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
-    return {n: float(t) / iters for n, t in zip(names, totals)}, iters
+    traces = [float(t) / iters for t in totals]
+    weights = dict(zip(names, traces))
+    if not activations:
+        return weights, iters
+    return weights, dict(zip(names, traces[len(names):])), iters
+
+
+def _quadratic_forms(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                     probes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``probe_i · (H probe)_i`` for each input, ``H`` the Hessian whose first derivatives are ``grads``."""
+    products = torch.autograd.grad(grads, inputs, grad_outputs=probes, retain_graph=True)
+    return torch.tensor([float((v * hv).sum()) for v, hv in zip(probes, products)], dtype=torch.float64)
+
+
+def _input_shifts(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """A zero tensor, requiring grad, shaped like each layer's input on ``x`` (added to it by a pre-hook)."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, torch.Size] = {}
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, a[0].shape))
+               for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.zeros(shapes[n], requires_grad=True) for n in names]
+
+
+def layer_inputs(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 ) -> dict[str, torch.Tensor]:
+    """Each layer's input activations over ``batches``, flattened and concatenated."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().flatten()))
+               for n in names]
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def activation_error(x: torch.Tensor, bits: int) -> float:
+    """``‖Q_b(x) − x‖²`` with hawqc's static per-tensor activation quantizer (min/max range on ``x``;
+    non-negative 4-bit inputs unsigned, as :class:`~hawqc.quant.model.QuantModel` makes them)."""
+    from hawqc.quant.quantizers import activation_range
+
+    signed = not (bits == 4 and bool((x >= 0).all()))
+    qmin, qmax = activation_range(bits, signed)
+    amax = float(x.abs().max()) if signed else float(x.max())
+    if amax == 0.0:
+        return 0.0
+    scale = amax / qmax
+    return float(((torch.clamp(torch.round(x / scale), qmin, qmax) * scale - x) ** 2).sum())
 
 
 def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = (4, 8), tol: float = 1e-2,
                 max_iters: int = 100, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Sensitivity:
-    """Ω of every quantizable layer for each weight width in ``bits``, on ``data`` (``(inputs, labels)``
-    batches; unlabelled input batches use the float model's own predictions as labels).
+    """Ω of every quantizable layer's weight and input activation for each width in ``bits``, on ``data``
+    (``(inputs, labels)`` batches; unlabelled input batches use the float model's own predictions as labels).
 
     Results are cached in ``cache_dir`` (default ``$HAWQC_CACHE`` or ``~/.cache/hawqc``) under a hash
     of the weights, the data and these settings; a second call with the same inputs reads the file."""
@@ -150,13 +229,25 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
     if path.is_file():
         return Sensitivity.load(path)
     fold = folded_weights(model)
-    traces, iters = hessian_traces(model, batches, fold, tol=tol, max_iters=max_iters, seed=seed)
+    traces, act_traces, iters = hessian_traces(model, batches, fold, tol=tol, max_iters=max_iters, seed=seed,
+                                               activations=True)
     params = {n: int(w.numel()) for n, (w, _) in fold.items()}
     omega = {n: {b: max(traces[n], 0.0) / params[n] * quantization_error(w, b) for b in settings["bits"]}
              for n, (w, _) in fold.items()}
-    result = Sensitivity(traces, params, omega, iters, settings)
+    inputs = layer_inputs(model, list(fold), batches)
+    act_omega = {n: {b: max(act_traces[n], 0.0) / x.numel() * activation_error(x, b) for b in settings["bits"]}
+                 for n, x in inputs.items()}
+    result = Sensitivity(traces, params, omega, iters, settings, act_traces, act_omega)
     result.save(path)
     return result
+
+
+def _keyed_by_str(omega: Mapping[str, Mapping[int, float]]) -> dict[str, dict[str, float]]:
+    return {k: {str(b): v for b, v in o.items()} for k, o in omega.items()}
+
+
+def _keyed_by_int(omega: Mapping[str, Mapping[str, float]]) -> dict[str, dict[int, float]]:
+    return {k: {int(b): v for b, v in o.items()} for k, o in omega.items()}
 
 
 def _labelled(model: nn.Module, data: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -269,9 +269,11 @@ def build_problem(model: Any, input_shape: tuple[int, ...], omega: Mapping[str, 
                   options: Sequence[LayerBits] = DEFAULT_OPTIONS,
                   latency: Mapping[tuple[str, int, int], float] | None = None,
                   ties: Sequence[Sequence[str]] = (), pin_first_last: LayerBits | None = EIGHT_BIT,
-                  transition_ms: float = 0.0) -> Problem:
+                  transition_ms: float = 0.0, activation_omega: Mapping[str, Mapping[int, float]] | None = None,
+                  ) -> Problem:
     """The ILP of a model: costs measured at ``input_shape`` (no batch dim), ResNet ties found from
-    the structure plus ``ties``, first and last layer pinned to ``pin_first_last`` (``None``: free)."""
+    the structure plus ``ties``, first and last layer pinned to ``pin_first_last`` (``None``: free).
+    An option's Ω is ``omega[layer][w_bits]``, plus ``activation_omega[layer][a_bits]`` when given."""
     from hawqc.ilp.costs import layer_costs
 
     costs = layer_costs(model, input_shape)
@@ -281,9 +283,11 @@ def build_problem(model: Any, input_shape: tuple[int, ...], omega: Mapping[str, 
     if missing:
         raise ValueError(f"no sensitivity for {len(missing)} layers (first: {missing[0]}): recompute it for this model")
     try:
-        omega_k = {n: [float(omega[n][o.w_bits]) for o in options] for n in layers}
+        omega_k = {n: [float(omega[n][o.w_bits]) + (float(activation_omega[n][o.a_bits]) if activation_omega else 0.0)
+                       for o in options] for n in layers}
     except KeyError as err:
-        raise ValueError(f"the sensitivity has no Ω for {err.args[0]}-bit weights: compute it with those bits") from None
+        raise ValueError(f"the sensitivity has no Ω for {err.args[0]}-bit weights or activations: compute it "
+                         "with those bits") from None
     cost = {"size": {n: [c.params * o.w_bits / 8 for o in options] for n, c in costs.items()},
             "bops": {n: [c.macs * o.w_bits * o.a_bits for o in options] for n, c in costs.items()}}
     if latency is not None:
