@@ -175,7 +175,8 @@ def fashion_mnist_table(args: argparse.Namespace, record: Callable[[dict[str, An
     for metric in ("size", "bops", "latency"):
         for fraction in (0.5, 0.75):
             start = time.perf_counter()
-            bits = search(model, input_shape, sens.omega, **{metric: fraction}, table=table).solution.bits
+            bits = search(model, input_shape, sens.omega, **{metric: fraction}, table=table,
+                          activation_omega=sens.activation_omega).solution.bits
             result["search_s_max"] = round(max(result["search_s_max"], time.perf_counter() - start), 2)
             configs.append((f"ILP {metric} {fraction}", bits))
     for name, bits in configs:
@@ -264,7 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     full = {"train_images": 60000, "test_images": 10000, "epochs": 3, "widths": (8, 16, 32, 64), "qat_steps": 30,
-            "qat_lr": 0.002, "hessian_images": 512, "hessian_iters": 100, "agreement_images": 500, "runs": 20}
+            "qat_lr": 0.002, "hessian_images": 256, "hessian_iters": 50, "agreement_images": 500, "runs": 20}
     quick = {"train_images": 2048, "test_images": 256, "epochs": 1, "widths": (8, 16, 32, 64), "qat_steps": 5,
              "qat_lr": 0.002, "hessian_images": 256, "hessian_iters": 5, "agreement_images": 64,
              "runs": 5}

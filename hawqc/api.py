@@ -165,5 +165,5 @@ def search_bit_config(model: Any, data: Any = None, *, sensitivity: Any = None, 
         first = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
         input_shape = tuple(first.shape[1:])
     result = search(model, input_shape, sensitivity.omega, size=size, bops=bops, latency=latency, table=table,
-                    **options)
+                    activation_omega=sensitivity.activation_omega, **options)
     return result.solution.bit_config()

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     result = search(model, shape, sens.omega, size=args.size, bops=args.bops, latency=args.latency, table=args.table,
                     options=args.options or DEFAULT_OPTIONS, ties=[t.split(",") for t in args.tie],
                     pin_first_last=None if args.free_first_last else EIGHT_BIT, transition_ms=args.transition_ms,
-                    pareto_points=args.pareto, pareto_metric=args.pareto_metric)
+                    pareto_points=args.pareto, pareto_metric=args.pareto_metric, activation_omega=sens.activation_omega)
     solution = result.solution
     console.print(bits_table(model, solution.bits, f"{args.model}: ILP bits (Σ Ω = {solution.omega:.4g})"))
     for metric, value in solution.metrics.items():
