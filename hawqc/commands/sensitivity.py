@@ -22,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", type=input_shape,
                         help="input shape without batch, e.g. 3,224,224 (default: the data's, or the model's)")
     parser.add_argument("--max-iters", type=int, default=100, help="Hutchinson iterations at most (default: 100)")
-    parser.add_argument("--tol", type=float, default=1e-2, help="relative convergence tolerance (default: 0.01)")
+    parser.add_argument("--tol", type=float, default=1e-2, help="stop when every trace's standard error is below this fraction of it (default: 0.01)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Rademacher vectors (default: 0)")
     parser.add_argument("--cache-dir", help="sensitivity cache (default: $HAWQC_CACHE or ~/.cache/hawqc)")
 
@@ -73,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     _, result, _ = compute(args)
     table = Table(title=f"{args.model}: Hessian trace and Ω ({result.iterations} Hutchinson iterations)")
-    for column in ("layer", "params", "Tr(H)", *(f"Ω(W{b})" for b in result.settings["bits"])):
+    bits = result.settings["bits"]
+    for column in ("layer", "params", "Tr(H)", *(f"Ω(W{b})" for b in bits), *(f"Ω(A{b})" for b in bits)):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for name, trace in result.traces.items():
-        table.add_row(name, f"{result.params[name]:,}", f"{trace:.4g}",
-                      *(f"{result.omega[name][b]:.3g}" for b in result.settings["bits"]))
+        table.add_row(name, f"{result.params[name]:,}", f"{trace:.4g}", *(f"{result.omega[name][b]:.3g}" for b in bits),
+                      *(f"{result.activation_omega[name][b]:.3g}" for b in bits))
     console.print(table)
     result.save(args.out)
     console.print(f"wrote {args.out}")

@@ -1,13 +1,19 @@
-"""Second-order sensitivity of each quantizable layer (HAWQ-V3's Ω).
+"""Second-order sensitivity of each quantizable layer (HAWQ-V3's Ω), for its weights and its input.
 
 ``Ω_i(b) = Tr(H_i) / n_i · ‖Q_b(W_i) − W_i‖²``, where ``W_i`` is the layer's weight with its
 BatchNorm folded in (as :mod:`hawqc.quant.modules` folds it), ``Q_b`` hawqc's per-channel symmetric
 weight quantizer, ``n_i`` the number of weights and ``H_i`` the Hessian of the loss with respect to
-the folded weight. ``Tr(H_i)`` comes from Hutchinson's estimator ``E[vᵀHv]`` with Rademacher ``v``
-and Hessian-vector products by double back-propagation; all layers share each ``v`` (the cross
-terms have zero mean), and iterations stop when every layer's running mean moves by less than
-``tol`` (relative) or after ``max_iters``. Away from a minimum a trace can come out negative: Ω
-then counts it as 0 (the layer is not sensitive), the trace itself is kept as estimated.
+the folded weight. The same term for the layer's input activation ``A_i`` (all calibration samples,
+``Q_b`` the static per-tensor activation quantizer, ``H`` w.r.t. ``A_i``, as HAWQ-V2 does for
+activations) is ``activation_omega``: the ILP adds it at the option's activation width, so a W4A4
+option is charged for its 4-bit input as well as its 4-bit weights.
+
+``Tr(H)`` comes from Hutchinson's estimator ``E[vᵀHv]`` with Rademacher ``v`` and Hessian-vector
+products by double back-propagation; all layers share each ``v`` (the cross terms have zero mean),
+weights and activations are probed apart (their mixed terms are large), and iterations stop when every
+trace's standard error is at most ``tol`` times its magnitude, or after ``max_iters``. Away from a
+minimum a trace can come out negative: Ω then counts it as 0 (the layer is not sensitive), the trace
+itself is kept as estimated.
 
 The Hessian is taken through the float model with BatchNorm in eval mode. For a folded weight
 ``W_f = d ⊙ W`` (``d`` the per-channel fold factor), ``vᵀH_f v = uᵀH_W u`` with ``u = v / d``, so
