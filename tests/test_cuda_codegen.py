@@ -108,6 +108,27 @@ def test_packed_activations_between_int4_layers_on_llvm_equal_reference(signed: 
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_with_requantize_runs_as_a_1x1_conv_on_llvm(bits: int) -> None:
+    """A dense layer followed by a requantize goes to the kernel (as a 1x1 conv on [N, 1, 1, K]), bit-exact."""
+    rng = np.random.default_rng(4)
+    batch, k, o = 3, 40, 72
+    half = 1 << (bits - 1)
+    lo, hi = (0, 15) if bits == 4 else (-128, 127)
+    b, c = dyadic_per_channel(rng.uniform(2.0, 8.0, o) / (np.sqrt(k) * half))
+    ops = [IntOp("clip", ["x"], "a", {"qmin": lo, "qmax": hi}),
+           IntOp("dense", ["a"], "acc", {}, {"weight": rng.integers(-half, half, (o, k)).astype(np.int8),
+                                              "bias": rng.integers(-50, 50, o).astype(np.int32)}),
+           IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127}, {"b": b, "c": c})]
+    graph = IntegerGraph(input="x", output="y", ops=ops)
+    x = rng.integers(lo, hi + 1, (batch, k)).astype(np.int8)
+    ir = rewritten(graph, x.shape, "int8")
+    assert [name.startswith(f"{KERNEL_PREFIX}_s{bits}") for name in tensor_core_calls(ir)] == [True]
+    expected = graph.run(x)
+    assert len(np.unique(expected)) > 3
+    np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
+
+
 @pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
 def test_pack_activation_is_pack_words_and_unpack_inverts_it(signed: bool) -> None:
     """The Relax packing (residual adds, pooling) follows the kernels' rule: ``pack_words`` along channels."""
@@ -241,11 +262,13 @@ def kernels_of(source: str) -> dict[str, str]:
 @resnet18_group
 def test_resnet18_source_uses_mma_for_every_conv(resnet18: IntegerGraph, resnet18_cuda: object) -> None:
     convs = [op for op in resnet18.ops if op.op == "conv2d"]
-    calls = tensor_core_calls(rewritten(resnet18, (8, 3, 64, 64), tensor_cores=True))
+    ir = rewritten(resnet18, (8, 3, 64, 64), tensor_cores=True)
+    calls = tensor_core_calls(ir)
     assert len(calls) == len(convs) == 20
     int4 = sum(op.attrs["w_bits"] == 4 and op.attrs["a_bits"] == 4 for op in convs)
     assert 0 < int4 < len(convs)  # the mixed config has both kinds
     assert sum(name.startswith(f"{KERNEL_PREFIX}_s4") for name in calls) == int4
+    assert sum(packed_input for packed_input, _ in packed_io(ir)) == int4  # every INT4 kernel reads packed words
     kernels = kernels_of(resnet18_cuda.source())
     conv_kernels = {name: body for name, body in kernels.items() if name.startswith(KERNEL_PREFIX)}
     assert {name.removesuffix("_kernel") for name in conv_kernels} == set(calls)

@@ -1,8 +1,12 @@
-"""Replace each int8/int4 conv2d + dyadic requantize of ``main`` by one call to hawqc's Tensor Core kernel,
-and keep the 4-bit activations those kernels read packed 8 per int32 between layers.
+"""Replace each int8/int4 conv2d (or dense) + dyadic requantize of ``main`` by one call to hawqc's Tensor
+Core kernel, and keep the 4-bit activations those kernels read packed 8 per int32 between layers.
 
 The pattern is the NHWC lowering of :mod:`hawqc.frontend.integer_graph`: ``conv2d`` (constant weights,
-groups 1), an optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``clip`` and ``astype``.
+groups 1) or ``matmul`` (constant weights: a dense layer, run as a 1x1 conv on ``[N, 1, 1, K]``), an
+optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``clip`` and ``astype``. A dense layer
+without requantize (the final fc, read by the output dequantize) keeps TVM's lowering and dlight's
+GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N``-row GEMM that a
+64-row Tensor Core tile would mostly waste.
 The operand width follows the values: weights from the constant, activations from the ``clip`` that
 produced them (through casts and max-pooling); 4-bit operands use the INT4 kernel where the target
 has INT4 ``mma``, the int8 kernel otherwise. Convs that fit neither (zero points, wider operands,
@@ -55,7 +59,9 @@ class TensorCoreConv:
         self.input, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.multiplier, self.rounding, self.shift = is_const(), is_const(), is_const()
         self.conv = is_op("relax.nn.conv2d")(self.input, self.weight)
-        accumulator = self.conv | is_op("relax.add")(self.conv, self.bias)
+        self.dense = is_op("relax.matmul")(self.input, self.weight)
+        product = self.conv | self.dense
+        accumulator = product | is_op("relax.add")(product, self.bias)
         scaled = is_op("relax.multiply")(is_op("relax.astype")(accumulator), self.multiplier)
         shifted = is_op("relax.right_shift")(is_op("relax.add")(scaled, self.rounding), self.shift)
         self.clip = is_op("relax.clip")(shifted, wildcard(), wildcard())
@@ -74,7 +80,11 @@ class TensorCoreConv:
             spec, args = spec_and_args
             gv = builder.add_func(self._kernel(spec), f"{KERNEL_PREFIX}_s{spec.bits}")
             specs[gv.name_hint] = spec
-            return relax.call_tir(gv, args, out_ty=expr.ty)
+            if len(expr.ty.shape) == 4:
+                return relax.call_tir(gv, args, out_ty=expr.ty)
+            pixels = R.reshape(args[0], spec.input_shape[0])  # a dense layer: [N, K] as [N, 1, 1, K]
+            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=relax.TensorType(*spec.output_shape))
+            return R.reshape(y, expr.ty.shape)
 
         main = relax.analysis.remove_all_unused(rewrite_call(self.pattern, rewrite, mod["main"]))
         result = builder.get()
@@ -89,24 +99,22 @@ class TensorCoreConv:
                      ranges: dict[Any, tuple[int, int]]) -> Any:
         """``(ConvSpec, call_tir arguments)`` for a matched chain, or None where the kernel does not apply.
         The pattern matches the conv's input by its value: ``bound`` gives back the variable."""
-        conv, x = matches[self.conv], bound.get(matches[self.input], matches[self.input])
-        attrs = conv.attrs
+        x = bound.get(matches[self.input], matches[self.input])
         weight = matches[self.weight].value.numpy()
+        if self.dense in matches:  # [N, K] x [K, O]: a 1x1 conv on [N, 1, 1, K]
+            weight = weight.T.reshape(*weight.T.shape, 1, 1)
         out_channels = weight.shape[0]
         multiplier, shift = (_per_channel(matches[p], out_channels) for p in (self.multiplier, self.shift))
         rounding = _per_channel(matches[self.rounding], out_channels)
-        if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OIHW"
-                or str(attrs.out_dtype) != "int32"
-                or multiplier is None or shift is None or rounding is None
-                or not np.array_equal(rounding, np.left_shift(1, shift - 1)) or x not in ranges):
+        if (multiplier is None or shift is None or rounding is None or x not in ranges
+                or not np.array_equal(rounding, np.left_shift(1, shift - 1))):
             return None
         bits = operand_bits((int(weight.min()), int(weight.max())), ranges[x], self.int4)
-        if bits is None:
+        geometry = _dense_geometry(x) if self.dense in matches else _conv_geometry(matches[self.conv], x)
+        if bits is None or geometry is None:
             return None
         clip = matches[self.clip]
-        n, h, w, c = (int(d) for d in x.ty.shape)
-        spec = ConvSpec(n, c, h, w, out_channels, tuple(weight.shape[2:]), tuple(int(s) for s in attrs.strides),
-                        tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation), bits,
+        spec = ConvSpec(*geometry[:4], out_channels, tuple(weight.shape[2:]), *geometry[4:], bits,
                         ranges[x][0] < 0, str(x.ty.dtype), str(expr.ty.dtype), int(clip.args[1].value),
                         int(clip.args[2].value))
         bias = matches[self.bias].value.numpy().reshape(-1) if self.bias in matches else np.zeros(1, np.int32)
@@ -130,8 +138,8 @@ class _Packer(relax.PyExprMutator):
                 for arg in _arguments(binding.value):
                     readers.setdefault(arg, []).append(binding.value)
         self.packed = {var for var, (lo, hi) in self.ranges.items() if var in readers and fits_4_bits(lo, hi)
-                       and len(var.ty.shape) == 4 and any(self._reads_packed(r, var) for r in readers[var])}
-        self.unpacked_readers = {var for var in self.packed if not all(self._reads_packed(r, var) for r in readers[var])}
+                       and len(var.ty.shape) == 4 and any(self._int4_reader(r, var) for r in readers[var])}
+        self.unpacked_readers = {var for var in self.packed if not all(self._int4_reader(r, var) for r in readers[var])}
         self.words: dict[Any, Any] = {}
         """A packed activation (its int8 variable in the input module) -> its packed variable."""
 
@@ -143,26 +151,31 @@ class _Packer(relax.PyExprMutator):
     def visit_var_binding_(self, binding: Any) -> None:
         var, value = binding.var, binding.value
         spec = self._spec(value)
-        if spec is not None and (var in self.packed or self._reads_packed(value, value.args[1].fields[0])):
-            x, *constants = value.args[1].fields
-            packed_input = self._reads_packed(value, x)
-            spec = dataclasses.replace(spec, packed_input=packed_input, packed_output=var in self.packed)
-            gv = self.builder_.add_func(self.kernel(spec), f"{KERNEL_PREFIX}_s{spec.bits}_packed")
-            self.specs[gv.name_hint] = spec
-            args = [self.words[x] if packed_input else self.visit_expr(x)] + constants
-            shape, dtype = spec.output_shape
-            y = self.builder_.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(shape, dtype)))
+        if spec is not None and (var in self.packed or value.args[1].fields[0] in self.words):
+            y = self._packed_call(value, spec, packed_output=var in self.packed)
+            if var not in self.packed:
+                self.set_var_remap(var, y)
+                return
+        elif var in self.packed:  # a residual add, a pooling...: packed after it (FuseOps fuses it in)
+            super().visit_var_binding_(binding)
+            y = self.builder_.emit(pack_activation(self.visit_expr(var)))
         else:
             super().visit_var_binding_(binding)
-            if var not in self.packed:
-                return
-            y = self.builder_.emit(pack_activation(self.visit_expr(var)))
-        if var not in self.packed:
-            self.set_var_remap(var, y)
             return
         self.words[var] = y
-        if var in self.unpacked_readers:
+        if var in self.unpacked_readers:  # they read an unpacked copy (fused into them where elementwise)
             self.set_var_remap(var, self.builder_.emit(unpack_activation(y, var, self.ranges[var][0] < 0)))
+
+    def _packed_call(self, call: Any, spec: ConvSpec, packed_output: bool) -> Any:
+        """The kernel ``call`` re-emitted with its packed variant: packed input where it is INT4."""
+        x, *constants = call.args[1].fields
+        packed_input = x in self.words
+        spec = dataclasses.replace(spec, packed_input=packed_input, packed_output=packed_output)
+        gv = self.builder_.add_func(self.kernel(spec), f"{KERNEL_PREFIX}_s{spec.bits}_packed")
+        self.specs[gv.name_hint] = spec
+        args = [self.words[x] if packed_input else self.visit_expr(x)] + constants
+        shape, dtype = spec.output_shape
+        return self.builder_.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(shape, dtype)))
 
     def _spec(self, value: Any) -> ConvSpec | None:
         """The spec of a call to one of this pass's kernels, else None."""
@@ -174,14 +187,16 @@ class _Packer(relax.PyExprMutator):
         spec = self._spec(value)
         return None if spec is None else (spec.qmin, spec.qmax)
 
-    def _reads_packed(self, value: Any, var: Any) -> bool:
+    def _int4_reader(self, value: Any, var: Any) -> bool:
         """Whether ``value`` is an INT4 kernel call whose input is ``var``."""
         spec = self._spec(value)
         return spec is not None and spec.bits == 4 and value.args[1].fields[0].same_as(var)
 
 
 def _arguments(value: Any) -> list[Any]:
-    """The variables a binding's value reads (call arguments, also inside tuples)."""
+    """The variables a binding's value reads (itself, call arguments, also inside tuples)."""
+    if isinstance(value, relax.Var):
+        return [value]
     args = list(getattr(value, "args", []) or getattr(value, "fields", []))
     flat = [f for a in args for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
     return [a for a in flat if isinstance(a, relax.Var)]
@@ -220,12 +235,32 @@ def unpack_activation(words: Any, like: Any, signed: bool) -> Any:
     return R.astype(y, str(like.ty.dtype))
 
 
+def _conv_geometry(conv: Any, x: Any) -> tuple[Any, ...] | None:
+    """``(N, C, H, W, stride, padding, dilation)`` of a conv2d the kernel runs (NHWC, groups 1), else None."""
+    attrs = conv.attrs
+    if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OIHW"
+            or str(attrs.out_dtype) != "int32"):
+        return None
+    n, h, w, c = (int(d) for d in x.ty.shape)
+    return (n, c, h, w, tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+            tuple(int(d) for d in attrs.dilation))
+
+
+def _dense_geometry(x: Any) -> tuple[Any, ...] | None:
+    """The 1x1 conv geometry of a dense layer on ``[N, K]`` (None for other ranks)."""
+    if len(x.ty.shape) != 2:
+        return None
+    n, k = (int(d) for d in x.ty.shape)
+    return n, k, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)
+
+
 def _per_channel(const: Any, channels: int) -> np.ndarray | None:
-    """A scalar or NHWC per-channel ``(1, 1, 1, C)`` constant as int64 ``[C]``; None for any other shape."""
+    """A scalar or per-channel ``(1, 1, 1, C)`` (NHWC) or ``(1, C)`` (dense) constant as int64 ``[C]``;
+    None for any other shape."""
     a = const.value.numpy().astype(np.int64)
     if a.size == 1:
         return np.full(channels, a.reshape(()), dtype=np.int64)
-    return a.reshape(-1) if a.shape == (1, 1, 1, channels) else None
+    return a.reshape(-1) if a.shape in ((1, 1, 1, channels), (1, channels)) else None
 
 
 def _value_ranges(func: Any, produced: Any = lambda value: None) -> dict[Any, tuple[int, int]]:
