@@ -227,15 +227,23 @@ def test_rpc_measures_on_servers_and_survives_a_killed_server(tmp_path: Path, ti
 
         monkeypatch.setattr(runner, "measure", measure_then_lose_the_server)
         device = Device(f"127.0.0.1:{tracker_port}", "hawqc-test", session_timeout_s=60)
-        result = _run(tiny_groups, tmp_path / "rpc.json", host_target, limit=3, device=device)
+        result = _run(tiny_groups, tmp_path / "rpc.json", host_target, limit=2, trials=1, device=device)
     finally:
         for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
     assert killed and device.failures, "the killed server's session should have failed and been retried"
-    assert result.done == 3 and not result.failed
+    assert result.done == 2 and not result.failed
     rows = LatencyTable.open(tmp_path / "rpc.json").rows
     assert {r["device"] for r in rows} == {f"rpc:hawqc-test@127.0.0.1:{tracker_port}"}
+    searches = list((tmp_path / "rpc.tuning" / "databases").glob("*/database_tuning_record.json"))
+    assert len(searches) == 2 and all(_measured_candidates(p) for p in searches), "tuned through the RPC servers"
+
+
+def _measured_candidates(database: Path) -> int:
+    """Tuning records of a MetaSchedule database with a real run time (failed runs record 1e10 s)."""
+    records = [json.loads(line) for line in database.read_text().splitlines() if line.strip()]
+    return sum(1 for _, (_, run_secs, *_) in records if run_secs and max(run_secs) < 1.0)
 
 
 def _row(layer: str, workload: Workload, bits: int, latency: float) -> dict:

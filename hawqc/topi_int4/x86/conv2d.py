@@ -92,6 +92,12 @@ def offset_of(in_dtype: str, vnni: bool) -> int:
     return 128 if vnni and in_dtype == "int8" else 0
 
 
+def has_pad_stage(wl: Conv2dWorkload) -> bool:
+    """Whether the input is copied first: for spatial padding, or channels up to a multiple of 4. The
+    copy also adds the VNNI offset (see :func:`offset_of`); without it the dot product does."""
+    return any(wl.padding) or wl.packed_in != wl.in_channels
+
+
 def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True) -> Any:
     """The unscheduled PrimFunc ``(x, packed_weight, bias[, b, round, shift]) -> out``."""
     from tvm import te, tirx
@@ -112,15 +118,17 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
         return weight[(*outer, i, k) if vnni else (*outer, k, i)]
 
     bias = te.placeholder((ocp,), "int64", name="bias")
-    data = x
-    if any(wl.padding) or cp != cin:
+    data, offset = x, offset_of(wl.in_dtype, vnni)
+    if has_pad_stage(wl):
+        stored = "uint8" if offset else wl.in_dtype  # the +128 is applied here, once per input byte
+
         def pad(i: Any, y: Any, z: Any, c: Any) -> Any:
             inside = tirx.all(y >= top, y < h + top, z >= left, z < w + left)
             value = tirx.if_then_else(inside, x[i, y - top, z - left, c], tirx.const(wl.pad_value, wl.in_dtype))
-            return tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
-        data = te.compute((n, h + top + bottom, w + left + right, cp), pad, name="pad")
+            value = tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
+            return (value.astype("int16") + offset).astype(stored) if offset else value
+        data, offset = te.compute((n, h + top + bottom, w + left + right, cp), pad, name="pad"), 0
     ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, cp), "rc")
-    offset = offset_of(wl.in_dtype, vnni)
     acc = te.compute(
         (n, oh, ow, ocp),
         lambda i, y, z, o: te.sum(
@@ -169,10 +177,10 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     if vnni:
-        sch.tensorize(oci, intrinsic_name(wl.in_dtype, wl.weight_bits))
+        sch.tensorize(oci, intrinsic_name("uint8" if has_pad_stage(wl) else wl.in_dtype, wl.weight_bits))
     sch.set_scope(init, 0, "local")
     _vectorize_channels(sch, out)
-    if "pad" in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:
+    if has_pad_stage(wl):
         pad = sch.get_sblock("pad")
         pn, py, *_ = sch.get_loops(pad)
         sch.parallel(sch.fuse(pn, py))
