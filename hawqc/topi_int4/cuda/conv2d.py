@@ -3,7 +3,7 @@
 The GEMM is ``Y[m, o] = sum_k A[m, k] * W[o, k]`` with ``m`` an output pixel ``(n, oh, ow)``, ``o`` an
 output channel and ``k = (kh, kw, c)`` (channel fastest). Both operands are int32 words holding
 ``32 / bits`` values along ``k``: weights are packed once at compile time (:func:`pack_weight`), the
-activation tile is packed while it is staged in shared memory. A block of 4 warps computes a 64x64
+activation tile is loaded packed (a packed input) or packed while it is staged in shared memory. A block of 4 warps computes a 64x64
 tile; each warp issues ``mma.sync.aligned.m8n8k32`` (s4/u4 x s4) or ``m8n8k16`` (s8/u8 x s8) on
 fragments of one word per lane: lane ``l`` holds row ``l // 4``, word ``l % 4`` of A and B and the
 accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue adds the bias, applies
