@@ -7,6 +7,7 @@ optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``clip`` and ``ast
 without requantize (the final fc, read by the output dequantize) keeps TVM's lowering and dlight's
 GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N``-row GEMM that a
 64-row Tensor Core tile would mostly waste.
+
 The operand width follows the values: weights from the constant, activations from the ``clip`` that
 produced them (through casts and max-pooling); 4-bit operands use the INT4 kernel where the target
 has INT4 ``mma``, the int8 kernel otherwise. Convs that fit neither (zero points, wider operands,
@@ -15,10 +16,10 @@ of ``mma`` (they build for llvm: the whole rewritten graph can be checked on a C
 
 Packing: every 4-bit activation that an INT4 kernel reads is held packed (the layout of
 :mod:`hawqc.topi_int4.cuda.conv2d`) instead of int8. A kernel producing it writes it packed from its
-epilogue; any other producer (the residual ``add``, max-pooling) gets the packing appended, which
-``FuseOps`` fuses into it (injective ops). INT4 kernels read it as it is; any other reader (the
-shortcut's requantize, pooling, an INT8 kernel) reads an unpacked copy, fused into the reader where it
-is elementwise.
+epilogue; any other producer (the residual ``add``, max-pooling) gets the packing appended: injective
+ops that ``FuseOps`` fuses into an elementwise producer such as the add (after pooling they make a
+kernel of their own). INT4 kernels read it as it is; any other reader (the shortcut's requantize,
+pooling, an INT8 kernel) reads an unpacked copy, fused into the reader where it is elementwise.
 """
 
 from __future__ import annotations
