@@ -93,14 +93,18 @@ def test_kernel_on_llvm_equals_reference(conv: ConvSpec) -> None:
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
 
 
-@pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
-def test_packed_activations_between_int4_layers_on_llvm_equal_reference(signed: bool) -> None:
+def int4_chain(signed: bool) -> tuple[IntegerGraph, np.ndarray]:
     """Two INT4 convs: the first writes its output packed from its epilogue (20 channels: 3 words, the
     last one padded with zeros), the second reads it packed; the input clip packs 12 channels."""
     out = ("int8", -8, 7) if signed else ("int8", 0, 15)
     first = spec(4, signed, 12, 20, 3, 1, out=out)
     second = dataclasses.replace(spec(4, signed, 20, 40, 3, 2), height=first.out_height, width=first.out_width)
-    graph, x = conv_graph(first, second)
+    return conv_graph(first, second)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
+def test_packed_activations_between_int4_layers_on_llvm_equal_reference(signed: bool) -> None:
+    graph, x = int4_chain(signed)
     ir = rewritten(graph, x.shape, str(x.dtype))
     assert packed_io(ir) == [(True, True), (True, False)]
     expected = graph.run(x)
@@ -330,6 +334,13 @@ def test_kernel_on_gpu_equals_reference(conv: ConvSpec) -> None:
     calls = tensor_core_calls(rewritten(graph, x.shape, str(x.dtype), tensor_cores=True))
     assert [name.startswith(f"{KERNEL_PREFIX}_s{conv.bits}") for name in calls] == [True]
     np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@gpu
+@pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
+def test_packed_activations_on_gpu_equal_reference(signed: bool) -> None:
+    graph, x = int4_chain(signed)
+    np.testing.assert_array_equal(compile_graph(graph, x.shape, SM75, input_dtype=str(x.dtype))(x), graph.run(x))
 
 
 @resnet18_group
