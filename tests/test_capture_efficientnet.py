@@ -118,6 +118,16 @@ def test_onnx_export_keeps_padding_and_relu6(tmp_path: Path) -> None:
     np.testing.assert_array_equal(from_onnx(tmp_path / "tiny_lite.onnx").run(x), qmodel.integer_graph().run(x))
 
 
+def test_tuner_workloads_include_the_folded_padding(tmp_path: Path) -> None:
+    from hawqc.autotune.workloads import extract
+
+    model = tiny_lite()
+    quantize(model, "uniform8", CALIB).integer_graph().save(tmp_path / "tiny_lite.int.npz")
+    from_module = [(g.workload.key, g.layers) for g in extract(model, (1, 3, 17, 17))]
+    assert from_module == [(g.workload.key, g.layers) for g in extract(tmp_path / "tiny_lite.int.npz", (1, 3, 17, 17))]
+    assert extract(model, (1, 3, 17, 17))[0].workload.padding == (0, 0, 1, 1)
+
+
 class Unsupported(nn.Module):
     def __init__(self, forward: str) -> None:
         super().__init__()
