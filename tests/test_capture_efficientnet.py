@@ -107,6 +107,21 @@ def test_relu6_is_an_integer_upper_clip() -> None:
     assert values["add:in0"].max() == six and (values["add:in0"] == six).mean() > 0.05
 
 
+def test_a_standalone_relu6_clips_on_its_input_grid() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # conv outputs well past 6, so the clip bites
+    qmodel = quantize(model, "uniform8", [torch.randn(4, 3, 8, 8) * 2])
+    graph = qmodel.integer_graph()
+    (clip,) = [op for op in graph.ops if op.op == "clip"]
+    scale = qmodel.acts[qmodel.scale_source[clip.inputs[0]]].scale.item()  # the conv's, kept by the max pool
+    six = int(np.rint(np.float32(6.0) / np.float32(scale)))
+    assert (clip.attrs["qmin"], clip.attrs["qmax"]) == (0, six) and six < 127
+    x = (torch.randn(2, 3, 8, 8) * 2).numpy()
+    np.testing.assert_array_equal(hawqc.compile_integer_only(qmodel, input_shape=x.shape)(x), graph.run(x))
+
+
 def test_onnx_export_keeps_padding_and_relu6(tmp_path: Path) -> None:
     qmodel = quantize(tiny_lite(), "uniform8", CALIB)
     exported = to_onnx(qmodel, tmp_path / "tiny_lite.onnx")
