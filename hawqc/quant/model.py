@@ -7,6 +7,8 @@ Where tensors are quantized (the plan, fixed at construction):
 - a conv/dense output feeding only adds/concats stays an int32 accumulator: each add/concat input
   is requantized straight to the output scale by its own dyadic number (HAWQ-V3's residual rule);
 - max/avg/global-avg pool, flatten and ReLU keep their input's scale;
+- a bounded ReLU (ReLU6) clips at its bound on the integer grid of the tensor it is rounded to,
+  ``rint(6 / scale)``: in the requantization of its conv/dense/add, or in its own clip;
 - an activation's bits are the largest ``a_bits`` of the layers that read it (8 if none), and it is
   unsigned only when it is 4-bit and non-negative (after a ReLU).
 
