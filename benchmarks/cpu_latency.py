@@ -6,8 +6,10 @@ One process, one machine, the same FP32 model everywhere (random weights, BatchN
 recalibrated on random images: latency does not depend on the values). ONNX Runtime INT8 is the FP32
 ONNX model quantized by ``quantize_static`` with its defaults (QDQ, uint8 activations, int8 weights),
 2 intra-op threads like every other row. TVM FP32 is ``from_exported_program`` + ``tvm.compile`` with
-the default pipeline (no tuning), measured at the first batch size only (it takes seconds a run). Each figure is the median of ``--runs`` runs after a warm-up (rows
-slower than 2 s a run take 3 runs, said in the table). Writes ``cpu_latency.{json,md}`` and
+the default pipeline (no tuning), measured at the first batch size only (it takes seconds a run). Each
+figure is the median of ``--runs`` runs after a warm-up, the engines of one model and batch size taken
+in interleaved rounds so that the machine's drift hits all alike (rows slower than 2 s a run take 3
+runs, said in the table). Writes ``cpu_latency.{json,md}`` and
 ``cpu_latency_layers.md``: every conv/dense kernel of hawqc W8A8 ResNet-50 at batch 8 with its
 achieved GMAC/s against the machine's VNNI peak (cores x clock x 64 MACs a cycle: one 512-bit
 ``vpdpbusd`` a cycle per Zen 4 core).
@@ -22,6 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +38,50 @@ from hawqc.fileio import write_atomic
 THREADS = 2
 SLOW_RUN_S = 2.0
 WARM_UP_S = 1.0
+ROUNDS = 4
 MIXED = "mixed: uniform4, layer1+layer2 and first/last at 8"
+PROFILED = ("hawqc W8A8", "hawqc W4A4", "hawqc W4A4, int4 weights packed")
 
 
-def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
-    """Median and spread (ms) of ``runs`` calls after warm-up (calls for at least ``WARM_UP_S``;
-    one call for those slower than ``SLOW_RUN_S``, which then get 3 runs)."""
+@dataclass
+class Engine:
+    """One row of the table: a label, a call that runs the model once, and what the row reports besides time."""
+
+    label: str
+    run: Callable[[], Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    module: Any = None
+    """The hawqc CompiledModule, for the per-layer profile."""
+
+
+def timed_side_by_side(engines: list[Engine], runs: int) -> list[dict[str, Any]]:
+    """Median and spread (ms) of ``runs`` calls of each engine, taken in ``ROUNDS`` interleaved rounds
+    (engine A, B, C, A, B, C...) so that drift of the machine's speed hits every engine alike. Each
+    engine is warmed up for ``WARM_UP_S`` first; engines slower than ``SLOW_RUN_S`` a call get 3 runs
+    after one warm-up call, outside the rounds."""
+    times: dict[str, list[float]] = {e.label: [] for e in engines}
+    fast = []
+    for engine in engines:
+        start = time.perf_counter()
+        engine.run()
+        if time.perf_counter() - start > SLOW_RUN_S:
+            times[engine.label] = [_ms(engine.run) for _ in range(3)]
+            continue
+        while time.perf_counter() - start < WARM_UP_S:
+            engine.run()
+        fast.append(engine)
+    for round_ in range(ROUNDS):
+        for engine in fast:
+            times[engine.label] += [_ms(engine.run) for _ in range(runs * (round_ + 1) // ROUNDS
+                                                                 - runs * round_ // ROUNDS)]
+    return [{"engine": e.label, "ms": statistics.median(times[e.label]), "stdev_ms": statistics.pstdev(times[e.label]),
+             "runs": len(times[e.label]), **e.extra} for e in engines]
+
+
+def _ms(run: Callable[[], Any]) -> float:
     start = time.perf_counter()
     run()
-    if time.perf_counter() - start > SLOW_RUN_S:
-        runs = 3
-    while time.perf_counter() - start < WARM_UP_S:
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"ms": statistics.median(times), "stdev_ms": statistics.pstdev(times), "runs": runs}
+    return (time.perf_counter() - start) * 1e3
 
 
 def mixed_config(model: torch.nn.Module) -> BitConfig:
@@ -68,42 +97,48 @@ def float_model(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return model, calib
 
 
-def hawqc_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray, runs: int,
-               profiles: dict[str, list[dict[str, Any]]] | None) -> list[dict[str, Any]]:
-    rows = []
+def hawqc_engines(model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray) -> list[Engine]:
+    engines = []
     for label, config, kernels in (("hawqc W8A8", "uniform8", "auto"), ("hawqc W4A4", "uniform4", "auto"),
                                    ("hawqc W4A4, int4 weights packed", "uniform4", "vnni-w4"),
                                    ("hawqc mixed", mixed_config(model), "auto")):
         module = hawqc.compile_integer_only(quantize(model, config, calib).integer_graph(), input_shape=x.shape,
                                             kernels=kernels)
         exact = bool(np.array_equal(module(x), module.reference(x)))
-        rows.append({"engine": label, **timed(lambda: module(x), runs), "bit_exact": exact})
-        if profiles is not None and label != "hawqc mixed":
-            profiles[label] = layer_profile(module, x, runs)
-    return rows
+        engines.append(Engine(label, lambda module=module: module(x), {"bit_exact": exact}, module))
+    return engines
 
 
-def layer_profile(module: Any, x: np.ndarray, runs: int) -> list[dict[str, Any]]:
-    """Per conv/dense kernel: median time over ``runs`` model runs, MACs from the call's tensor shapes."""
-    calls: list[tuple[str, float, int]] = []
+def layer_profiles(engines: list[Engine], x: np.ndarray, runs: int) -> dict[str, list[dict[str, Any]]]:
+    """Per conv/dense kernel of each engine's module: median time over ``runs`` model runs (taken in
+    interleaved rounds, as the end-to-end times are), MACs from the call's tensor shapes."""
+    calls: dict[str, list[tuple[str, float, int]]] = {e.label: [] for e in engines}
     started: dict[str, float] = {}
 
-    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
-        if "conv2d" in symbol or "dense" in symbol:
-            if before:
-                started[symbol] = time.perf_counter()
-            else:
-                calls.append((symbol, time.perf_counter() - started[symbol], _macs(args)))
-        return 0
+    def instrument(label: str) -> Callable[..., int]:
+        def record(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+            if "conv2d" in symbol or "dense" in symbol:
+                if before:
+                    started[symbol] = time.perf_counter()
+                else:
+                    calls[label].append((symbol, time.perf_counter() - started[symbol], _macs(args)))
+            return 0
+        return record
 
-    module._vm.set_instrument(instrument)
-    try:
-        for _ in range(runs):
-            module(x)
-    finally:
-        module._vm.set_instrument(None)
+    for round_ in range(ROUNDS):
+        for engine in engines:
+            engine.module._vm.set_instrument(instrument(engine.label))
+            try:
+                for _ in range(runs * (round_ + 1) // ROUNDS - runs * round_ // ROUNDS):
+                    engine.module(x)
+            finally:
+                engine.module._vm.set_instrument(None)
+    return {e.label: _per_layer(e.module, calls[e.label], runs) for e in engines}
+
+
+def _per_layer(module: Any, calls: list[tuple[str, float, int]], runs: int) -> list[dict[str, Any]]:
     per_run = len(calls) // runs
-    layers = [row for row in module.summary()]
+    layers = list(module.summary())
     out = []
     for i in range(per_run):
         symbol, _, macs = calls[i]
@@ -120,8 +155,8 @@ def _macs(args: tuple[Any, ...]) -> int:
     return int(np.prod(out)) * int(np.prod(weight[1:4])) * 4
 
 
-def onnx_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray, runs: int,
-              folder: Path) -> list[dict[str, Any]]:
+def onnx_engines(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: np.ndarray,
+                 folder: Path) -> list[Engine]:
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
@@ -137,23 +172,25 @@ def onnx_rows(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: n
 
     int8 = folder / f"{name}.int8.onnx"
     quantize_static(str(fp32), str(int8), Reader())
-    rows = []
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
+    engines = []
     for label, path in (("ONNX Runtime INT8", int8), ("ONNX Runtime FP32", fp32)):
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        rows.append({"engine": label, **timed(lambda: session.run(None, {"input": x}), runs)})
-    return rows
+        engines.append(Engine(label, lambda session=session: session.run(None, {"input": x})))
+    return engines
 
 
-def torch_row(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, Any]:
-    torch.set_num_threads(THREADS)
+def torch_engine(model: torch.nn.Module, x: np.ndarray) -> Engine:
     inputs = torch.from_numpy(x)
-    with torch.inference_mode():
-        return {"engine": "PyTorch FP32", **timed(lambda: model(inputs), runs)}
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(inputs)
+    return Engine("PyTorch FP32", run)
 
 
-def tvm_fp32_row(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, Any]:
+def tvm_fp32_engine(model: torch.nn.Module, x: np.ndarray) -> Engine:
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -166,7 +203,7 @@ def tvm_fp32_row(model: torch.nn.Module, x: np.ndarray, runs: int) -> dict[str, 
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     inputs = tvm.runtime.tensor(x)
-    return {"engine": "TVM FP32 (default pipeline)", **timed(lambda: vm["main"](inputs), runs)}
+    return Engine("TVM FP32 (default pipeline)", lambda: vm["main"](inputs))
 
 
 def peak_gmac_per_s() -> tuple[float, str]:
@@ -195,12 +232,13 @@ def main() -> None:
             model, calib = float_model(name)
             for batch in batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-                profile = profiles if (name, batch) == (names[-1], batches[-1]) else None
-                rows = hawqc_rows(name, model, calib, x, runs, profile)
-                rows += onnx_rows(name, model, calib, x, runs, Path(tmp))
-                rows.append(torch_row(model, x, runs))
+                engines = hawqc_engines(model, calib, x) + onnx_engines(name, model, calib, x, Path(tmp))
+                engines.append(torch_engine(model, x))
                 if not args.quick and batch == batches[0]:  # untuned TVM takes seconds a run: one batch size
-                    rows.append(tvm_fp32_row(model, x, runs))
+                    engines.append(tvm_fp32_engine(model, x))
+                rows = timed_side_by_side(engines, runs)
+                if (name, batch) == (names[-1], batches[-1]):
+                    profiles = layer_profiles([e for e in engines if e.label in PROFILED], x, runs)
                 ort_int8 = next(r["ms"] for r in rows if r["engine"] == "ONNX Runtime INT8")
                 for row in rows:
                     row.update(model=name, batch=batch, vs_ort_int8=row["ms"] / ort_int8)

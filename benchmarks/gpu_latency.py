@@ -5,8 +5,11 @@
 Needs a CUDA GPU (INT4 ``mma`` exists on sm_75 to sm_89; on sm_90 the INT4 rows run as int8): it
 prints why and exits 0 without one. Every timed module is checked bit-exact against the numpy
 reference on the same input. Per-layer rows time ``[clip -> conv2d -> requantize]`` cut out of the
-quantized ResNet-50 on its traced activations (the clip, an elementwise kernel, declares the input
-range). Weights are random (BatchNorm recalibrated), which does not change the latency.
+quantized ResNet-50 on its traced activations (the clip declares the input range). Besides the conv
+kernel they time one elementwise kernel at each edge, for INT8 and INT4 alike: NCHW -> NHWC + clip
+(+ packing 8 per int32 for INT4) before, NHWC -> NCHW after; a lone layer's output is not packed
+(nothing reads it as INT4), inside the model it is. Weights are random (BatchNorm recalibrated), which
+does not change the latency.
 """
 
 from __future__ import annotations

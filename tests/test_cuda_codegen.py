@@ -2,6 +2,7 @@
 
 No GPU is needed except for the tests marked ``gpu`` (they skip without one)."""
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,12 @@ from hawqc.cli import main as cli_main
 from hawqc.frontend.integer_graph import to_relax
 from hawqc.quant.dyadic import dyadic_per_channel, requantize
 from hawqc.reference.graph import IntegerGraph, IntOp
-from hawqc.relax_passes.tensor_core_conv import KERNEL_PREFIX, TensorCoreConv
+from hawqc.relax_passes.tensor_core_conv import (
+    KERNEL_PREFIX,
+    TensorCoreConv,
+    pack_activation,
+    unpack_activation,
+)
 from hawqc.runtime.module import compile_graph
 from hawqc.topi_int4.cuda.conv2d import (
     ConvSpec,
@@ -39,21 +45,25 @@ def quantized_graph(name: str, shape: tuple[int, ...], config: str, seed: int = 
     return quantized(name, shape, config, seed).integer_graph()
 
 
-def conv_graph(spec: ConvSpec, seed: int = 0) -> tuple[IntegerGraph, np.ndarray]:
-    """``[clip -> conv2d -> requantize]`` with random operands of ``spec``'s widths, and an input for it
-    (the clip declares the input range, as a producing requantize does in a model)."""
+def conv_graph(*specs: ConvSpec, seed: int = 0) -> tuple[IntegerGraph, np.ndarray]:
+    """``[clip -> (conv2d -> requantize) per spec]`` with random operands of each spec's widths, and an input
+    for it (the clip declares the input range, as a producing requantize does in a model)."""
     rng = np.random.default_rng(seed)
-    half = 1 << (spec.bits - 1)
-    lo, hi = (-half, half - 1) if spec.signed_input else (0, 2 * half - 1)
-    weight = rng.integers(-half, half, (spec.out_channels, spec.channels, *spec.kernel)).astype(np.int8)
-    b, c = dyadic_per_channel(rng.uniform(2.0, 8.0, spec.out_channels) / (np.sqrt(spec.gemm_k) * half))
-    clip = IntOp("clip", ["x"], "a", {"qmin": lo, "qmax": hi})
-    conv = IntOp("conv2d", ["a"], "acc", {"stride": list(spec.stride), "padding": list(spec.padding),
-                                          "dilation": list(spec.dilation), "groups": 1},
-                 {"weight": weight, "bias": rng.integers(-50, 50, spec.out_channels).astype(np.int32)})
-    requant = IntOp("requantize", ["acc"], "y", {"qmin": spec.qmin, "qmax": spec.qmax}, {"b": b, "c": c})
-    graph = IntegerGraph(input="x", output="y", ops=[clip, conv, requant])
-    x = rng.integers(lo, hi + 1, (spec.batch, spec.channels, spec.height, spec.width)).astype(spec.input_dtype)
+    first = specs[0]
+    half = 1 << (first.bits - 1)
+    lo, hi = (-half, half - 1) if first.signed_input else (0, 2 * half - 1)
+    ops = [IntOp("clip", ["x"], "a0", {"qmin": lo, "qmax": hi})]
+    for i, conv in enumerate(specs):
+        half = 1 << (conv.bits - 1)
+        weight = rng.integers(-half, half, (conv.out_channels, conv.channels, *conv.kernel)).astype(np.int8)
+        b, c = dyadic_per_channel(rng.uniform(2.0, 8.0, conv.out_channels) / (np.sqrt(conv.gemm_k) * half))
+        ops.append(IntOp("conv2d", [f"a{i}"], f"acc{i}", {"stride": list(conv.stride), "padding": list(conv.padding),
+                                                          "dilation": list(conv.dilation), "groups": 1},
+                         {"weight": weight, "bias": rng.integers(-50, 50, conv.out_channels).astype(np.int32)}))
+        ops.append(IntOp("requantize", [f"acc{i}"], f"a{i + 1}", {"qmin": conv.qmin, "qmax": conv.qmax},
+                         {"b": b, "c": c}))
+    graph = IntegerGraph(input="x", output=f"a{len(specs)}", ops=ops)
+    x = rng.integers(lo, hi + 1, (first.batch, first.channels, first.height, first.width)).astype(first.input_dtype)
     return graph, x
 
 
@@ -75,11 +85,75 @@ SPECS = [spec(4, False, 64, 64, 3, 1), spec(4, True, 32, 40, 1, 2, out=("int8", 
 def test_kernel_on_llvm_equals_reference(conv: ConvSpec) -> None:
     """The kernel's TIR (tiling, index math, packing) with mma replaced by loops equals the reference executor."""
     graph, x = conv_graph(conv)
-    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype=str(x.dtype)))
-    assert tensor_core_calls(ir) == [f"{KERNEL_PREFIX}_s{conv.bits}"]
+    ir = rewritten(graph, x.shape, str(x.dtype))
+    assert [name.startswith(f"{KERNEL_PREFIX}_s{conv.bits}") for name in tensor_core_calls(ir)] == [True]
+    assert packed_io(ir) == [(conv.bits == 4, False)]  # the input clip packs what an INT4 kernel reads
     expected = graph.run(x)
     assert len(np.unique(expected)) > 3  # not saturated to a constant
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
+
+
+def int4_chain(signed: bool) -> tuple[IntegerGraph, np.ndarray]:
+    """Two INT4 convs: the first writes its output packed from its epilogue (20 channels: 3 words, the
+    last one padded with zeros), the second reads it packed; the input clip packs 12 channels."""
+    out = ("int8", -8, 7) if signed else ("int8", 0, 15)
+    first = spec(4, signed, 12, 20, 3, 1, out=out)
+    second = dataclasses.replace(spec(4, signed, 20, 40, 3, 2), height=first.out_height, width=first.out_width)
+    return conv_graph(first, second)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
+def test_packed_activations_between_int4_layers_on_llvm_equal_reference(signed: bool) -> None:
+    graph, x = int4_chain(signed)
+    ir = rewritten(graph, x.shape, str(x.dtype))
+    assert packed_io(ir) == [(True, True), (True, False)]
+    expected = graph.run(x)
+    assert len(np.unique(expected)) > 3
+    np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_with_requantize_runs_as_a_1x1_conv_on_llvm(bits: int) -> None:
+    """A dense layer followed by a requantize goes to the kernel (as a 1x1 conv on [N, 1, 1, K]), bit-exact."""
+    rng = np.random.default_rng(4)
+    batch, k, o = 3, 40, 72
+    half = 1 << (bits - 1)
+    lo, hi = (0, 15) if bits == 4 else (-128, 127)
+    b, c = dyadic_per_channel(rng.uniform(2.0, 8.0, o) / (np.sqrt(k) * half))
+    ops = [IntOp("clip", ["x"], "a", {"qmin": lo, "qmax": hi}),
+           IntOp("dense", ["a"], "acc", {}, {"weight": rng.integers(-half, half, (o, k)).astype(np.int8),
+                                              "bias": rng.integers(-50, 50, o).astype(np.int32)}),
+           IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127}, {"b": b, "c": c})]
+    graph = IntegerGraph(input="x", output="y", ops=ops)
+    x = rng.integers(lo, hi + 1, (batch, k)).astype(np.int8)
+    ir = rewritten(graph, x.shape, "int8")
+    assert [name.startswith(f"{KERNEL_PREFIX}_s{bits}") for name in tensor_core_calls(ir)] == [True]
+    expected = graph.run(x)
+    assert len(np.unique(expected)) > 3
+    np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
+def test_pack_activation_is_pack_words_and_unpack_inverts_it(signed: bool) -> None:
+    """The Relax packing (residual adds, pooling) follows the kernels' rule: ``pack_words`` along channels."""
+    import tvm
+    from tvm import relax
+
+    lo, hi, dtype = (-8, 7, "int8") if signed else (0, 15, "uint8")
+    x = np.random.default_rng(2).integers(lo, hi + 1, (2, 3, 5, 12)).astype(dtype)
+    bb = relax.BlockBuilder()
+    arg = relax.Var("x", relax.TensorType(x.shape, dtype))
+    with bb.function("main", [arg]):
+        with bb.dataflow():
+            words = bb.emit(pack_activation(arg))
+            out = bb.emit_output(relax.Tuple([words, bb.emit(unpack_activation(words, arg, signed))]))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm"})
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=relax.get_default_pipeline(target))
+    packed, unpacked = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    np.testing.assert_array_equal(packed.numpy(), pack_words(np.pad(x, [(0, 0)] * 3 + [(0, 4)]), 4))
+    assert unpacked.numpy().dtype == x.dtype
+    np.testing.assert_array_equal(unpacked.numpy(), x)
 
 
 def test_pack_words_places_element_e_at_bits_e() -> None:
@@ -104,6 +178,21 @@ def test_weights_too_wide_are_refused() -> None:
         pack_weight(np.full((conv.out_channels, conv.channels, 3, 3), 8), conv)
 
 
+def rewritten(graph: IntegerGraph, shape: tuple[int, ...], input_dtype: str = "float32", arch: str = "sm_75",
+              tensor_cores: bool = False) -> object:
+    """The graph lowered as the CUDA path lowers it (NHWC) with the Tensor Core kernels (loops for mma unless
+    ``tensor_cores``), 4-bit activations packed."""
+    return TensorCoreConv(arch, tensor_cores=tensor_cores)(to_relax(graph, shape, input_dtype=input_dtype,
+                                                                    layout="NHWC"))
+
+
+def packed_io(ir: object) -> list[tuple[bool, bool]]:
+    """(packed input, packed output) of each Tensor Core kernel call of ``main``, in order."""
+    kernels = [ir[b.value.args[0]] for block in ir["main"].body.blocks for b in block.bindings
+               if b.value.op.name == "relax.call_tir" and b.value.args[0].name_hint.startswith(KERNEL_PREFIX)]
+    return [(bool(k.attrs["hawqc.packed_input"]), bool(k.attrs["hawqc.packed_output"])) for k in kernels]
+
+
 def run_on_llvm(ir: object, x: np.ndarray) -> np.ndarray:
     import tvm
     from tvm import relax
@@ -119,17 +208,39 @@ def tensor_core_calls(ir: object) -> list[str]:
             and str(b.value.args[0].name_hint).startswith(KERNEL_PREFIX)]
 
 
-def test_rewritten_model_on_llvm_equals_reference() -> None:
-    """Every conv of a residual network goes to the kernel; the whole graph stays bit-exact (CPU loops for mma)."""
-    graph = quantized_graph("tiny_resnet", (1, 28, 28), "mixed")
+@pytest.mark.parametrize("config", ["mixed", "uniform4"])
+def test_rewritten_model_on_llvm_equals_reference(config: str) -> None:
+    """Every conv of a residual network goes to the kernel, 4-bit activations packed between INT4 layers
+    (written packed by convs and residual adds); the whole graph stays bit-exact (CPU loops for mma)."""
+    graph = quantized_graph("tiny_resnet", (1, 28, 28), config)
     x = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).astype(np.float32)
-    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape))
+    ir = rewritten(graph, x.shape)
     convs = [op for op in graph.ops if op.op == "conv2d"]
     calls = tensor_core_calls(ir)
     assert len(calls) == len(convs)
-    assert sum(name.startswith(f"{KERNEL_PREFIX}_s4") for name in calls) == sum(
-        op.attrs["w_bits"] == 4 and op.attrs["a_bits"] == 4 for op in convs)
+    int4 = [op.attrs["w_bits"] == 4 and op.attrs["a_bits"] == 4 for op in convs]
+    assert sum(name.startswith(f"{KERNEL_PREFIX}_s4") for name in calls) == sum(int4)
+    int4_inputs = {op.inputs[0] for op, is_int4 in zip(convs, int4) if is_int4}
+    requantized = {op.inputs[0]: op.output for op in graph.ops if op.op == "requantize"}
+    # INT4 kernels read packed words, all of them; a conv writes packed what an INT4 conv reads
+    assert sorted(packed_io(ir)) == sorted((is_int4, requantized.get(op.output) in int4_inputs)
+                                           for op, is_int4 in zip(convs, int4))
+    if config == "uniform4":  # the residual adds write packed too (the next block's convs read them)
+        assert "relax.add" in packed_producers(ir)
     np.testing.assert_array_equal(run_on_llvm(ir, x), graph.run(x))
+
+
+def packed_producers(ir: object) -> set[str]:
+    """The operators of ``main`` whose results :func:`pack_activation` packs (through casts and clips)."""
+    bindings = {b.var: b.value for block in ir["main"].body.blocks for b in block.bindings}
+
+    def origin(value: object) -> str:
+        while value.op.name in ("relax.astype", "relax.clip") and value.args[0] in bindings:
+            value = bindings[value.args[0]]
+        return value.op.name
+
+    return {origin(bindings[v.args[0]]) for v in bindings.values()  # pack starts with and(astype(x), 15)
+            if v.op.name == "relax.bitwise_and" and v.args[0] in bindings and bindings[v.args[0]].op.name == "relax.astype"}
 
 
 resnet18_group = pytest.mark.xdist_group("resnet18")  # one worker builds the shared ResNet-18 fixtures
@@ -155,11 +266,13 @@ def kernels_of(source: str) -> dict[str, str]:
 @resnet18_group
 def test_resnet18_source_uses_mma_for_every_conv(resnet18: IntegerGraph, resnet18_cuda: object) -> None:
     convs = [op for op in resnet18.ops if op.op == "conv2d"]
-    calls = tensor_core_calls(TensorCoreConv("sm_75")(to_relax(resnet18, (8, 3, 64, 64))))
+    ir = rewritten(resnet18, (8, 3, 64, 64), tensor_cores=True)
+    calls = tensor_core_calls(ir)
     assert len(calls) == len(convs) == 20
     int4 = sum(op.attrs["w_bits"] == 4 and op.attrs["a_bits"] == 4 for op in convs)
     assert 0 < int4 < len(convs)  # the mixed config has both kinds
     assert sum(name.startswith(f"{KERNEL_PREFIX}_s4") for name in calls) == int4
+    assert sum(packed_input for packed_input, _ in packed_io(ir)) == int4  # every INT4 kernel reads packed words
     kernels = kernels_of(resnet18_cuda.source())
     conv_kernels = {name: body for name, body in kernels.items() if name.startswith(KERNEL_PREFIX)}
     assert {name.removesuffix("_kernel") for name in conv_kernels} == set(calls)
@@ -172,9 +285,11 @@ def test_resnet18_source_uses_mma_for_every_conv(resnet18: IntegerGraph, resnet1
 
 def test_sm90_runs_int4_layers_as_int8() -> None:
     graph = quantized_graph("tiny_resnet", (1, 28, 28), "uniform4")
-    calls = tensor_core_calls(TensorCoreConv("sm_90")(to_relax(graph, (8, 1, 28, 28))))
+    ir = rewritten(graph, (8, 1, 28, 28), arch="sm_90", tensor_cores=True)
+    calls = tensor_core_calls(ir)
     assert len(calls) == sum(op.op == "conv2d" for op in graph.ops) and all(
         name.startswith(f"{KERNEL_PREFIX}_s8") for name in calls)
+    assert not any(map(any, packed_io(ir)))  # nothing packed: no kernel reads packed words
 
 
 @resnet18_group
@@ -216,9 +331,16 @@ def test_cli_refuses_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_kernel_on_gpu_equals_reference(conv: ConvSpec) -> None:
     graph, x = conv_graph(conv)
     module = compile_graph(graph, x.shape, SM75, input_dtype=str(x.dtype))
-    calls = tensor_core_calls(TensorCoreConv("sm_75")(to_relax(graph, x.shape, input_dtype=str(x.dtype))))
-    assert calls == [f"{KERNEL_PREFIX}_s{conv.bits}"]
+    calls = tensor_core_calls(rewritten(graph, x.shape, str(x.dtype), tensor_cores=True))
+    assert [name.startswith(f"{KERNEL_PREFIX}_s{conv.bits}") for name in calls] == [True]
     np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@gpu
+@pytest.mark.parametrize("signed", [False, True], ids=["u4", "s4"])
+def test_packed_activations_on_gpu_equal_reference(signed: bool) -> None:
+    graph, x = int4_chain(signed)
+    np.testing.assert_array_equal(compile_graph(graph, x.shape, SM75, input_dtype=str(x.dtype))(x), graph.run(x))
 
 
 @resnet18_group
@@ -237,7 +359,7 @@ def test_requantize_rule_is_the_dyadic_one() -> None:
     expected = requantize(np.einsum("nchw,oc->nohw", x.astype(np.int64), acc.consts["weight"][:, :, 0, 0])
                           + acc.consts["bias"].reshape(1, -1, 1, 1), requant.consts["b"], requant.consts["c"],
                           conv.qmin, conv.qmax, axis=1)
-    ir = TensorCoreConv("sm_75", tensor_cores=False)(to_relax(graph, x.shape, input_dtype=str(x.dtype)))
+    ir = rewritten(graph, x.shape, str(x.dtype))
     assert len(tensor_core_calls(ir)) == 1
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)
 

@@ -135,9 +135,9 @@ def test_the_tuned_schedule_replaces_the_default_only_if_faster(tmp_path: Path, 
     assert (row["schedule"], row["latency_ms"]) == (kept, min(default_ms, tuned_ms))
 
 
-def _tune_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hawqc.cli", "tune", "--layers", "tiny_resnet", "--bits", "8", "--trials", "0",
-            "--repeat", "2", "--min-repeat-ms", "5", "-o", str(out), *extra]
+def _tune_command(out: Path, *extra: str, trials: int = 0) -> list[str]:
+    return [sys.executable, "-m", "hawqc.cli", "tune", "--layers", "tiny_resnet", "--bits", "8", "--trials",
+            str(trials), "--repeat", "2", "--min-repeat-ms", "5", "-o", str(out), *extra]
 
 
 def _environment() -> dict[str, str]:
@@ -151,28 +151,42 @@ def _rows(path: Path) -> list[dict]:
         return []
 
 
-def test_resume_after_sigkill_keeps_finished_entries(tmp_path: Path, tiny_groups: list) -> None:
-    out = tmp_path / "table.json"
-    process = subprocess.Popen(_tune_command(out, "--limit", "5"), env=_environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not _rows(out) and process.poll() is None and time.monotonic() < deadline:
+def _searches(out: Path) -> tuple[int, int]:
+    """(MetaSchedule searches started, searches finished) in the table's tuning folder."""
+    folders = [p for p in (out.with_suffix(".tuning") / "databases").glob("*") if p.is_dir()]
+    return len(folders), sum((p / "done").exists() for p in folders)
+
+
+@pytest.mark.parametrize("trials", [0, 1], ids=["measuring", "mid-search"])
+def test_resume_after_sigkill_keeps_finished_entries(tmp_path: Path, tiny_groups: list, trials: int) -> None:
+    out, limit = tmp_path / "table.json", 5 if trials == 0 else 2
+    command = _tune_command(out, "--limit", str(limit), trials=trials)
+
+    def killable() -> bool:  # a row finished, and (when tuning) the next entry's search under way
+        started, finished = _searches(out)
+        return bool(_rows(out)) and (trials == 0 or started > finished)
+
+    process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not killable() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
+    assert killable(), "no row was finished in 15 minutes"
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = _rows(out)
-    layers = sum(len(g.layers) for g in tiny_groups[:5])
+    layers = sum(len(g.layers) for g in tiny_groups[:limit])
     assert 0 < len(before) < layers  # killed mid-run, the table on disk is whole
-    finished = subprocess.run(_tune_command(out, "--limit", "5"), check=False, env=_environment(), capture_output=True,
-                              text=True, timeout=300)
+    finished = subprocess.run(command, check=False, env=_environment(), capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr
     after = _rows(out)
     assert len(after) == layers
     assert all(row in after for row in before)  # finished entries kept as they were, not measured again
     entries_before = len({r["workload"] for r in before})
-    assert f"{5 - entries_before} entries measured" in finished.stdout
+    assert f"{limit - entries_before} entries measured" in finished.stdout
     assert f"{entries_before} already in the table" in finished.stdout
+    if trials:  # the interrupted search was started again and finished; the finished one was reused
+        assert _searches(out) == (limit, limit)
 
 
 def _free_port() -> int:
@@ -227,15 +241,23 @@ def test_rpc_measures_on_servers_and_survives_a_killed_server(tmp_path: Path, ti
 
         monkeypatch.setattr(runner, "measure", measure_then_lose_the_server)
         device = Device(f"127.0.0.1:{tracker_port}", "hawqc-test", session_timeout_s=60)
-        result = _run(tiny_groups, tmp_path / "rpc.json", host_target, limit=3, device=device)
+        result = _run(tiny_groups, tmp_path / "rpc.json", host_target, limit=2, trials=1, device=device)
     finally:
         for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
     assert killed and device.failures, "the killed server's session should have failed and been retried"
-    assert result.done == 3 and not result.failed
+    assert result.done == 2 and not result.failed
     rows = LatencyTable.open(tmp_path / "rpc.json").rows
     assert {r["device"] for r in rows} == {f"rpc:hawqc-test@127.0.0.1:{tracker_port}"}
+    searches = list((tmp_path / "rpc.tuning" / "databases").glob("*/database_tuning_record.json"))
+    assert len(searches) == 2 and all(_measured_candidates(p) for p in searches), "tuned through the RPC servers"
+
+
+def _measured_candidates(database: Path) -> int:
+    """Tuning records of a MetaSchedule database with a real run time (failed runs record 1e10 s)."""
+    records = [json.loads(line) for line in database.read_text().splitlines() if line.strip()]
+    return sum(1 for _, (_, run_secs, *_) in records if run_secs and max(run_secs) < 1.0)
 
 
 def _row(layer: str, workload: Workload, bits: int, latency: float) -> dict:

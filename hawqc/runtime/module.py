@@ -143,8 +143,10 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, 
     from hawqc.topi_int4.x86.lowering import X86Kernels
 
     kernels = resolve_kernels(kernels, target)
-    if kernels in ("generic", "tensor_core"):  # the CUDA pipeline swaps the convs for its own kernels
+    if kernels == "generic":
         return to_relax(graph, input_shape, **kwargs)
+    if kernels == "tensor_core":  # NHWC; the CUDA pipeline swaps the convs for its own kernels
+        return to_relax(graph, input_shape, layout="NHWC", **kwargs)
     x86 = X86Kernels(vnni=kernels.startswith("vnni"), packed_int4=kernels == "vnni-w4")
     return to_relax(graph, input_shape, layout="NHWC", kernels=x86, **kwargs)
 

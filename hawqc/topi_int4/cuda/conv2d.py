@@ -3,11 +3,18 @@
 The GEMM is ``Y[m, o] = sum_k A[m, k] * W[o, k]`` with ``m`` an output pixel ``(n, oh, ow)``, ``o`` an
 output channel and ``k = (kh, kw, c)`` (channel fastest). Both operands are int32 words holding
 ``32 / bits`` values along ``k``: weights are packed once at compile time (:func:`pack_weight`), the
-activation tile is packed while it is staged in shared memory. A block of 4 warps computes a 64x64
+activation tile is loaded packed (a packed input) or packed while it is staged in shared memory. A block of 4 warps computes a 64x64
 tile; each warp issues ``mma.sync.aligned.m8n8k32`` (s4/u4 x s4) or ``m8n8k16`` (s8/u8 x s8) on
 fragments of one word per lane: lane ``l`` holds row ``l // 4``, word ``l % 4`` of A and B and the
 accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue adds the bias, applies
-``clip((acc * b + 2^(c-1)) >> c)`` in int64 (:func:`hawqc.quant.dyadic.requantize`) and stores NCHW.
+``clip((acc * b + 2^(c-1)) >> c)`` in int64 (:func:`hawqc.quant.dyadic.requantize`), stages the tile
+in shared memory and stores it NHWC, each thread a run of channels (coalesced).
+
+Activations are NHWC. A *packed* activation (4-bit values only) is an int32 tensor
+``[N, H, W, ceil(C / 8)]``: 8 channels per word, channel ``8w + e`` at bits ``[4e, 4e + 4)``, channels
+past ``C`` zero. A kernel with ``packed_input`` loads its A words straight from it (one int32 load per
+word, no gather or packing); one with ``packed_output`` writes its requantized 4-bit output that way
+(:func:`pack_words` is the same rule in numpy).
 
 ``conv2d_kernel(spec, tensor_cores=False)`` is the same program with every thread loop serial and
 each ``mma`` computed by plain loops over the same fragments: it builds for llvm, so the index math
@@ -40,7 +47,7 @@ FRAG = 8
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """One conv2d + requantize: NCHW input and output, OIHW weights, groups 1."""
+    """One conv2d + requantize: NHWC input and output (packed or not), OIHW weights, groups 1."""
 
     batch: int
     channels: int
@@ -59,6 +66,36 @@ class ConvSpec:
     out_dtype: str
     qmin: int
     qmax: int
+    packed_input: bool = False
+    """The input is packed 8 int4 per int32 along channels (needs ``bits == 4``)."""
+    packed_output: bool = False
+    """The output is written packed 8 int4 per int32 (needs a 4-bit ``[qmin, qmax]``)."""
+
+    def __post_init__(self) -> None:
+        if self.packed_input and self.bits != 4:
+            raise ValueError("a packed input needs 4-bit operands")
+        if self.packed_output and not fits_4_bits(self.qmin, self.qmax):
+            raise ValueError(f"output range [{self.qmin}, {self.qmax}] does not fit 4 bits: it cannot be packed")
+
+    @property
+    def input_shape(self) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype of the (NHWC) input tensor."""
+        if self.packed_input:
+            return (self.batch, self.height, self.width, packed_channels(self.channels)), "int32"
+        return (self.batch, self.height, self.width, self.channels), self.input_dtype
+
+    @property
+    def output_shape(self) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype of the (NHWC) output tensor."""
+        if self.packed_output:
+            return (self.batch, self.out_height, self.out_width, packed_channels(self.out_channels)), "int32"
+        return (self.batch, self.out_height, self.out_width, self.out_channels), self.out_dtype
+
+    @property
+    def k_channels(self) -> int:
+        """Channels per kernel position along K: 4-bit operands' are padded to whole packed words (zero
+        weights), so that the packed weights are the same whether the input is packed or not."""
+        return packed_channels(self.channels) * PACK if self.bits == 4 else self.channels
 
     @property
     def out_height(self) -> int:
@@ -82,7 +119,7 @@ class ConvSpec:
 
     @property
     def gemm_k(self) -> int:
-        return self.kernel[0] * self.kernel[1] * self.channels
+        return self.kernel[0] * self.kernel[1] * self.k_channels
 
     @property
     def k_words(self) -> int:
@@ -98,6 +135,20 @@ class ConvSpec:
         return "m8n8k32" if self.bits == 4 else "m8n8k16"
 
 
+PACK = 8
+"""4-bit values per int32 word of a packed activation."""
+
+
+def packed_channels(channels: int) -> int:
+    """int32 words per pixel of a packed activation of ``channels`` channels."""
+    return math.ceil(channels / PACK)
+
+
+def fits_4_bits(lo: int, hi: int) -> bool:
+    """Whether ``[lo, hi]`` fits a signed or an unsigned 4-bit value."""
+    return -8 <= lo and hi <= 7 or 0 <= lo and hi <= 15
+
+
 def operand_bits(weight_range: tuple[int, int], input_range: tuple[int, int], int4: bool) -> int | None:
     """4 or 8: the Tensor Core operand width that holds both ranges (4 only if ``int4``); None if neither does.
     Weights are signed; activations are signed or unsigned (``[0, 2^bits)``)."""
@@ -111,8 +162,10 @@ def operand_bits(weight_range: tuple[int, int], input_range: tuple[int, int], in
 
 
 def pack_weight(weight: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """OIHW integer weights as int32 words ``[padded O, k_words]``, ``per_word`` values of K per word."""
-    w = np.asarray(weight, dtype=np.int64).transpose(0, 2, 3, 1).reshape(spec.out_channels, -1)
+    """OIHW integer weights as int32 words ``[padded O, k_words]``, ``per_word`` values of K per word
+    (K = kh, kw, then ``spec.k_channels`` channels, zeros past the real ones)."""
+    w = np.asarray(weight, dtype=np.int64).transpose(0, 2, 3, 1)
+    w = np.pad(w, [(0, 0)] * 3 + [(0, spec.k_channels - spec.channels)]).reshape(spec.out_channels, -1)
     lo, hi = -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
     if w.size and (w.min() < lo or w.max() > hi):
         raise ValueError(f"weights span [{w.min()}, {w.max()}]: they do not fit {spec.bits}-bit Tensor Core operands")
@@ -140,15 +193,23 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
     bits, per_word, mask = spec.bits, spec.per_word, (1 << spec.bits) - 1
     kw_size = spec.kernel[1]
     (sh, sw), (dh, dw), (pt, pl) = spec.stride, spec.dilation, spec.padding[:2]
-    channels, height, width = spec.channels, spec.height, spec.width
+    channels = spec.channels
     oh_size, ow_size, out_channels = spec.out_height, spec.out_width, spec.out_channels
     gemm_m = spec.gemm_m
     warp_m, warp_n = BLOCK_M // WARPS_M, BLOCK_N // WARPS_N
     frags_m, frags_n = warp_m // FRAG, warp_n // FRAG
     threads = WARPS_M * WARPS_N * WARP
     a_loads, b_loads = BLOCK_M * STAGE_WORDS // threads, BLOCK_N * STAGE_WORDS // threads
-    word_in_pixel = channels % per_word == 0
+    k_channels = spec.k_channels
+    word_in_pixel = k_channels % per_word == 0
     """Whether the values of a word are channels of one input pixel (all but stems like C=3)."""
+    in_words = packed_channels(channels)
+    k_words_used = spec.kernel[0] * kw_size * in_words
+    """Words of K in a packed input's GEMM (past them: the zero padding of K)."""
+    row_elements = BLOCK_N // PACK if spec.packed_output else BLOCK_N
+    """Output elements (words, when packed) per row of the output tile."""
+    stores = BLOCK_M * row_elements // threads
+    y_channels = spec.output_shape[0][3]
     a_type = ("int" if spec.signed_input else "uint") + str(bits)
     b_type = f"int{bits}"
 
@@ -178,13 +239,49 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
 
     mma = mma_tensor_core if tensor_cores else mma_loops
 
+    @T.macro
+    def gather_word(word, X, m, kword):
+        """A word of A unpacked: ``per_word`` values of K gathered from the NHWC input and packed."""
+        word[0] = 0
+        for e in unroll(per_word):
+            k = kword * per_word + e
+            pixel_k = _pixel_position(k, e, word_in_pixel)
+            ih = m // ow_size % oh_size * sh - pt + pixel_k // (kw_size * k_channels) * dh
+            iw = m % ow_size * sw - pl + pixel_k // k_channels % kw_size * dw
+            value = T.if_then_else(  # zero padding, and zeros past M, K and the channels
+                _inside(spec, m, T.And(k < spec.gemm_k, k % k_channels < channels), ih, iw),
+                T.Cast("int32", X[m // (oh_size * ow_size), ih, iw, k % k_channels]), 0)
+            word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(value, mask), bits * e))
+
+    @T.macro
+    def load_word(word, X, m, kword):
+        """A word of A from a packed input: one load (zero padding, and zeros past M and K)."""
+        ih = m // ow_size % oh_size * sh - pt + kword // (kw_size * in_words) * dh
+        iw = m % ow_size * sw - pl + kword // in_words % kw_size * dw
+        word[0] = T.if_then_else(_inside(spec, m, kword < k_words_used, ih, iw),
+                                 X[m // (oh_size * ow_size), ih, iw, kword % in_words], 0)
+
+    a_word = load_word if spec.packed_input else gather_word
+
+    @T.macro
+    def store(Y, out_tile, row, col, m, bn):
+        """Output element ``col`` of tile row ``row``: ``PACK`` channels packed in a word, or one value."""
+        if spec.packed_output:
+            word = T.alloc_buffer((1,), "int32", scope=local)
+            word[0] = 0
+            for e in unroll(PACK):
+                word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(out_tile[row, col * PACK + e], 15), 4 * e))
+            Y[m // (oh_size * ow_size), m // ow_size % oh_size, m % ow_size, bn * row_elements + col] = word[0]
+        else:
+            Y[m // (oh_size * ow_size), m // ow_size % oh_size, m % ow_size, bn * row_elements + col] = T.Cast(
+                spec.out_dtype, out_tile[row, col])
+
     @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer((spec.batch, channels, height, width), spec.input_dtype),
-               W: T.Buffer((spec.padded_out_channels, spec.k_words), "int32"),
+    def kernel(X: T.Buffer(*spec.input_shape), W: T.Buffer((spec.padded_out_channels, spec.k_words), "int32"),
                bias: T.Buffer((out_channels,), "int32"), mult: T.Buffer((out_channels,), "int64"),
-               shift: T.Buffer((out_channels,), "int64"),
-               Y: T.Buffer((spec.batch, out_channels, oh_size, ow_size), spec.out_dtype)):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+               shift: T.Buffer((out_channels,), "int64"), Y: T.Buffer(*spec.output_shape)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "hawqc.packed_input": spec.packed_input,
+                     "hawqc.packed_output": spec.packed_output})
         for bm in loop(math.ceil(gemm_m / BLOCK_M), "blockIdx.x"):
             for bn in loop(spec.padded_out_channels // BLOCK_N, "blockIdx.y"):
                 with T.sblock("tile"):
@@ -192,6 +289,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                     T.writes(Y[:, :, :, :])
                     a_tile = T.alloc_buffer((BLOCK_M, STAGE_WORDS), "int32", scope=shared)
                     b_tile = T.alloc_buffer((BLOCK_N, STAGE_WORDS), "int32", scope=shared)
+                    out_tile = T.alloc_buffer((BLOCK_M, BLOCK_N), "int32", scope=shared)
                     acc = T.alloc_buffer((WARPS_M * WARPS_N, WARP, frags_m, frags_n, 2), "int32", scope=local)
                     for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
                         for lane in loop(WARP, "threadIdx.x"):
@@ -200,21 +298,10 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                     for ko in T.serial(spec.k_words // STAGE_WORDS):
                         for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
                             for lane in loop(WARP, "threadIdx.x"):
-                                for s in unroll(a_loads):  # gather and pack the activation tile
-                                    slot = s * threads + warp * WARP + lane
-                                    m = bm * BLOCK_M + slot // STAGE_WORDS
+                                for s in unroll(a_loads):  # the activation tile, a word per thread and step
                                     word = T.alloc_buffer((1,), "int32", scope=local)
-                                    word[0] = 0
-                                    for e in unroll(per_word):
-                                        k = (ko * STAGE_WORDS + slot % STAGE_WORDS) * per_word + e
-                                        pixel_k = _pixel_position(k, e, word_in_pixel)
-                                        ih = m // ow_size % oh_size * sh - pt + pixel_k // (kw_size * channels) * dh
-                                        iw = m % ow_size * sw - pl + pixel_k // channels % kw_size * dw
-                                        value = T.if_then_else(  # zero padding, and zeros past M and K
-                                            _inside(spec, m, pixel_k, ih, iw),
-                                            T.Cast("int32", X[m // (oh_size * ow_size), k % channels, ih, iw]), 0)
-                                        word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(value, mask),
-                                                                                     bits * e))
+                                    a_word(word, X, bm * BLOCK_M + (s * threads + warp * WARP + lane) // STAGE_WORDS,
+                                           ko * STAGE_WORDS + (s * threads + warp * WARP + lane) % STAGE_WORDS)
                                     # stored at the thread index itself: an index read from a local buffer would
                                     # make TVM's sync analysis put a barrier before every store
                                     a_tile[(s * threads + warp * WARP + lane) // STAGE_WORDS,
@@ -230,15 +317,27 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                                     for fm in unroll(frags_m):
                                         for fn in unroll(frags_n):
                                             mma(acc, a_tile, b_tile, warp, lane, fm, fn, kk)
-                    for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):
+                    for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):  # requantize into the output tile
                         for lane in loop(WARP, "threadIdx.x"):
                             for fm, fn, i in T.grid(frags_m, frags_n, 2):
-                                m = bm * BLOCK_M + warp // WARPS_N * warp_m + fm * FRAG + lane // 4
                                 o = bn * BLOCK_N + warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i
-                                if m < gemm_m and o < out_channels:
-                                    Y[m // (oh_size * ow_size), o, m // ow_size % oh_size, m % ow_size] = T.Cast(
-                                        spec.out_dtype, _requantize(acc[warp, lane, fm, fn, i] + bias[o], mult[o],
-                                                                    shift[o], spec.qmin, spec.qmax))
+                                if o < out_channels:
+                                    out_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4,
+                                             warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i] = T.Cast(
+                                        "int32", _requantize(acc[warp, lane, fm, fn, i] + bias[o], mult[o],
+                                                             shift[o], spec.qmin, spec.qmax))
+                                else:  # channels past O: zeros (a packed output's padding)
+                                    out_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4,
+                                             warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i] = 0
+                    for warp in loop(WARPS_M * WARPS_N, "threadIdx.y"):  # store it, consecutive threads on a row
+                        for lane in loop(WARP, "threadIdx.x"):
+                            for s in unroll(stores):
+                                if (bm * BLOCK_M + (s * threads + warp * WARP + lane) // row_elements < gemm_m
+                                        and bn * row_elements + (s * threads + warp * WARP + lane) % row_elements
+                                        < y_channels):
+                                    store(Y, out_tile, (s * threads + warp * WARP + lane) // row_elements,
+                                          (s * threads + warp * WARP + lane) % row_elements,
+                                          bm * BLOCK_M + (s * threads + warp * WARP + lane) // row_elements, bn)
 
     return kernel
 
@@ -266,9 +365,9 @@ def _pixel_position(k: Any, e: int, word_in_pixel: bool) -> Any:
     return k - e if word_in_pixel else k
 
 
-def _inside(spec: ConvSpec, m: Any, k: Any, ih: Any, iw: Any) -> Any:
-    """Whether GEMM row ``m`` and column ``k`` exist and read a pixel inside the (unpadded) input."""
+def _inside(spec: ConvSpec, m: Any, k_exists: Any, ih: Any, iw: Any) -> Any:
+    """Whether GEMM row ``m`` and the K position (``k_exists``) exist and read a pixel inside the
+    (unpadded) input."""
     from tvm import tirx
 
-    return tirx.all(m < spec.gemm_m, k < spec.gemm_k, ih >= 0, ih < spec.height,
-                    iw >= 0, iw < spec.width)
+    return tirx.all(m < spec.gemm_m, k_exists, ih >= 0, ih < spec.height, iw >= 0, iw < spec.width)

@@ -1,13 +1,9 @@
 """The AVX-512 VNNI dot product as TIR tensor intrinsics: 16 int32 lanes += 4 activation bytes x 16x4 weights.
 
-``vpdpbusd`` multiplies *unsigned* bytes by signed bytes. Two descriptions cover hawqc's activations:
+``vpdpbusd`` multiplies *unsigned* bytes by signed bytes: the activations are uint8 (int8 ones are
+offset by 128 before they get here, see :mod:`.conv2d`).
 
-- ``hawqc_vnni_u8``: uint8 activations, used as they are;
-- ``hawqc_vnni_s8``: int8 activations, computed as ``(x + 128) * w`` by flipping the sign bit
-  (``x ^ 0x80`` is ``x + 128`` as a byte); the kernel subtracts ``128 * sum(w)`` per output channel
-  in its epilogue, so the result stays exact.
-
-With 4-bit weights (``_w4`` variants) the 16x4 block is 32 bytes, weight ``e = 4*channel + k`` in
+With 4-bit weights (``hawqc_vnni_w4``) the 16x4 block is 32 bytes, weight ``e = 4*channel + k`` in
 byte ``e % 32`` (low nibble for channels 0-7, high nibble for 8-15): the nibbles are sign-extended in
 registers and fed to two 256-bit ``vpdpbusd``, one per half of the channels (a 512-bit one costs two
 256-bit operations on Zen 4 anyway).
@@ -25,10 +21,10 @@ LANES, GROUP = 16, 4
 """Output channels per instruction, input channels per lane."""
 
 
-def intrinsic_name(in_dtype: str, weight_bits: int) -> str:
-    """The registered intrinsic for int8/uint8 activations and 8- or 4-bit weights."""
+def intrinsic_name(weight_bits: int) -> str:
+    """The registered intrinsic for uint8 activations and 8- or 4-bit weights."""
     register()
-    return f"hawqc_vnni_{'s8' if in_dtype == 'int8' else 'u8'}_w{weight_bits}"
+    return f"hawqc_vnni_w{weight_bits}"
 
 
 def unpack_nibble(byte: Any, high: Any) -> Any:
@@ -40,22 +36,18 @@ def unpack_nibble(byte: Any, high: Any) -> Any:
 
 @cache
 def register() -> None:
-    """Register the four intrinsics with TVM (once per process)."""
+    """Register the two intrinsics with TVM (once per process)."""
     from tvm.s_tir import TensorIntrin
 
-    for dtype in ("int8", "uint8"):
-        for bits in (8, 4):
-            TensorIntrin.register(f"hawqc_vnni_{'s8' if dtype == 'int8' else 'u8'}_w{bits}",
-                                  *_intrinsic(dtype, bits), override=True)
+    for bits in (8, 4):
+        TensorIntrin.register(f"hawqc_vnni_w{bits}", *_intrinsic(bits), override=True)
 
 
-def _intrinsic(dtype: str, weight_bits: int) -> tuple[Any, Any]:
+def _intrinsic(weight_bits: int) -> tuple[Any, Any]:
     from tvm.script import tirx as T
 
-    offset = 128 if dtype == "int8" else 0
-    flip = -0x7F7F7F80 if dtype == "int8" else 0  # 0x80808080 as int32: the sign bit of each byte
     @T.prim_func(s_tir=True)
-    def desc8(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
+    def desc8(a: T.Buffer((4,), "uint8", offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
               acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(acc[0:16], a[0:4], w[0:16, 0:4])
@@ -63,10 +55,10 @@ def _intrinsic(dtype: str, weight_bits: int) -> tuple[Any, Any]:
             for i, k in T.grid(16, 4):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    acc[vi] = acc[vi] + (T.Cast("int32", a[vk]) + offset) * T.Cast("int32", w[vi, vk])
+                    acc[vi] = acc[vi] + T.Cast("int32", a[vk]) * T.Cast("int32", w[vi, vk])
 
     @T.prim_func(s_tir=True)
-    def desc4(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((32,), "int8", offset_factor=1),
+    def desc4(a: T.Buffer((4,), "uint8", offset_factor=1), w: T.Buffer((32,), "int8", offset_factor=1),
               acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(acc[0:16], a[0:4], w[0:32])
@@ -74,28 +66,28 @@ def _intrinsic(dtype: str, weight_bits: int) -> tuple[Any, Any]:
             for i, k in T.grid(16, 4):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    acc[vi] = acc[vi] + (T.Cast("int32", a[vk]) + offset) * T.Cast(
+                    acc[vi] = acc[vi] + T.Cast("int32", a[vk]) * T.Cast(
                         "int32", T.shift_right(T.shift_left(w[vi % 8 * 4 + vk], T.Cast("int8", 4 - vi // 8 * 4)),
                                                T.int8(4)))
 
     @T.prim_func(s_tir=True)
-    def impl8(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
+    def impl8(a: T.Buffer((4,), "uint8", offset_factor=1), w: T.Buffer((16, 4), "int8", offset_factor=1),
               acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(acc[0:16], a[0:4], w[0:16, 0:4])
             T.writes(acc[0:16])
-            quad = T.bitwise_xor(T.reinterpret(a.vload([0], dtype + "x4"), dtype="int32"), flip)
+            quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
             acc[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc.vload([0], dtype="int32x16"),
                 T.reinterpret(T.broadcast(quad, 16), dtype="int8x64"), w.vload([0, 0], dtype="int8x64"))
 
     @T.prim_func(s_tir=True)
-    def impl4(a: T.Buffer((4,), dtype, offset_factor=1), w: T.Buffer((32,), "int8", offset_factor=1),
+    def impl4(a: T.Buffer((4,), "uint8", offset_factor=1), w: T.Buffer((32,), "int8", offset_factor=1),
               acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(acc[0:16], a[0:4], w[0:32])
             T.writes(acc[0:16])
-            quad = T.bitwise_xor(T.reinterpret(a.vload([0], dtype + "x4"), dtype="int32"), flip)
+            quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
             x = T.reinterpret(T.broadcast(quad, 8), dtype="int8x32")
             packed = w.vload([0], dtype="int8x32")
             four = T.broadcast(T.int8(4), 32)
