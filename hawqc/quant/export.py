@@ -43,6 +43,13 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [output], name=node_name or output, **attrs))
         return output
 
+    def relu(self, src: str, name: str, upper: float | None) -> str:
+        """``Relu``, or ``Clip(0, upper)`` for a bounded one (ReLU6)."""
+        if upper is None:
+            return self.node("Relu", [src], name)
+        bounds = [self.const(f"{name}.{k}", TensorProto.FLOAT, np.float32(v)) for k, v in (("min", 0.0), ("max", upper))]
+        return self.node("Clip", [src, *bounds], name)
+
     def qdq(self, src: str, name: str, quantizer: ActQuantizer) -> str:
         scale = self.const(f"{name}.scale", TensorProto.FLOAT, np.float32(quantizer.scale.item()))
         zp = self.const(f"{name}.zero_point", _ZERO_POINT_TYPES[(quantizer.bits, quantizer.signed)], np.int8(0))
@@ -91,8 +98,7 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
                                                           p["acc_scale"])], f"{node.layer}.bias", axis=0)
             if kind == "conv":
                 conv = layer.layer
-                pads = [conv.padding[0], conv.padding[1], conv.padding[0], conv.padding[1]]
-                out = g.node("Conv", [ins[0], w, b], name, node.layer, strides=list(conv.stride), pads=pads,
+                out = g.node("Conv", [ins[0], w, b], name, node.layer, strides=list(conv.stride), pads=layer.padding,
                              dilations=list(conv.dilation), group=conv.groups,
                              kernel_shape=list(conv.kernel_size))
             else:
@@ -112,9 +118,9 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
         elif kind == "flatten":
             out = g.node("Flatten", ins, name, axis=1)
         else:
-            out = g.node("Relu", ins, name)
+            out = g.relu(ins[0], name, node.relu_max)
         if node.relu:
-            out = g.node("Relu", [out], f"{name}.relu")
+            out = g.relu(out, f"{name}.relu", node.relu_max)
         if name in qmodel.acts:
             out = g.qdq(out, name, qmodel.acts[name])
         elif kind in ("avgpool", "gap", "maxpool"):  # pooled integers stay on the input's grid

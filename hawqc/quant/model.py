@@ -7,6 +7,8 @@ Where tensors are quantized (the plan, fixed at construction):
 - a conv/dense output feeding only adds/concats stays an int32 accumulator: each add/concat input
   is requantized straight to the output scale by its own dyadic number (HAWQ-V3's residual rule);
 - max/avg/global-avg pool, flatten and ReLU keep their input's scale;
+- a bounded ReLU (ReLU6) clips at its bound on the integer grid of the tensor it is rounded to,
+  ``rint(6 / scale)``: in the requantization of its conv/dense/add, or in its own clip;
 - an activation's bits are the largest ``a_bits`` of the layers that read it (8 if none), and it is
   unsigned only when it is 4-bit and non-negative (after a ReLU).
 
@@ -61,7 +63,8 @@ class QuantModel(nn.Module):
             if node.kind in ("conv", "dense"):
                 w_bits = self.bits[node.layer].w_bits
                 self.layers[_key(node.layer)] = (
-                    QuantConv2d(modules[node.layer], modules.get(node.bn), w_bits, weight_percentile)
+                    QuantConv2d(modules[node.layer], modules.get(node.bn), w_bits, weight_percentile,
+                                node.attrs["padding"])
                     if node.kind == "conv" else QuantLinear(modules[node.layer], w_bits, weight_percentile))
         consumers: dict[str, list[Node]] = {n.name: [] for n in self.nodes}
         for node in self.nodes:
@@ -146,9 +149,9 @@ class QuantModel(nn.Module):
             elif kind == "flatten":
                 y = ins[0].flatten(1)
             else:  # relu
-                y = F.relu(ins[0])
+                y = _relu(ins[0], node.relu_max)
             if node.relu:
-                y = F.relu(y)
+                y = _relu(y, node.relu_max)
             if node.name in self.acts:
                 quantizer = self.acts[node.name]
                 if observe:
@@ -194,14 +197,15 @@ class QuantModel(nn.Module):
     @torch.no_grad()
     def _build_integer_graph(self) -> IntegerGraph:
         ops: list[IntOp] = []
-        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, lo)
+        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, lo,
+        # float upper bound of a fused ReLU6 or None)
         qint: dict[str, tuple[np.float32, int, int]] = {}
-        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, int]] = {}
+        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, int, float | None]] = {}
 
         def rescale(src: str, dst: str, scale_out: np.float32, lo: int, hi: int) -> None:
             if src in acc:
-                s_in, s_w, _, acc_lo = acc[src]
-                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), hi))
+                s_in, s_w, _, acc_lo, acc_max = acc[src]
+                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), _upper(acc_max, scale_out, hi)))
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
@@ -211,6 +215,8 @@ class QuantModel(nn.Module):
             quantizer = self.acts[name] if name in self.acts else None
             qmin, qmax = quantizer.qrange if quantizer is not None else (0, 0)
             scale = np.float32(quantizer.scale.item()) if quantizer is not None else np.float32(0)
+            if quantizer is not None:
+                qmax = _upper(node.relu_max, scale, qmax)
             if kind == "input":
                 ops.append(IntOp("quantize", ["input"], name, {"qmin": qmin, "qmax": qmax},
                                  {"scale": np.array(scale, dtype=np.float32)}))
@@ -223,11 +229,11 @@ class QuantModel(nn.Module):
                 op_attrs = {"layer": node.layer, "w_bits": layer.w_bits, "a_bits": a_bits}
                 if kind == "conv":
                     conv = layer.layer
-                    op_attrs.update(stride=list(conv.stride), padding=_pads(list(conv.padding)),
+                    op_attrs.update(stride=list(conv.stride), padding=list(layer.padding),
                                     dilation=list(conv.dilation), groups=conv.groups)
                 ops.append(IntOp("conv2d" if kind == "conv" else "dense", node.inputs, target, op_attrs,
                                  {"weight": p["weight"], "bias": p["bias"]}))
-                acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN)
+                acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN, node.relu_max)
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
             elif kind in ("add", "concat"):
@@ -260,7 +266,7 @@ class QuantModel(nn.Module):
                 elif kind == "flatten":
                     ops.append(IntOp("flatten", node.inputs, name))
                 else:  # relu
-                    in_min = max(in_min, 0)
+                    in_min, in_max = max(in_min, 0), _upper(node.relu_max, s, in_max)
                     ops.append(IntOp("clip", node.inputs, name, {"qmin": in_min, "qmax": in_max}))
                 qint[name] = (s, in_min, in_max)
                 continue
@@ -269,6 +275,16 @@ class QuantModel(nn.Module):
         metadata = {"bit_config": {k: v.to_dict() for k, v in self.bits.items()},
                     "input_shape": [None, *self.input_shape]}
         return IntegerGraph("input", output or "output", ops, metadata)
+
+
+def _relu(x: torch.Tensor, upper: float | None) -> torch.Tensor:
+    return F.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
+
+
+def _upper(bound: float | None, scale: np.float32, qmax: int) -> int:
+    """``qmax`` narrowed to a ReLU's float upper bound on the integer grid of ``scale`` (rounded as
+    the quantizer rounds: ``relu6(x)`` then quantize is ``min(quantize(x), rint(6 / scale))``)."""
+    return qmax if bound is None else min(qmax, int(np.rint(np.float32(bound) / np.float32(scale))))
 
 
 def _torch_kernels() -> Mapping[str, Any]:

@@ -8,6 +8,10 @@ Three ways to run one layer:
   running ones), as in HAWQ-V3's recipe; after ``freeze_bn`` it uses the running statistics;
 - ``integer_params``: the integer weights, int32 bias (scale ``S_in * S_w``, formed in float32)
   and scales that the integer graph runs with.
+
+A channel whose weights are (nearly) zero but whose folded bias is not (dead channels of pretrained
+nets) would get a weight scale so small that its bias overflows int32: its scale is raised until the
+bias fits in 2^30 (TFLite's rule), leaving the weights at 0 and the bias exact.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from torch import nn
 from hawqc.quant.quantizers import fake_quant, quantize_weight, weight_qmax, weight_scale
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+BIAS_LIMIT = 2**30
+"""The largest integer bias a weight scale is chosen to allow (half the int32 range: room for the sum)."""
 
 
 class _QuantLayer(nn.Module):
@@ -60,13 +66,20 @@ class _QuantLayer(nn.Module):
         inv_std = self.bn.weight / torch.sqrt(var + self.bn.eps)
         return w * inv_std.reshape(self._channel_shape(w)), self.bn.bias + (b - mean) * inv_std
 
+    def weight_scale(self, w: torch.Tensor, b: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        """Per-channel float32 weight scale: the quantizer's, raised so that ``|b| / (S_in * S_w)`` stays
+        within :data:`BIAS_LIMIT`."""
+        s_w = weight_scale(w, self.w_bits, self.weight_percentile)
+        floor = b.detach().abs().to(torch.float32) / (input_scale.to(torch.float32) * BIAS_LIMIT)
+        return torch.maximum(s_w, floor)
+
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._op(x, *self.folded())
 
     def fake_forward(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
         use_batch_stats = self.training and self.bn is not None and not self.freeze_bn
         w, b = self.folded(x if use_batch_stats else None)
-        s_w = weight_scale(w, self.w_bits, self.weight_percentile)
+        s_w = self.weight_scale(w, b, input_scale)
         n = weight_qmax(self.w_bits)
         w_q = fake_quant(w, s_w.reshape(self._channel_shape(w)), -n, n)
         b_q = fake_quant(b, input_scale.to(torch.float32) * s_w, INT32_MIN, INT32_MAX)
@@ -76,7 +89,7 @@ class _QuantLayer(nn.Module):
     def integer_params(self, input_scale: np.float32) -> dict[str, np.ndarray]:
         """``weight`` (int8 storage), ``bias`` (int32), ``w_scale`` and ``acc_scale`` (float32, per channel)."""
         w, b = self.folded()
-        s_w = weight_scale(w, self.w_bits, self.weight_percentile)
+        s_w = self.weight_scale(w, b, torch.tensor(input_scale, dtype=torch.float32))
         acc_scale = np.float32(input_scale) * s_w.numpy()  # float32 product, as the deployed graph forms it
         bias = np.clip(np.rint(b.double().numpy() / acc_scale.astype(np.float64)), INT32_MIN, INT32_MAX)
         return {"weight": quantize_weight(w, s_w, self.w_bits).numpy(), "bias": bias.astype(np.int32),
@@ -84,15 +97,21 @@ class _QuantLayer(nn.Module):
 
 
 class QuantConv2d(_QuantLayer):
-    """A Conv2d with its BatchNorm folded in, quantized per output channel."""
+    """A Conv2d with its BatchNorm folded in, quantized per output channel. ``padding`` ([top, left,
+    bottom, right], zeros) replaces the conv's own, e.g. to take in a ZeroPad2d before it."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, w_bits: int,
-                 weight_percentile: float | None = None) -> None:
+                 weight_percentile: float | None = None, padding: list[int] | None = None) -> None:
         super().__init__(conv, bn, w_bits, weight_percentile)
+        ph, pw = conv.padding
+        self.padding = list(padding) if padding is not None else [ph, pw, ph, pw]
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         c = self.layer
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        top, left, bottom, right = self.padding
+        if (top, left) != (bottom, right):
+            x, top, left = F.pad(x, (left, right, top, bottom)), 0, 0
+        return F.conv2d(x, w, b, c.stride, (top, left), c.dilation, c.groups)
 
 
 class QuantLinear(_QuantLayer):
