@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import hawqc
@@ -50,7 +49,7 @@ from hawqc.ilp.search import search
 from hawqc.ilp.sensitivity import sensitivity
 from hawqc.ilp.solver import read_latency_table
 from hawqc.models.resnet import BasicBlock, ResNet
-from hawqc.quant.qat import accuracy
+from hawqc.quant.qat import accuracy, train_float
 from hawqc.quant.qat import train as qat_train
 from hawqc.runtime.target import parse_target
 
@@ -65,22 +64,6 @@ def median_ms(fn: Any, runs: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def train_float(model: torch.nn.Module, loader: DataLoader, epochs: int) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * len(loader))
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    model.eval()
 
 
 def latency_table(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[tuple[str, int, int], float]:
@@ -149,7 +132,7 @@ def fashion_mnist_table(args: argparse.Namespace, record: Callable[[dict[str, An
     test = DataLoader(Subset(test_set, range(min(args.test_images, len(test_set)))), batch_size=1000)
     model = ResNet(BasicBlock, [2, 2, 2, 2], 10, 1, widths=args.widths, small_input=True)
     start = time.perf_counter()
-    train_float(model, train, args.epochs)
+    train_float(model, train, args.epochs, log=lambda line: print(line, flush=True))
     train_s = time.perf_counter() - start
     input_shape = (1, 28, 28)
     costs = layer_costs(model, input_shape)

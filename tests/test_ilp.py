@@ -26,7 +26,7 @@ from hawqc.ilp.solver import (
 )
 from hawqc.models import get, quantizable_layers
 from hawqc.models.resnet import BasicBlock, ResNet
-from hawqc.quant.qat import accuracy
+from hawqc.quant.qat import accuracy, train_float
 
 pytestmark = pytest.mark.xdist_group("ilp")
 
@@ -249,16 +249,7 @@ def fashion_net() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], D
         train = DataLoader(Subset(train_set, range(FASHION_TRAIN_IMAGES)), batch_size=128, shuffle=True,
                            generator=generator)
         model = ResNet(BasicBlock, [1, 1, 1], 10, 1, widths=(8, 16, 32), small_input=True)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=FASHION_EPOCHS * len(train))
-        for _ in range(FASHION_EPOCHS):
-            model.train()
-            for x, y in train:
-                loss = F.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+        train_float(model, train, FASHION_EPOCHS)
     finally:
         torch.set_num_threads(threads)
     held_out = list(DataLoader(Subset(train_set, range(50000, 50000 + 4 * 128)), batch_size=128))
