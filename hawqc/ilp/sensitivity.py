@@ -209,17 +209,17 @@ def layer_inputs(model: nn.Module, names: Sequence[str], batches: Sequence[tuple
 
 
 def activation_error(x: torch.Tensor, bits: int) -> float:
-    """``‖Q_b(x) − x‖²`` with hawqc's static per-tensor activation quantizer (min/max range on ``x``;
-    non-negative 4-bit inputs unsigned, as :class:`~hawqc.quant.model.QuantModel` makes them)."""
-    from hawqc.quant.quantizers import activation_range
+    """``‖Q_b(x) − x‖²`` with hawqc's static per-tensor activation quantizer calibrated on ``x``
+    (non-negative 4-bit inputs unsigned, as :class:`~hawqc.quant.model.QuantModel` makes them)."""
+    from hawqc.quant.quantizers import ActQuantizer
 
-    signed = not (bits == 4 and bool((x >= 0).all()))
-    qmin, qmax = activation_range(bits, signed)
-    amax = float(x.abs().max()) if signed else float(x.max())
-    if amax == 0.0:
+    quantizer = ActQuantizer(bits, signed=not (bits == 4 and bool((x >= 0).all())), relu=False)
+    quantizer.observe(x)
+    try:
+        quantizer.freeze("input")
+    except ValueError:  # an all-zero input quantizes without error
         return 0.0
-    scale = amax / qmax
-    return float(((torch.clamp(torch.round(x / scale), qmin, qmax) * scale - x) ** 2).sum())
+    return float(((quantizer.fake(x) - x) ** 2).sum())
 
 
 def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = (4, 8), tol: float = 1e-2,
