@@ -109,13 +109,16 @@ def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int, ...]:
 
 
 def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm", *,
-                         input_shape: Any = None, calib_data: Any = None, kernels: str = "auto") -> Any:
+                         input_shape: Any = None, calib_data: Any = None, kernels: str = "auto",
+                         threads: int | None = None) -> Any:
     """Compile a quantized graph to an integer-only TVM module.
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
     ``nn.Module`` (see :func:`integer_graph_of`). ``target``: ``"llvm"`` (host CPU), a string such as
     ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
-    it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). Returns a
+    it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
+    worker threads a call uses (default: one per physical core; idle workers sleep ~1 ms after a call, so
+    other work in the process is not slowed down). Returns a
     :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
     ``cm.export(dir)``.
     """
@@ -124,14 +127,16 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
 
     config = parse_target(target)
     integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)
-    return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config, kernels=kernels)
+    return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config, kernels=kernels,
+                         threads=threads)
 
 
-def load(folder: str | os.PathLike[str]) -> Any:
-    """Load a compiled artifact folder (written by ``CompiledModule.export`` or ``hawqc compile``)."""
+def load(folder: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """Load a compiled artifact folder (written by ``CompiledModule.export`` or ``hawqc compile``);
+    ``threads`` as for :func:`compile_integer_only`."""
     from hawqc.runtime.module import load as load_module
 
-    return load_module(folder)
+    return load_module(folder, threads)
 
 
 def search_bit_config(model: Any, data: Any = None, *, sensitivity: Any = None, input_shape: Any = None,

@@ -15,27 +15,34 @@ from hawqc.topi_int4.x86.conv2d import pack_weight
 TARGET = parse_target("llvm")
 KERNELS = ["vnni", "vnni-w4", "avx2"]
 
-# (in channels, out channels, kernel, stride, padding, dilation, input range, pad value, weight bits)
+# (in channels, out channels, kernel, stride, padding, dilation, input range, pad value, weight bits, groups)
 CONVS = {
-    "3x3": (64, 64, 3, 1, 1, 1, (-128, 127), 0, 8),
-    "3x3-s2-w4a4": (32, 48, 3, 2, 1, 1, (-8, 7), 0, 4),
-    "1x1-uint8": (64, 32, 1, 1, 0, 1, (0, 255), 0, 8),
-    "1x1-uint8-w4": (64, 32, 1, 1, 0, 1, (0, 255), 0, 4),
-    "stem-7x7-s2": (3, 16, 7, 2, 3, 1, (-128, 127), 0, 8),
-    "odd-channels-w4": (5, 10, 3, 1, 1, 1, (-128, 127), 0, 4),
-    "dilated-asym-pad": (16, 16, 3, 1, 2, 2, (-20, 100), 0, 8),
-    "zero-point-pad": (8, 16, 3, 1, 1, 1, (0, 255), 7, 8),
+    "3x3": (64, 64, 3, 1, 1, 1, (-128, 127), 0, 8, 1),
+    "3x3-s2-w4a4": (32, 48, 3, 2, 1, 1, (-8, 7), 0, 4, 1),
+    "1x1-uint8": (64, 32, 1, 1, 0, 1, (0, 255), 0, 8, 1),
+    "1x1-uint8-w4": (64, 32, 1, 1, 0, 1, (0, 255), 0, 4, 1),
+    "stem-7x7-s2": (3, 16, 7, 2, 3, 1, (-128, 127), 0, 8, 1),
+    "odd-channels-w4": (5, 10, 3, 1, 1, 1, (-128, 127), 0, 4, 1),
+    "dilated-asym-pad": (16, 16, 3, 1, 2, 2, (-20, 100), 0, 8, 1),
+    "zero-point-pad": (8, 16, 3, 1, 1, 1, (0, 255), 7, 8, 1),
+    "depthwise-3x3": (32, 32, 3, 1, 1, 1, (-128, 127), 0, 8, 32),
+    "depthwise-s2-odd-channels-uint8": (72, 72, 3, 2, 1, 1, (0, 255), 9, 8, 72),
+    "depthwise-5x5-dilated-w4": (20, 20, 5, 1, 4, 2, (-8, 7), 0, 4, 20),
+    "grouped-4-per-group": (64, 64, 3, 1, 1, 1, (-128, 127), 0, 8, 16),
+    "grouped-32-per-group-s2": (128, 128, 3, 2, 1, 1, (0, 255), 3, 8, 4),
+    "grouped-uneven-w4": (30, 60, 3, 1, 1, 1, (-128, 127), 0, 4, 6),
+    "grouped-1x1-multiplier": (24, 48, 1, 1, 0, 1, (-128, 127), 0, 8, 24),
 }
 
 
 def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dilation: int, pad_value: int,
-                requant: bool, weight_bits: int = 8, seed: int = 0) -> IntegerGraph:
+                requant: bool, weight_bits: int = 8, groups: int = 1, seed: int = 0) -> IntegerGraph:
     rng = np.random.default_rng(seed)
-    shape = (cout, cin, k, k) if op == "conv2d" else (cout, cin)
+    shape = (cout, cin // groups, k, k) if op == "conv2d" else (cout, cin)
     top = 2 ** (weight_bits - 1)
     consts = {"weight": rng.integers(-top, top, shape).astype(np.int8),
               "bias": rng.integers(-5000, 5000, cout).astype(np.int32)}
-    attrs = {"stride": [stride] * 2, "padding": [pad] * 4, "dilation": [dilation] * 2, "groups": 1,
+    attrs = {"stride": [stride] * 2, "padding": [pad] * 4, "dilation": [dilation] * 2, "groups": groups,
              "pad_value": pad_value} if op == "conv2d" else {}
     ops = [IntOp(op, ["x"], "acc", attrs, consts)]
     if requant:
@@ -48,8 +55,8 @@ def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dil
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("case", CONVS)
 def test_conv_kernel_is_exact(case: str, kernels: str) -> None:
-    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value, weight_bits = CONVS[case]
-    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, True, weight_bits)
+    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value, weight_bits, groups = CONVS[case]
+    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, True, weight_bits, groups)
     x = np.random.default_rng(1).integers(lo, hi + 1, (2, cin, 15, 15))
     dtype = "uint8" if lo >= 0 and hi > 127 else "int8"
     module = compile_graph(graph, x.shape, TARGET, input_dtype=dtype, kernels=kernels)
@@ -119,6 +126,15 @@ def test_packed_weights_hold_every_weight_once() -> None:
     assert packed.shape == (2, 3, 3, 2, 16, 4)
     assert packed[1, 2, 0, 1, 3, 1] == w[16 + 3, 4 + 1, 2, 0]
     assert np.count_nonzero(packed) == np.count_nonzero(w)
+
+
+def test_grouped_weights_pack_block_diagonally() -> None:
+    w = np.random.default_rng(7).integers(1, 128, (40, 4, 3, 3)).astype(np.int8)  # 10 groups of 4 -> 4
+    packed = pack_weight(w, groups=10)
+    assert packed.shape == (3, 3, 3, 4, 16, 4)  # each block of 16 outputs meets 4 groups: 16 input channels
+    assert packed[1, 2, 0, 1, 5, 2] == w[16 + 5, 2, 2, 0]  # output 21: group 5, input channels 20-23 = 16 + 4..7
+    assert packed[1, 2, 0, 2, 5, 2] == 0  # channel 16 + 10 belongs to group 6
+    assert np.count_nonzero(packed) == w.size
 
 
 def test_4_bit_weights_pack_two_per_byte() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hawqc.commands._common import add_threads_argument
+
 HELP = "run a compiled artifact folder on an input .npy and save the output"
 
 
@@ -11,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="folder written by hawqc compile")
     parser.add_argument("--input", required=True, help="input batch (.npy, float32)")
     parser.add_argument("-o", "--out", help="where to save the output (.npy); default: print a summary only")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from hawqc import api
     from hawqc.fileio import atomic_output
 
-    module = api.load(args.artifact)
+    module = api.load(args.artifact, threads=args.threads)
     try:
         x = np.load(args.input, allow_pickle=False)
     except ValueError as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hawqc.commands._common import add_model_arguments
+from hawqc.commands._common import add_model_arguments, add_threads_argument
 
 HELP = "compile a quantized model and compare it with the integer reference on every element"
 
@@ -13,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--input", help="input batch (.npy); default: random normal inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     shape = api.input_shape_of(graph, given_shape)
     if x is None:
         x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
-    module = compile_graph(graph, shape, target)
+    module = compile_graph(graph, shape, target, threads=args.threads)
     compiled, reference = module(x), module.reference(x)
     if np.array_equal(compiled, reference):
         print(f"bit-exact: compiled ({target['kind']}) == reference on all {compiled.size} output elements")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.reference.graph import IntegerGraph
+from hawqc.runtime import threads as thread_pool
 from hawqc.runtime.target import KERNELS
 
 FORMAT_VERSION = 1
@@ -32,9 +33,11 @@ class CompiledModule:
     """An integer-only TVM module with float input and output (quantize/dequantize at the edges)."""
 
     def __init__(self, graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                 executable: Any, ir: Any = None, input_dtype: str = "float32") -> None:
+                 executable: Any, ir: Any = None, input_dtype: str = "float32", threads: int | None = None) -> None:
         self.graph, self.input_shape, self.target = graph, tuple(input_shape), target
         self.input_dtype = input_dtype
+        self.threads = threads
+        """CPU worker threads a call uses (None: one per physical core; see :mod:`hawqc.runtime.threads`)."""
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
         self.kernels = "generic"
@@ -58,6 +61,8 @@ class CompiledModule:
             if not self.device.exist:
                 raise ValueError(f"this module was compiled for {self.target.get('kind')}: running it needs that device")
             self._vm = relax.VirtualMachine(self._executable, self.device)
+        if self.target.get("kind") != "cuda":
+            thread_pool.configure(self.threads)
         return self._vm["main"](tvm.runtime.tensor(x, device=self.device)).numpy()
 
     @property
@@ -120,18 +125,21 @@ class CompiledModule:
 
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
-                  input_dtype: str = "float32", kernels: str = "auto", database: Any = None) -> CompiledModule:
+                  input_dtype: str = "float32", kernels: str = "auto", database: Any = None,
+                  threads: int | None = None) -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
     ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer).
-    ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows."""
+    ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows.
+    ``threads``: CPU worker threads a call uses (default: one per physical core)."""
     from hawqc.relax_passes.fused_requant import fused_requant
 
     if target.get("kind") not in ("llvm", "cuda"):
         raise ValueError(f"target kind {target.get('kind')!r} is not supported: hawqc compiles for llvm and cuda")
+    thread_pool.configure(threads)
     kernels = resolve_kernels(kernels, target)
     ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
     executable, lowered = _build(ir, target, kernels, database)
-    module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype)
+    module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype, threads)
     module.kernels, module.fused, module.lowered = kernels, fused_requant(lowered), lowered
     return module
 
@@ -201,10 +209,12 @@ def _build(ir: Any, target: dict[str, Any], kernels: str = "auto", database: Any
     return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
 
 
-def load(folder: str | os.PathLike[str]) -> CompiledModule:
-    """Load an artifact folder written by :meth:`CompiledModule.export`."""
+def load(folder: str | os.PathLike[str], threads: int | None = None) -> CompiledModule:
+    """Load an artifact folder written by :meth:`CompiledModule.export`; ``threads``: CPU worker threads
+    a call uses (default: one per physical core)."""
     import tvm
 
+    thread_pool.configure(threads)
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -217,7 +227,7 @@ def load(folder: str | os.PathLike[str]) -> CompiledModule:
     with native_stderr_silenced():
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
     graph = IntegerGraph.load(folder / GRAPH)
-    module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable)
+    module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable, threads=threads)
     module.kernels = manifest.get("kernels", "generic")
     return module
 
@@ -231,6 +241,7 @@ def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
     from hawqc.reference.graph import execute
     from hawqc.reference.kernels import KERNELS as REFERENCE
 
+    thread_pool.configure()
     integer_ops = [op for op in graph.ops if op.op != "dequantize"]
     ir = _lower(graph, x.shape, target, kernels, outputs=[op.output for op in integer_ops])
     executable, _ = _build(ir, target, kernels)

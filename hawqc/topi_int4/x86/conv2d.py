@@ -39,7 +39,12 @@ class Requant:
 
 @dataclass(frozen=True)
 class Conv2dWorkload:
-    """An NHWC convolution with packed weights (groups = 1)."""
+    """An NHWC convolution with packed weights.
+
+    Grouped convolutions run as block-diagonal ones: each block of 16 output channels reads the
+    ``block_span`` input channels of the groups it meets, starting at ``block_base(block)``, against
+    weights that are zero outside its own group (``16 / (out channels per group)`` times the MACs where
+    a group has fewer than 16 output channels)."""
 
     batch: int
     height: int
@@ -54,6 +59,7 @@ class Conv2dWorkload:
     pad_value: int = 0
     weight_bits: int = 8
     """4: weights packed two per byte (VNNI only), sign-extended in registers."""
+    groups: int = 1
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -61,22 +67,41 @@ class Conv2dWorkload:
 
     @property
     def packed_in(self) -> int:
-        return -(-self.in_channels // GROUP) * GROUP
+        """Input channels the kernel reads (its input copy has this many): whole groups of 4."""
+        return max(self.block_base(j) for j in range(self.packed_out // LANES)) + self.block_span
+
+    @property
+    def block_span(self) -> int:
+        """Input channels a block of 16 output channels reads, a multiple of 4."""
+        icg, ocg = self.in_channels // self.groups, self.out_channels // self.groups
+        groups_met = max(min((LANES * j + LANES - 1) // ocg, self.groups - 1) - LANES * j // ocg + 1
+                         for j in range(self.packed_out // LANES))
+        return -(-groups_met * icg // GROUP) * GROUP
+
+    def block_base(self, block: Any) -> Any:
+        """The first input channel block ``block`` (an int or a TIR expression) reads."""
+        if self.groups == 1:
+            return 0
+        return block * LANES // (self.out_channels // self.groups) * (self.in_channels // self.groups)
 
     @property
     def packed_out(self) -> int:
         return -(-self.out_channels // LANES) * LANES
 
 
-def pack_weight(weight: np.ndarray, vnni: bool = True, weight_bits: int = 8) -> np.ndarray:
+def pack_weight(weight: np.ndarray, vnni: bool = True, weight_bits: int = 8, groups: int = 1) -> np.ndarray:
     """OIHW int8 weights to ``[OC/16, KH, KW, IC/4, 16, 4]`` (``[..., 4, 16]`` without VNNI: 16
-    channels contiguous for plain vector multiply-adds), zero-padded to whole blocks. With
+    channels contiguous for plain vector multiply-adds), zero-padded to whole blocks; ``IC`` is the
+    block span of a grouped convolution (see :class:`Conv2dWorkload`). With
     ``weight_bits=4`` (values in [-8, 7]) each 16x4 block becomes 32 bytes: ``[..., IC/4, 32]``, the
     weight ``e = 4*channel + k`` in the low nibble of byte ``e`` (e < 32) or the high one of ``e - 32``."""
-    oc, ic, kh, kw = weight.shape
-    ocp, icp = -(-oc // LANES) * LANES, -(-ic // GROUP) * GROUP
+    oc, icg, kh, kw = weight.shape
+    wl = Conv2dWorkload(1, 1, 1, icg * groups, oc, (kh, kw), (1, 1), (0, 0, 0, 0), (1, 1), "int8", groups=groups)
+    ocp, icp, ocg = wl.packed_out, wl.block_span, oc // groups
     padded = np.zeros((ocp, icp, kh, kw), dtype=np.int8)
-    padded[:oc, :ic] = weight
+    for o in range(oc):
+        start = o // ocg * icg - wl.block_base(o // LANES)
+        padded[o, start:start + icg] = weight[o]
     blocks = padded.reshape(ocp // LANES, LANES, icp // GROUP, GROUP, kh, kw)
     packed = np.ascontiguousarray(blocks.transpose((0, 4, 5, 2, 1, 3) if vnni else (0, 4, 5, 2, 3, 1)))
     if weight_bits == 8:
@@ -100,16 +125,16 @@ def copies_input(wl: Conv2dWorkload, vnni: bool) -> bool:
 
 def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True) -> Any:
     """The unscheduled PrimFunc ``(x, packed_weight, bias[, b, round, shift]) -> out``."""
-    from tvm import te, tirx
+    from tvm import te
 
     n, h, w, cin = wl.batch, wl.height, wl.width, wl.in_channels
     (kh, kw), (sh, sw), (dh, dw) = wl.kernel, wl.stride, wl.dilation
-    top, left, bottom, right = wl.padding
     oh, ow = wl.out_size
-    cp, ocp = wl.packed_in, wl.packed_out
+    span, ocp = wl.block_span, wl.packed_out
     x = te.placeholder((n, h, w, cin), wl.in_dtype, name="x")
     block = {(True, 8): (LANES, GROUP), (False, 8): (GROUP, LANES), (True, 4): (LANES * GROUP // 2,)}
-    weight = te.placeholder((ocp // LANES, kh, kw, cp // GROUP, *block[vnni, wl.weight_bits]), "int8", name="weight")
+    weight = te.placeholder((ocp // LANES, kh, kw, span // GROUP, *block[vnni, wl.weight_bits]), "int8",
+                            name="weight")
 
     def weight_at(o: Any, ry: Any, rx: Any, rc: Any) -> Any:
         outer, i, k = (o // LANES, ry, rx, rc // GROUP), o % LANES, rc % GROUP
@@ -117,25 +142,43 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
             return unpack_nibble(weight[(*outer, i % 8 * 4 + k)], i // 8)
         return weight[(*outer, i, k) if vnni else (*outer, k, i)]
 
-    bias = te.placeholder((ocp,), "int64", name="bias")
-    data = x
-    if copies_input(wl, vnni):
-        offset = offset_of(wl.in_dtype, vnni)
-
-        def pad(i: Any, y: Any, z: Any, c: Any) -> Any:
-            inside = tirx.all(y >= top, y < h + top, z >= left, z < w + left)
-            value = tirx.if_then_else(inside, x[i, y - top, z - left, c], tirx.const(wl.pad_value, wl.in_dtype))
-            value = tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
-            return (value.astype("int16") + offset).astype("uint8") if offset else value
-        data = te.compute((n, h + top + bottom, w + left + right, cp), pad, name="pad")
-    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, cp), "rc")
+    data = input_copy(x, wl, wl.packed_in, offset_of(wl.in_dtype, vnni)) if copies_input(wl, vnni) else x
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, span), "rc")
     acc = te.compute(
         (n, oh, ow, ocp),
         lambda i, y, z, o: te.sum(
-            data[i, y * sh + ry * dh, z * sw + rx * dw, rc].astype("int32") * weight_at(o, ry, rx, rc).astype("int32"),
+            data[i, y * sh + ry * dh, z * sw + rx * dw, wl.block_base(o // LANES) + rc].astype("int32")
+            * weight_at(o, ry, rx, rc).astype("int32"),
             axis=[ry, rx, rc]),
         name="acc")
-    shape = (n, oh, ow, wl.out_channels)
+    return with_epilogue(x, weight, acc, wl.out_channels, requant)
+
+
+def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int) -> Any:
+    """The input padded spatially with ``pad_value`` and to ``channels`` channels with zeros, ``offset``
+    added (int8 + 128 as uint8 for VNNI)."""
+    from tvm import te, tirx
+
+    n, h, w, cin = x.shape
+    top, left, bottom, right = wl.padding
+
+    def pad(i: Any, y: Any, z: Any, c: Any) -> Any:
+        inside = tirx.all(y >= top, y < h + top, z >= left, z < w + left)
+        value = tirx.if_then_else(inside, x[i, y - top, z - left, c], tirx.const(wl.pad_value, wl.in_dtype))
+        value = tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
+        return (value.astype("int16") + offset).astype("uint8") if offset else value
+    return te.compute((n, h + top + bottom, w + left + right, channels), pad, name="pad")
+
+
+def with_epilogue(x: Any, weight: Any, acc: Any, out_channels: int, requant: Requant | None) -> Any:
+    """The PrimFunc ``(x, weight, bias[, b, round, shift]) -> out`` writing the int32 accumulator ``acc``
+    (NHWC, channels padded) plus ``bias`` or, with ``requant``, per output channel
+    ``clip(((acc + bias) * b + round) >> shift + zero_point)``: :func:`hawqc.quant.dyadic.requantize`."""
+    from tvm import te, tirx
+
+    n, oh, ow, ocp = acc.shape
+    bias = te.placeholder((ocp,), "int64", name="bias")
+    shape = (n, oh, ow, out_channels)
     if requant is None:
         out = te.compute(shape, lambda i, y, z, o: (acc[i, y, z, o].astype("int64") + bias[o]).astype("int32"),
                          name="out")
@@ -165,8 +208,7 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     zo, zi = sch.split(z, [None, ow_block])
     rco, rci = sch.split(rc, [None, GROUP])
     sch.reorder(n, y, zo, oco, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, oco)
+    sch.reverse_compute_at(sch.get_sblock("out"), oco)
     sch.parallel(sch.fuse(n, y))
     sch.unroll(zi)
     sch.unroll(ocv)
@@ -178,22 +220,21 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     if vnni:
         sch.tensorize(oci, intrinsic_name(wl.weight_bits))
     sch.set_scope(init, 0, "local")
-    _vectorize_channels(sch, out)
-    if copies_input(wl, vnni):
-        pad = sch.get_sblock("pad")
-        pn, py, *_ = sch.get_loops(pad)
+    return finish_schedule(sch, copies_input(wl, vnni))
+
+
+def finish_schedule(sch: Any, copies: bool) -> Any:
+    """The epilogue vectorized over 16 output channels (where they divide evenly), the input copy (if
+    ``copies``) parallel over rows; the scheduled PrimFunc, marked opaque for FuseOps."""
+    *_, last = sch.get_loops(sch.get_sblock("out"))
+    if int(sch.get(last).extent) % LANES == 0:
+        _, inner = sch.split(last, [None, LANES])
+        sch.vectorize(inner)
+    if copies:
+        pn, py, *_ = sch.get_loops(sch.get_sblock("pad"))
         sch.parallel(sch.fuse(pn, py))
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
     return func.without_attr("global_symbol")
-
-
-def _vectorize_channels(sch: Any, block: Any) -> None:
-    """Vectorize the epilogue over 16 output channels where they divide evenly."""
-    *_, last = sch.get_loops(block)
-    extent = sch.get(last).extent
-    if int(extent) % LANES == 0:
-        _, inner = sch.split(last, [None, LANES])
-        sch.vectorize(inner)
 
 
 def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """hawqc's x86 conv/dense lowering: each layer (with the requantize after it) becomes one call to
 the scheduled kernel of :mod:`.conv2d`, its weights packed and its bias compensated at compile time.
 
-Plugged into :func:`hawqc.frontend.integer_graph.to_relax` as its ``kernels`` (NHWC layout). Grouped
-convolutions and int32 inputs keep the generic lowering.
+Plugged into :func:`hawqc.frontend.integer_graph.to_relax` as its ``kernels`` (NHWC layout).
+Depthwise convolutions run the kernel of :mod:`.depthwise`, other grouped ones the conv kernel with
+block-diagonal weights; int32 inputs keep the generic lowering.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from hawqc.frontend.integer_graph import Context, storage_dtype
 from hawqc.reference.graph import IntOp
+from hawqc.topi_int4.x86 import depthwise
 from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
 
 
@@ -31,7 +33,7 @@ class X86Kernels:
         from tvm.relax import op as R
 
         dtype = str(x.ty.dtype)
-        if ctx.layout != "NHWC" or dtype not in ("int8", "uint8") or op.attrs.get("groups", 1) != 1:
+        if ctx.layout != "NHWC" or dtype not in ("int8", "uint8"):
             return None
         shape = [int(d) for d in x.ty.shape]
         if op.op == "dense":
@@ -42,13 +44,17 @@ class X86Kernels:
         else:
             a, weight = op.attrs, op.consts["weight"]
             wl = Conv2dWorkload(*shape, weight.shape[0], tuple(weight.shape[2:]), tuple(a["stride"]),
-                                tuple(a["padding"]), tuple(a["dilation"]), dtype, a.get("pad_value", 0))
+                                tuple(a["padding"]), tuple(a["dilation"]), dtype, a.get("pad_value", 0),
+                                groups=a.get("groups", 1))
         if self.vnni and self.packed_int4 and -8 <= weight.min() and weight.max() <= 7:
             wl = dataclasses.replace(wl, weight_bits=4)
         epilogue = _requant(requant)
-        func = conv2d(wl, epilogue, self.vnni)
-        isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
-        name = f"{op.op}_{isa}" + ("_requant" if requant else "")
+        if depthwise.is_depthwise(wl):
+            func, name = depthwise.depthwise(wl, epilogue), "depthwise_conv2d"
+        else:
+            isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
+            func, name = conv2d(wl, epilogue, self.vnni), f"{op.op}_{isa}"
+        name += "_requant" if requant else ""
         gv = ctx.bb.add_func(func, name)
         consts = _constants(wl, weight, op, requant, self.vnni)
         oh, ow = wl.out_size
@@ -67,7 +73,7 @@ def _requant(op: IntOp | None) -> Requant | None:
 
 
 def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None, vnni: bool) -> list[Any]:
-    """Packed weights, the bias with the activation offset (and input zero point of the requantize)
+    """Packed weights, the bias with the VNNI activation offset (and input zero point of the requantize)
     folded in, then per-channel ``b``, ``2^(c-1)`` and ``c``, all padded to whole 16-channel blocks."""
     from tvm import relax
 
@@ -78,8 +84,11 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
         return relax.const(np.concatenate([v, np.full(ocp - oc, fill, np.int64)]), "int64")
 
     bias = np.asarray(op.consts.get("bias", 0), dtype=np.int64)
-    bias = bias - offset_of(wl.in_dtype, vnni) * weight.astype(np.int64).sum(axis=(1, 2, 3))
-    consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits), "int8")]
+    if depthwise.is_depthwise(wl):
+        consts = [relax.const(depthwise.pack_weight(weight), "int32")]
+    else:
+        bias = bias - offset_of(wl.in_dtype, vnni) * weight.astype(np.int64).sum(axis=(1, 2, 3))
+        consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits, wl.groups), "int8")]
     if requant is None:
         return [*consts, padded(bias)]
     c = np.asarray(requant.consts["c"], dtype=np.int64)

@@ -1,0 +1,78 @@
+"""Depthwise conv2d for x86 (one input channel per group, one output channel each), NHWC, with the
+dyadic requantization of :mod:`.conv2d` in the epilogue.
+
+A depthwise layer does ``KH*KW`` MACs per output value: no dot product to feed ``vpdpbusd``. Each
+output row runs on one core; a register tile of ``ow_block`` pixels x 16 channels is accumulated in
+int32 lanes (activations widened from bytes, weights stored as int32 ``[KH, KW, C/16*16]``) over the
+window, then requantized while it is in registers. The input is copied first only to pad it
+(spatially, and channels up to a multiple of 16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, finish_schedule, input_copy, with_epilogue
+from hawqc.topi_int4.x86.intrin import LANES
+
+
+def is_depthwise(wl: Conv2dWorkload) -> bool:
+    return wl.groups == wl.in_channels == wl.out_channels
+
+
+def pack_weight(weight: np.ndarray) -> np.ndarray:
+    """``[C, 1, KH, KW]`` int8 weights to int32 ``[KH, KW, C]``, channels zero-padded to whole vectors."""
+    c = weight.shape[0]
+    packed = np.zeros((*weight.shape[2:], -(-c // LANES) * LANES), dtype=np.int32)
+    packed[..., :c] = weight[:, 0].transpose(1, 2, 0)
+    return packed
+
+
+def depthwise_compute(wl: Conv2dWorkload, requant: Requant | None) -> Any:
+    """The unscheduled PrimFunc ``(x, weight, bias[, b, round, shift]) -> out``."""
+    from tvm import te
+
+    n, h, w, c = wl.batch, wl.height, wl.width, wl.in_channels
+    (kh, kw), (sh, sw), (dh, dw) = wl.kernel, wl.stride, wl.dilation
+    oh, ow = wl.out_size
+    cp = wl.packed_out
+    x = te.placeholder((n, h, w, c), wl.in_dtype, name="x")
+    weight = te.placeholder((kh, kw, cp), "int32", name="weight")
+    data = input_copy(x, wl, cp, 0) if copies_input(wl) else x
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute(
+        (n, oh, ow, cp),
+        lambda i, y, z, o: te.sum(data[i, y * sh + ry * dh, z * sw + rx * dw, o].astype("int32") * weight[ry, rx, o],
+                                  axis=[ry, rx]),
+        name="acc")
+    return with_epilogue(x, weight, acc, c, requant)
+
+
+def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
+    """The scheduled PrimFunc."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(depthwise_compute(wl, requant))
+    conv = sch.get_sblock("acc")
+    n, y, z, o, ry, rx = sch.get_loops(conv)
+    _, ow = wl.out_size
+    zo, zi = sch.split(z, [None, max(d for d in range(1, 17) if ow % d == 0)])
+    oo, oi = sch.split(o, [None, LANES])
+    sch.reorder(n, y, zo, oo, ry, rx, zi, oi)
+    sch.reverse_compute_at(sch.get_sblock("out"), oo)
+    sch.parallel(sch.fuse(n, y))
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.unroll(zi)
+    sch.vectorize(oi)
+    init = sch.decompose_reduction(conv, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.set_scope(init, 0, "local")
+    return finish_schedule(sch, copies_input(wl))
+
+
+def copies_input(wl: Conv2dWorkload) -> bool:
+    """Whether the input is copied first: for spatial padding or channels up to whole vectors."""
+    return any(wl.padding) or wl.packed_out != wl.in_channels
