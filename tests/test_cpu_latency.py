@@ -1,0 +1,48 @@
+"""benchmarks/cpu_latency.py without timing anything: the report's arithmetic, its errors, the worker's failure line."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+_spec = importlib.util.spec_from_file_location("cpu_latency", BENCHMARKS / "cpu_latency.py")
+cpu_latency = sys.modules.setdefault("cpu_latency", importlib.util.module_from_spec(_spec))  # dataclasses need it
+_spec.loader.exec_module(cpu_latency)
+
+
+def figure(model: str, engine: str, ms: float, load: float = 0.1) -> dict:
+    return {"model": model, "batch": 1, "engine": engine, "ms": ms, "load": load, "other_cores": 0.0}
+
+
+def test_report_ratio_geomean_and_errors(tmp_path: Path) -> None:
+    cases = [cpu_latency.Case("a", 1, [1, 3, 8, 8], tmp_path, bit_exact={"hawqc-ort": True}),
+             cpu_latency.Case("b", 1, [1, 3, 8, 8], tmp_path, bit_exact={"hawqc-ort": True, "hawqc-w4a4": False})]
+    figures = [figure("a", "hawqc", 10.0), figure("a", "onnxruntime", 20.0), figure("a", "openvino", 12.5),
+               figure("b", "hawqc", 30.0, load=0.9), figure("b", "onnxruntime", 15.0),
+               {"model": "b", "batch": 1, "engine": "openvino", "error": "RuntimeError: cannot read"}]
+    rows = cpu_latency.rows_by_case(figures, cases)
+    assert [r["vs_best_peer"] for r in rows] == [0.8, 2.0]
+    assert math.isclose(cpu_latency.geomean([0.8, 2.0]), math.sqrt(1.6))
+    report = {"machine": "test", "rounds": 2, "runs": 5, "peak_gmac_per_s": 400.0, "peak": "measured", "notes": [],
+              "figures": figures, "rows": rows, "standalone": []}
+    text = cpu_latency.latency_markdown(report)
+    assert "| geometric mean | | | | | 1.26 |" in text
+    assert "NO: hawqc-w4a4" in text and "0.90 loaded" in text
+    assert "| b | 1 | openvino | RuntimeError: cannot read |" in text
+
+
+def test_worker_failure_is_one_json_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_latency_worker.py"), "onnxruntime",
+                           str(tmp_path / "missing.onnx"), "1,3,8,8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "error" in json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_unknown_model_is_a_one_line_error() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_latency.py"), "--models", "resnet18,nosuch"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown model nosuch" in done.stderr.strip().splitlines()[-1]
