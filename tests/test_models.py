@@ -23,6 +23,86 @@ def test_torchvision_checkpoints_load_strictly(ours: str, theirs: str) -> None:
     assert torch.all(model.state_dict()["fc.weight"] == 0.5)
 
 
+ZOO = {
+    "resnext50_32x4d": (25_028_904, 320, {"layer1.0.conv1.weight": [128, 64, 1, 1],
+                                          "layer1.0.conv2.weight": [128, 4, 3, 3],
+                                          "layer4.2.conv3.weight": [2048, 1024, 1, 1]}),
+    "wide_resnet50_2": (68_883_240, 320, {"layer1.0.conv2.weight": [128, 128, 3, 3],
+                                          "layer4.0.conv1.weight": [1024, 1024, 1, 1],
+                                          "layer4.2.conv3.weight": [2048, 1024, 1, 1]}),
+    "mobilenet_v2": (3_504_872, 314, {"features.0.0.weight": [32, 3, 3, 3],
+                                      "features.1.conv.0.0.weight": [32, 1, 3, 3],
+                                      "features.1.conv.1.weight": [16, 32, 1, 1],
+                                      "features.2.conv.0.0.weight": [96, 16, 1, 1],
+                                      "features.2.conv.3.running_var": [24],
+                                      "features.18.0.weight": [1280, 320, 1, 1],
+                                      "classifier.1.weight": [1000, 1280]}),
+    "mobilenet_v3_large": (5_483_032, 312, {"features.0.0.weight": [16, 3, 3, 3],
+                                            "features.1.block.0.0.weight": [16, 1, 3, 3],
+                                            "features.1.block.1.0.weight": [16, 16, 1, 1],
+                                            "features.4.block.1.0.weight": [72, 1, 5, 5],
+                                            "features.4.block.2.fc1.weight": [24, 72, 1, 1],
+                                            "features.4.block.3.1.num_batches_tracked": [],
+                                            "features.16.0.weight": [960, 160, 1, 1],
+                                            "classifier.0.weight": [1280, 960],
+                                            "classifier.3.weight": [1000, 1280]}),
+    "efficientnet_b0": (5_288_548, 360, {"features.0.0.weight": [32, 3, 3, 3],
+                                         "features.1.0.block.0.0.weight": [32, 1, 3, 3],
+                                         "features.1.0.block.1.fc1.weight": [8, 32, 1, 1],
+                                         "features.1.0.block.2.0.weight": [16, 32, 1, 1],
+                                         "features.2.0.block.2.fc1.weight": [4, 96, 1, 1],
+                                         "features.6.3.block.3.1.running_mean": [192],
+                                         "features.8.0.weight": [1280, 320, 1, 1],
+                                         "classifier.1.weight": [1000, 1280]}),
+    "regnet_y_400mf": (4_344_144, 384, {"stem.0.weight": [32, 3, 3, 3],
+                                        "trunk_output.block1.block1-0.proj.0.weight": [48, 32, 1, 1],
+                                        "trunk_output.block1.block1-0.f.a.0.weight": [48, 32, 1, 1],
+                                        "trunk_output.block1.block1-0.f.b.0.weight": [48, 8, 3, 3],
+                                        "trunk_output.block1.block1-0.f.se.fc1.weight": [8, 48, 1, 1],
+                                        "trunk_output.block4.block4-5.f.c.1.running_var": [440],
+                                        "fc.weight": [1000, 440]}),
+    "vgg16": (138_357_544, 32, {"features.0.weight": [64, 3, 3, 3],
+                                "features.28.weight": [512, 512, 3, 3],
+                                "features.28.bias": [512],
+                                "classifier.0.weight": [4096, 25088],
+                                "classifier.6.weight": [1000, 4096]}),
+}
+"""torchvision's published parameter count (ImageNet), state-dict size and some of its keys with their shapes."""
+
+
+@pytest.fixture(scope="module", params=list(ZOO))
+def zoo_model(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module]:
+    """Each zoo model built once (VGG-16 takes seconds) and shared by the tests below."""
+    return request.param, models.get(request.param).eval()
+
+
+def test_zoo_matches_torchvision(zoo_model: tuple[str, torch.nn.Module]) -> None:
+    name, model = zoo_model
+    params, num_keys, keys = ZOO[name]
+    state = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert len(state) == num_keys
+    assert {k: state.get(k) for k in keys} == keys
+    if name in ("resnext50_32x4d", "wide_resnet50_2"):  # torchvision's ResNet-50 keys, other widths
+        assert state.keys() == TORCHVISION["resnet50"].keys()
+
+
+def test_zoo_classifies_a_small_image_and_traces(zoo_model: tuple[str, torch.nn.Module]) -> None:
+    _, model = zoo_model
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (1, 1000)
+        assert torch.equal(torch.fx.symbolic_trace(model)(x), y)
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+                                  "regnet_y_400mf"])
+def test_zoo_takes_num_classes(name: str) -> None:
+    model = models.get(name, num_classes=7)
+    assert model.get_submodule(models.quantizable_layers(model)[-1]).out_features == 7
+
+
 @pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("resnet50", 64), ("tiny_resnet", 28)])
 def test_resnets_classify_a_batch(name: str, size: int) -> None:
     model = models.get(name, num_classes=7).eval()

@@ -10,9 +10,10 @@ HELP = "quantize a built-in model (HAWQ-V3 PTQ, optional QAT) and write its QDQ 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hawqc import models
     from hawqc.api import DATASETS
 
-    parser.add_argument("model", help="built-in model: resnet18, resnet50, inceptionv3, tiny_resnet")
+    parser.add_argument("model", help=f"built-in model: {', '.join(models.MODELS)}")
     parser.add_argument("--checkpoint", help="float weights (a state_dict, e.g. torchvision's); default: random")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
     parser.add_argument("--bit-config", default="uniform4", help="preset or bit-config JSON (default: uniform4)")

@@ -10,10 +10,11 @@ HELP = "per-layer Hessian trace (Hutchinson) and HAWQ-V3 sensitivity Ω of a mod
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, weights and the data the Hessian is taken on (shared with ``hawqc search``)."""
+    from hawqc import models
     from hawqc.api import DATASETS
     from hawqc.commands._common import input_shape
 
-    parser.add_argument("model", help="built-in model: resnet18, resnet50, inceptionv3, tiny_resnet")
+    parser.add_argument("model", help=f"built-in model: {', '.join(models.MODELS)}")
     parser.add_argument("--checkpoint", help="float weights (a state_dict); default: random")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
     parser.add_argument("--data", default="random", choices=DATASETS, help="data for the Hessian (default: random)")

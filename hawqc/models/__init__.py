@@ -1,7 +1,7 @@
 """Built-in models, by name: ``hawqc.models.get("resnet50")``.
 
-ResNet-18/50 and Inception-V3 use torchvision's module names, so torchvision checkpoints load
-with ``load_state_dict(strict=True)``. Importing this package does not import torch.
+All but ``tiny_resnet`` use torchvision's module names, so torchvision checkpoints load with
+``load_state_dict(strict=True)``. Importing this package does not import torch.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ class ModelSpec:
 _SPECS = [
     ModelSpec("resnet18", "resnet:resnet18", (3, 224, 224), "ResNet-18 (torchvision layout)"),
     ModelSpec("resnet50", "resnet:resnet50", (3, 224, 224), "ResNet-50 v1.5 (torchvision layout)"),
+    ModelSpec("resnext50_32x4d", "resnet:resnext50_32x4d", (3, 224, 224), "ResNeXt-50 32x4d (torchvision layout)"),
+    ModelSpec("wide_resnet50_2", "resnet:wide_resnet50_2", (3, 224, 224), "Wide ResNet-50-2 (torchvision layout)"),
+    ModelSpec("mobilenet_v2", "mobilenet:mobilenet_v2", (3, 224, 224), "MobileNet-V2 (torchvision layout)"),
+    ModelSpec("mobilenet_v3_large", "mobilenet:mobilenet_v3_large", (3, 224, 224),
+              "MobileNet-V3-Large (torchvision layout)"),
+    ModelSpec("efficientnet_b0", "efficientnet:efficientnet_b0", (3, 224, 224), "EfficientNet-B0 (torchvision layout)"),
+    ModelSpec("regnet_y_400mf", "regnet:regnet_y_400mf", (3, 224, 224), "RegNetY-400MF (torchvision layout)"),
+    ModelSpec("vgg16", "vgg:vgg16", (3, 224, 224), "VGG-16, no BatchNorm (torchvision layout)"),
     ModelSpec("inceptionv3", "inception:inception_v3", (3, 299, 299), "Inception-V3 (torchvision layout)"),
     ModelSpec("tiny_resnet", "resnet:tiny_resnet", (1, 28, 28), "3-block residual CNN for 28x28 images"),
 ]

@@ -1,5 +1,5 @@
-"""ResNet-18/50 with torchvision's module names (its checkpoints load with ``strict=True``), and a
-small residual CNN built from the same blocks for tests and demos."""
+"""ResNet-18/50, ResNeXt-50 32x4d and Wide ResNet-50-2 with torchvision's module names (its checkpoints
+load with ``strict=True``), and a small residual CNN built from the same blocks for tests and demos."""
 
 from __future__ import annotations
 
@@ -20,8 +20,18 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
         super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -38,17 +48,27 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv, as in torchvision."""
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv, as in torchvision; ``groups`` and
+    ``base_width`` widen and group the 3x3 conv (ResNeXt, Wide ResNet)."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
         super().__init__()
-        self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -63,7 +83,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet, with stage widths and a small-input stem as options.
+    """torchvision's ResNet, with stage widths and a small-input stem as options; ``groups`` and
+    ``width_per_group`` as torchvision's (ResNeXt-50 32x4d: 32 and 4, Wide ResNet-50-2: 1 and 128).
 
     ``small_input=True`` replaces the 7x7/2 stem and its max pool by a 3x3/1 conv, for
     28x28 or 32x32 images; module names are unchanged.
@@ -77,11 +98,14 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         widths: Sequence[int] = (64, 128, 256, 512),
         small_input: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
     ) -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError(f"ResNet needs one width per stage, got {len(layers)} stages and {len(widths)} widths")
         self.inplanes = widths[0]
+        self.groups, self.base_width = groups, width_per_group
         if small_input:
             self.conv1 = nn.Conv2d(in_channels, self.inplanes, 3, stride=1, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
@@ -108,9 +132,9 @@ class ResNet(nn.Module):
             downsample = nn.Sequential(
                 conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
             )
-        modules = [block(self.inplanes, planes, stride, downsample)]
+        modules = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
         self.inplanes = planes * block.expansion
-        modules += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        modules += [block(self.inplanes, planes, 1, None, self.groups, self.base_width) for _ in range(1, blocks)]
         return nn.Sequential(*modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +150,14 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
 
 def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)
+
+
+def resnext50_32x4d(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, groups=32, width_per_group=4)
+
+
+def wide_resnet50_2(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width_per_group=128)
 
 
 def tiny_resnet(num_classes: int = 10, in_channels: int = 1) -> ResNet:
