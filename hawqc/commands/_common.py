@@ -21,3 +21,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="llvm", help='TVM target, e.g. "llvm -mcpu=znver4" (default: host CPU)')
     parser.add_argument("--bit-config", help="check the model's bits against this bit config (JSON or preset)")
     parser.add_argument("--input-shape", type=input_shape, help="static input shape, e.g. 1,3,224,224")
+
+
+def add_int4_argument(parser: argparse.ArgumentParser) -> None:
+    from hawqc.topi_int4.cuda.pipeline import INT4
+
+    parser.add_argument("--int4", choices=INT4, default="auto",
+                        help="4-bit layers on cuda: auto (INT4 Tensor Cores where the arch has them, int8 kernels "
+                             "on sm_90) or emulated (INT4 kernels on sm_90 too, emulated by ptxas: for checking "
+                             "their layouts on Hopper, not for speed)")
