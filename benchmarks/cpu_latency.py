@@ -92,7 +92,7 @@ def mixed_config(model: torch.nn.Module) -> BitConfig:
 def float_model(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     model = models.get(name).eval()
-    calib = [torch.randn(4, 3, 224, 224)]
+    calib = [torch.randn(4, *models.spec(name).input_shape)]
     models.recalibrate_bn(model, calib)
     return model, calib
 
