@@ -23,7 +23,7 @@ Writes ``gpu_check.json`` and ``gpu_check.md`` into OUT (for ``benchmarks/result
 On the GPU machine, ``benchmarks/gpu_check.sh`` installs the wheels of ``.whl/`` (made here by
 ``benchmarks/gpu_wheels.sh``: apache-tvm and apache-tvm-ffi, the rest is in that machine's image) and
 runs this script. Size: apache-tvm 0.27.0.post1's wheel is 96 MiB (its ``libtvm_compiler.so``, 247 MiB
-unpacked, 83 MiB deflated, still 57 MiB under ``xz -9e``), over the 64 MiB a call may carry, so
+unpacked, 87 MiB deflated, still 57 MiB under ``xz -9e``), over the 64 MiB a call may carry, so
 ``gpu_wheels.sh`` splits the set into ``.whl/`` and ``.whl-b/``: carry ``.whl`` in a first call
 (``true``) and ``.whl-b`` in a second, within the machine's 30 s warm window; see ``gpu_check.sh``.
 """
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +122,27 @@ def on_llvm(graph: IntegerGraph, x: np.ndarray) -> np.ndarray:
     return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
-def check(graph: IntegerGraph, x: np.ndarray, expected: np.ndarray, dry_run: bool) -> tuple[dict[str, Any], Any]:
-    """One model at one config: built for sm_90 and compared with ``expected`` on every element (on the
-    GPU, or on llvm in a dry run): (row, module)."""
+def guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``, or ``{"error": ...}`` if it raises: one failing build or engine is a result, not the end."""
+    try:
+        return run()
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"}
+
+
+def check(graph: IntegerGraph, x: np.ndarray, expected: np.ndarray, dry_run: bool, modules: dict[str, Any],
+          label: str) -> dict[str, Any]:
+    """One model at one config: built for sm_90 (into ``modules[label]``) and compared with ``expected`` on
+    every element (on the GPU, or on llvm in a dry run)."""
     start = time.perf_counter()
-    module = compile_graph(graph, x.shape, TARGET, int4="emulated")
+    module = modules[label] = compile_graph(graph, x.shape, TARGET, int4="emulated")
     row: dict[str, Any] = {"compile_s": round(time.perf_counter() - start, 1), **mma_counts(module.source())}
     if dry_run:
         row["cubin_bytes"] = cubin_bytes(module.source())
         row.update(compared(on_llvm(graph, x), expected), ran_on="llvm (mma as loops)")
     else:
         row.update(compared(module(x), expected), ran_on=ARCH)
-    return row, module
+    return row
 
 
 def hawqc_latency(module: CompiledModule, graph: IntegerGraph, x8: np.ndarray, expected8: np.ndarray,
@@ -242,7 +252,10 @@ def main() -> None:
         "versions": {"hawqc": hawqc.__version__, "tvm": tvm.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "gpu_tests": (gpu_tests() if not args.dry_run else {"skipped": "dry run: the GPU tests need a GPU"}),
-        "checks": [], "latency": []}
+        "checks": [], "latency": [], "wall_s": None}
+    if args.dry_run:
+        report["latency_skipped"] = "dry run: latency needs the GPU"
+    out = Path(args.out)
     print(json.dumps(report["gpu_tests"].get("summary", report["gpu_tests"])), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -256,27 +269,26 @@ def main() -> None:
             modules, expected = {}, {}
             for label, graph in graphs.items():
                 expected[label] = graph.run(x)
-                row, modules[label] = check(graph, x, expected[label], args.dry_run)
+                row = guarded(lambda: check(graph, x, expected[label], args.dry_run, modules, label))
                 report["checks"].append({"model": name, "input": list(shape[1:]), "config": label, **row})
                 print(json.dumps(report["checks"][-1]), flush=True)
-            if args.dry_run:
+                write_report(out, report)  # a run cut short still leaves what it found
+            if args.dry_run or "W8A8" not in modules:
                 continue
             for batch in batches:
                 xb = batched(x, batch)
                 row = {"model": name, "input": list(shape[1:]), "batch": batch,
-                       "hawqc W8A8": hawqc_latency(modules["W8A8"], graphs["W8A8"], x, expected["W8A8"], batch),
-                       "PyTorch FP16": {"ms": torch_fp16_ms(model, xb)}}
+                       "hawqc W8A8": guarded(lambda: hawqc_latency(modules["W8A8"], graphs["W8A8"], x,
+                                                                   expected["W8A8"], batch)),
+                       "PyTorch FP16": guarded(lambda: {"ms": torch_fp16_ms(model, xb)})}
                 if importlib.util.find_spec("tensorrt") is not None:
-                    try:
-                        row["TensorRT INT8"] = {"ms": tensorrt_int8_ms(onnx_path, xb)}
-                    except Exception as err:  # a TensorRT failure is a result to report, not the end of the check
-                        row["TensorRT INT8"] = {"error": str(err).splitlines()[0]}
+                    row["TensorRT INT8"] = guarded(lambda: {"ms": tensorrt_int8_ms(onnx_path, xb)})
                 report["latency"].append(row)
                 print(json.dumps(row), flush=True)
-    if args.dry_run:
-        report["latency_skipped"] = "dry run: latency needs the GPU"
+                write_report(out, report)
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    write_report(Path(args.out), report)
+    write_report(out, report)
+    print((out / "gpu_check.md").read_text())
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
@@ -284,26 +296,28 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     lines = [f"# hawqc GPU check, {report['arch']} ({report['machine']})", "",
              f"GPU tests: {report['gpu_tests'].get('summary', report['gpu_tests'].get('skipped'))}", "",
              f"## Every element against the reference, batch {report['check_batch']}, run on {where}", "",
-             "| model | input | config | INT4 mma kernels | INT8 mma kernels | cubin (bytes) | mismatches | bit-exact |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['config']} | {r['int4_mma_kernels']} | {r['int8_mma_kernels']} | "
-              f"{r.get('cubin_bytes', '')} | {r['mismatches']} of {r['elements']} | "
-              f"{'yes' if r['bit_exact'] else 'NO'} |" for r in report["checks"]]
+             "| model | input | config | INT4 mma kernels | INT8 mma kernels | cubin (bytes) | mismatches "
+             "| bit-exact |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['config']} | " + (
+              f"{r['int4_mma_kernels']} | {r['int8_mma_kernels']} | {r.get('cubin_bytes', '')} | "
+              f"{r['mismatches']} of {r['elements']} | {'yes' if r['bit_exact'] else 'NO'} |" if "error" not in r
+              else f"error: {r['error']} | | | | |") for r in report["checks"]]
     lines += ["", "W4A4 and mixed run their 4-bit layers on the INT4 kernels (`--int4 emulated`: ptxas emulates "
-              "mma.m8n8k32 s4 on sm_90); ONNX Runtime QDQ: `quantize_static` defaults (uint8 activations).", ""]
+              "mma.m8n8k32 s4 on sm_90). ONNX Runtime QDQ: `quantize_static` defaults; convs that read uint8 "
+              "activations with a nonzero zero point keep TVM's lowering (no Tensor Core kernel).", ""]
     if report["latency"]:
         engines = [e for e in ("hawqc W8A8", "PyTorch FP16", "TensorRT INT8") if e in report["latency"][0]]
         lines += ["## Latency, ms (median)", "", f"| model | batch | {' | '.join(engines)} | hawqc bit-exact |",
                   "|---|---|" + "---|" * len(engines) + "---|"]
         lines += [f"| {r['model']} | {r['batch']} | " + " | ".join(str(r[e].get("ms", r[e].get("error")))
                                                                    for e in engines)
-                  + f" | {'yes' if r['hawqc W8A8']['bit_exact'] else 'NO'} |" for r in report["latency"]]
-    else:
+                  + f" | {'yes' if r['hawqc W8A8'].get('bit_exact') else 'NO'} |" for r in report["latency"]]
+    elif "latency_skipped" in report:
         lines.append(f"Latency: {report['latency_skipped']}.")
-    lines += ["", f"tvm {report['versions']['tvm']}, torch {report['versions']['torch']}; wall {report['wall_s']} s."]
+    wall = f"wall {report['wall_s']} s" if report["wall_s"] is not None else "unfinished"
+    lines += ["", f"tvm {report['versions']['tvm']}, torch {report['versions']['torch']}; {wall}."]
     write_atomic(out / "gpu_check.json", json.dumps(report, indent=2) + "\n")
     write_atomic(out / "gpu_check.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""CUDA Tensor Core kernels (sm_75, sm_90 with emulated INT4): generated source, nvcc, and the same TIR built for llvm against the reference.
+"""CUDA Tensor Core kernels (sm_75; sm_90 with emulated INT4): generated source, nvcc, and the same TIR built
+for llvm against the reference.
 
 No GPU is needed except for the tests marked ``gpu`` (they skip without one)."""
 

@@ -10,9 +10,9 @@ GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N
 
 The operand width follows the values: weights from the constant, activations from the ``clip`` that
 produced them (through casts and max-pooling); 4-bit operands use the INT4 kernel where the target
-has INT4 ``mma`` (or ``int4="emulated"``), the int8 kernel otherwise. Convs that fit neither (zero points, wider operands,
-grouped) keep TVM's lowering. ``tensor_cores=False`` inserts the same kernels with plain loops in place
-of ``mma`` (they build for llvm: the whole rewritten graph can be checked on a CPU).
+has INT4 ``mma`` (or with ``int4="emulated"``), the int8 kernel otherwise. Convs that fit neither (zero
+points, wider operands, grouped) keep TVM's lowering. ``tensor_cores=False`` inserts the same kernels
+with plain loops in place of ``mma`` (they build for llvm: the whole rewritten graph can be checked on a CPU).
 
 Packing: every 4-bit activation that an INT4 kernel reads is held packed (the layout of
 :mod:`hawqc.topi_int4.cuda.conv2d`) instead of int8. A kernel producing it writes it packed from its
