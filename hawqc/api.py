@@ -110,15 +110,17 @@ def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int, ...]:
 
 def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm", *,
                          input_shape: Any = None, calib_data: Any = None, kernels: str = "auto",
-                         threads: int | None = None) -> Any:
+                         threads: int | None = None, int4: str = "auto") -> Any:
     """Compile a quantized graph to an integer-only TVM module.
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
     ``nn.Module`` (see :func:`integer_graph_of`). ``target``: ``"llvm"`` (host CPU), a string such as
     ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
     it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
-    worker threads a call uses (default: one per physical core; idle workers sleep ~1 ms after a call, so
-    other work in the process is not slowed down). Returns a
+    worker threads a call uses (default: one per physical core; idle workers soon sleep after a call, so
+    other work in the process is not slowed down). ``int4`` (cuda):
+    ``auto`` (INT4 Tensor Cores where the arch has them, else int8 kernels for 4-bit layers) or ``emulated``
+    (INT4 kernels on sm_90 too, emulated by ptxas: for checking on Hopper, not for speed). Returns a
     :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
     ``cm.export(dir)``.
     """
@@ -128,7 +130,7 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
     config = parse_target(target)
     integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)
     return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config, kernels=kernels,
-                         threads=threads)
+                         threads=threads, int4=int4)
 
 
 def load(folder: str | os.PathLike[str], threads: int | None = None) -> Any:

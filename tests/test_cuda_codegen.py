@@ -1,4 +1,5 @@
-"""CUDA Tensor Core kernels (sm_75): generated source, nvcc, and the same TIR built for llvm against the reference.
+"""CUDA Tensor Core kernels (sm_75; sm_90 with emulated INT4): generated source, nvcc, and the same TIR built
+for llvm against the reference.
 
 No GPU is needed except for the tests marked ``gpu`` (they skip without one)."""
 
@@ -290,6 +291,67 @@ def test_sm90_runs_int4_layers_as_int8() -> None:
     assert len(calls) == sum(op.op == "conv2d" for op in graph.ops) and all(
         name.startswith(f"{KERNEL_PREFIX}_s8") for name in calls)
     assert not any(map(any, packed_io(ir)))  # nothing packed: no kernel reads packed words
+
+
+INT4_MMA = re.compile(r"mma\.sync\.aligned\.m8n8k32\.row\.col\.s32\.[su]4\.s4\.s32")
+
+
+@pytest.fixture(scope="module")
+def sm90_emulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_resnet W4A4 compiled by the CLI for sm_90 with ``--int4 emulated`` (artifact folder, model.cu)."""
+    folder = tmp_path_factory.mktemp("sm90")
+    quantized_graph("tiny_resnet", (1, 28, 28), "uniform4").save(folder / "tiny.int.npz")
+    code = cli_main(["compile", str(folder / "tiny.int.npz"), "--input-shape", "8,1,28,28", "--target", "cuda",
+                     "-arch=sm_90", "--int4", "emulated", "-o", str(folder / "out"), "--emit-source"])
+    assert code == 0
+    return folder / "out"
+
+
+def test_int4_emulated_keeps_int4_mma_on_sm90(sm90_emulated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    graph = IntegerGraph.load(sm90_emulated / "graph.int.npz")
+    convs = sum(op.op == "conv2d" for op in graph.ops)
+    int4 = [name for name, body in kernels_of((sm90_emulated / "model.cu").read_text()).items()
+            if INT4_MMA.search(body)]
+    assert 0 < len(int4) and all(name.startswith(f"{KERNEL_PREFIX}_s4") for name in int4)
+    assert json.loads((sm90_emulated / "manifest.json").read_text())["int4"] == "emulated"
+    default = compile_graph(graph, (8, 1, 28, 28), {"kind": "cuda", "arch": "sm_90"})
+    assert default.int4 == "auto" and "m8n8k32" not in default.source() and convs > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_nvcc_compiles_int4_emulated_for_sm90(sm90_emulated: Path) -> None:
+    import tvm
+    from tvm.support import nvcc
+
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
+        cubin = nvcc.compile_cuda((sm90_emulated / "model.cu").read_text(), target_format="cubin", arch="sm_90",
+                                  compiler="nvcc")
+    assert len(cubin) > 10_000
+
+
+def test_int4_emulated_needs_a_cuda_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    graph = quantized_graph("tiny_resnet", (1, 28, 28), "uniform4")
+    with pytest.raises(ValueError, match="needs a cuda target"):
+        compile_graph(graph, (1, 1, 28, 28), {"kind": "llvm"}, int4="emulated")
+    graph.save(tmp_path / "tiny.int.npz")
+    assert cli_main(["compile", str(tmp_path / "tiny.int.npz"), "--int4", "emulated", "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "needs a cuda target" in err and len(err.strip().splitlines()) == 1
+
+
+@gpu
+def test_int4_emulated_on_gpu_equals_reference() -> None:
+    """On sm_90 (H100/H200) the emulated INT4 kernels; on sm_75 to sm_89, the native ones."""
+    import tvm
+
+    arch = "sm_" + tvm.cuda().compute_version.replace(".", "")
+    graph = quantized_graph("tiny_resnet", (1, 28, 28), "mixed")
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    module = compile_graph(graph, x.shape, {"kind": "cuda", "arch": arch}, int4="emulated")
+    assert INT4_MMA.search(module.source())
+    np.testing.assert_array_equal(module(x), graph.run(x))
 
 
 @resnet18_group

@@ -25,3 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU worker threads (default: one per physical core)")
+
+
+def add_int4_argument(parser: argparse.ArgumentParser) -> None:
+    from hawqc.topi_int4.cuda.pipeline import INT4
+
+    parser.add_argument("--int4", choices=INT4, default="auto",
+                        help="4-bit layers on cuda: auto (INT4 Tensor Cores where the arch has them, int8 kernels "
+                             "on sm_90) or emulated (INT4 kernels on sm_90 too, emulated by ptxas: for checking "
+                             "their layouts on Hopper, not for speed)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hawqc.commands._common import add_model_arguments
+from hawqc.commands._common import add_int4_argument, add_model_arguments
 from hawqc.runtime.target import KERNELS
 
 HELP = "compile a quantized model to an integer-only TVM module (artifact folder)"
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(TVM's unscheduled lowering, a baseline)")
     parser.add_argument("-arch", "--arch", help="CUDA architecture for --target cuda: sm_75 (default), sm_80, sm_86, "
                         "sm_89 or sm_90")
+    add_int4_argument(parser)
     parser.add_argument("--emit-source", action="store_true", help="also write the generated CUDA source (model.cu)")
 
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from hawqc.relax_passes.float_ops import float_ops
     from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
-    from hawqc.topi_int4.cuda.pipeline import check_arch
+    from hawqc.topi_int4.cuda.pipeline import check_arch, check_int4
 
     if Path(args.out).exists() and not args.force:
         raise ValueError(f"{args.out} exists: choose another output folder or pass --force")
@@ -48,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
         check_arch(target)
     if args.arch and target.get("arch") != args.arch:
         raise ValueError(f"-arch={args.arch} needs --target cuda (or agrees with the target's arch)")
+    check_int4(args.int4, target)
     if args.emit_source and target.get("kind") != "cuda":
         raise ValueError("--emit-source writes CUDA source: it needs --target cuda")
     graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
     shape = api.input_shape_of(graph, args.input_shape)
     start = time.perf_counter()
-    module = compile_graph(graph, shape, target, kernels=args.kernels)
+    module = compile_graph(graph, shape, target, kernels=args.kernels, int4=args.int4)
     seconds = time.perf_counter() - start
     leftovers = float_ops(module.ir)
     if leftovers and args.strict:
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     module.export(args.out, force=args.force)
     if target.get("kind") == "cuda":
         source = module.source()
-        console.print(tensor_core_summary(source, target["arch"]))
+        console.print(tensor_core_summary(source, target["arch"], args.int4))
         if args.emit_source:
             write_atomic(Path(args.out) / "model.cu", source)
     fused, kernels = module.fused
@@ -80,13 +82,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def tensor_core_summary(source: str, arch: str) -> str:
-    """One line: how many conv kernels of the CUDA ``source`` use INT4 and INT8 Tensor Core ``mma``."""
+def tensor_core_summary(source: str, arch: str, mode: str = "auto") -> str:
+    """One line: how many conv kernels of the CUDA ``source`` use INT4 and INT8 Tensor Core ``mma``
+    (``mode``: the ``--int4`` choice)."""
     from hawqc.topi_int4.cuda.pipeline import int4_tensor_cores
 
     kernels = source.split("__global__")[1:]
     int4, int8 = (sum(shape in k for k in kernels) for shape in ("m8n8k32", "m8n8k16"))
     line = f"Tensor Core conv kernels for {arch}: {int4} INT4 (mma m8n8k32), {int8} INT8 (mma m8n8k16)"
-    if not int4_tensor_cores(arch):
+    if not int4_tensor_cores(arch, mode):
         line += f"; {arch} has no INT4 mma, so INT4 layers run as int8 (INT8 Tensor Core kernels)"
+    elif not int4_tensor_cores(arch):
+        line += f"; {arch} has no INT4 mma: ptxas emulates it (--int4 emulated: for checking, not speed)"
     return line

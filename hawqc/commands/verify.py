@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hawqc.commands._common import add_model_arguments, add_threads_argument
+from hawqc.commands._common import add_int4_argument, add_model_arguments, add_threads_argument
 
 HELP = "compile a quantized model and compare it with the integer reference on every element"
 
@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="input batch (.npy); default: random normal inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     add_threads_argument(parser)
+    add_int4_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,12 +31,12 @@ def run(args: argparse.Namespace) -> int:
     shape = api.input_shape_of(graph, given_shape)
     if x is None:
         x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
-    module = compile_graph(graph, shape, target, threads=args.threads)
+    module = compile_graph(graph, shape, target, threads=args.threads, int4=args.int4)
     compiled, reference = module(x), module.reference(x)
     if np.array_equal(compiled, reference):
         print(f"bit-exact: compiled ({target['kind']}) == reference on all {compiled.size} output elements")
         return 0
-    op, diff = first_divergence(graph, x, target)
+    op, diff = first_divergence(graph, x, target, int4=args.int4)
     print(f"MISMATCH: {np.count_nonzero(compiled != reference)} of {compiled.size} output elements differ; "
           f"first diverging op: {op} (max |diff| {diff})")
     return 1

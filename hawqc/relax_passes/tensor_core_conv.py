@@ -10,9 +10,9 @@ GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N
 
 The operand width follows the values: weights from the constant, activations from the ``clip`` that
 produced them (through casts and max-pooling); 4-bit operands use the INT4 kernel where the target
-has INT4 ``mma``, the int8 kernel otherwise. Convs that fit neither (zero points, wider operands,
-grouped) keep TVM's lowering. ``tensor_cores=False`` inserts the same kernels with plain loops in place
-of ``mma`` (they build for llvm: the whole rewritten graph can be checked on a CPU).
+has INT4 ``mma`` (or with ``int4="emulated"``), the int8 kernel otherwise. Convs that fit neither (zero
+points, wider operands, grouped) keep TVM's lowering. ``tensor_cores=False`` inserts the same kernels
+with plain loops in place of ``mma`` (they build for llvm: the whole rewritten graph can be checked on a CPU).
 
 Packing: every 4-bit activation that an INT4 kernel reads is held packed (the layout of
 :mod:`hawqc.topi_int4.cuda.conv2d`) instead of int8. A kernel producing it writes it packed from its
@@ -53,10 +53,11 @@ OPAQUE = 8
 @tvm.transform.module_pass(opt_level=0, name="TensorCoreConv")
 class TensorCoreConv:
     """Rewrite conv2d + requantize chains of ``main`` into ``call_tir`` of Tensor Core kernels for ``arch``,
-    then pack the 4-bit activations the INT4 kernels read (unless ``pack=False``)."""
+    then pack the 4-bit activations the INT4 kernels read (unless ``pack=False``); ``int4``: ``auto`` or
+    ``emulated`` (INT4 kernels on sm_90 too, see :data:`hawqc.topi_int4.cuda.pipeline.INT4`)."""
 
-    def __init__(self, arch: str, tensor_cores: bool = True, pack: bool = True) -> None:
-        self.int4, self.tensor_cores, self.pack = int4_tensor_cores(arch), tensor_cores, pack
+    def __init__(self, arch: str, tensor_cores: bool = True, pack: bool = True, int4: str = "auto") -> None:
+        self.int4, self.tensor_cores, self.pack = int4_tensor_cores(arch, int4), tensor_cores, pack
         self.input, self.weight, self.bias = wildcard(), is_const(), is_const()
         self.multiplier, self.rounding, self.shift = is_const(), is_const(), is_const()
         self.conv = is_op("relax.nn.conv2d")(self.input, self.weight)

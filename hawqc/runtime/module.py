@@ -42,6 +42,8 @@ class CompiledModule:
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
         self.kernels = "generic"
         """The conv/dense kernels it runs: vnni, avx2 or generic."""
+        self.int4 = "auto"
+        """What 4-bit layers run on (CUDA): see :data:`hawqc.topi_int4.cuda.pipeline.INT4`."""
         self.lowered: Any = None
         """The module after TVM's pipeline (its fused kernels are what MetaSchedule tunes), idem."""
         self.fused: tuple[int, int] | None = None
@@ -111,7 +113,7 @@ class CompiledModule:
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape),
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "kernels": self.kernels,
+                        "kernels": self.kernels, "int4": self.int4,
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(tmp, 0o755)
@@ -126,21 +128,23 @@ class CompiledModule:
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
                   input_dtype: str = "float32", kernels: str = "auto", database: Any = None,
-                  threads: int | None = None) -> CompiledModule:
+                  threads: int | None = None, int4: str = "auto") -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
     ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer).
     ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows.
-    ``threads``: CPU worker threads a call uses (default: one per physical core)."""
+    ``threads``: CPU worker threads a call uses (default: one per physical core).
+    ``int4`` (CUDA): ``emulated`` keeps the INT4 kernels on sm_90 (see :data:`~hawqc.topi_int4.cuda.pipeline.INT4`)."""
     from hawqc.relax_passes.fused_requant import fused_requant
+    from hawqc.topi_int4.cuda.pipeline import check_int4
 
     if target.get("kind") not in ("llvm", "cuda"):
         raise ValueError(f"target kind {target.get('kind')!r} is not supported: hawqc compiles for llvm and cuda")
     thread_pool.configure(threads)
-    kernels = resolve_kernels(kernels, target)
+    kernels, int4 = resolve_kernels(kernels, target), check_int4(int4, target)
     ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
-    executable, lowered = _build(ir, target, kernels, database)
+    executable, lowered = _build(ir, target, kernels, database, int4)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype, threads)
-    module.kernels, module.fused, module.lowered = kernels, fused_requant(lowered), lowered
+    module.kernels, module.int4, module.fused, module.lowered = kernels, int4, fused_requant(lowered), lowered
     return module
 
 
@@ -180,10 +184,11 @@ def has_vnni(target: dict[str, Any]) -> bool:
     return bool(tvm.target.codegen.target_has_features("avx512vnni", tvm.target.Target(target)))
 
 
-def _build(ir: Any, target: dict[str, Any], kernels: str = "auto", database: Any = None) -> tuple[Any, Any]:
+def _build(ir: Any, target: dict[str, Any], kernels: str = "auto", database: Any = None,
+           int4: str = "auto") -> tuple[Any, Any]:
     """TVM's default pipeline (fusion included) run once, the tuned schedules of ``database``,
     hawqc's CPU schedules on every kernel not scheduled yet (unless ``generic``), then the build:
-    (executable, lowered module)."""
+    (executable, lowered module). CUDA: hawqc's pipeline, ``int4`` choosing the 4-bit layers' kernels."""
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight
@@ -196,7 +201,7 @@ def _build(ir: Any, target: dict[str, Any], kernels: str = "auto", database: Any
         check_arch(target)
         tvm_target = tvm.target.Target(target, host={"kind": "llvm"})
         with tvm_target:
-            lowered = cuda_pipeline(tvm_target)(ir)
+            lowered = cuda_pipeline(tvm_target, int4)(ir)
         return tvm.compile(lowered, target=tvm_target, relax_pipeline=tvm.transform.Sequential([])), lowered
     tvm_target = tvm.target.Target(target)
     with tvm_target:
@@ -228,12 +233,12 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> Compiled
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
     graph = IntegerGraph.load(folder / GRAPH)
     module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable, threads=threads)
-    module.kernels = manifest.get("kernels", "generic")
+    module.kernels, module.int4 = manifest.get("kernels", "generic"), manifest.get("int4", "auto")
     return module
 
 
 def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
-                     kernels: str = "auto") -> tuple[str, int]:
+                     kernels: str = "auto", int4: str = "auto") -> tuple[str, int]:
     """The first operation whose compiled output differs from the reference, and its max |diff|."""
     import tvm
     from tvm import relax
@@ -244,7 +249,7 @@ def first_divergence(graph: IntegerGraph, x: np.ndarray, target: dict[str, Any],
     thread_pool.configure()
     integer_ops = [op for op in graph.ops if op.op != "dequantize"]
     ir = _lower(graph, x.shape, target, kernels, outputs=[op.output for op in integer_ops])
-    executable, _ = _build(ir, target, kernels)
+    executable, _ = _build(ir, target, kernels, int4=int4)
     compiled = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
     reference: dict[str, Any] = {}
     execute(graph, x, REFERENCE, trace=reference)

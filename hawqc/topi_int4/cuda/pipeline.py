@@ -11,11 +11,25 @@ from typing import Any
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 """CUDA architectures hawqc compiles for (INT4 ``mma`` exists on sm_75 to sm_89)."""
+INT4 = ("auto", "emulated")
+"""What 4-bit layers run on: ``auto`` INT4 ``mma`` where the arch has it, else the int8 kernel; ``emulated``
+keeps the INT4 kernels on sm_90 too, where ptxas emulates ``mma.m8n8k32`` s4: for checking their fragment
+layouts and packing on Hopper, not for speed. Both mean native INT4 on sm_75 to sm_89."""
 
 
-def int4_tensor_cores(arch: str) -> bool:
-    """Whether ``arch`` has INT4 Tensor Core ``mma`` (sm_90 runs INT4 layers as int8)."""
-    return arch in ARCHS and int(arch[3:]) < 90
+def int4_tensor_cores(arch: str, int4: str = "auto") -> bool:
+    """Whether 4-bit layers use the INT4 ``mma`` kernels on ``arch`` (sm_90: only if ``int4`` is ``emulated``)."""
+    return arch in ARCHS and (int(arch[3:]) < 90 or int4 == "emulated")
+
+
+def check_int4(int4: str, target: dict[str, Any]) -> str:
+    """``int4`` if it is one of :data:`INT4` and fits ``target``; else ``ValueError``."""
+    if int4 not in INT4:
+        raise ValueError(f"unknown int4 mode {int4!r}: choose one of {', '.join(INT4)}")
+    if int4 == "emulated" and target.get("kind") != "cuda":
+        raise ValueError(f"int4 'emulated' keeps INT4 Tensor Core kernels on sm_90: it needs a cuda target, "
+                         f"not {target.get('kind')!r}")
+    return int4
 
 
 def check_arch(target: dict[str, Any]) -> str:
@@ -26,8 +40,9 @@ def check_arch(target: dict[str, Any]) -> str:
     return arch
 
 
-def cuda_pipeline(target: Any) -> Any:
-    """A module pass lowering an integer-only Relax module for the CUDA ``target`` (a ``tvm.target.Target``)."""
+def cuda_pipeline(target: Any, int4: str = "auto") -> Any:
+    """A module pass lowering an integer-only Relax module for the CUDA ``target`` (a ``tvm.target.Target``);
+    ``int4``: see :data:`INT4`."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
@@ -42,7 +57,7 @@ def cuda_pipeline(target: Any) -> Any:
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            passes = [TensorCoreConv(str(target.arch))] + cuda.library_dispatch_passes(target) + legalize
+            passes = [TensorCoreConv(str(target.arch), int4=int4)] + cuda.library_dispatch_passes(target) + legalize
             return tvm.transform.Sequential(passes + cuda.dataflow_lower_passes(target)
                                             + cuda.finalize_passes(target))(mod)
 
