@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cpu_latency import float_model, mixed_config
+from cpu_latency import float_model, own_configs
 from gpu_latency import latency_ms
 
 import hawqc
@@ -62,7 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def hawqc_graphs(model: torch.nn.Module, calib: list[torch.Tensor]) -> dict[str, IntegerGraph]:
-    bits = {"W8A8": "uniform8", "W4A4": "uniform4", "mixed": mixed_config(model)}
+    own = own_configs(model)
+    bits = {"W8A8": own["hawqc-w8a8"], "W4A4": own["hawqc-w4a4"], "mixed": own["hawqc-mixed"]}
     return {label: quantize(model, bits[label], calib).integer_graph() for label in CONFIGS}
 
 
