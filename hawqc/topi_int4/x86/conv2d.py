@@ -7,7 +7,7 @@ multiple of 4 with zeros, and int8 activations offset by 128 into uint8 for VNNI
 type: the rule of :func:`hawqc.quant.dyadic.requantize`, with the input zero point and the VNNI
 offset compensation folded into ``bias``. Without requantization the epilogue writes ``acc + bias``.
 
-Schedule: output rows in parallel, a register tile of ``ow_block`` pixels x ``oc_vectors`` x 16
+Schedule: output rows in parallel (blocks of output channels x rows where the rows are few), a register tile of ``ow_block`` pixels x ``oc_vectors`` x 16
 channels accumulated over (kh, kw, ic/4), its innermost 16x4 step tensorized with ``vpdpbusd``
 (:mod:`.intrin`) or, without VNNI, left to LLVM as 16-lane int32 multiply-adds; the epilogue runs on the
 tile while it is in registers.
@@ -207,9 +207,14 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     oco, ocv, oci = sch.split(o, [None, oc_vectors, LANES])
     zo, zi = sch.split(z, [None, ow_block])
     rco, rci = sch.split(rc, [None, GROUP])
-    sch.reorder(n, y, zo, oco, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
-    sch.reverse_compute_at(sch.get_sblock("out"), oco)
-    sch.parallel(sch.fuse(n, y))
+    if channels_outer(wl):
+        sch.reorder(oco, n, y, zo, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
+        sch.reverse_compute_at(sch.get_sblock("out"), zo)
+        sch.parallel(sch.fuse(oco, n, y))
+    else:
+        sch.reorder(n, y, zo, oco, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
+        sch.reverse_compute_at(sch.get_sblock("out"), oco)
+        sch.parallel(sch.fuse(n, y))
     sch.unroll(zi)
     sch.unroll(ocv)
     if not vnni:  # 16-lane int32 multiply-adds, vectorized while the block still has its init
@@ -235,6 +240,12 @@ def finish_schedule(sch: Any, copies: bool) -> Any:
         sch.parallel(sch.fuse(pn, py))
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
     return func.without_attr("global_symbol")
+
+
+def channels_outer(wl: Conv2dWorkload) -> bool:
+    """Whether blocks of output channels are the outer parallel loop, rows inside: where there are too
+    few output rows to share evenly among the cores (7x7 maps at batch 1: measured 10-20% faster)."""
+    return wl.batch * wl.out_size[0] < 16
 
 
 def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
