@@ -130,13 +130,16 @@ def test_compile_run_verify(tiny_onnx: Path, tmp_path: Path) -> None:
     assert "layer1.0.conv1" in result.stdout and (out / "model.so").is_file()
     x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    result = run_hawqc("run", str(out), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
+    result = run_hawqc("run", str(out), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"),
+                       "--threads", "1")
     assert result.returncode == 0, result.stderr
     from hawqc.reference import IntegerGraph
 
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), IntegerGraph.load(out / "graph.int.npz").run(x))
     result = run_hawqc("verify", str(tiny_onnx), "--input", str(tmp_path / "x.npy"))
     assert result.returncode == 0 and "bit-exact" in result.stdout
+    result = run_hawqc("run", str(out), "--input", str(tmp_path / "x.npy"), "--threads", "0")
+    assert result.returncode == 1 and result.stderr.strip() == "hawqc run: error: threads must be at least 1, got 0"
 
 
 def _opset11(path: Path) -> Path:

@@ -1,0 +1,69 @@
+"""TVM's thread pool as hawqc sets it up: one worker per physical core, idle workers asleep soon
+after a call (a good neighbour to other work in the process), ``threads=`` honoured. Each check runs
+in a fresh interpreter: the pool is sized once per process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hawqc.runtime.threads import SPIN_COUNT, default_threads
+
+CHILD = """
+import json, os, resource, time
+import numpy as np
+from hawqc.quant.dyadic import dyadic_per_channel
+from hawqc.reference.graph import IntegerGraph, IntOp
+from hawqc.runtime.module import compile_graph
+from hawqc.runtime.target import parse_target
+
+rng = np.random.default_rng(0)
+b, c = dyadic_per_channel(rng.uniform(2e-5, 2e-4, 64))
+graph = IntegerGraph("x", "y", [
+    IntOp("conv2d", ["x"], "acc", {"stride": [1, 1], "padding": [1] * 4, "dilation": [1, 1], "groups": 1},
+          {"weight": rng.integers(-128, 128, (64, 64, 3, 3)).astype(np.int8)}),
+    IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127}, {"b": b, "c": c})])
+x = rng.integers(-128, 128, (1, 64, 56, 56)).astype(np.int8)
+module = compile_graph(graph, x.shape, parse_target("llvm"), input_dtype="int8", threads=THREADS)
+for _ in range(20):
+    module(x)
+import tvm
+cpu = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime
+time.sleep(0.05)
+before = cpu()
+time.sleep(0.5)
+print(json.dumps({"idle_cpu_s": cpu() - before, "pool": tvm.runtime.num_threads(),
+                  "env": [os.environ.get("TVM_NUM_THREADS"), os.environ.get("TVM_THREAD_POOL_SPIN_COUNT")]}))
+"""
+
+
+def run_child(threads: int | None, env: dict[str, str] | None = None) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TVM_")}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD).replace("THREADS", repr(threads))],
+                            capture_output=True, text=True, env={**clean, **(env or {})}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.xdist_group("threads")
+def test_pool_has_a_worker_per_core_and_sleeps_after_a_call() -> None:
+    found = run_child(None)
+    assert found["pool"] == default_threads()
+    assert found["env"] == [str(default_threads()), str(SPIN_COUNT)]
+    assert found["idle_cpu_s"] < 0.1  # TVM's default spin keeps a worker busy for ~0.3 s of this 0.5 s
+
+
+@pytest.mark.xdist_group("threads")
+def test_users_settings_win() -> None:
+    found = run_child(None, {"TVM_NUM_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "7"})
+    assert found["pool"] == 1 and found["env"] == ["1", "7"]
+
+
+def test_threads_must_be_positive() -> None:
+    from hawqc.runtime.threads import configure
+
+    with pytest.raises(ValueError, match="at least 1"):
+        configure(0)
