@@ -31,11 +31,18 @@ def storage_dtype(qmin: int, qmax: int) -> str:
 @dataclass(frozen=True)
 class Context:
     """What every lowering sees: the block builder, the layout of 4-d tensors inside the module
-    (``NCHW`` or ``NHWC``; inputs and outputs stay NCHW) and the target's conv/dense kernels."""
+    (``NCHW`` or ``NHWC``; inputs and outputs stay NCHW), the target's conv/dense kernels and whether
+    a tensor whose range fits both int8 and uint8 (e.g. [0, 127] after a ReLU) is stored unsigned
+    (what VNNI's ``vpdpbusd`` reads without an offset)."""
 
     bb: Any
     layout: str = "NCHW"
     kernels: ConvKernels | None = None
+    unsigned_first: bool = False
+
+    def storage(self, qmin: int, qmax: int) -> str:
+        """The type a tensor with values in [qmin, qmax] is stored in."""
+        return "uint8" if self.unsigned_first and 0 <= qmin and qmax <= 255 else storage_dtype(qmin, qmax)
 
     def channel_axis(self, ndim: int) -> int:
         return ndim - 1 if self.layout == "NHWC" else 1
@@ -62,19 +69,21 @@ requantization fused in when given; ``None`` where it has no kernel (the generic
 
 
 def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None,
-             input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None) -> Any:
+             input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None,
+             unsigned_first: bool = False) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
     debugging, to the tuple of the named intermediate tensors). Whole models take and give float32;
     a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers.
 
     ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
     quantize, the outputs once at the end. ``kernels`` lowers conv/dense layers, each fused with the
-    requantize that follows it when nothing else reads the accumulator.
+    requantize that follows it when nothing else reads the accumulator. ``unsigned_first``: see
+    :class:`Context`.
     """
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    ctx = Context(bb, layout, kernels)
+    ctx = Context(bb, layout, kernels, unsigned_first)
     x = relax.Var("input", relax.TensorType(input_shape, input_dtype))
     fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
     with bb.function("main", [x]):
@@ -152,7 +161,7 @@ def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, q
     if zero_point:
         y = R.add(y, _const(zero_point, "int64"))
     y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
-    return R.astype(y, storage_dtype(qmin, qmax))
+    return R.astype(y, ctx.storage(qmin, qmax))
 
 
 def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -163,7 +172,7 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     if op.attrs.get("zero_point", 0):
         q = R.add(q, _const(op.attrs["zero_point"], "float32"))
     q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
-    return ctx.to_internal(ctx.bb.emit(R.astype(q, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))))
+    return ctx.to_internal(ctx.bb.emit(R.astype(q, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))))
 
 
 def _dequantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -226,7 +235,7 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     if op.attrs.get("zero_point", 0):
         total = R.add(total, _const(op.attrs["zero_point"], "int64"))
     total = R.clip(total, relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
-    return R.astype(total, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
+    return R.astype(total, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
 
 
 def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -243,7 +252,7 @@ def _clip(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     y = R.clip(ins[0], relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
-    return R.astype(y, storage_dtype(op.attrs["qmin"], op.attrs["qmax"]))
+    return R.astype(y, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
 
 
 def _maxpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -284,7 +293,7 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     table = op.consts["table"]
-    out_dtype = storage_dtype(int(table.min()), int(table.max()))
+    out_dtype = ctx.storage(int(table.min()), int(table.max()))
     index = R.subtract(R.astype(ins[0], "int32"), _const(op.attrs["offset"], "int32"))
     return R.take(_const(table, out_dtype), index, axis=0)
 

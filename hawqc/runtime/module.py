@@ -160,7 +160,7 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, 
     if kernels == "tensor_core":  # NHWC; the CUDA pipeline swaps the convs for its own kernels
         return to_relax(graph, input_shape, layout="NHWC", **kwargs)
     x86 = X86Kernels(vnni=kernels.startswith("vnni"), packed_int4=kernels == "vnni-w4")
-    return to_relax(graph, input_shape, layout="NHWC", kernels=x86, **kwargs)
+    return to_relax(graph, input_shape, layout="NHWC", kernels=x86, unsigned_first=x86.vnni, **kwargs)
 
 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.frontend.integer_graph import Context, storage_dtype
+from hawqc.frontend.integer_graph import Context
 from hawqc.reference.graph import IntOp
 from hawqc.topi_int4.x86 import depthwise
 from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
@@ -48,7 +48,7 @@ class X86Kernels:
                                 groups=a.get("groups", 1))
         if self.vnni and self.packed_int4 and -8 <= weight.min() and weight.max() <= 7:
             wl = dataclasses.replace(wl, weight_bits=4)
-        epilogue = _requant(requant)
+        epilogue = _requant(ctx, requant)
         if depthwise.is_depthwise(wl):
             func, name = depthwise.depthwise(wl, epilogue), "depthwise_conv2d"
         else:
@@ -65,11 +65,11 @@ class X86Kernels:
         return y
 
 
-def _requant(op: IntOp | None) -> Requant | None:
+def _requant(ctx: Context, op: IntOp | None) -> Requant | None:
     if op is None:
         return None
     a = op.attrs
-    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), storage_dtype(a["qmin"], a["qmax"]))
+    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), ctx.storage(a["qmin"], a["qmax"]))
 
 
 def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None, vnni: bool) -> list[Any]:
