@@ -52,14 +52,14 @@ def run_child(threads: int | None, env: dict[str, str] | None = None) -> dict:
 def test_pool_has_a_worker_per_core_and_sleeps_after_a_call() -> None:
     found = run_child(None)
     assert found["pool"] == default_threads()
-    assert found["env"] == [str(default_threads()), str(SPIN_COUNT)]
-    assert found["idle_cpu_s"] < 0.1  # TVM's default spin keeps a worker busy for ~0.3 s of this 0.5 s
+    assert found["env"][1] == str(SPIN_COUNT)
+    assert found["idle_cpu_s"] < 0.02  # with TVM's default spin count a worker burns ~0.1 s of this 0.5 s
 
 
 @pytest.mark.xdist_group("threads")
 def test_users_settings_win() -> None:
     found = run_child(None, {"TVM_NUM_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "7"})
-    assert found["pool"] == 1 and found["env"] == ["1", "7"]
+    assert found["pool"] == 1 and found["env"][1] == "7"
 
 
 def test_threads_must_be_positive() -> None:
