@@ -156,3 +156,32 @@ def test_shape_subgraphs_fold_once_the_batch_is_fixed(tmp_path: Path) -> None:
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_array_equal(module(x), module.reference(x))
     assert np.abs(module(x) - expected).max() <= final_scale(onnx.load(path)) * (1 + 1e-4)
+
+
+class StaticSamePadding(nn.Module):
+    """EfficientNet-Lite's "static same" padding: a ZeroPad2d before a stride-2 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad, self.conv = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(self.pad(x)))
+
+
+def test_a_quantized_pad_value_constant_folds(tmp_path: Path) -> None:
+    float_path, path = tmp_path / "pad.onnx", tmp_path / "pad_q.onnx"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(StaticSamePadding().eval(), (torch.randn(1, 3, 12, 12),), str(float_path), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["output"])
+    quantize_static(str(float_path), str(path), _Reader((1, 3, 12, 12)), quant_format=QuantFormat.QDQ, per_channel=True)
+    graph = onnx.load(path).graph
+    constants = {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] in constants for n in graph.node)  # the Pad's value
+    module = hawqc.compile_integer_only(path)
+    x = np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(module(x), module.reference(x))
+    assert np.abs(module(x) - expected).max() <= final_scale(onnx.load(path)) * (1 + 1e-4)

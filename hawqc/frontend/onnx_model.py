@@ -37,7 +37,8 @@ def with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
 
 def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
     """Evaluate what does not depend on the input's values (Constant nodes, shape arithmetic, Shape of
-    a tensor whose shape is static) into ``inits``, to a fixed point; returns the nodes left to read."""
+    a tensor whose shape is static, the quantize-dequantize of a scalar constant such as a Pad value)
+    into ``inits``, to a fixed point; returns the nodes left to read."""
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
@@ -53,6 +54,9 @@ def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
                     else np.asarray(value)
             elif node.op_type == "Shape" and node.input[0] in shapes:
                 inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
+            elif node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] in inits \
+                    and np.asarray(inits[node.input[0]]).size == 1 and all(i in inits or not i for i in node.input):
+                inits[node.output[0]] = _scalar_qdq(node.op_type, *(inits[i] if i else None for i in node.input))
             elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in inits or not i for i in node.input):
                 single = onnx.helper.make_model(
                     onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
@@ -66,6 +70,18 @@ def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
         if len(remaining) == len(nodes):
             return nodes
         nodes = remaining
+
+
+def _scalar_qdq(op_type: str, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """QuantizeLinear (round half to even, saturate to the zero point's type, uint8 without one) or
+    DequantizeLinear of a scalar, per tensor."""
+    zp = np.asarray(zero_point if zero_point is not None else np.uint8(0))
+    scale = np.float32(np.asarray(scale).reshape(()))
+    if op_type == "DequantizeLinear":
+        return np.asarray((np.float32(np.asarray(x).reshape(())) - np.float32(zp.reshape(()))) * scale, np.float32)
+    info = np.iinfo(zp.dtype)
+    q = np.rint(np.float32(np.asarray(x).reshape(())) / scale) + int(zp.reshape(()))
+    return np.asarray(np.clip(q, info.min, info.max), dtype=zp.dtype)
 
 
 def _static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:

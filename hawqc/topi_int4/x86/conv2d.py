@@ -117,14 +117,24 @@ def offset_of(in_dtype: str, vnni: bool) -> int:
     return 128 if vnni and in_dtype == "int8" else 0
 
 
-def copies_input(wl: Conv2dWorkload, vnni: bool) -> bool:
-    """Whether the input is copied first: for spatial padding, channels up to a multiple of 4, or the
-    VNNI offset of int8 activations (once per input byte, measured faster than in every dot product)."""
-    return any(wl.padding) or wl.packed_in != wl.in_channels or offset_of(wl.in_dtype, vnni) > 0
+def copies_input(wl: Conv2dWorkload, vnni: bool, ow_block: int = 1) -> bool:
+    """Whether the input is copied first: for spatial padding, channels up to a multiple of 4, the
+    VNNI offset of int8 activations (once per input byte, measured faster than in every dot product),
+    or columns for a row computed in whole tiles of ``ow_block`` pixels."""
+    return (any(wl.padding) or wl.packed_in != wl.in_channels or offset_of(wl.in_dtype, vnni) > 0
+            or extra_columns(wl, ow_block) > 0)
 
 
-def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True) -> Any:
-    """The unscheduled PrimFunc ``(x, packed_weight, bias[, b, round, shift]) -> out``."""
+def extra_columns(wl: Conv2dWorkload, ow_block: int) -> int:
+    """Input columns beyond the padded input that rows of whole ``ow_block``-pixel tiles read."""
+    ow = wl.out_size[1]
+    needed = (-(-ow // ow_block) * ow_block - 1) * wl.stride[1] + (wl.kernel[1] - 1) * wl.dilation[1] + 1
+    return max(0, needed - (wl.width + wl.padding[1] + wl.padding[3]))
+
+
+def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True, ow_block: int = 1) -> Any:
+    """The unscheduled PrimFunc ``(x, packed_weight, bias[, b, round, shift]) -> out``; the accumulator
+    rows are computed in whole tiles of ``ow_block`` pixels (the columns past the row are dropped)."""
     from tvm import te
 
     n, h, w, cin = wl.batch, wl.height, wl.width, wl.in_channels
@@ -142,21 +152,22 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
             return unpack_nibble(weight[(*outer, i % 8 * 4 + k)], i // 8)
         return weight[(*outer, i, k) if vnni else (*outer, k, i)]
 
-    data = input_copy(x, wl, wl.packed_in, offset_of(wl.in_dtype, vnni)) if copies_input(wl, vnni) else x
+    data = (input_copy(x, wl, wl.packed_in, offset_of(wl.in_dtype, vnni), extra_columns(wl, ow_block))
+            if copies_input(wl, vnni, ow_block) else x)
     ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, span), "rc")
     acc = te.compute(
-        (n, oh, ow, ocp),
+        (n, oh, -(-ow // ow_block) * ow_block, ocp),
         lambda i, y, z, o: te.sum(
             data[i, y * sh + ry * dh, z * sw + rx * dw, wl.block_base(o // LANES) + rc].astype("int32")
             * weight_at(o, ry, rx, rc).astype("int32"),
             axis=[ry, rx, rc]),
         name="acc")
-    return with_epilogue(x, weight, acc, wl.out_channels, requant)
+    return with_epilogue(x, weight, acc, (n, oh, ow, wl.out_channels), requant)
 
 
-def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int) -> Any:
-    """The input padded spatially with ``pad_value`` and to ``channels`` channels with zeros, ``offset``
-    added (int8 + 128 as uint8 for VNNI)."""
+def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: int = 0) -> Any:
+    """The input padded spatially with ``pad_value`` (and ``extra`` more columns on the right) and to
+    ``channels`` channels with zeros, ``offset`` added (int8 + 128 as uint8 for VNNI)."""
     from tvm import te, tirx
 
     n, h, w, cin = x.shape
@@ -167,18 +178,17 @@ def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int) -> Any:
         value = tirx.if_then_else(inside, x[i, y - top, z - left, c], tirx.const(wl.pad_value, wl.in_dtype))
         value = tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
         return (value.astype("int16") + offset).astype("uint8") if offset else value
-    return te.compute((n, h + top + bottom, w + left + right, channels), pad, name="pad")
+    return te.compute((n, h + top + bottom, w + left + right + extra, channels), pad, name="pad")
 
 
-def with_epilogue(x: Any, weight: Any, acc: Any, out_channels: int, requant: Requant | None) -> Any:
+def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant: Requant | None) -> Any:
     """The PrimFunc ``(x, weight, bias[, b, round, shift]) -> out`` writing the int32 accumulator ``acc``
-    (NHWC, channels padded) plus ``bias`` or, with ``requant``, per output channel
+    (NHWC, rows and channels padded) cut to ``shape``, plus ``bias`` or, with ``requant``, per output channel
     ``clip(((acc + bias) * b + round) >> shift + zero_point)``: :func:`hawqc.quant.dyadic.requantize`."""
     from tvm import te, tirx
 
-    n, oh, ow, ocp = acc.shape
+    ocp = acc.shape[-1]
     bias = te.placeholder((ocp,), "int64", name="bias")
-    shape = (n, oh, ow, out_channels)
     if requant is None:
         out = te.compute(shape, lambda i, y, z, o: (acc[i, y, z, o].astype("int64") + bias[o]).astype("int32"),
                          name="out")
@@ -199,8 +209,8 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     """The scheduled PrimFunc; ``tile`` = (output pixels, 16-channel vectors) per register tile."""
     from tvm import s_tir
 
-    func = conv2d_compute(wl, requant, vnni)
     ow_block, oc_vectors = tile or default_tile(wl)
+    func = conv2d_compute(wl, requant, vnni, ow_block)
     sch = s_tir.Schedule(func)
     conv = sch.get_sblock("acc")
     n, y, z, o, ry, rx, rc = sch.get_loops(conv)
@@ -225,7 +235,7 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     if vnni:
         sch.tensorize(oci, intrinsic_name(wl.weight_bits))
     sch.set_scope(init, 0, "local")
-    return finish_schedule(sch, copies_input(wl, vnni))
+    return finish_schedule(sch, copies_input(wl, vnni, ow_block))
 
 
 def finish_schedule(sch: Any, copies: bool) -> Any:
@@ -249,9 +259,14 @@ def channels_outer(wl: Conv2dWorkload) -> bool:
 
 
 def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
-    """Register tile: up to 24 accumulators (AVX-512 has 32 vector registers), output pixels
-    dividing the row width, preferring 2 channel vectors (each broadcast feeds two dot products)."""
+    """Register tile: up to 24 accumulators (AVX-512 has 32 vector registers), preferring 2 channel
+    vectors (each broadcast feeds two dot products); output pixels dividing the row width where such a
+    tile is at least half full, else (prime widths such as 17 or 149) the tile that wastes the fewest
+    columns when the row is rounded up to whole tiles."""
     _, ow = wl.out_size
     vectors = 2 if wl.packed_out % (2 * LANES) == 0 else 1
-    pixels = max(d for d in range(1, 24 // vectors + 1) if ow % d == 0)
+    limit = 24 // vectors
+    pixels = max(d for d in range(1, limit + 1) if ow % d == 0)
+    if 2 * pixels < min(limit, ow):
+        pixels = min(range(limit // 2, limit + 1), key=lambda p: (-(-ow // p) * p, -p))
     return pixels, vectors

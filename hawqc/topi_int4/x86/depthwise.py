@@ -47,7 +47,7 @@ def depthwise_compute(wl: Conv2dWorkload, requant: Requant | None) -> Any:
         lambda i, y, z, o: te.sum(data[i, y * sh + ry * dh, z * sw + rx * dw, o].astype("int32") * weight[ry, rx, o],
                                   axis=[ry, rx]),
         name="acc")
-    return with_epilogue(x, weight, acc, c, requant)
+    return with_epilogue(x, weight, acc, (n, oh, ow, c), requant)
 
 
 def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
