@@ -17,6 +17,7 @@ SPIN_COUNT = 100
 """Yield rounds an idle worker spins before it sleeps (TVM's default: 300000)."""
 
 _pool_size: int | None = None
+_in_use: int | None = None
 
 
 def default_threads() -> int:
@@ -31,7 +32,7 @@ def default_threads() -> int:
 def configure(threads: int | None = None) -> int:
     """Size TVM's pool (once per process) and make calls use ``threads`` workers (default: every
     worker of the pool). Returns the number used; ``ValueError`` for a count below 1."""
-    global _pool_size
+    global _pool_size, _in_use
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     if _pool_size is None:
@@ -39,7 +40,9 @@ def configure(threads: int | None = None) -> int:
         os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
         _pool_size = int(os.environ["TVM_NUM_THREADS"])
     used = min(threads or _pool_size, _pool_size)
-    import tvm
+    if used != _in_use:  # every call of a module comes here: reconfigure only on a change
+        import tvm
 
-    tvm.get_global_func("runtime.config_threadpool")(1, used)  # 1: TVM's default affinity mode ("big" cores)
+        tvm.get_global_func("runtime.config_threadpool")(1, used)  # 1: TVM's default affinity mode ("big" cores)
+        _in_use = used
     return used
