@@ -20,7 +20,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="ONNX QDQ model (.onnx) or hawqc integer graph (.int.npz)")
     parser.add_argument("--target", default="llvm", help='TVM target, e.g. "llvm -mcpu=znver4" (default: host CPU)')
     parser.add_argument("--bit-config", help="check the model's bits against this bit config (JSON or preset)")
-    parser.add_argument("--input-shape", type=input_shape, help="static input shape, e.g. 1,3,224,224")
+    parser.add_argument("--input-shape", type=input_shape,
+                        help="static input shape, e.g. 1,3,224,224 (default: the model's; an open batch stays open)")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
