@@ -50,6 +50,10 @@ class Context:
     def spatial_axes(self, ndim: int) -> list[int]:
         return [1, 2] if self.layout == "NHWC" else [2, 3]
 
+    def internal_axis(self, axis: int, ndim: int) -> int:
+        """Where axis ``axis`` of an NCHW tensor lies in the module's layout."""
+        return [0, 3, 1, 2][axis] if self.layout == "NHWC" and ndim == 4 else axis
+
     def to_internal(self, x: Any) -> Any:
         """An NCHW tensor in the module's layout (other ranks unchanged)."""
         from tvm.relax import op as R
@@ -265,7 +269,7 @@ def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     dtypes = {str(x.ty.dtype) for x in ins}
     common = dtypes.pop() if len(dtypes) == 1 else "int32"
     return R.concat([x if str(x.ty.dtype) == common else R.astype(x, common) for x in ins],
-                    axis=ctx.channel_axis(_ndim(ins[0])))
+                    axis=ctx.internal_axis(op.attrs.get("axis", 1), _ndim(ins[0])))
 
 
 def _clip(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -316,7 +320,7 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     table = op.consts["table"]
     out_dtype = ctx.storage(int(table.min()), int(table.max()))
     index = R.subtract(R.astype(ins[0], "int32"), _const(op.attrs["offset"], "int32"))
-    return R.take(_const(table, out_dtype), index, axis=0)
+    return R.take(_const(table, out_dtype), index, axis=0, mode="clip")
 
 
 def _mul(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -360,8 +364,62 @@ def _reshape(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     return ctx.to_internal(ctx.bb.emit(R.reshape(x, shape)))
 
 
+def _transpose(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    y = ctx.bb.emit(R.permute_dims(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["perm"]))
+    return ctx.to_internal(y)
+
+
+def _slice(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    a, ndim = op.attrs, _ndim(ins[0])
+    axes = [ctx.internal_axis(i, ndim) for i in range(ndim)]
+    return R.strided_slice(ins[0], axes, a["begin"], a["end"], a["strides"], assume_inbound=True)
+
+
+def _affine(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    ndim = _ndim(ins[0])
+    x = R.astype(ins[0], "int32")
+    if op.attrs.get("input_zero_point", 0):
+        x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+    return R.add(R.multiply(x, _channel(ctx, op.consts["multiplier"], ndim, "int32")),
+                 _channel(ctx, op.consts["bias"], ndim, "int32"))
+
+
+def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """Separable: rows, then columns; each a gather per tap, weighted and summed in int32 (linear)."""
+    from tvm.relax import op as R
+
+    h, w = ctx.spatial_axes(4)
+    linear = "wy" in op.consts
+
+    def taps(x: Any, index: np.ndarray, weights: np.ndarray | None, axis: int) -> Any:
+        total = None
+        for k, idx in enumerate(index):
+            tap = R.take(x, _const(idx, "int32"), axis=axis, mode="clip")
+            if weights is not None:
+                shape = [1, 1, 1, 1]
+                shape[axis] = -1
+                tap = R.multiply(tap, _const(weights[k].reshape(shape), "int32"))
+            total = tap if total is None else R.add(total, tap)
+        return ctx.bb.emit(total)
+
+    x = ins[0]
+    if linear:
+        x = R.astype(x, "int32")
+        if op.attrs.get("input_zero_point", 0):
+            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+        x = ctx.bb.emit(x)
+    rows = taps(x, op.consts["iy"], op.consts.get("wy"), h)
+    return taps(rows, op.consts["ix"], op.consts.get("wx"), w)
+
+
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
     "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
     "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
     "global_avgpool": _global_avgpool, "lut": _lut, "mul": _mul, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
-    "dequantize": _dequantize}
+    "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "dequantize": _dequantize}
