@@ -64,11 +64,18 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
     elif isinstance(graph, (str, os.PathLike)) and str(graph).endswith(".npz"):
         result = IntegerGraph.load(graph)
     elif isinstance(graph, (str, os.PathLike)) or type(graph).__name__ == "ModelProto":
+        from hawqc.frontend.onnx_model import load_onnx
         from hawqc.frontend.onnx_qdq import from_onnx
 
         if isinstance(graph, (str, os.PathLike)) and not Path(graph).is_file():
             raise ValueError(f"{graph}: no such file")
-        result = from_onnx(graph, tuple(input_shape) if input_shape is not None else None)
+        model = load_onnx(graph)
+        folded_at = _batch_one_for_shape_arithmetic(model) if input_shape is None else None
+        result = from_onnx(model, tuple(input_shape) if input_shape is not None else folded_at)
+        if folded_at is not None:
+            result.metadata["batch_note"] = (
+                "the model's shape arithmetic reads the batch, so it is compiled for batch 1; choose another batch "
+                f"with --input-shape N,{','.join(map(str, folded_at[1:]))} (input_shape= in Python)")
     elif hasattr(graph, "integer_graph"):
         result = graph.integer_graph()
     elif hasattr(graph, "named_modules"):
@@ -92,6 +99,19 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
                              f"layers (first: {differ[0]} {found[differ[0]]} vs {wanted[differ[0]]}); "
                              "quantize the model again with this config")
     return result
+
+
+def _batch_one_for_shape_arithmetic(model: Any) -> tuple[int, ...] | None:
+    """``(1, C, H, W)`` for an ONNX model whose batch is open, other dimensions static, and whose shape
+    arithmetic (``Shape`` nodes) reads the input's shape: it folds to constants only at a fixed batch."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or not any(node.op_type == "Shape" for node in model.graph.node):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if not dims or dims[0] is not None or None in dims[1:]:
+        return None
+    return (1, *dims[1:])
 
 
 def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int | None, ...]:
