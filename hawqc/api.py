@@ -143,8 +143,8 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
     ``nn.Module`` (see :func:`integer_graph_of`). ``input_shape``: default the model's own, an open batch
-    left open (the module runs any batch size; see :func:`input_shape_of`). ``target``: ``"llvm"`` (host CPU), a string such as
-    ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
+    left open (the module runs any batch size; see :func:`input_shape_of`). ``target``: ``"llvm"`` (host
+    CPU), a string such as ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
     it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
     worker threads a call uses (default: one per physical core; idle workers soon sleep after a call, so
     other work in the process is not slowed down). ``int4`` (cuda):
@@ -153,10 +153,10 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
     :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
     ``cm.export(dir)``.
     """
+    import warnings
+
     from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
-
-    import warnings
 
     config = parse_target(target)
     integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)
