@@ -354,13 +354,11 @@ def _reshape(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
     x = ctx.bb.emit(ctx.to_external(ins[0]))
     shape = list(op.attrs["shape"])
-    if not is_static(x.ty.shape[0]):  # the batch stays symbolic where the reshape keeps it
-        rest, inner = int(np.prod([int(d) for d in list(x.ty.shape)[1:]])), shape[1:]
-        known = int(np.prod([d for d in inner if d != -1]))
-        inner = [rest // known if d == -1 else d for d in inner]
-        if shape[1:].count(-1) > 1 or int(np.prod(inner)) != rest:
+    if not is_static(x.ty.shape[0]):  # an open batch stays open where the reshape keeps it: [-1 | 0, rest]
+        rest = int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))
+        if shape[0] not in (-1, 0) or -1 in shape[1:] or int(np.prod(shape[1:])) != rest:
             raise FixedBatch(f"reshape {op.output} to {shape} does not keep the batch dimension")
-        shape = [x.ty.shape[0], *inner]
+        shape = [x.ty.shape[0], *shape[1:]]
     return ctx.to_internal(ctx.bb.emit(R.reshape(x, shape)))
 
 

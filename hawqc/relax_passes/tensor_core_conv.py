@@ -86,8 +86,8 @@ class TensorCoreConv:
                 return relax.call_tir(gv, args, out_ty=expr.ty)
             batch = args[0].ty.shape[0]  # a dense layer: [N, K] as [N, 1, 1, K]
             pixels = R.reshape(args[0], relax_shape(spec.input_shape[0], batch))
-            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=relax.TensorType(relax_shape(spec.output_shape[0], batch),
-                                                                                spec.output_shape[1]))
+            out_ty = relax.TensorType(relax_shape(spec.output_shape[0], batch), spec.output_shape[1])
+            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=out_ty)
             return R.reshape(y, expr.ty.shape)
 
         main = relax.analysis.remove_all_unused(rewrite_call(self.pattern, rewrite, mod["main"]))
