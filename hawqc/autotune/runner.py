@@ -39,6 +39,10 @@ class RunOptions:
     limit: int | None = None
     """Measure only the first ``limit`` workloads (the others can be predicted)."""
     seed: int = 0
+    kernels: str = "auto"
+    """The conv/dense kernels of the default schedule (as ``hawqc compile --kernels``)."""
+    threads: int | None = None
+    """CPU worker threads of a local measurement (default: one per physical core)."""
 
 
 @dataclass
@@ -111,7 +115,8 @@ def _best_schedule(workload: Workload, bits: int, options: RunOptions, tuner: Tu
     graph = layer_graph(workload, bits, bits, options.seed)
     inputs = [random_input(workload, bits, options.seed + i) for i in range(2)]
     reference = (inputs, [graph.run(x) for x in inputs])
-    default = compile_graph(graph, workload.input_shape, options.target, input_dtype="int8")
+    default = compile_graph(graph, workload.input_shape, options.target, input_dtype="int8", kernels=options.kernels,
+                            threads=options.threads)
     best = _measured(default, reference, options, f"{what} default", logger, result)
     if options.trials <= 0:
         return best, "default"

@@ -161,9 +161,9 @@ def _run(problem: Problem, limits: Mapping[str, float], objective: str) -> tuple
 
     layers, options = problem.layers, range(len(problem.options))
     ilp = pulp.LpProblem("hawqc_bits", pulp.LpMinimize)
-    x = {(n, k): pulp.LpVariable(f"x_{i}_{k}", cat="Binary") for i, n in enumerate(layers) for k in options}
+    x = {(n, k): ilp.add_variable(f"x_{i}_{k}", cat="Binary") for i, n in enumerate(layers) for k in options}
     index = {n: i for i, n in enumerate(layers)}
-    z = {e: pulp.LpVariable(f"z_{index[e[0]]}_{index[e[1]]}", lowBound=0, upBound=1) for e in problem.edges} \
+    z = {e: ilp.add_variable(f"z_{index[e[0]]}_{index[e[1]]}", lowBound=0, upBound=1) for e in problem.edges} \
         if problem.transition_ms else {}
 
     def expression(metric: str) -> Any:
