@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print INT4/INT8 ratios per layer (after tuning, or of -o alone without --layers)")
     parser.add_argument("--repeat", type=_positive, default=5, help="timed repeats per measurement (default 5)")
     parser.add_argument("--min-repeat-ms", type=_count, default=50, help="minimum length of one repeat (default 50)")
+    parser.add_argument("--max-spread", type=float, default=1.2,
+                        help="measure again (up to 3 times) when the slowest repeat exceeds the fastest by this "
+                             "factor (default 1.2); rows still noisy are marked and measured again by the next run")
+    parser.add_argument("--max-load", type=float,
+                        help="measure again when the 1-minute load average exceeds this (default: the CPU count)")
     parser.add_argument("--rpc-tracker", metavar="HOST:PORT",
                         help="measure on the RPC servers of this tracker (give their --target)")
     parser.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers to use")
@@ -94,7 +99,7 @@ def _tune(args: argparse.Namespace, console: Any) -> int:
     from hawqc.autotune.table import LatencyTable
 
     device = Device(args.rpc_tracker, args.rpc_key)
-    timing = Timing(args.repeat, args.min_repeat_ms)
+    timing = Timing(args.repeat, args.min_repeat_ms, args.max_spread, args.max_load)
     options = runner.RunOptions(target_of(args), args.bits, args.trials, timing, device, args.limit,
                                 kernels=kernels_of(args), threads=args.threads)
     table = LatencyTable.open(args.out)
@@ -115,6 +120,9 @@ def _tune(args: argparse.Namespace, console: Any) -> int:
     console.print(f"{result.done} entries measured in {time.perf_counter() - start:.0f} s, {result.skipped} already "
                   f"in the table; {len(result.rejected)} candidates rejected (not bit-exact), "
                   f"{len(device.failures)} device failures retried")
+    if result.noisy:
+        console.print(f"[yellow]{result.noisy} entries stayed noisy (spread above {args.max_spread} or load above "
+                      f"{timing.max_load or 'the CPU count'}): marked in the table, measured again by the next run[/]")
     if args.predict_missing:
         from hawqc.autotune.predict import predict_missing
 
