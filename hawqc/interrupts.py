@@ -13,6 +13,7 @@ than :data:`GRACE_S`, ends it at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -54,7 +55,8 @@ def handling(message: str = "interrupted") -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if not _requested:  # after a Ctrl-C, a second one must still end the process at once
+            signal.signal(signal.SIGINT, previous)
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
@@ -71,6 +73,8 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def exit_now(message: str | None = None) -> NoReturn:
     """Print ``message`` (default: the one given to :func:`handling`) on stderr, kill this process's
     children (TVM's build and run workers) and exit with status 130 at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or one forwarded) must not interrupt this
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
@@ -85,10 +89,9 @@ def _kill_children() -> None:
         import psutil
 
         children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(children, timeout=2)
     except Exception:  # noqa: BLE001 - ending the process matters more than its children
-        return
-    for child in children:
-        try:
-            child.kill()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        pass

@@ -129,8 +129,10 @@ def measure(module: Any, inputs: list[np.ndarray], expected: list[np.ndarray], s
         if got.shape != want.shape or not np.array_equal(got.astype(np.int64), want.astype(np.int64)):
             wrong = int(np.sum(got.astype(np.int64) != want.astype(np.int64))) if got.shape == want.shape else -1
             raise MismatchError(f"{wrong} of {want.size} outputs differ from the reference")
-    timer = vm.time_evaluator("main", device, repeat=timing.repeat, min_repeat_ms=timing.min_repeat_ms)
-    seconds = np.asarray(timer(tvm.runtime.tensor(inputs[0], device)).results) * 1e3
+    timer = vm.time_evaluator("main", device, repeat=1, min_repeat_ms=timing.min_repeat_ms)
+    x = tvm.runtime.tensor(inputs[0], device)
+    # one repeat per call: Python runs between repeats, so Ctrl-C needs at most one repeat to land
+    seconds = np.asarray([timer(x).results[0] for _ in range(timing.repeat)]) * 1e3
     load = os.getloadavg()[0] if isinstance(session, rpc.LocalSession) else None
     return Measurement(float(np.median(seconds)), float(np.std(seconds)), len(seconds),
                        float(seconds.max() / max(seconds.min(), 1e-12)), load)
