@@ -103,9 +103,19 @@ def load_input(path: str | Path) -> Any:
         raise ValueError(f"{path}: not a .npy array ({err})") from None
 
 
-def compiler_options_given(args: argparse.Namespace) -> list[str]:
-    """The compiler options (``--target``, ``-arch``, ``--kernels``) the user gave."""
-    return [f"--{name}" for name in ("target", "arch", "kernels") if getattr(args, name, None) is not None]
+def is_artifact(args: argparse.Namespace) -> bool:
+    """Whether ``args.artifact`` (of run, bench) is an artifact folder (``True``) or a model file to
+    compile first (``False``); ``ValueError`` when it is neither, or a folder given compiler options."""
+    path = Path(args.artifact)
+    if path.is_dir():
+        given = [f"--{name}" for name in ("target", "arch", "kernels") if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f"{args.artifact} is compiled already: {', '.join(given)} only apply to a model file "
+                             "(ARTIFACT .onnx or .int.npz) that is compiled first")
+        return True
+    if not path.is_file():
+        raise ValueError(f"{args.artifact}: no such artifact folder or model file")
+    return False
 
 
 def free_output(path: str | Path, force: bool = False) -> None:

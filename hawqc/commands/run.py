@@ -8,7 +8,7 @@ from typing import Any
 from hawqc.commands._common import (
     Problems,
     add_target_arguments,
-    compiler_options_given,
+    is_artifact,
     kernels_of,
     load_input,
     target_of,
@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     x = problems.check(load_input, args.input)
     if args.runs < 0:
         problems.add(f"--runs must be at least 0, got {args.runs}")
-    module = problems.check(runnable, args, None if x is None else x.shape)
+    # compiling a model file needs the input's shape: without one, check the rest only
+    module = problems.check(runnable, args, x.shape) if x is not None else problems.check(is_artifact, args)
     problems.raise_any()
     start = time.perf_counter()
     y = module(x)
@@ -62,21 +63,12 @@ def run(args: argparse.Namespace) -> int:
 def runnable(args: argparse.Namespace, shape: tuple[int, ...] | None) -> Any:
     """The module ``hawqc run`` calls: the artifact folder loaded, or the model file compiled for
     the input's ``shape`` with the command's target options."""
-    from pathlib import Path
-
     from hawqc import api
     from hawqc.runtime.module import compile_graph
 
-    path = Path(args.artifact)
-    if path.is_dir():
-        given = compiler_options_given(args)
-        if given:
-            raise ValueError(f"{args.artifact} is compiled already: {', '.join(given)} apply when ARTIFACT is a "
-                             "model file to compile")
-        return api.load(path, threads=args.threads)
-    if not path.is_file():
-        raise ValueError(f"{args.artifact}: no such artifact folder or model file")
+    if is_artifact(args):
+        return api.load(args.artifact, threads=args.threads)
     target = target_of(args)
-    graph = api.integer_graph_of(str(path), input_shape=shape)
+    graph = api.integer_graph_of(args.artifact, input_shape=shape)
     return compile_graph(graph, api.input_shape_of(graph, shape), target, kernels=kernels_of(args),
                          threads=args.threads)

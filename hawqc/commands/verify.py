@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     x = problems.check(load_input, args.input) if args.input else None
     given_shape = x.shape if x is not None else args.input_shape
     graph = problems.check(api.integer_graph_of, args.model, args.bit_config, input_shape=given_shape)
-    shape = problems.check(api.input_shape_of, graph, given_shape) if graph is not None else None
+    if graph is not None and (x is not None or not args.input):  # (an unreadable --input has no shape to check)
+        shape = problems.check(api.input_shape_of, graph, given_shape)
     problems.raise_any()
     if x is None:
         x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
