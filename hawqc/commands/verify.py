@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         shape = problems.check(api.input_shape_of, graph, given_shape)
     problems.raise_any()
     if x is None:
-        x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+        x = np.random.default_rng(args.seed).standard_normal(api.example_shape(shape)).astype(np.float32)
     kernels = kernels_of(args)
     module = compile_graph(graph, shape, target, kernels=kernels, threads=args.threads, int4=args.int4)
     compiled, reference = module(x), module.reference(x)

@@ -33,8 +33,8 @@ PEERS = ("onnxruntime", "openvino")
 
 def hawqc_engine(path: str, x: np.ndarray, threads: int | None, target: str | None = None,
                  kernels: str | None = None) -> Callable[[], Any]:
-    """A hawqc module for ``x``'s shape: the artifact at ``path`` as it is, or recompiled for this
-    shape (same target and kernels); or the model file at ``path`` compiled for it."""
+    """A hawqc module for ``x``'s shape: the artifact at ``path`` as it is (if it runs this shape),
+    or recompiled for it (same target and kernels); or the model file at ``path`` compiled for it."""
     from pathlib import Path
 
     from hawqc import api
@@ -43,7 +43,7 @@ def hawqc_engine(path: str, x: np.ndarray, threads: int | None, target: str | No
 
     if Path(path).is_dir():
         module = api.load(path, threads=threads)
-        if tuple(module.input_shape) != x.shape:
+        if len(module.input_shape) != x.ndim or any(d not in (None, n) for d, n in zip(module.input_shape, x.shape)):
             module = compile_graph(module.graph, x.shape, module.target, kernels=module.kernels, threads=threads,
                                    int4=module.int4)
     else:
