@@ -17,7 +17,6 @@ dearest (every layer at the dearest): ``size=0.5`` is halfway between uniform 4-
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -161,9 +160,9 @@ def _run(problem: Problem, limits: Mapping[str, float], objective: str) -> tuple
 
     layers, options = problem.layers, range(len(problem.options))
     ilp = pulp.LpProblem("hawqc_bits", pulp.LpMinimize)
-    x = {(n, k): pulp.LpVariable(f"x_{i}_{k}", cat="Binary") for i, n in enumerate(layers) for k in options}
+    x = {(n, k): ilp.add_variable(f"x_{i}_{k}", cat="Binary") for i, n in enumerate(layers) for k in options}
     index = {n: i for i, n in enumerate(layers)}
-    z = {e: pulp.LpVariable(f"z_{index[e[0]]}_{index[e[1]]}", lowBound=0, upBound=1) for e in problem.edges} \
+    z = {e: ilp.add_variable(f"z_{index[e[0]]}_{index[e[1]]}", lowBound=0, upBound=1) for e in problem.edges} \
         if problem.transition_ms else {}
 
     def expression(metric: str) -> Any:
@@ -248,21 +247,12 @@ def layer_edges(model: Any) -> list[tuple[str, str]]:
 
 
 def read_latency_table(path: str | os.PathLike[str]) -> dict[tuple[str, int, int], float]:
-    """``(layer, w_bits, a_bits) -> latency_ms`` from a ``hawqc tune`` table (the fastest row of a key)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or data.get("schema_version") != 1 or not isinstance(data.get("rows"), list):
-        raise ValueError(f"{path}: not a hawqc latency table (schema_version 1 with rows)")
-    table: dict[tuple[str, int, int], float] = {}
-    for i, row in enumerate(data["rows"]):
-        try:
-            key, ms = (str(row["layer"]), int(row["w_bits"]), int(row["a_bits"])), float(row["latency_ms"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: row {i} lacks layer, w_bits, a_bits or latency_ms") from None
-        table[key] = min(ms, table.get(key, ms))
-    return table
+    """``(layer, w_bits, a_bits) -> latency_ms`` from a ``hawqc tune`` table."""
+    from hawqc.autotune.table import LatencyTable
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such latency table")
+    return LatencyTable.open(path).latencies()
 
 
 def build_problem(model: Any, input_shape: tuple[int, ...], omega: Mapping[str, Mapping[int, float]], *,

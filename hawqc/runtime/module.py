@@ -103,8 +103,9 @@ class CompiledModule:
                  "w_bits": op.attrs.get("w_bits"), "a_bits": op.attrs.get("a_bits")}
                 for op in self.graph.ops if op.op in ("conv2d", "dense")]
 
-    def export(self, out: str | os.PathLike[str], force: bool = False) -> Path:
-        """Write the artifact folder ``out`` (refused if it exists, unless ``force``)."""
+    def export(self, out: str | os.PathLike[str], force: bool = False, extra: dict[str, str] | None = None) -> Path:
+        """Write the artifact folder ``out`` (refused if it exists, unless ``force``), with the text
+        files ``extra`` ({name: text}) beside the module; the folder appears only complete."""
         import tvm
 
         import hawqc
@@ -124,6 +125,8 @@ class CompiledModule:
                         "kernels": self.kernels, "int4": self.int4,
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
             os.chmod(tmp, 0o755)
             if out.exists():
                 shutil.rmtree(out)
