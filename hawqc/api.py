@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-DATASETS = ("digits", "fashion-mnist", "random")
+DATASETS = ("digits", "fashion-mnist", "random", "distilled")
 
 
 def load_model(name: str, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
@@ -31,8 +31,12 @@ def load_model(name: str, checkpoint: str | os.PathLike[str] | None = None, **kw
     return model.eval()
 
 
-def dataset(name: str, split: str, input_shape: tuple[int, ...], size: int = 256, seed: int = 0) -> Any:
-    """A dataset by name; ``random`` is ``size`` standard-normal images of ``input_shape`` with label 0."""
+def dataset(name: str, split: str, input_shape: tuple[int, ...], size: int = 256, seed: int = 0, *,
+            model: Any = None, distill_steps: int = 200, log: Any = None) -> Any:
+    """A dataset by name; ``random`` is ``size`` standard-normal images of ``input_shape`` with label 0;
+    ``distilled`` is ``size`` inputs synthesised from ``model``'s BatchNorm statistics
+    (:func:`hawqc.quant.distill.distill`, ``distill_steps`` Adam steps; both splits alike), labelled
+    with the model's own predictions."""
     import torch
     from torch.utils.data import TensorDataset
 
@@ -45,6 +49,14 @@ def dataset(name: str, split: str, input_shape: tuple[int, ...], size: int = 256
     if name == "random":
         generator = torch.Generator().manual_seed(seed + (split == "test"))
         return TensorDataset(torch.randn(size, *input_shape, generator=generator), torch.zeros(size, dtype=torch.long))
+    if name == "distilled":
+        from hawqc.quant.distill import distill
+
+        if model is None:
+            raise ValueError("distilled data is synthesised from a model: give model=")
+        x = distill(model, input_shape, samples=size, steps=distill_steps, seed=seed, log=log)
+        with torch.no_grad():
+            return TensorDataset(x, model.eval()(x).argmax(dim=1))
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

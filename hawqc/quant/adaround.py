@@ -165,6 +165,7 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
     input ``x_q`` against its float output on ``x_fp``, and write it into the layer. Returns the mean
     squared output error with nearest and with learned rounding."""
     layer = qmodel.layer(node)
+    x_q, x_fp = x_q.detach(), x_fp.detach()
     with torch.no_grad():
         w, b = (t.detach().clone() for t in layer.folded())
         s = _scale(qmodel, node, w, b)
