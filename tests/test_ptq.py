@@ -107,7 +107,7 @@ def test_learned_ptq_on_distilled_data_compiles_bit_exact(tmp_path: Path) -> Non
 def test_quantize_rejects_unknown_ptq() -> None:
     with pytest.raises(ValueError, match="unknown PTQ method 'fancy'"):
         quantize(bn_net(), "uniform8", [torch.randn(2, 3, 8, 8)], ptq="fancy")
-    with pytest.raises(ValueError, match="iters, batch_size >= 1"):
+    with pytest.raises(ValueError, match="iters, batch_size, crop >= 1"):
         LearnedOptions(iters=0)
 
 

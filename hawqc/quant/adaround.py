@@ -48,6 +48,9 @@ class LearnedOptions:
     """Adam steps per layer of the rounding fit."""
     batch_size: int = 8
     """Calibration samples per step."""
+    crop: int | None = 32
+    """Side of the random window of a conv input each step reconstructs (None: the whole input); keeps a
+    step's cost independent of the resolution. Both sides of the loss see the same window."""
     lr: float = 1e-2
     reg_weight: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
@@ -62,9 +65,10 @@ class LearnedOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.range_grid < 2:
-            raise ValueError(f"learned PTQ needs iters, batch_size >= 1, lr > 0 and range_grid >= 2, got "
-                             f"{self.iters}, {self.batch_size}, {self.lr}, {self.range_grid}")
+        if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.range_grid < 2 or (
+                self.crop is not None and self.crop < 1):
+            raise ValueError(f"learned PTQ needs iters, batch_size, crop >= 1, lr > 0 and range_grid >= 2, got "
+                             f"{self.iters}, {self.batch_size}, {self.crop}, {self.lr}, {self.range_grid}")
 
 
 def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedOptions = LearnedOptions(),
@@ -170,17 +174,18 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
         w, b = (t.detach().clone() for t in layer.folded())
         s = _scale(qmodel, node, w, b)
         n = weight_qmax(layer.w_bits)
-        target = _layer_output(layer, node, x_fp, w, b)
         floor = torch.floor(w / s)
         rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
         v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(v) == rest
     optimizer = torch.optim.Adam([v], lr=options.lr)
     warmup = int(options.warmup * options.iters)
     for step in range(options.iters):
-        idx = torch.randint(0, len(x_q), (min(options.batch_size, len(x_q)),), generator=generator)
+        inputs, reference = _window(x_q, x_fp, options, generator)
+        with torch.no_grad():
+            target = _layer_output(layer, node, reference, w, b)
         h = _rectified_sigmoid(v)
-        y = _layer_output(layer, node, x_q[idx], s * torch.clamp(floor + h, -n, n), b)
-        loss = ((y - target[idx]) ** 2).flatten(1).sum(1).mean()
+        y = _layer_output(layer, node, inputs, s * torch.clamp(floor + h, -n, n), b)
+        loss = ((y - target) ** 2).flatten(1).sum(1).mean()
         if step >= warmup:
             beta = options.beta[0] + (options.beta[1] - options.beta[0]) * (step - warmup) / max(options.iters - warmup, 1)
             loss = loss + options.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
@@ -192,6 +197,7 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
         nearest = torch.clamp(torch.round(w / s), -n, n)
         peak = w.abs().reshape(len(w), -1).argmax(dim=1)  # each channel's max |w| keeps ±qmax: same scale
         q.reshape(len(w), -1)[torch.arange(len(w)), peak] = nearest.reshape(len(w), -1)[torch.arange(len(w)), peak]
+        target = _layer_output(layer, node, x_fp, w, b)
         errors = tuple(float(F.mse_loss(_layer_output(layer, node, x_q, s * r, b), target)) for r in (nearest, q))
         _set_folded_weight(layer, s * q)
         w_after, b_after = layer.folded()
@@ -200,6 +206,20 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
         if not torch.equal(got.float(), q):
             raise AssertionError(f"{node.layer}: learned integer weights did not survive the write-back")
     return errors
+
+
+def _window(x_q: torch.Tensor, x_fp: torch.Tensor, options: LearnedOptions,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random samples (and, for images, the same random spatial window) of both inputs."""
+    idx = torch.randint(0, len(x_q), (min(options.batch_size, len(x_q)),), generator=generator)
+    x_q, x_fp = x_q[idx], x_fp[idx]
+    if x_q.dim() == 4 and options.crop is not None:
+        h, w = x_q.shape[2:]
+        top = int(torch.randint(0, max(h - options.crop, 0) + 1, (1,), generator=generator))
+        left = int(torch.randint(0, max(w - options.crop, 0) + 1, (1,), generator=generator))
+        window = (..., slice(top, top + options.crop), slice(left, left + options.crop))
+        x_q, x_fp = x_q[window], x_fp[window]
+    return x_q, x_fp
 
 
 def _fold_factor(layer: QuantConv2d | QuantLinear) -> torch.Tensor | None:
