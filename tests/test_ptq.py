@@ -111,14 +111,19 @@ def test_quantize_rejects_unknown_ptq() -> None:
         LearnedOptions(iters=0)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--ptq", "fancy"], "invalid choice: 'fancy'"),
-    (["--ptq", "learned", "--ptq-iters", "0"], "hawqc quantize: error: --ptq-iters and --distill-steps must be at least 1"),
-    (["--data", "distilled", "--distill-steps", "-3"], "hawqc quantize: error: --ptq-iters and --distill-steps"),
+@pytest.mark.parametrize(("model", "args", "message"), [
+    ("tiny_resnet", ["--ptq", "fancy"], "invalid choice: 'fancy'"),
+    ("tiny_resnet", ["--ptq", "learned", "--ptq-iters", "0"], "hawqc quantize: error: --ptq-iters must be at least 1"),
+    ("no_bn.pt2", ["--data", "distilled"], "hawqc quantize: error: distilled data needs a model with BatchNorm layers"),
 ])
-def test_cli_flags_fail_cleanly(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_flags_fail_cleanly(model: str, args: list[str], message: str, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    if model.endswith(".pt2"):  # a user's exported model without BatchNorm
+        no_bn = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        model = str(tmp_path / model)
+        torch.export.save(torch.export.export(no_bn.eval(), (torch.randn(1, 3, 8, 8),)), model)
     try:
-        code = main(["quantize", "tiny_resnet", *args, "-o", str(tmp_path / "out")])
+        code = main(["quantize", model, *args, "-o", str(tmp_path / "out")])
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
     err = capsys.readouterr().err
@@ -130,7 +135,7 @@ def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setenv("HAWQC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
-                 "--distill-steps", "3", "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
+                 "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     text = " ".join(capsys.readouterr().out.split())
     assert "bit-exact" in text and "learned" in text

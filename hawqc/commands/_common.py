@@ -1,8 +1,9 @@
-"""Arguments shared by the compile, verify and run commands."""
+"""Arguments and loaders shared by the commands: model and data specs, shapes, targets, threads."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def input_shape(text: str) -> tuple[int, ...]:
@@ -20,7 +21,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="ONNX QDQ model (.onnx) or hawqc integer graph (.int.npz)")
     parser.add_argument("--target", default="llvm", help='TVM target, e.g. "llvm -mcpu=znver4" (default: host CPU)')
     parser.add_argument("--bit-config", help="check the model's bits against this bit config (JSON or preset)")
-    parser.add_argument("--input-shape", type=input_shape, help="static input shape, e.g. 1,3,224,224")
+    parser.add_argument("--input-shape", type=input_shape,
+                        help="static input shape, e.g. 1,3,224,224 (default: the model's; an open batch stays open)")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -34,3 +36,70 @@ def add_int4_argument(parser: argparse.ArgumentParser) -> None:
                         help="4-bit layers on cuda: auto (INT4 Tensor Cores where the arch has them, int8 kernels "
                              "on sm_90) or emulated (INT4 kernels on sm_90 too, emulated by ptxas: for checking "
                              "their layouts on Hopper, not for speed)")
+
+
+MODEL_SPEC_HELP = ("float model: a built-in name (hawqc quantize --help lists them), a torch.export program "
+                   "(.pt2), a float ONNX model (.onnx) or package.module:factory")
+
+
+def add_float_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model spec and its weights (quantize, sensitivity, search)."""
+    parser.add_argument("model", help=MODEL_SPEC_HELP)
+    parser.add_argument("--checkpoint", help="float weights (a state_dict) for a built-in model or a factory; "
+                                             "default: random")
+    parser.add_argument("--num-classes", type=int, help="classifier outputs of a built-in model or a factory")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``224`` or ``224,192`` -> (H, W), for argparse."""
+    size = input_shape(text)
+    if len(size) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"image size must be H or H,W, got {text!r}")
+    return (size[0], size[-1])
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, purpose: str, default: str = "random") -> None:
+    """``--data`` (a data spec, see :mod:`hawqc.data`) and the preprocessing of images."""
+    parser.add_argument("--data", default=default,
+                        help=f"{purpose}: digits, fashion-mnist, random, distilled (synthesised from the model's "
+                             "BatchNorm statistics: no data needed), a folder of images (one sub-folder per "
+                             f"class gives labels) or a .npy array (default: {default})")
+    parser.add_argument("--labels", help="labels for a .npy --data: a .npy of one integer per sample")
+    parser.add_argument("--image-size", type=image_size, metavar="H[,W]",
+                        help="resize images to this size (default: the model's input size)")
+    parser.add_argument("--mean", type=_floats, default=(0.0,), metavar="M[,M,M]",
+                        help="subtracted from pixels scaled to [0, 1], per channel (default: 0)")
+    parser.add_argument("--std", type=_floats, default=(1.0,), metavar="S[,S,S]",
+                        help="divides pixels after the mean, per channel (default: 1); images are read as "
+                             "grayscale or RGB by the model's input channels")
+
+
+def load_float_model(args: argparse.Namespace, input_shape: tuple[int, ...] | None = None) -> Any:
+    """The :class:`~hawqc.models.loading.LoadedModel` of ``args.model`` / ``--checkpoint`` / ``--num-classes``;
+    ``input_shape`` ``(C, H, W)`` overrides the model's own."""
+    from hawqc.models.loading import load
+
+    kwargs = {"num_classes": args.num_classes} if getattr(args, "num_classes", None) else {}
+    loaded = load(args.model, getattr(args, "checkpoint", None), **kwargs)
+    if input_shape is not None:
+        loaded.input_shape = tuple(input_shape)
+    return loaded
+
+
+def load_data_for(args: argparse.Namespace, model: Any, split: str, size: int, seed: int = 0) -> Any:
+    """The :class:`~hawqc.data.Data` of ``--data`` for ``model`` (a LoadedModel), preprocessed as the flags
+    say; a model of unknown input shape takes the data's."""
+    from hawqc.data import Preprocess, load_data
+
+    data = load_data(args.data, split, input_shape=model.input_shape, size=size,
+                     preprocess=Preprocess(args.image_size, args.mean, args.std), model=model.module,
+                     labels=args.labels, seed=seed)
+    model.input_shape = tuple(data.inputs.shape[1:])
+    return data

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from hawqc import api
     from hawqc.fileio import write_atomic
     from hawqc.relax_passes.float_ops import float_ops
-    from hawqc.runtime.module import compile_graph
+    from hawqc.runtime.module import compile_graph, shape_text
     from hawqc.runtime.target import parse_target
     from hawqc.topi_int4.cuda.pipeline import check_arch, check_int4
 
@@ -60,12 +60,15 @@ def run(args: argparse.Namespace) -> int:
     leftovers = float_ops(module.ir)
     if leftovers and args.strict:
         raise ValueError(f"{len(leftovers)} float ops remain inside the graph (--strict): {', '.join(leftovers[:5])}")
-    table = Table(title=f"{args.model}: integer-only, input {shape}, target {target}, kernels {module.kernels}")
+    table = Table(title=f"{args.model}: integer-only, input {shape_text(module.input_shape)}, target {target}, "
+                        f"kernels {module.kernels}")
     for column in ("layer", "op", "weight", "W", "A"):
         table.add_column(column)
     for row in module.summary():
         table.add_row(row["layer"], row["op"], "x".join(map(str, row["weight"])), str(row["w_bits"]), str(row["a_bits"]))
     console.print(table)
+    if module.note:
+        console.print(f"[yellow]note:[/] {module.note}")
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     module.export(args.out, force=args.force)

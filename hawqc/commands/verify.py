@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     graph = api.integer_graph_of(args.model, args.bit_config, input_shape=given_shape)
     shape = api.input_shape_of(graph, given_shape)
     if x is None:
-        x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+        x = np.random.default_rng(args.seed).standard_normal(api.example_shape(shape)).astype(np.float32)
     module = compile_graph(graph, shape, target, threads=args.threads, int4=args.int4)
     compiled, reference = module(x), module.reference(x)
     if np.array_equal(compiled, reference):
