@@ -190,7 +190,8 @@ def image_size(text: str) -> tuple[int, int]:
 def add_data_arguments(parser: argparse.ArgumentParser, purpose: str, default: str = "random") -> None:
     """``--data`` (a data spec, see :mod:`hawqc.data`) and the preprocessing of images."""
     parser.add_argument("--data", default=default,
-                        help=f"{purpose}: digits, fashion-mnist, random, a folder of images (one sub-folder per "
+                        help=f"{purpose}: digits, fashion-mnist, random, distilled (synthesised from the model's "
+                             "BatchNorm statistics: no data needed), a folder of images (one sub-folder per "
                              f"class gives labels) or a .npy array (default: {default})")
     parser.add_argument("--labels", help="labels for a .npy --data: a .npy of one integer per sample")
     parser.add_argument("--image-size", type=image_size, metavar="H[,W]",
