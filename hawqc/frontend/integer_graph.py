@@ -72,11 +72,12 @@ ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
 requantization fused in when given; ``None`` where it has no kernel (the generic lowering is used)."""
 
 
-def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None,
+def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: list[str] | None = None,
              input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None,
              unsigned_first: bool = False) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
-    debugging, to the tuple of the named intermediate tensors). Whole models take and give float32;
+    debugging, to the tuple of the named intermediate tensors). A batch (first dimension) given as ``None``
+    stays symbolic (a ``tirx.Var``): the module runs any batch size. Whole models take and give float32;
     a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers.
 
     ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
@@ -88,7 +89,7 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[st
 
     bb = relax.BlockBuilder()
     ctx = Context(bb, layout, kernels, unsigned_first)
-    x = relax.Var("input", relax.TensorType(input_shape, input_dtype))
+    x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
     fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -108,6 +109,26 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[st
             out = bb.emit_output(results[0] if outputs is None else relax.Tuple(results))
         bb.emit_func_output(out)
     return bb.get()
+
+
+class FixedBatch(ValueError):
+    """Raised where a lowering cannot keep the batch symbolic (the caller compiles for a fixed batch)."""
+
+
+def symbolic_batch(shape: tuple[int | None, ...]) -> list[Any]:
+    """``shape`` with a ``None`` batch (the first dimension) replaced by the symbolic ``batch``."""
+    from tvm import tirx
+
+    if any(d is None for d in shape[1:]):
+        raise ValueError(f"only the batch dimension may be left open, got input shape {shape}")
+    return [tirx.Var("batch", "int64") if i == 0 and d is None else d for i, d in enumerate(shape)]
+
+
+def is_static(dim: Any) -> bool:
+    """Whether a shape dimension is a known integer (not the symbolic batch)."""
+    from tvm import tirx
+
+    return isinstance(dim, (int, tirx.IntImm))
 
 
 def _emitted(bb: Any, expr: Any) -> Any:
@@ -288,7 +309,7 @@ def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     axes = ctx.spatial_axes(4)
-    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]] * ins[0].ty.shape[axes[1]]))
+    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
     sums = ctx.bb.emit(R.sum(R.astype(ins[0], "int32"), axis=axes, keepdims=True))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
@@ -325,14 +346,20 @@ def _flatten(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     x = ins[0]
     if sum(int(d) > 1 for d in list(x.ty.shape)[1:]) > 1:  # the element order depends on the layout
         x = ctx.bb.emit(ctx.to_external(x))
-    return R.reshape(x, [int(x.ty.shape[0]), -1])
+    return R.reshape(x, [x.ty.shape[0], int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))])
 
 
 def _reshape(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    y = ctx.bb.emit(R.reshape(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["shape"]))
-    return ctx.to_internal(y)
+    x = ctx.bb.emit(ctx.to_external(ins[0]))
+    shape = list(op.attrs["shape"])
+    if not is_static(x.ty.shape[0]):  # an open batch stays open where the reshape keeps it: [-1 | 0, rest]
+        rest = int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))
+        if shape[0] not in (-1, 0) or -1 in shape[1:] or int(np.prod(shape[1:])) != rest:
+            raise FixedBatch(f"reshape {op.output} to {shape} does not keep the batch dimension")
+        shape = [x.ty.shape[0], *shape[1:]]
+    return ctx.to_internal(ctx.bb.emit(R.reshape(x, shape)))
 
 
 def _transpose(ctx: Context, ins: list[Any], op: IntOp) -> Any:
