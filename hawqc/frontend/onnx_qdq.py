@@ -154,7 +154,8 @@ class _Reader:
         elif isinstance(src, _Acc):
             qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
         elif isinstance(src, _View):
-            if src.scale == scale and src.zero_point == zp and qmin <= src.qmin and src.qmax <= qmax:
+            if np.size(src.scale) == 1 and src.scale == scale and src.zero_point == zp and qmin <= src.qmin \
+                    and src.qmax <= qmax:
                 self.values[out] = src  # already on this grid
                 return
             qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
@@ -301,7 +302,8 @@ class _Reader:
             and _attr(node, "group", 1) == w.values.shape[0]
         x = self.view(node, self.values.get(node.input[0]), per_channel=depthwise)
         if not isinstance(w, _Const):
-            self.fail(node, "needs dequantized constant weights")
+            self.fail(node, "has float weights (a float island, as NNCF leaves squeeze-excite blocks): hawqc needs "
+                            "quantized weights (a DequantizeLinear of integer constants) on every conv/gemm")
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB", 0))
         weight = w.values.T if transposed else w.values  # (out, ...) in every case
         w_scale = np.broadcast_to(w.scale, (weight.shape[0],))
