@@ -36,6 +36,7 @@ import numpy as np
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
 from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
+from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import IntegerGraph, IntOp, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -76,6 +77,13 @@ class _Acc:
 
 
 @dataclass
+class _Float:
+    """A float tensor: the output of an operator computed in float (a float island or tail)."""
+
+    name: str
+
+
+@dataclass
 class _Pending:
     """An add, concat or average pool of views/accumulators, resolved by the QuantizeLinear that
     follows (whose scale it is rescaled to in one rounding)."""
@@ -98,6 +106,8 @@ class _Reader:
     input: str = ""
     trace: dict[str, Any] = field(default_factory=dict)
     """The integer graph read so far run on zeros, for shapes that shape inference leaves open."""
+    float_nodes: list[str] = field(default_factory=list)
+    """The ONNX nodes computed in float, as ``name (op)``."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
     hawq_add: bool = False
     """hawqc's own exports round each Add input to the output grid (HAWQ-V3); other QDQ models mean
@@ -148,9 +158,10 @@ class _Reader:
         scale = np.float32(scale.reshape(()))
         qmin, qmax = _qrange(self.model, node, self.inits)
         src, out = self.values[node.input[0]], node.output[0]
-        if isinstance(src, str):  # the float graph input
+        if isinstance(src, (str, _Float)):  # the float graph input, or a float op's output (in the module's layout)
             attrs = {"qmin": qmin, "qmax": qmax, **({"zero_point": zp} if zp else {})}
-            self.emit("quantize", [src], out, attrs, {"scale": np.array(scale)})
+            attrs.update({"internal": True} if isinstance(src, _Float) else {})
+            self.emit("quantize", [src if isinstance(src, str) else src.name], out, attrs, {"scale": np.array(scale)})
         elif isinstance(src, _Acc):
             qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
         elif isinstance(src, _View):
@@ -709,6 +720,59 @@ class _Reader:
                                                        "bias": bias.astype(np.int32)})
         return _Acc(out, fine, magnitude)
 
+    # ---- operators left in float --------------------------------------------------------------
+    def computes_in_float(self, node: Any) -> bool:
+        """Whether a node reads a float op's output, or is a conv/gemm with float weights (a float island)."""
+        if node.op_type not in FLOAT_OPS:
+            return False
+        if any(isinstance(self.values.get(i), _Float) for i in node.input):
+            return True
+        return node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and \
+            not isinstance(self.values.get(node.input[1]), _Const) and self.float_const(node.input[1]) is not None
+
+    def float_op(self, node: Any) -> None:
+        """An ONNX operator computed in float, as the quantizer left it; recorded in ``float_nodes``."""
+        from onnx import helper
+
+        dynamic, consts = [], {}
+        for k, name in enumerate(node.input):
+            if not name:
+                self.fail(node, "computing it in float needs all its inputs")
+            value = self.float_const(name)
+            if value is not None:
+                raw = self.inits.get(name)
+                keep = raw is not None and np.asarray(raw).dtype.kind in "iu" and name not in self.values
+                consts[f"input{k}"] = np.asarray(raw) if keep else value.astype(np.float32)
+            else:
+                dynamic.append(self.as_float(node, name))
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else list(v) if isinstance(v, (list, tuple)) else v
+                 for k, v in attrs.items()}
+        out = node.output[0]
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.emit("float_op", dynamic, out, {"onnx_op": node.op_type, "onnx_attrs": attrs, "arity": len(node.input),
+                                             "opset": opset}, consts)
+        self.values[out] = _Float(out)
+        self.float_nodes.append(f"{node.name or out} ({node.op_type})")
+
+    def as_float(self, node: Any, name: str) -> str:
+        """Tensor ``name`` as float32 (a dequantize of an integer tensor or accumulator)."""
+        value = self.values.get(name)
+        if isinstance(value, _Float):
+            return value.name
+        if isinstance(value, _Pending):
+            value = self.view(node, value)
+        if isinstance(value, _Acc):
+            if np.isfinite(value.lo) or np.isfinite(value.hi):
+                self.fail(node, "reads a clipped accumulator that no QuantizeLinear rounded")
+            scale, attrs = np.float32(value.s_in) * np.asarray(value.s_w, np.float32), {}
+        elif isinstance(value, _View):
+            scale = np.asarray(value.scale, np.float32)
+            attrs = {"zero_point": value.zero_point} if value.zero_point else {}
+        else:
+            self.fail(node, f"input {name!r} is neither a tensor computed from the input nor a constant")
+        return self.emit("dequantize", [value.name], f"{name}:float", attrs, {"scale": scale})
+
     # ---- Resize ----------------------------------------------------------------------------------
     def resize(self, node: Any) -> None:
         """Resize of H, W: nearest is a gather (the same grid); linear a weighted sum with exact integer
@@ -786,8 +850,17 @@ class _Reader:
             y_scale, y_zp = i[3], i[4] if len(i) > 4 else ""
         self.quantize_linear(helper.make_node("QuantizeLinear", [f"{out}:f", y_scale, y_zp], [out], name=node.name))
 
+    def rename(self, old: str, new: str) -> None:
+        """Rename integer-graph tensor ``old`` to ``new`` everywhere."""
+        for op in self.ops:
+            op.inputs = [new if i == old else i for i in op.inputs]
+            op.output = new if op.output == old else op.output
+
     def output(self, name: str) -> str:
         value = self.values.get(name)
+        if isinstance(value, _Float):  # a float tail: its last op writes the graph's output
+            self.rename(value.name, "output")
+            return "output"
         if isinstance(value, _Pending) and value.kind in ("add", "concat"):  # a float sum or concat at the end
             value = self.common_grid(name, value)
         if isinstance(value, _Acc):
@@ -797,9 +870,7 @@ class _Reader:
         else:
             raise ValueError(f"ONNX output {name!r} is not an integer tensor or a conv/dense output")
         if value.name == "output":  # a float-output conv/dense written straight to the ONNX output
-            for op in self.ops:
-                op.inputs = ["output:int" if i == "output" else i for i in op.inputs]
-                op.output = "output:int" if op.output == "output" else op.output
+            self.rename("output", "output:int")
             value.name = "output:int"
         attrs = {"zero_point": value.zero_point} if isinstance(value, _View) and value.zero_point else {}
         return self.emit("dequantize", [value.name], "output", attrs, {"scale": scale})
@@ -891,6 +962,8 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             reader.inits[node.output[0]] = np.asarray(reader.shape_of(node, node.input[0]), dtype=np.int64)
         elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in reader.inits or not i for i in node.input):
             evaluate_constant(node, reader.inits, model.opset_import)
+        elif reader.computes_in_float(node) or (node.op_type in FLOAT_OPS and node.op_type not in _HANDLERS):
+            reader.float_op(node)
         elif node.op_type in _HANDLERS:
             try:
                 _HANDLERS[node.op_type](reader, node)
@@ -905,6 +978,8 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             reader.fail(node, "operator has no integer lowering in hawqc")
     reader.output(graph.output[0].name)
     metadata = {"bit_config": json.loads(props["hawqc.bit_config"])} if "hawqc.bit_config" in props else {}
+    if reader.float_nodes:
+        metadata["float_ops"] = reader.float_nodes
     dims = graph.input[[i.name for i in graph.input].index(input_name)].type.tensor_type.shape.dim
     metadata["input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return IntegerGraph(input_name, "output", reader.ops, metadata)
