@@ -7,11 +7,9 @@ fixes their integer form:
   a constant (weights per channel, int32 biases);
 - ``Conv``/``Gemm``/``MatMul`` of views and constants give an *accumulator* (int32, scale
   ``S_in * S_w``); ``Relu``/``Clip`` on it narrow the clip bounds of its requantization;
-- ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input is requantized to
-  the output scale by its own dyadic number, then concatenated, or summed: in hawqc's own exports
-  each input is rounded to the output grid first (HAWQ-V3's rule, what the PyTorch path computes);
-  in other QDQ models, whose Add means one rounding of the real sum, the inputs meet on a grid
-  2^8 times finer and the sum is rounded once;
+- ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input of a Concat is
+  requantized to the output scale by its own dyadic number; the inputs of an Add meet exactly as
+  they are on an int64 grid about 2^50 times finer than the output and their sum is rounded once;
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
 - element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
   LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
@@ -36,11 +34,9 @@ import numpy as np
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import fold_constants, load_onnx, with_input_shape
 from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
-from hawqc.reference.graph import IntegerGraph, IntOp, rescale_op
+from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-ADD_BITS = 8
-"""Extra fractional bits on which the inputs of a (non-hawqc) Add are summed before one rounding."""
 
 
 @dataclass
@@ -90,9 +86,6 @@ class _Reader:
     values: dict[str, Any] = field(default_factory=dict)
     inits: dict[str, np.ndarray] = field(default_factory=dict)
     dequantized_from: dict[str, str] = field(default_factory=dict)
-    hawq_add: bool = False
-    """hawqc's own exports round each Add input to the output grid (HAWQ-V3); other QDQ models mean
-    the real sum, rounded once."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -162,22 +155,28 @@ class _Reader:
                 for part, value in zip(parts, src.parts):
                     self.rescale(value, part, scale, lo, hi, zp)
                 self.emit("concat", parts, out)
-            elif self.hawq_add:  # HAWQ-V3: each input rounded to the output grid, then summed
-                for part, value in zip(parts, src.parts):
-                    self.rescale(value, part, scale, INT32_MIN, INT32_MAX)
-                self.emit("add", parts, out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})})
-            else:  # ONNX: the real sum, rounded once; inputs meet on a grid 2^ADD_BITS times finer
-                fine = np.float32(scale / np.float32(2**ADD_BITS))
-                for part, value in zip(parts, src.parts):
-                    self.rescale(value, part, fine, INT32_MIN, INT32_MAX)
-                self.emit("add", parts, f"{out}:sum", {"qmin": INT32_MIN, "qmax": INT32_MAX})
-                b, c = dyadic(2.0**-ADD_BITS)
-                self.emit("requantize", [f"{out}:sum"], out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})},
-                          {"b": np.array(b, np.int32), "c": np.array(c, np.int32)})
+            else:  # the real sum, rounded once
+                self.aligned_add(node, src, out, scale, zp, lo, hi)
             qmin, qmax = lo, hi
         else:
             self.fail(node, "cannot quantize a constant")
         self.values[out] = _View(out, scale, qmin, qmax, zp)
+
+    def aligned_add(self, node: Any, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
+        parts = []
+        for value in pending.parts:
+            if isinstance(value, _Acc):
+                if value.hi != np.inf or value.lo not in (-np.inf, 0.0):
+                    self.fail(node, "only a ReLU may clip an accumulator that an Add reads")
+                name = value.name
+                if value.lo == 0.0:
+                    name = self.emit("clip", [value.name], f"{value.name}:relu", {"qmin": 0, "qmax": INT32_MAX})
+                parts.append(AddInput(name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, 2**31))
+            else:
+                parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
+                                      max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
+        self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
 
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         """An average pool rescaled straight to the output scale and zero point."""
@@ -333,9 +332,9 @@ class _Reader:
     def lut(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         (src,) = pending.parts
         q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
-        real = ((q - src.zero_point).astype(np.float32) * src.scale).astype(np.float32)
-        y = np.asarray(pending.attrs["fn"](real), dtype=np.float32)
-        table = np.clip(np.rint(y / scale) + zp, lo, hi).astype(np.int32)
+        real = (q - src.zero_point).astype(np.float64) * np.float64(src.scale)  # the exact input grid
+        y = np.asarray(pending.attrs["fn"](real), dtype=np.float64)
+        table = np.clip(np.rint(y / np.float64(scale)) + zp, lo, hi).astype(np.int32)
         self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
 
     def reshape_or_pad(self, node: Any) -> None:
@@ -430,10 +429,10 @@ def _is_int4(model: Any, tensor: str, dequantized_from: dict[str, str]) -> bool:
 
 
 def _bound(value: float, scale: np.float32, zero_point: int, side: str) -> int:
-    """A float clip bound as the integer bound QuantizeLinear would give it (round half to even)."""
+    """A float clip bound as the integer bound QuantizeLinear would give it (float64, half to even)."""
     if not np.isfinite(value):
         return INT32_MIN if side == "lo" else INT32_MAX
-    return int(np.rint(np.float32(value) / scale)) + zero_point
+    return int(np.rint(np.float64(np.float32(value)) / np.float64(scale))) + zero_point
 
 
 def _qrange(model: Any, node: Any) -> tuple[int, int]:
@@ -462,8 +461,7 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             or len(graph.output) != 1:
         raise ValueError("the ONNX model must have exactly one input and one output")
     props = {p.key: p.value for p in model.metadata_props}
-    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer},
-                     hawq_add="hawqc.bit_config" in props)
+    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer})
     input_name = next(i.name for i in graph.input if i.name not in reader.inits)
     reader.values[input_name] = input_name
     for node in fold_constants(model, reader.inits):

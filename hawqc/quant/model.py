@@ -32,7 +32,7 @@ from hawqc.quant.capture import Node, capture
 from hawqc.quant.dyadic import dyadic
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
-from hawqc.reference.graph import IntegerGraph, IntOp, execute, rescale_op
+from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, execute, rescale_op
 
 MODES = ("int", "fake", "float")
 _RESCALING = {"add", "concat", "output"}
@@ -134,10 +134,7 @@ class QuantModel(nn.Module):
                 else:
                     y = layer.float_forward(ins[0])
             elif kind == "add":
-                if fake:  # the integer add rounds each input to the output grid, then sums
-                    grid = self.acts[node.name].scale
-                    ins = [x + (torch.round(x / grid) * grid - x).detach() for x in ins]
-                y = ins[0] + ins[1]
+                y = ins[0] + ins[1]  # the integer add rounds the sum once, as the output's quantizer does
             elif kind == "concat":
                 y = torch.cat(ins, dim=1)
             elif kind == "maxpool":
@@ -209,6 +206,20 @@ class QuantModel(nn.Module):
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
+        def add_input(src: str, dst: str) -> AddInput:
+            """An input of the add ``dst``: a QInt tensor, or an accumulator (its ReLU a clip at 0)."""
+            if src not in acc:
+                s, lo, hi = qint[src]
+                return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
+            s_in, s_w, _, acc_lo, acc_max = acc[src]
+            if acc_max is not None:
+                raise ValueError(f"{src}: a bounded ReLU between a conv and an add is not supported")
+            scale = np.float64(s_in) * np.asarray(s_w, np.float64)
+            if acc_lo == 0:
+                ops.append(IntOp("clip", [src], f"{dst}:{src}:relu", {"qmin": 0, "qmax": INT32_MAX}))
+                src = ops[-1].output
+            return AddInput(src, scale, 0, 2**31)
+
         output = None
         for node in self.nodes:
             name, kind, attrs = node.name, node.kind, node.attrs
@@ -236,15 +247,13 @@ class QuantModel(nn.Module):
                 acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN, node.relu_max)
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
-            elif kind in ("add", "concat"):
-                parts = []
-                for j, src in enumerate(node.inputs):
-                    parts.append(f"{name}:in{j}")
-                    if kind == "add":
-                        rescale(src, parts[-1], scale, INT32_MIN, INT32_MAX)
-                    else:
-                        rescale(src, parts[-1], scale, qmin, qmax)
-                ops.append(IntOp(kind, parts, name, {"qmin": qmin, "qmax": qmax} if kind == "add" else {}))
+            elif kind == "add":  # the real sum, rounded once
+                ops.append(aligned_add_op([add_input(src, name) for src in node.inputs], name, scale, qmin, qmax))
+            elif kind == "concat":
+                parts = [f"{name}:in{j}" for j in range(len(node.inputs))]
+                for src, part in zip(node.inputs, parts):
+                    rescale(src, part, scale, qmin, qmax)
+                ops.append(IntOp(kind, parts, name))
             elif kind == "output":
                 src = node.inputs[0]
                 out_scale = acc[src][2] if src in acc else np.array(qint[src][0], dtype=np.float32)
@@ -284,7 +293,7 @@ def _relu(x: torch.Tensor, upper: float | None) -> torch.Tensor:
 def _upper(bound: float | None, scale: np.float32, qmax: int) -> int:
     """``qmax`` narrowed to a ReLU's float upper bound on the integer grid of ``scale`` (rounded as
     the quantizer rounds: ``relu6(x)`` then quantize is ``min(quantize(x), rint(6 / scale))``)."""
-    return qmax if bound is None else min(qmax, int(np.rint(np.float32(bound) / np.float32(scale))))
+    return qmax if bound is None else min(qmax, int(np.rint(np.float64(np.float32(bound)) / np.float64(scale))))
 
 
 def _torch_kernels() -> Mapping[str, Any]:

@@ -45,8 +45,8 @@ def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: tupl
 
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x = np.asarray(inputs[0], dtype=np.float32)
-    q = np.rint(x / consts["scale"].astype(np.float32)) + attrs.get("zero_point", 0)
+    x = np.asarray(inputs[0], dtype=np.float32).astype(np.float64)  # x / scale as QuantizeLinear means it
+    q = np.rint(x / consts["scale"].astype(np.float32).astype(np.float64)) + attrs.get("zero_point", 0)
     return np.clip(q, attrs["qmin"], attrs["qmax"]).astype(np.int32)
 
 
@@ -91,8 +91,17 @@ def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[s
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
-    return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+    if "m" not in consts:  # inputs already on the output grid
+        total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
+        return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+    zero_points = attrs.get("input_zero_points", [0] * len(inputs))
+    total = sum((x.astype(np.int64) - z) * _along_channels(m, x.ndim) for x, z, m in zip(inputs, zero_points, consts["m"]))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0))
+
+
+def _along_channels(values: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-channel array (or a scalar) shaped to broadcast along axis 1 of an ``ndim``-d tensor."""
+    return values.reshape([1, -1] + [1] * (ndim - 2)) if values.ndim == 1 else values
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -3,7 +3,8 @@ Core kernel, and keep the 4-bit activations those kernels read packed 8 per int3
 
 The pattern is the NHWC lowering of :mod:`hawqc.frontend.integer_graph`: ``conv2d`` (constant weights,
 groups 1) or ``matmul`` (constant weights: a dense layer, run as a 1x1 conv on ``[N, 1, 1, K]``), an
-optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``clip`` and ``astype``. A dense layer
+optional constant bias, ``round_shift(astype(int64) * b, c)`` (half to even, as
+:func:`hawqc.quant.dyadic.round_shift` writes it), ``clip`` and ``astype``. A dense layer
 without requantize (the final fc, read by the output dequantize) keeps TVM's lowering and dlight's
 GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N``-row GEMM that a
 64-row Tensor Core tile would mostly waste.
@@ -33,6 +34,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from hawqc.quant.dyadic import rounding_bias
 from hawqc.topi_int4.cuda.conv2d import (
     PACK,
     ConvSpec,
@@ -65,7 +67,9 @@ class TensorCoreConv:
         product = self.conv | self.dense
         accumulator = product | is_op("relax.add")(product, self.bias)
         scaled = is_op("relax.multiply")(is_op("relax.astype")(accumulator), self.multiplier)
-        shifted = is_op("relax.right_shift")(is_op("relax.add")(scaled, self.rounding), self.shift)
+        parity = is_op("relax.bitwise_and")(is_op("relax.right_shift")(scaled, self.shift), is_const())
+        shifted = is_op("relax.right_shift")(is_op("relax.add")(is_op("relax.add")(scaled, self.rounding), parity),
+                                             self.shift)
         self.clip = is_op("relax.clip")(shifted, wildcard(), wildcard())
         self.pattern = is_op("relax.astype")(self.clip)
 
@@ -109,7 +113,7 @@ class TensorCoreConv:
         multiplier, shift = (_per_channel(matches[p], out_channels) for p in (self.multiplier, self.shift))
         rounding = _per_channel(matches[self.rounding], out_channels)
         if (multiplier is None or shift is None or rounding is None or x not in ranges
-                or not np.array_equal(rounding, np.left_shift(1, shift - 1))):
+                or not np.array_equal(rounding, rounding_bias(shift))):
             return None
         bits = operand_bits((int(weight.min()), int(weight.max())), ranges[x], self.int4)
         geometry = _dense_geometry(x) if self.dense in matches else _conv_geometry(matches[self.conv], x)

@@ -7,7 +7,7 @@ activation tile is loaded packed (a packed input) or packed while it is staged i
 tile; each warp issues ``mma.sync.aligned.m8n8k32`` (s4/u4 x s4) or ``m8n8k16`` (s8/u8 x s8) on
 fragments of one word per lane: lane ``l`` holds row ``l // 4``, word ``l % 4`` of A and B and the
 accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue adds the bias, applies
-``clip((acc * b + 2^(c-1)) >> c)`` in int64 (:func:`hawqc.quant.dyadic.requantize`), stages the tile
+``clip(round_shift(acc * b, c))`` in int64 (:func:`hawqc.quant.dyadic.requantize`, half to even), stages the tile
 in shared memory and stores it NHWC, each thread a run of channels (coalesced).
 
 Activations are NHWC. A *packed* activation (4-bit values only) is an int32 tensor
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import ShiftOps, round_shift
 from hawqc.reference.graph import conv_output_size
 
 BLOCK_M, BLOCK_N = 64, 64
@@ -352,11 +353,13 @@ def _unpack(word: Any, e: Any, bits: int, signed: bool) -> Any:
 
 
 def _requantize(acc: Any, b: Any, c: Any, qmin: int, qmax: int) -> Any:
-    """``clip((acc * b + 2^(c-1)) >> c, qmin, qmax)`` in int64: :func:`hawqc.quant.dyadic.requantize` in TIR."""
+    """``clip(round_shift(acc * b, c), qmin, qmax)`` in int64, rounding half to even:
+    :func:`hawqc.quant.dyadic.requantize` in TIR."""
     from tvm import tirx
 
-    scaled = tirx.Cast("int64", acc) * b + tirx.shift_left(tirx.const(1, "int64"), c - 1)
-    return tirx.max(tirx.min(tirx.shift_right(scaled, c), tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
+    one = tirx.const(1, "int64")
+    scaled = round_shift(tirx.Cast("int64", acc) * b, c, tirx.shift_left(one, c - 1) - one, ShiftOps(one=one))
+    return tirx.max(tirx.min(scaled, tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
 
 
 def _pixel_position(k: Any, e: int, word_in_pixel: bool) -> Any:
