@@ -1,7 +1,7 @@
 """hawqc and ONNX Runtime against the float64 oracle of the QDQ file they both run.
 
     nice -n 10 python benchmarks/oracle_agreement.py [--models resnet18,resnet50] \\
-        [--styles ort-u8,ort-s8,hawqc-w8a8,hawqc-w4a4] [--images 4] [--work benchmarks/.cache-oracle]
+        [--styles ort-u8,ort-s8,hawqc-w8a8,hawqc-w4a4] [--images 4] [--work benchmarks/.cache/oracle]
 
 For each model of the zoo (random weights, BatchNorm recalibrated: ``cpu_latency.py``'s preparation)
 and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default or symmetric int8; hawqc's own
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--styles", default=",".join(STYLES))
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache-oracle")
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache" / "oracle")
     parser.add_argument("--compile", action="store_true", help="check the compiled module on the first image")
     parser.add_argument("--out", type=Path, default=RESULTS / "oracle_agreement")
     args = parser.parse_args()

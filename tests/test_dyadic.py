@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawqc.quant.dyadic import (
+    bias_in_accumulator,
     dyadic,
     dyadic_per_channel,
     requantize,
@@ -148,3 +149,27 @@ def test_int32_accumulators_never_overflow() -> None:
 
 def test_self_check_finds_no_mismatch() -> None:
     assert self_check(2_000, seed=1) == 0
+
+
+def test_offset_is_added_below_the_grid_before_the_one_rounding() -> None:
+    rng = np.random.default_rng(3)
+    b, c = dyadic_per_channel(rng.uniform(1e-4, 1e-1, 5))
+    offset = rng.integers(-(2**30), 2**30, 5)
+    acc = rng.integers(-(2**20), 2**20, (7, 5, 2))
+    expected = np.array([[[round(Fraction(int(a) * int(b[o]) + int(offset[o]), 2 ** int(c[o]))) for a in acc[n, o]]
+                          for o in range(5)] for n in range(7)])
+    for x in (acc, torch.from_numpy(acc)):
+        got = requantize(x, b, c, -(2**31), 2**31 - 1, axis=1, offset=offset)
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_bias_fraction_is_what_a_float32_bias_scale_means() -> None:
+    s_in, s_w = np.float32(0.0123), np.array([0.0071, 0.0033], np.float32)
+    bias_scale = (s_in * s_w).astype(np.float32)  # how a QDQ file stores it
+    bias = np.array([123_456, -7], np.int32)
+    whole, fraction = bias_in_accumulator(bias, bias_scale, s_in, s_w)
+    exact = [Fraction(int(v)) * Fraction(float(bs)) / (Fraction(float(s_in)) * Fraction(float(w)))
+             for v, bs, w in zip(bias, bias_scale, s_w)]
+    assert whole.tolist() == [round(e) for e in exact]
+    assert all(abs(Fraction(float(f)) - (e - round(e))) < Fraction(1, 10**9) for f, e in zip(fraction, exact))
+    assert fraction[0] != 0  # float32(S_in * S_w) is not S_in * S_w

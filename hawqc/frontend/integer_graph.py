@@ -153,8 +153,8 @@ def _ndim(expr: Any) -> int:
 
 
 def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
-                zero_point: int = 0) -> Any:
-    """``clip(round_shift((x - z_in)*b, c) + z_out, qmin, qmax)`` in int64 (the rule of
+                zero_point: int = 0, offset: np.ndarray | None = None) -> Any:
+    """``clip(round_shift((x - z_in)*b + offset, c) + z_out, qmin, qmax)`` in int64 (the rule of
     :func:`hawqc.quant.dyadic.requantize`), stored in the narrowest type."""
     from tvm import relax
     from tvm.relax import op as R
@@ -164,7 +164,8 @@ def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, q
     y = R.astype(x, "int64")
     if input_zero_point:
         y = R.subtract(y, _const(input_zero_point, "int64"))
-    y = ctx.bb.emit(R.multiply(y, _channel(ctx, b, ndim, "int64")))
+    y = R.multiply(y, _channel(ctx, b, ndim, "int64"))
+    y = ctx.bb.emit(y if offset is None else R.add(y, _channel(ctx, offset, ndim, "int64")))
     y = round_shift(y, _channel(ctx, c, ndim, "int64"), _channel(ctx, rounding_bias(c), ndim, "int64"),
                     relax_shift_ops())
     if zero_point:
@@ -232,7 +233,7 @@ def _pad_expr(ctx: Context, x: Any, pads: list[int], value: int) -> Any:
 def _requantize_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
     return _requantize(ctx, ins[0], op.consts["b"], op.consts["c"], a["qmin"], a["qmax"],
-                       a.get("input_zero_point", 0), a.get("zero_point", 0))
+                       a.get("input_zero_point", 0), a.get("zero_point", 0), op.consts.get("offset"))
 
 
 def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -250,7 +251,8 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         total = ctx.bb.emit(terms[0] if len(terms) == 1 else R.add(terms[0], terms[1]))
         for term in terms[2:]:
             total = ctx.bb.emit(R.add(total, term))
-        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0))
+        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0),
+                           op.consts.get("offset"))
     total = R.astype(ins[0], "int64")
     for x in ins[1:]:
         total = R.add(total, R.astype(x, "int64"))

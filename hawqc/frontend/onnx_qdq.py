@@ -33,7 +33,7 @@ import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import fold_constants, load_onnx, with_input_shape
-from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
 from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -65,6 +65,8 @@ class _Acc:
     s_w: np.ndarray
     lo: float = -np.inf
     hi: float = np.inf
+    fraction: np.ndarray | None = None
+    """The bias below the accumulator's integer grid, per channel (see ``bias_in_accumulator``)."""
 
 
 @dataclass
@@ -116,7 +118,8 @@ class _Reader:
         if isinstance(value, _Acc):
             lo = max(lo, _bound(value.lo, scale_out, zero_point, "lo"))
             hi = min(hi, _bound(value.hi, scale_out, zero_point, "hi"))
-            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point)
+            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point,
+                            fraction=value.fraction)
         else:
             op = rescale_op(value.name, dst, value.scale, np.float32(1.0), scale_out, lo, hi, value.zero_point,
                             zero_point)
@@ -172,7 +175,8 @@ class _Reader:
                 name = value.name
                 if value.lo == 0.0:
                     name = self.emit("clip", [value.name], f"{value.name}:relu", {"qmin": 0, "qmax": INT32_MAX})
-                parts.append(AddInput(name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, 2**31))
+                parts.append(AddInput(name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, 2**31,
+                                      value.fraction))
             else:
                 parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
                                       max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
@@ -228,15 +232,13 @@ class _Reader:
         if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
                                        or _attr(node, "beta", 1.0) != 1.0):
             self.fail(node, "only Gemm with transA=0, alpha=1, beta=1 is supported")
-        acc_scale = np.float32(x.scale) * w_scale.astype(np.float32)
         consts = {"weight": weight.astype(np.int8)}
-        bias = np.zeros(weight.shape[0], dtype=np.int64)
+        bias, fraction = np.zeros(weight.shape[0], dtype=np.int64), None
         if len(node.input) > 2 and node.input[2]:
             b = self.values.get(node.input[2])
             if not isinstance(b, _Const):
                 self.fail(node, "bias must be a dequantized constant")
-            real = b.values.astype(np.float64) * b.scale.astype(np.float64)
-            bias = b.values.astype(np.int64) if np.array_equal(b.scale, acc_scale) else np.rint(real / acc_scale)
+            bias, fraction = bias_in_accumulator(b.values, b.scale, x.scale, w_scale)
         if x.zero_point:  # sum((x - z) * w) = sum(x * w) - z * sum(w); padding pads with z
             bias = bias - x.zero_point * weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
         if np.any(bias):
@@ -253,7 +255,7 @@ class _Reader:
             attrs.update(stride=list(_attr(node, "strides", [1, 1])), dilation=list(_attr(node, "dilations", [1, 1])),
                          groups=int(_attr(node, "group", 1)), padding=[pads[0], pads[1], pads[2], pads[3]])
         self.emit("conv2d" if node.op_type == "Conv" else "dense", [x.name], name, attrs, consts)
-        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32))
+        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32), fraction=fraction)
 
     def relu_or_clip(self, node: Any) -> None:
         src = self.values[node.input[0]]
@@ -366,7 +368,8 @@ class _Reader:
             inputs = [i[0], f"{out}:w"]
             bias = i[8] if node.op_type == "QLinearConv" and len(i) > 8 else i[6] if node.op_type == "QGemm" else ""
             if bias:
-                acc_scale = np.float32(self.const_array(i[1])) * np.asarray(self.const_array(w_scale), np.float32)
+                acc_scale = (np.float64(np.float32(self.const_array(i[1])))  # exact: the bias adds to the accumulator
+                             * np.asarray(self.const_array(w_scale), np.float32).astype(np.float64))
                 self.values[f"{out}:b"] = _Const(self.const_array(bias), acc_scale)
                 inputs.append(f"{out}:b")
             op_type = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}[node.op_type]

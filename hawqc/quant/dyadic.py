@@ -155,38 +155,55 @@ def aligned_multipliers(scales: list[Any], s_out: Any, magnitudes: list[int]) ->
 
 def requantize(
     acc: Array, b: Any, c: Any, qmin: int, qmax: int, axis: int | None = None,
-    input_zero_point: int = 0, zero_point: int = 0,
+    input_zero_point: int = 0, zero_point: int = 0, offset: Any = 0,
 ) -> Array:
-    """``clip(round_shift((acc - z_in)*b, c) + z_out, qmin, qmax)`` on a numpy array or torch tensor.
+    """``clip(round_shift((acc - z_in)*b + offset, c) + z_out, qmin, qmax)`` on a numpy array or torch tensor.
 
-    ``acc`` is an integer accumulator; ``b`` and ``c`` are scalars or arrays
+    ``acc`` is an integer accumulator; ``b``, ``c`` and ``offset`` are scalars or arrays
     broadcastable to it, or 1-D per-channel arrays along ``axis``. The zero points
-    are for asymmetric tensors (HAWQ-V3 itself uses none). Returns int32 of the same
+    are for asymmetric tensors (HAWQ-V3 itself uses none). ``offset`` (int64, in units of
+    ``2^-c`` output steps) carries what an accumulator holds below its integer grid: the fraction of
+    a bias whose scale is not the accumulator's (:func:`bias_in_accumulator`). Returns int32 of the same
     kind (numpy or torch) as ``acc``. Raises ``ValueError`` if ``b``/``c`` are not a
     valid dyadic pair or ``acc`` could overflow the int64 product.
     """
     b64, c64 = _check_dyadic_pair(b, c)
+    offset64 = np.asarray(offset, dtype=np.int64)
     if not -(2**31) <= qmin <= qmax <= 2**31 - 1:
         raise ValueError(f"requantize: need int32 bounds with qmin <= qmax, got [{qmin}, {qmax}]")
     torch_mod = _torch_if_tensor(acc)
     if torch_mod is None:
         acc = np.asarray(acc)
         _check_integer(acc.dtype.kind in "iu", acc.dtype)
-        x, b_, c_, bias = acc.astype(np.int64), b64, c64, rounding_bias(c64)
+        x, consts = acc.astype(np.int64), [b64, c64, rounding_bias(c64), offset64]
     else:
         _check_integer(not acc.dtype.is_floating_point and not acc.dtype.is_complex, acc.dtype)
         x = acc.to(torch_mod.int64)
-        b_ = torch_mod.as_tensor(b64, device=acc.device)
-        c_ = torch_mod.as_tensor(c64, device=acc.device)
-        bias = torch_mod.as_tensor(rounding_bias(c64), device=acc.device)
+        consts = [torch_mod.as_tensor(v, device=acc.device) for v in (b64, c64, rounding_bias(c64), offset64)]
     if axis is not None:
         shape = [1] * x.ndim
         shape[axis] = -1
-        b_, c_, bias = b_.reshape(shape), c_.reshape(shape), bias.reshape(shape)
+        consts = [v.reshape(shape) for v in consts]
+    b_, c_, bias, offset_ = consts
     x = x - input_zero_point
-    _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()))
-    y = (round_shift(x * b_, c_, bias) + zero_point).clip(qmin, qmax)
+    _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()), int(np.abs(offset64).max(initial=0)))
+    y = (round_shift(x * b_ + offset_, c_, bias) + zero_point).clip(qmin, qmax)
     return y.astype(np.int32) if torch_mod is None else y.to(torch_mod.int32)
+
+
+def bias_in_accumulator(bias: Any, bias_scale: Any, s_in: Any, s_w: Any) -> tuple[np.ndarray, np.ndarray]:
+    """An int32 bias of scale ``bias_scale`` (a file's float32 ``S_in * S_w``, or the exact product) on the
+    grid of the accumulator ``S_in * S_w`` (exact, float64): ``(integer part, fraction)``, per channel. The
+    fraction, a few 1e-8 of the bias, becomes a requantization ``offset`` (:func:`fraction_offset`)."""
+    s_in64, s_w64 = (np.asarray(np.asarray(v, dtype=np.float32), dtype=np.float64) for v in (s_in, s_w))
+    units = np.asarray(bias, dtype=np.int64).astype(np.float64) * np.asarray(bias_scale, np.float64) / (s_in64 * s_w64)
+    whole = np.rint(units)
+    return whole.astype(np.int64), units - whole
+
+
+def fraction_offset(fraction: Any, b: Any) -> np.ndarray:
+    """The :func:`requantize` ``offset`` of an accumulator fraction requantized by multiplier ``b``."""
+    return np.rint(np.asarray(fraction, dtype=np.float64) * np.asarray(b, dtype=np.float64)).astype(np.int64)
 
 
 def _check_dyadic_pair(b: Any, c: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -202,11 +219,12 @@ def _check_dyadic_pair(b: Any, c: Any) -> tuple[np.ndarray, np.ndarray]:
     return b64, c64
 
 
-def _check_no_overflow(acc_abs_max: int, b_max: int, c_max: int) -> None:
-    if acc_abs_max * b_max + (1 << (c_max - 1)) > INT64_MAX:
+def _check_no_overflow(acc_abs_max: int, b_max: int, c_max: int, offset_max: int = 0) -> None:
+    room = INT64_MAX - (1 << (c_max - 1)) - offset_max
+    if acc_abs_max * b_max > room:
         raise ValueError(
             f"requantize: accumulator magnitude {acc_abs_max} times b={b_max} overflows the int64 "
-            f"product; |acc| must be at most {(INT64_MAX - (1 << (c_max - 1))) // max(b_max, 1)}"
+            f"product; |acc| must be at most {room // max(b_max, 1)}"
         )
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from hawqc.bitconfig import BitConfig, LayerBits
 from hawqc.quant.capture import Node, capture
-from hawqc.quant.dyadic import dyadic
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
 from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, execute, rescale_op
@@ -194,15 +194,16 @@ class QuantModel(nn.Module):
     @torch.no_grad()
     def _build_integer_graph(self) -> IntegerGraph:
         ops: list[IntOp] = []
-        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, lo,
-        # float upper bound of a fused ReLU6 or None)
+        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, bias
+        # fraction, lo, float upper bound of a fused ReLU6 or None)
         qint: dict[str, tuple[np.float32, int, int]] = {}
-        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, int, float | None]] = {}
+        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, np.ndarray, int, float | None]] = {}
 
         def rescale(src: str, dst: str, scale_out: np.float32, lo: int, hi: int) -> None:
             if src in acc:
-                s_in, s_w, _, acc_lo, acc_max = acc[src]
-                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), _upper(acc_max, scale_out, hi)))
+                s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
+                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), _upper(acc_max, scale_out, hi),
+                                      fraction=fraction))
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
@@ -211,14 +212,14 @@ class QuantModel(nn.Module):
             if src not in acc:
                 s, lo, hi = qint[src]
                 return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
-            s_in, s_w, _, acc_lo, acc_max = acc[src]
+            s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
             if acc_max is not None:
                 raise ValueError(f"{src}: a bounded ReLU between a conv and an add is not supported")
             scale = np.float64(s_in) * np.asarray(s_w, np.float64)
             if acc_lo == 0:
                 ops.append(IntOp("clip", [src], f"{dst}:{src}:relu", {"qmin": 0, "qmax": INT32_MAX}))
                 src = ops[-1].output
-            return AddInput(src, scale, 0, 2**31)
+            return AddInput(src, scale, 0, 2**31, fraction)
 
         output = None
         for node in self.nodes:
@@ -242,9 +243,12 @@ class QuantModel(nn.Module):
                     conv = layer.layer
                     op_attrs.update(stride=list(conv.stride), padding=list(layer.padding),
                                     dilation=list(conv.dilation), groups=conv.groups)
+                # the export's bias means p["bias"] * float32(acc_scale): its fraction on the exact grid is kept
+                bias, fraction = bias_in_accumulator(p["bias"], p["acc_scale"], s_in, p["w_scale"])
                 ops.append(IntOp("conv2d" if kind == "conv" else "dense", node.inputs, target, op_attrs,
-                                 {"weight": p["weight"], "bias": p["bias"]}))
-                acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN, node.relu_max)
+                                 {"weight": p["weight"], "bias": bias.astype(np.int32)}))
+                acc[target] = (s_in, p["w_scale"], p["acc_scale"], fraction, 0 if node.relu else INT32_MIN,
+                               node.relu_max)
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
             elif kind == "add":  # the real sum, rounded once

@@ -65,7 +65,8 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     per_channel = consts["b"].ndim == 1
     return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
-                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0),
+                      offset=consts.get("offset", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
@@ -75,7 +76,9 @@ def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Te
     zero_points = attrs.get("input_zero_points", [0] * len(inputs))
     total = sum((x.to(torch.int64) - z) * _t(m.reshape([1, -1] + [1] * (x.dim() - 2)) if m.ndim else m, torch.int64)
                 for x, z, m in zip(inputs, zero_points, consts["m"]))
-    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0))
+    offset = consts.get("offset", np.int64(0))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if offset.ndim == 1 else None,
+                      zero_point=attrs.get("zero_point", 0), offset=offset)
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:

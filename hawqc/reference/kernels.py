@@ -87,7 +87,8 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.n
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     per_channel = consts["b"].ndim == 1
     return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
-                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0),
+                      offset=consts.get("offset", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -96,7 +97,9 @@ def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.nda
         return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
     zero_points = attrs.get("input_zero_points", [0] * len(inputs))
     total = sum((x.astype(np.int64) - z) * _along_channels(m, x.ndim) for x, z, m in zip(inputs, zero_points, consts["m"]))
-    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0))
+    offset = consts.get("offset", np.int64(0))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if offset.ndim == 1 else None,
+                      zero_point=attrs.get("zero_point", 0), offset=offset)
 
 
 def _along_channels(values: np.ndarray, ndim: int) -> np.ndarray:
