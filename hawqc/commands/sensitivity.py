@@ -1,4 +1,4 @@
-"""``hawqc sensitivity``: per-layer Hessian traces and Ω of a built-in model (cached)."""
+"""``hawqc sensitivity``: per-layer Hessian traces and Ω of a float model (cached)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ HELP = "per-layer Hessian trace (Hutchinson) and HAWQ-V3 sensitivity Ω of a mod
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, weights and the data the Hessian is taken on (shared with ``hawqc search``)."""
-    from hawqc import models
-    from hawqc.api import DATASETS
-    from hawqc.commands._common import input_shape
+    from hawqc.commands._common import add_data_arguments, add_float_model_arguments, input_shape
 
-    parser.add_argument("model", help=f"built-in model: {', '.join(models.MODELS)}")
-    parser.add_argument("--checkpoint", help="float weights (a state_dict); default: random")
-    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
-    parser.add_argument("--data", default="random", choices=DATASETS, help="data for the Hessian (default: random)")
+    add_float_model_arguments(parser)
+    add_data_arguments(parser, "data for the Hessian (unlabelled data: the model's own predictions are the labels)")
     parser.add_argument("--batches", type=int, default=1, help="batches for the Hessian (default: 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     parser.add_argument("--input-shape", type=input_shape,
@@ -30,27 +26,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], tuple[int, ...]]:
     """The model (BatchNorm recalibrated when it has random weights), Hessian batches and input shape."""
+    import sys
+
     import torch
     from torch.utils.data import DataLoader
 
-    from hawqc import api, models
+    from hawqc import models
+    from hawqc.commands._common import load_data_for, load_float_model
 
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be at least 1")
-    spec = models.spec(args.model)
-    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
     torch.manual_seed(args.seed)  # random weights (no checkpoint) are the same model on every run
-    model = api.load_model(args.model, args.checkpoint, **kwargs)
-    shape = tuple(args.input_shape or spec.input_shape)
-    dataset = api.dataset(args.data, "train", shape, size=args.batch_size * args.batches)
+    loaded = load_float_model(args, args.input_shape)
+    dataset = load_data_for(args, loaded, "train", size=args.batch_size * args.batches)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    batches = [b for b, _ in zip(loader, range(args.batches))]
-    if args.data == "random":  # no labels: the model's own predictions stand in
-        batches = [x for x, _ in batches]
-    if args.checkpoint is None:
-        models.recalibrate_bn(model, [b[0] if isinstance(b, list) else b for b in batches])
-    first = batches[0][0] if isinstance(batches[0], list) else batches[0]
-    return model, batches, tuple(first.shape[1:])
+    batches = [b if dataset.labelled else b[0] for b, _ in zip(loader, range(args.batches))]
+    if loaded.random_weights:
+        print(f"note: {loaded.name} has random weights (no --checkpoint): its Hessian traces say little about a "
+              "trained model; BatchNorm statistics recalibrated on the data", file=sys.stderr)
+        models.recalibrate_bn(loaded.module, [b[0] if isinstance(b, list) else b for b in batches])
+    return loaded.module, batches, loaded.input_shape
 
 
 def compute(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...]]:
