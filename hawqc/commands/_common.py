@@ -18,10 +18,14 @@ def input_shape(text: str) -> tuple[int, ...]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ONNX QDQ model (.onnx) or hawqc integer graph (.int.npz)")
+    parser.add_argument("model", help="quantized model: ONNX QDQ (.onnx) or hawqc integer graph (.int.npz); or a "
+                                      "float model (.pt2, float .onnx, built-in name, package.module:factory), "
+                                      "quantized here first")
     parser.add_argument("--target", default="llvm", help='TVM target, e.g. "llvm -mcpu=znver4" (default: host CPU)')
-    parser.add_argument("--bit-config", help="check the model's bits against this bit config (JSON or preset)")
+    parser.add_argument("--bit-config", help="check a quantized model's bits against this bit config (JSON or "
+                                             "preset); quantize a float model with it (default: uniform8)")
     parser.add_argument("--input-shape", type=input_shape, help="static input shape, e.g. 1,3,224,224")
+    add_float_source_arguments(parser)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -101,3 +105,57 @@ def load_data_for(args: argparse.Namespace, model: Any, split: str, size: int, s
                      labels=args.labels, seed=seed)
     model.input_shape = tuple(data.inputs.shape[1:])
     return data
+
+
+CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE = 4, 16
+
+
+def add_float_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """compile / verify: what a float model (rather than a quantized one) is quantized with first."""
+    parser.add_argument("--checkpoint", help="float weights (a state_dict) for a built-in model or a factory")
+    add_data_arguments(parser, "for a float model: calibration data (it is quantized first with --bit-config, "
+                               "default uniform8)")
+
+
+def is_quantized_file(model: str) -> bool:
+    """A hawqc integer graph (``.int.npz``) or a quantized ONNX model: compiled as it is."""
+    from pathlib import Path
+
+    if model.endswith(".npz"):
+        return True
+    if Path(model).suffix.lower() == ".onnx":
+        if not Path(model).is_file():
+            raise ValueError(f"{model}: no such file")
+        from hawqc.models import onnx_float
+
+        return onnx_float.is_quantized(onnx_float.read(model))
+    return False
+
+
+def integer_graph_from_args(args: argparse.Namespace, input_shape: tuple[int, ...] | None = None,
+                            ) -> tuple[Any, tuple[int, ...], Any]:
+    """compile / verify: the integer graph of ``args.model``, its static input shape, and the float model's
+    data (None for a quantized model). A quantized model is read as it is (``--bit-config`` checks its
+    bits); a float model spec is quantized with ``--bit-config`` (default uniform8), calibrated on
+    ``--data`` (:data:`CALIBRATION_BATCHES` batches of :data:`CALIBRATION_BATCH_SIZE`); its default input
+    shape is one sample of the model's."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hawqc import api, models, quantize
+
+    if is_quantized_file(args.model):
+        if getattr(args, "checkpoint", None):
+            raise ValueError("--checkpoint goes with a float model; this one is quantized")
+        graph = api.integer_graph_of(args.model, args.bit_config, input_shape=input_shape)
+        return graph, api.input_shape_of(graph, input_shape), None
+    loaded = load_float_model(args, tuple(input_shape[1:]) if input_shape else None)
+    data = load_data_for(args, loaded, "train", size=CALIBRATION_BATCHES * CALIBRATION_BATCH_SIZE)
+    loader = DataLoader(data, batch_size=CALIBRATION_BATCH_SIZE, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    calib = [x for (x, _), _ in zip(loader, range(CALIBRATION_BATCHES))]
+    if loaded.random_weights:
+        print(f"note: {loaded.name} has random weights (no --checkpoint); BatchNorm statistics recalibrated")
+        models.recalibrate_bn(loaded.module, calib)
+    graph = quantize(loaded.module, args.bit_config or "uniform8", calib).integer_graph()
+    return graph, tuple(input_shape or (1, *loaded.input_shape)), data

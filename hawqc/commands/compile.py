@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hawqc.commands._common import add_int4_argument, add_model_arguments
+from hawqc.commands._common import add_int4_argument, add_model_arguments, integer_graph_from_args
 from hawqc.runtime.target import KERNELS
 
 HELP = "compile a quantized model to an integer-only TVM module (artifact folder)"
@@ -31,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hawqc import api
     from hawqc.fileio import write_atomic
     from hawqc.relax_passes.float_ops import float_ops
     from hawqc.runtime.module import compile_graph
@@ -52,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     check_int4(args.int4, target)
     if args.emit_source and target.get("kind") != "cuda":
         raise ValueError("--emit-source writes CUDA source: it needs --target cuda")
-    graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
-    shape = api.input_shape_of(graph, args.input_shape)
+    graph, shape, _ = integer_graph_from_args(args, args.input_shape)
     start = time.perf_counter()
     module = compile_graph(graph, shape, target, kernels=args.kernels, int4=args.int4)
     seconds = time.perf_counter() - start
