@@ -123,3 +123,26 @@ def test_bad_model_or_data_is_one_line(args: list[str], message: str, user_files
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_factory_spec_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hawqc.models.loading import load
+
+    (tmp_path / "usermodels.py").write_text("from test_byo import UserNet\n\ndef build():\n    return UserNet()\n")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    trained = UserNet().eval()
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    loaded = load("usermodels:build", tmp_path / "w.pt")
+    assert loaded.name == "build" and loaded.input_shape is None and not loaded.random_weights
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), trained(x))
+    assert load("usermodels:build").random_weights
+    other = UserNet()
+    other.head = nn.Linear(16, 3)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt does not fit usermodels:build"):
+        load("usermodels:build", tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="unexpected keyword argument 'num_classes'"):
+        load("usermodels:build", num_classes=3)
