@@ -50,6 +50,10 @@ class Context:
     def spatial_axes(self, ndim: int) -> list[int]:
         return [1, 2] if self.layout == "NHWC" else [2, 3]
 
+    def internal_axis(self, axis: int, ndim: int) -> int:
+        """Where axis ``axis`` of an NCHW tensor lies in the module's layout."""
+        return [0, 3, 1, 2][axis] if self.layout == "NHWC" and ndim == 4 else axis
+
     def to_internal(self, x: Any) -> Any:
         """An NCHW tensor in the module's layout (other ranks unchanged)."""
         from tvm.relax import op as R
@@ -68,11 +72,12 @@ ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
 requantization fused in when given; ``None`` where it has no kernel (the generic lowering is used)."""
 
 
-def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None,
+def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: list[str] | None = None,
              input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None,
              unsigned_first: bool = False) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
-    debugging, to the tuple of the named intermediate tensors). Whole models take and give float32;
+    debugging, to the tuple of the named intermediate tensors). A batch (first dimension) given as ``None``
+    stays symbolic (a ``tirx.Var``): the module runs any batch size. Whole models take and give float32;
     a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers.
 
     ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
@@ -84,7 +89,7 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[st
 
     bb = relax.BlockBuilder()
     ctx = Context(bb, layout, kernels, unsigned_first)
-    x = relax.Var("input", relax.TensorType(input_shape, input_dtype))
+    x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
     fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -104,6 +109,26 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[st
             out = bb.emit_output(results[0] if outputs is None else relax.Tuple(results))
         bb.emit_func_output(out)
     return bb.get()
+
+
+class FixedBatch(ValueError):
+    """Raised where a lowering cannot keep the batch symbolic (the caller compiles for a fixed batch)."""
+
+
+def symbolic_batch(shape: tuple[int | None, ...]) -> list[Any]:
+    """``shape`` with a ``None`` batch (the first dimension) replaced by the symbolic ``batch``."""
+    from tvm import tirx
+
+    if any(d is None for d in shape[1:]):
+        raise ValueError(f"only the batch dimension may be left open, got input shape {shape}")
+    return [tirx.Var("batch", "int64") if i == 0 and d is None else d for i, d in enumerate(shape)]
+
+
+def is_static(dim: Any) -> bool:
+    """Whether a shape dimension is a known integer (not the symbolic batch)."""
+    from tvm import tirx
+
+    return isinstance(dim, (int, tirx.IntImm))
 
 
 def _emitted(bb: Any, expr: Any) -> Any:
@@ -244,7 +269,7 @@ def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     dtypes = {str(x.ty.dtype) for x in ins}
     common = dtypes.pop() if len(dtypes) == 1 else "int32"
     return R.concat([x if str(x.ty.dtype) == common else R.astype(x, common) for x in ins],
-                    axis=ctx.channel_axis(_ndim(ins[0])))
+                    axis=ctx.internal_axis(op.attrs.get("axis", 1), _ndim(ins[0])))
 
 
 def _clip(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -284,7 +309,7 @@ def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     axes = ctx.spatial_axes(4)
-    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]] * ins[0].ty.shape[axes[1]]))
+    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
     sums = ctx.bb.emit(R.sum(R.astype(ins[0], "int32"), axis=axes, keepdims=True))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
@@ -295,7 +320,7 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     table = op.consts["table"]
     out_dtype = ctx.storage(int(table.min()), int(table.max()))
     index = R.subtract(R.astype(ins[0], "int32"), _const(op.attrs["offset"], "int32"))
-    return R.take(_const(table, out_dtype), index, axis=0)
+    return R.take(_const(table, out_dtype), index, axis=0, mode="clip")
 
 
 def _mul(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -321,18 +346,78 @@ def _flatten(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     x = ins[0]
     if sum(int(d) > 1 for d in list(x.ty.shape)[1:]) > 1:  # the element order depends on the layout
         x = ctx.bb.emit(ctx.to_external(x))
-    return R.reshape(x, [int(x.ty.shape[0]), -1])
+    return R.reshape(x, [x.ty.shape[0], int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))])
 
 
 def _reshape(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    y = ctx.bb.emit(R.reshape(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["shape"]))
+    x = ctx.bb.emit(ctx.to_external(ins[0]))
+    shape = list(op.attrs["shape"])
+    if not is_static(x.ty.shape[0]):  # an open batch stays open where the reshape keeps it: [-1 | 0, rest]
+        rest = int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))
+        if shape[0] not in (-1, 0) or -1 in shape[1:] or int(np.prod(shape[1:])) != rest:
+            raise FixedBatch(f"reshape {op.output} to {shape} does not keep the batch dimension")
+        shape = [x.ty.shape[0], *shape[1:]]
+    return ctx.to_internal(ctx.bb.emit(R.reshape(x, shape)))
+
+
+def _transpose(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    y = ctx.bb.emit(R.permute_dims(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["perm"]))
     return ctx.to_internal(y)
+
+
+def _slice(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    a, ndim = op.attrs, _ndim(ins[0])
+    axes = [ctx.internal_axis(i, ndim) for i in range(ndim)]
+    return R.strided_slice(ins[0], axes, a["begin"], a["end"], a["strides"], assume_inbound=True)
+
+
+def _affine(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    ndim = _ndim(ins[0])
+    x = R.astype(ins[0], "int32")
+    if op.attrs.get("input_zero_point", 0):
+        x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+    return R.add(R.multiply(x, _channel(ctx, op.consts["multiplier"], ndim, "int32")),
+                 _channel(ctx, op.consts["bias"], ndim, "int32"))
+
+
+def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """Separable: rows, then columns; each a gather per tap, weighted and summed in int32 (linear)."""
+    from tvm.relax import op as R
+
+    h, w = ctx.spatial_axes(4)
+    linear = "wy" in op.consts
+
+    def taps(x: Any, index: np.ndarray, weights: np.ndarray | None, axis: int) -> Any:
+        total = None
+        for k, idx in enumerate(index):
+            tap = R.take(x, _const(idx, "int32"), axis=axis, mode="clip")
+            if weights is not None:
+                shape = [1, 1, 1, 1]
+                shape[axis] = -1
+                tap = R.multiply(tap, _const(weights[k].reshape(shape), "int32"))
+            total = tap if total is None else R.add(total, tap)
+        return ctx.bb.emit(total)
+
+    x = ins[0]
+    if linear:
+        x = R.astype(x, "int32")
+        if op.attrs.get("input_zero_point", 0):
+            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+        x = ctx.bb.emit(x)
+    rows = taps(x, op.consts["iy"], op.consts.get("wy"), h)
+    return taps(rows, op.consts["ix"], op.consts.get("wx"), w)
 
 
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
     "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
     "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
     "global_avgpool": _global_avgpool, "lut": _lut, "mul": _mul, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
-    "dequantize": _dequantize}
+    "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "dequantize": _dequantize}

@@ -118,11 +118,21 @@ class QuantModel(nn.Module):
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         return self._float_forward(x, fake=self.mode == "fake", observe=False)
 
-    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool) -> torch.Tensor:
+    def node_inputs(self, x: torch.Tensor, name: str, fake: bool) -> list[torch.Tensor]:
+        """The input tensors of node ``name`` when running ``x`` with fake quantization or in float
+        (the run stops there)."""
+        found = self._float_forward(x, fake=fake, observe=False, stop_at=name)
+        assert isinstance(found, list), f"no node {name!r}"
+        return found
+
+    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool,
+                       stop_at: str | None = None) -> torch.Tensor | list[torch.Tensor]:
         values: dict[str, torch.Tensor] = {}
         for node in self.nodes:
             ins = [values[i] for i in node.inputs]
             kind, attrs = node.kind, node.attrs
+            if node.name == stop_at:
+                return ins
             if kind == "output":
                 return ins[0]
             if kind == "input":
@@ -307,14 +317,27 @@ def _as_input(batch: Any) -> torch.Tensor:
     return batch.float()
 
 
+PTQ_METHODS = ("nearest", "learned")
+
+
 def quantize(model: nn.Module, bit_config: BitConfig | Mapping[str, Any] | str, calib_data: Iterable[Any], *,
              observer: str = "minmax", momentum: float = 0.9, percentile: float = 99.99,
-             weight_percentile: float | None = None) -> QuantModel:
+             weight_percentile: float | None = None, ptq: str = "nearest", learned: Any = None,
+             log: Any = None) -> QuantModel:
     """Quantize a float model the HAWQ-V3 way (post-training): fold BatchNorm, quantize weights per
     channel, calibrate static activation ranges on ``calib_data`` (an iterable of input batches or
-    ``(input, label)`` pairs). Returns a :class:`QuantModel` in integer-simulation mode."""
+    ``(input, label)`` pairs). ``ptq="learned"`` then fits activation ranges, weight rounding and biases
+    on the same data (:mod:`hawqc.quant.adaround`; ``learned``: its ``LearnedOptions``, ``log``: a
+    callable for progress lines). Returns a :class:`QuantModel` in integer-simulation mode."""
+    if ptq not in PTQ_METHODS:
+        raise ValueError(f"unknown PTQ method {ptq!r}; choose one of {', '.join(PTQ_METHODS)}")
     config = BitConfig.from_any(bit_config)
     bits = config.resolve(model)
     qmodel = QuantModel(model, bits, observer, momentum, percentile, weight_percentile)
-    qmodel.calibrate(calib_data)
+    batches = list(calib_data) if ptq == "learned" else calib_data
+    qmodel.calibrate(batches)
+    if ptq == "learned":
+        from hawqc.quant.adaround import LearnedOptions, learn
+
+        learn(qmodel, batches, learned or LearnedOptions(), log)
     return qmodel.eval()

@@ -15,7 +15,7 @@ dense             int x int -> int32 accumulator, + int32 bias (consts: weight [
 requantize        dyadic rescale and clip (consts: b, c, scalar or per channel; attrs: qmin, qmax,
                   input_zero_point, zero_point)
 add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax)
-concat            along the channel axis
+concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
 avgpool           window sum (padding counts as the input zero point), then requantize by
@@ -29,6 +29,13 @@ mul               ``requantize((a - a_zero_point) * (b - b_zero_point))``, broad
 pad               constant padding (attrs: pads [top, left, bottom, right], pad_value)
 flatten           (N, ...) -> (N, -1)
 reshape           attrs: shape
+transpose         attrs: perm
+slice             attrs: begin, end, strides (one entry per axis, normalised, strides > 0)
+affine            per-channel ``(x - input_zero_point) * multiplier + bias`` -> int32 accumulator (consts:
+                  multiplier, bias, int32, per channel or scalar): BatchNormalization, Mul/Add by constants
+resize            along H and W: nearest, ``x[:, :, iy[0]][..., ix[0]]``; linear (consts wy, wx),
+                  ``sum_a sum_b wy[a, i] * wx[b, j] * (x[iy[a, i], ix[b, j]] - input_zero_point)`` -> int32
+                  accumulator (consts: iy, ix (k, out) indices; wy, wx (2, out) integer weights)
 dequantize        int -> float32: ``float32(q - zero_point) * scale`` (consts: scale)
 ================  ==============================================================================
 
@@ -52,7 +59,8 @@ from hawqc.fileio import write_atomic
 
 FORMAT_VERSION = 1
 OPS = ("quantize", "conv2d", "dense", "requantize", "add", "concat", "clip", "maxpool", "avgpool",
-       "global_avgpool", "lut", "mul", "pad", "flatten", "reshape", "dequantize")
+       "global_avgpool", "lut", "mul", "pad", "flatten", "reshape", "transpose", "slice", "affine", "resize",
+       "dequantize")
 
 Kernel = Callable[[list[Any], Mapping[str, Any], Mapping[str, Any]], Any]
 

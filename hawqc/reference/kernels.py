@@ -96,7 +96,7 @@ def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.nda
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate(inputs, axis=1)
+    return np.concatenate(inputs, axis=attrs.get("axis", 1))
 
 
 def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -145,7 +145,34 @@ def reshape(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np
     return inputs[0].reshape(attrs["shape"])
 
 
+def transpose(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(inputs[0], attrs["perm"]))
+
+
+def slice_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return inputs[0][tuple(slice(*spec) for spec in zip(attrs["begin"], attrs["end"], attrs["strides"]))]
+
+
+def _per_channel(a: np.ndarray, ndim: int) -> np.ndarray:
+    return a.astype(np.int64).reshape((1, -1) + (1,) * (ndim - 2)) if a.ndim == 1 else a.astype(np.int64)
+
+
+def affine(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = inputs[0].astype(np.int64) - attrs.get("input_zero_point", 0)
+    ndim = x.ndim
+    return _int32(x * _per_channel(consts["multiplier"], ndim) + _per_channel(consts["bias"], ndim), "affine")
+
+
+def resize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x, iy, ix = inputs[0], consts["iy"], consts["ix"]
+    if "wy" not in consts:  # nearest
+        return x[:, :, iy[0]][:, :, :, ix[0]]
+    x = x.astype(np.int64) - attrs.get("input_zero_point", 0)
+    rows = sum(consts["wy"][a].astype(np.int64)[:, None] * x[:, :, iy[a], :] for a in range(len(iy)))
+    return _int32(sum(consts["wx"][b].astype(np.int64) * rows[:, :, :, ix[b]] for b in range(len(ix))), "resize")
+
+
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
            "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
-           "dequantize": dequantize}
+           "transpose": transpose, "slice": slice_op, "affine": affine, "resize": resize, "dequantize": dequantize}

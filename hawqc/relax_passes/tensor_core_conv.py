@@ -84,8 +84,10 @@ class TensorCoreConv:
             specs[gv.name_hint] = spec
             if len(expr.ty.shape) == 4:
                 return relax.call_tir(gv, args, out_ty=expr.ty)
-            pixels = R.reshape(args[0], spec.input_shape[0])  # a dense layer: [N, K] as [N, 1, 1, K]
-            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=relax.TensorType(*spec.output_shape))
+            batch = args[0].ty.shape[0]  # a dense layer: [N, K] as [N, 1, 1, K]
+            pixels = R.reshape(args[0], relax_shape(spec.input_shape[0], batch))
+            out_ty = relax.TensorType(relax_shape(spec.output_shape[0], batch), spec.output_shape[1])
+            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=out_ty)
             return R.reshape(y, expr.ty.shape)
 
         main = relax.analysis.remove_all_unused(rewrite_call(self.pattern, rewrite, mod["main"]))
@@ -177,7 +179,8 @@ class _Packer(relax.PyExprMutator):
         self.specs[gv.name_hint] = spec
         args = [self.words[x] if packed_input else self.visit_expr(x)] + constants
         shape, dtype = spec.output_shape
-        return self.builder_.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(shape, dtype)))
+        out_ty = relax.TensorType(relax_shape(shape, x.ty.shape[0]), dtype)
+        return self.builder_.emit(relax.call_tir(gv, args, out_ty=out_ty))
 
     def _spec(self, value: Any) -> ConvSpec | None:
         """The spec of a call to one of this pass's kernels, else None."""
@@ -193,6 +196,18 @@ class _Packer(relax.PyExprMutator):
         """Whether ``value`` is an INT4 kernel call whose input is ``var``."""
         spec = self._spec(value)
         return spec is not None and spec.bits == 4 and value.args[1].fields[0].same_as(var)
+
+
+def relax_shape(shape: tuple[int | None, ...], batch: Any) -> list[Any]:
+    """A kernel spec's shape with its open batch (``None``) replaced by the Relax ``batch``."""
+    return [batch if d is None else d for d in shape]
+
+
+def _batch_of(x: Any) -> int | None:
+    """The batch of a kernel spec: ``x``'s if it is a number, else None (the kernel takes any batch)."""
+    from hawqc.frontend.integer_graph import is_static
+
+    return int(x.ty.shape[0]) if is_static(x.ty.shape[0]) else None
 
 
 def _arguments(value: Any) -> list[Any]:
@@ -225,7 +240,7 @@ def pack_activation(x: Any) -> Any:
 
 def unpack_activation(words: Any, like: Any, signed: bool) -> Any:
     """int32 words -> the NHWC tensor ``like`` (its shape and dtype), sign- or zero-extending each field."""
-    n, h, w, channels = (int(d) for d in like.ty.shape)
+    n, (h, w, channels) = like.ty.shape[0], (int(d) for d in list(like.ty.shape)[1:])
     y = R.expand_dims(words, [4])
     if signed:
         y = R.right_shift(R.left_shift(y, relax.const(28 - _SHIFTS)), relax.const(28, "int32"))
@@ -243,8 +258,8 @@ def _conv_geometry(conv: Any, x: Any) -> tuple[Any, ...] | None:
     if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OIHW"
             or str(attrs.out_dtype) != "int32"):
         return None
-    n, h, w, c = (int(d) for d in x.ty.shape)
-    return (n, c, h, w, tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+    h, w, c = (int(d) for d in list(x.ty.shape)[1:])
+    return (_batch_of(x), c, h, w, tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
             tuple(int(d) for d in attrs.dilation))
 
 
@@ -252,8 +267,7 @@ def _dense_geometry(x: Any) -> tuple[Any, ...] | None:
     """The 1x1 conv geometry of a dense layer on ``[N, K]`` (None for other ranks)."""
     if len(x.ty.shape) != 2:
         return None
-    n, k = (int(d) for d in x.ty.shape)
-    return n, k, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)
+    return _batch_of(x), int(x.ty.shape[1]), 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)
 
 
 def _per_channel(const: Any, channels: int) -> np.ndarray | None:

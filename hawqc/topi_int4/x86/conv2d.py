@@ -46,7 +46,8 @@ class Conv2dWorkload:
     weights that are zero outside its own group (``16 / (out channels per group)`` times the MACs where
     a group has fewer than 16 output channels)."""
 
-    batch: int
+    batch: int | None
+    """None: any batch (a symbolic dimension of the kernel)."""
     height: int
     width: int
     in_channels: int
@@ -137,7 +138,7 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
     rows are computed in whole tiles of ``ow_block`` pixels (the columns past the row are dropped)."""
     from tvm import te
 
-    n, h, w, cin = wl.batch, wl.height, wl.width, wl.in_channels
+    n, h, w, cin = batch_extent(wl), wl.height, wl.width, wl.in_channels
     (kh, kw), (sh, sw), (dh, dw) = wl.kernel, wl.stride, wl.dilation
     oh, ow = wl.out_size
     span, ocp = wl.block_span, wl.packed_out
@@ -163,6 +164,13 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
             axis=[ry, rx, rc]),
         name="acc")
     return with_epilogue(x, weight, acc, (n, oh, ow, wl.out_channels), requant)
+
+
+def batch_extent(wl: Conv2dWorkload) -> Any:
+    """The batch of the kernel: the workload's, or a symbolic ``n`` where it is open."""
+    from tvm import te
+
+    return te.var("n", "int32") if wl.batch is None else wl.batch
 
 
 def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: int = 0) -> Any:
@@ -254,8 +262,9 @@ def finish_schedule(sch: Any, copies: bool) -> Any:
 
 def channels_outer(wl: Conv2dWorkload) -> bool:
     """Whether blocks of output channels are the outer parallel loop, rows inside: where there are too
-    few output rows to share evenly among the cores (7x7 maps at batch 1: measured 10-20% faster)."""
-    return wl.batch * wl.out_size[0] < 16
+    few output rows to share evenly among the cores (7x7 maps at batch 1: measured 10-20% faster; an open
+    batch counts as 1)."""
+    return (wl.batch or 1) * wl.out_size[0] < 16
 
 
 def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:

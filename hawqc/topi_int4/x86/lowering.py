@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.frontend.integer_graph import Context
+from hawqc.frontend.integer_graph import Context, is_static
 from hawqc.reference.graph import IntOp
 from hawqc.topi_int4.x86 import depthwise
 from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
@@ -35,10 +35,11 @@ class X86Kernels:
         dtype = str(x.ty.dtype)
         if ctx.layout != "NHWC" or dtype not in ("int8", "uint8"):
             return None
-        shape = [int(d) for d in x.ty.shape]
+        batch = x.ty.shape[0]
+        shape = [int(batch) if is_static(batch) else None, *(int(d) for d in list(x.ty.shape)[1:])]
         if op.op == "dense":
             weight = op.consts["weight"][:, :, None, None]
-            x = ctx.bb.emit(R.reshape(x, [shape[0], 1, 1, shape[1]]))
+            x = ctx.bb.emit(R.reshape(x, [batch, 1, 1, shape[1]]))
             wl = Conv2dWorkload(shape[0], 1, 1, shape[1], weight.shape[0], (1, 1), (1, 1), (0, 0, 0, 0), (1, 1),
                                 dtype)
         else:
@@ -58,10 +59,10 @@ class X86Kernels:
         gv = ctx.bb.add_func(func, name)
         consts = _constants(wl, weight, op, requant, self.vnni)
         oh, ow = wl.out_size
-        out = relax.TensorType((wl.batch, oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
+        out = relax.TensorType((batch, oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
         y = R.call_tir(gv, [x, *consts], out)
         if op.op == "dense":
-            y = R.reshape(ctx.bb.emit(y), [wl.batch, wl.out_channels])
+            y = R.reshape(ctx.bb.emit(y), [batch, wl.out_channels])
         return y
 
 
