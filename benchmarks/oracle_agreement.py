@@ -109,6 +109,7 @@ def measure(path: Path, shape: tuple[int, ...], images: int, compile_check: bool
     result["ort-noopt vs hawqc"] = _agreement(got["ort-noopt"], got["hawqc"], step)
     mismatches, elements = (sum(c[j] for c in layers.values()) for j in (0, 1))
     worst = max(layers.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1), default=("-", [0, 1]))
+    worst = worst if worst[1][0] else ("-", [0, 1])
     result["layers"] = {"tensors": len(layers), "elements": elements, "mismatches": mismatches,
                         "mismatch_rate": mismatches / max(elements, 1), "worst": worst[0],
                         "worst_rate": worst[1][0] / max(worst[1][1], 1)}

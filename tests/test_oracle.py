@@ -196,4 +196,5 @@ def test_own_exports_mean_to_onnx_runtime_what_hawqc_computes(config: str, digit
     want = values[model.graph.output[0].name]
     assert oracle.agreement(ours, want, step).exact_pct == 100.0
     vs_hawqc, vs_oracle = oracle.agreement(theirs, ours, step), oracle.agreement(theirs, want, step)
-    assert vs_hawqc.exact >= vs_oracle.exact and vs_hawqc.mean_steps <= vs_oracle.mean_steps
+    # the output is the fc's float accumulator: hawqc's float32 value lies within half a step of the oracle's
+    assert vs_hawqc.exact >= vs_oracle.exact and vs_hawqc.mean_steps <= vs_oracle.mean_steps + 0.5
