@@ -41,11 +41,18 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
     elif isinstance(graph, (str, os.PathLike)) and str(graph).endswith(".npz"):
         result = IntegerGraph.load(graph)
     elif isinstance(graph, (str, os.PathLike)) or type(graph).__name__ == "ModelProto":
+        from hawqc.frontend.onnx_model import load_onnx
         from hawqc.frontend.onnx_qdq import from_onnx
 
         if isinstance(graph, (str, os.PathLike)) and not Path(graph).is_file():
             raise ValueError(f"{graph}: no such file")
-        result = from_onnx(graph, tuple(input_shape) if input_shape is not None else None)
+        model = load_onnx(graph)
+        folded_at = _batch_one_for_shape_arithmetic(model) if input_shape is None else None
+        result = from_onnx(model, tuple(input_shape) if input_shape is not None else folded_at)
+        if folded_at is not None:
+            result.metadata["batch_note"] = (
+                "the model's shape arithmetic reads the batch, so it is compiled for batch 1; choose another batch "
+                f"with --input-shape N,{','.join(map(str, folded_at[1:]))} (input_shape= in Python)")
     elif hasattr(graph, "integer_graph"):
         result = graph.integer_graph()
     elif hasattr(graph, "named_modules"):
@@ -69,6 +76,19 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
                              f"layers (first: {differ[0]} {found[differ[0]]} vs {wanted[differ[0]]}); "
                              "quantize the model again with this config")
     return result
+
+
+def _batch_one_for_shape_arithmetic(model: Any) -> tuple[int, ...] | None:
+    """``(1, C, H, W)`` for an ONNX model whose batch is open, other dimensions static, and whose shape
+    arithmetic (``Shape`` nodes) reads the input's shape: it folds to constants only at a fixed batch."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or not any(node.op_type == "Shape" for node in model.graph.node):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if not dims or dims[0] is not None or None in dims[1:]:
+        return None
+    return (1, *dims[1:])
 
 
 def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int | None, ...]:
@@ -100,8 +120,8 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
     ``nn.Module`` (see :func:`integer_graph_of`). ``input_shape``: default the model's own, an open batch
-    left open (the module runs any batch size; see :func:`input_shape_of`). ``target``: ``"llvm"`` (host CPU), a string such as
-    ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
+    left open (the module runs any batch size; see :func:`input_shape_of`). ``target``: ``"llvm"`` (host
+    CPU), a string such as ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
     it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
     worker threads a call uses (default: one per physical core; idle workers soon sleep after a call, so
     other work in the process is not slowed down). ``int4`` (cuda):
@@ -110,10 +130,10 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
     :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
     ``cm.export(dir)``.
     """
+    import warnings
+
     from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
-
-    import warnings
 
     config = parse_target(target)
     integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)

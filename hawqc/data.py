@@ -4,7 +4,8 @@
 
 - a named source from :data:`SOURCES`: ``digits`` (scikit-learn's 8x8 handwritten digits, shipped in
   its wheel), ``fashion-mnist`` (28x28, from the Debian package ``dataset-fashion-mnist``) and
-  ``random`` (standard-normal inputs of the model's shape, unlabelled); :func:`register_source` adds one;
+  ``random`` (standard-normal inputs of the model's shape, unlabelled), ``distilled`` (inputs synthesised
+  from the model's BatchNorm statistics, unlabelled: data-free calibration); :func:`register_source` adds one;
 - a folder of images (PNG, JPEG, BMP, ...): one sub-folder per class gives the labels (classes in
   sorted order); images directly in the folder are unlabelled. Each image is converted to grayscale
   or RGB by the model's input channels, resized to ``Preprocess.size`` (default: the model's input),
@@ -134,10 +135,21 @@ def random_inputs(request: DataRequest) -> Data:
     return Data(torch.randn(request.size, *request.input_shape, generator=generator))
 
 
+def distilled_inputs(request: DataRequest) -> Data:
+    """``request.size`` inputs synthesised from the model's BatchNorm statistics (ZeroQ, see
+    :mod:`hawqc.quant.distill`; cached), unlabelled; both splits alike."""
+    if request.model is None or request.input_shape is None:
+        raise ValueError("distilled data is synthesised from the model: it needs the model and its input shape")
+    from hawqc.quant.distill import distill
+
+    return Data(distill(request.model, request.input_shape, samples=request.size, seed=request.seed))
+
+
 SOURCES: dict[str, Callable[[DataRequest], Data]] = {
     "digits": lambda r: digits(r.split),
     "fashion-mnist": lambda r: fashion_mnist(r.split),
     "random": random_inputs,
+    "distilled": distilled_inputs,
 }
 
 

@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
     parser.add_argument("--observer", default="minmax", choices=("minmax", "ema", "percentile"))
+    parser.add_argument("--ptq", default="nearest", choices=("nearest", "learned"),
+                        help="weight rounding: nearest, or learned on the calibration data (AdaRound per layer, "
+                             "MSE activation ranges, bias correction; minutes on a CPU) (default: nearest)")
+    parser.add_argument("--ptq-iters", type=int, default=500, help="learned PTQ: fit steps per layer (default: 500)")
     parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps after PTQ (needs labelled data)")
     parser.add_argument("--lr", type=float, default=0.005, help="QAT learning rate (default: 0.005)")
     parser.add_argument("-o", "--out", default="hawqc-out", help="output folder (default: hawqc-out)")
@@ -30,24 +34,28 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from hawqc.commands._common import load_data_for, load_float_model
+    from hawqc.quant.adaround import LearnedOptions
 
     if args.calib_batches < 1 or args.batch_size < 1:
         raise ValueError("--calib-batches and --batch-size must be at least 1")
+    if args.ptq_iters < 1:
+        raise ValueError("--ptq-iters must be at least 1")
     console = Console()
     loaded = load_float_model(args, args.input_shape)
     train = load_data_for(args, loaded, "train", size=args.batch_size * args.calib_batches)
-    test = load_data_for(args, loaded, "test", size=args.batch_size)
+    test = train if args.data == "distilled" else load_data_for(args, loaded, "test", size=args.batch_size)
     if loaded.random_weights:
         console.print("no --checkpoint: random weights, BatchNorm statistics recalibrated on the calibration data")
     report = quantize_and_export(loaded.module, loaded.name, args.bit_config, train, test, Path(args.out),
                                  args.batch_size, args.calib_batches, args.observer, args.qat_steps, args.lr,
-                                 recalibrate_bn=loaded.random_weights, labelled=train.labelled, console=console)
+                                 recalibrate_bn=loaded.random_weights, labelled=train.labelled, console=console,
+                                 ptq=args.ptq, learned=LearnedOptions(iters=args.ptq_iters))
     return 0 if report["bit_exact"] else 1
 
 
 def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test: Any, out: Path, batch_size: int,
                         calib_batches: int, observer: str, qat_steps: int, lr: float, *, recalibrate_bn: bool,
-                        labelled: bool, console: Any) -> dict[str, Any]:
+                        labelled: bool, console: Any, ptq: str = "nearest", learned: Any = None) -> dict[str, Any]:
     """Quantize, optionally fine-tune, check reference == simulation, write the artifacts; print a report."""
     import numpy as np
     import onnxruntime
@@ -67,7 +75,7 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
     calib = [x for x, _ in zip((b[0] for b in loader), range(calib_batches))]
     if recalibrate_bn:
         models.recalibrate_bn(model, calib)
-    qmodel = quantize(model, bit_config, calib, observer=observer)
+    qmodel = quantize(model, bit_config, calib, observer=observer, ptq=ptq, learned=learned, log=console.print)
     if qat_steps:
         qat_train(qmodel, loader, steps=qat_steps, lr=lr, freeze_bn_step=qat_steps // 2)
     console.print(bits_table(model, qmodel.bits, f"{name}: per-layer bits ({bit_config})"))

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transition-ms", type=float, default=0.0,
                         help="latency cost of each producer/consumer pair at different bits (default: 0)")
     parser.add_argument("--sensitivity", help="sensitivity JSON from hawqc sensitivity (default: compute it)")
-    parser.add_argument("--options", type=_bits_option, nargs="+", help="bit options per layer (default: w4a4 w8a8)")
+    parser.add_argument("--options", type=_bits_option, nargs="+", help="bit options per layer (default: w4a4 w4a8 w8a8)")
     parser.add_argument("--tie", action="append", default=[], metavar="A,B,...",
                         help="layers that must share bits (repeatable; ResNet downsample ties are automatic)")
     parser.add_argument("--free-first-last", action="store_true", help="do not pin the first and last layer to 8 bits")

@@ -36,7 +36,8 @@ _SUFFIX = {"size": {**_COUNT, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 
            "latency": {"ms": 1.0, "us": 1e-3, "s": 1e3}}
 """Units of absolute budgets per metric (case-insensitive); a bare number is a fraction in [0, 1]."""
 _EXAMPLE = {"size": "4MB", "bops": "3G", "latency": "1.5ms"}
-DEFAULT_OPTIONS = (LayerBits(4, 4), LayerBits(8, 8))
+DEFAULT_OPTIONS = (LayerBits(4, 4), LayerBits(4, 8), LayerBits(8, 8))
+"""W4A4, W4A8 (4-bit weights on int8 kernels: most 4-bit deployments) and W8A8."""
 EIGHT_BIT = LayerBits(8, 8)
 
 
@@ -294,15 +295,25 @@ def build_problem(model: Any, input_shape: tuple[int, ...], omega: Mapping[str, 
     cost = {"size": {n: [c.params * o.w_bits / 8 for o in options] for n, c in costs.items()},
             "bops": {n: [c.macs * o.w_bits * o.a_bits for o in options] for n, c in costs.items()}}
     if latency is not None:
-        absent = [f"{n} W{o.w_bits}A{o.a_bits}" for n in layers for o in options if (n, o.w_bits, o.a_bits) not in latency]
+        rows = {(n, o): _latency_row(latency, n, o) for n in layers for o in options}
+        absent = [f"{n} W{o.w_bits}A{o.a_bits}" for (n, o), ms in rows.items() if ms is None]
         if absent:
             raise ValueError(f"the latency table lacks {len(absent)} layer/bit pairs (first: {absent[0]}): "
                              "tune those layers with hawqc tune")
-        cost["latency"] = {n: [latency[n, o.w_bits, o.a_bits] for o in options] for n in layers}
+        cost["latency"] = {n: [rows[n, o] for o in options] for n in layers}
     pins = {layers[0]: pin_first_last, layers[-1]: pin_first_last} if pin_first_last is not None and layers else {}
     groups = _merge_groups([*resnet_ties(model), *(list(g) for g in ties)])
     return Problem(layers, options, omega_k, cost, groups, pins,
                    layer_edges(model) if transition_ms else [], transition_ms)
+
+
+def _latency_row(latency: Mapping[tuple[str, int, int], float], layer: str, bits: LayerBits) -> float | None:
+    """A layer's latency at ``bits``; 4-bit weights with 8-bit activations run the int8 kernels, so
+    without a row of their own they take the W8A8 row."""
+    own = latency.get((layer, bits.w_bits, bits.a_bits))
+    if own is None and bits.w_bits < bits.a_bits == 8:
+        return latency.get((layer, 8, 8))
+    return own
 
 
 def _merge_groups(groups: Sequence[Sequence[str]]) -> list[list[str]]:

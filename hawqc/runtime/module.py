@@ -157,7 +157,7 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int | None, ...], targ
     from hawqc.frontend.integer_graph import FixedBatch
 
     kernels, int4 = resolve_kernels(kernels, target), check_int4(int4, target)
-    note = ""
+    note = graph.metadata.get("batch_note", "") if input_shape[0] == 1 else ""
     try:
         ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
     except FixedBatch as err:
