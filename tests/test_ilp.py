@@ -20,6 +20,7 @@ from hawqc.ilp.solver import (
     Budget,
     Problem,
     build_problem,
+    pareto,
     read_latency_table,
     resnet_ties,
     solve,
@@ -315,3 +316,32 @@ def test_ilp_configs_beat_random_configs_at_equal_budget(fashion_net, tmp_path, 
         randoms = [ptq_accuracy(c) for c in _random_configs(problem, metric, solution.limits[metric], 50, rng)]
         beaten[metric, fraction] = sum(ilp >= r for r in randoms) / len(randoms)
     assert min(beaten.values()) >= 0.9, beaten
+
+
+def test_pareto_front_has_distinct_configurations_and_the_report_no_lone_point(resnet_problem, tmp_path) -> None:
+    from hawqc.ilp.report import write_report
+    from hawqc.ilp.search import SearchResult
+
+    _, problem = resnet_problem
+    front = pareto(problem, "size", 25)
+    configs = [tuple(sorted((n, b.w_bits) for n, b in p.bits.items())) for p in front]
+    assert len(set(configs)) == len(configs) < 25  # 25 budgets, fewer distinct answers: repeats dropped
+    page = write_report(SearchResult(front[0], front, "size", problem), tmp_path / "many").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(set(rows)) and (tmp_path / "many" / "pareto.png").exists()
+    page = write_report(SearchResult(front[0], front[:1], "size", problem), tmp_path / "one").read_text()
+    assert "no trade-off to plot" in page and not (tmp_path / "one" / "pareto.png").exists()
+
+
+@pytest.mark.parametrize("metric, text, message", [
+    ("size", "1.5", "a bare number is a fraction in \\[0, 1\\]; give an absolute budget with its unit, such as 4MB"),
+    ("latency", "2m", "value with its unit, such as 1.5ms"),
+    ("size", "3ms", "value with its unit, such as 4MB"),
+    ("bops", "1.2.3", "value with its unit, such as 3G"),
+])
+def test_an_absolute_budget_needs_its_unit(metric: str, text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Budget.parse(metric, text)
+    assert Budget.parse("size", "1.5MB") == Budget("size", 1.5e6, False)
+    assert Budget.parse("size", "1B") == Budget("size", 1.0, False)
+    assert Budget.parse("bops", "3GBOPS") == Budget("bops", 3e9, False)
