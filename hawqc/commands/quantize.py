@@ -19,9 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bit-config", default="uniform4", help="preset or bit-config JSON (default: uniform4)")
     parser.add_argument("--data", default="random", choices=DATASETS, help="calibration data (default: random)")
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: 4)")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="batch size, the global one under torchrun (default: 16)")
     parser.add_argument("--observer", default="minmax", choices=("minmax", "ema", "percentile"))
     parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps after PTQ (needs labelled data)")
+    parser.add_argument("--qat-checkpoint", type=Path,
+                        help="QAT checkpoint: continued if it exists, written every 100 steps (by rank 0 under torchrun)")
     parser.add_argument("--lr", type=float, default=0.005, help="QAT learning rate (default: 0.005)")
     parser.add_argument("-o", "--out", default="hawqc-out", help="output folder (default: hawqc-out)")
 
@@ -29,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from hawqc import api, models
+    from hawqc import api, distributed, models
 
     if args.calib_batches < 1 or args.batch_size < 1:
         raise ValueError("--calib-batches and --batch-size must be at least 1")
-    console = Console()
+    console = Console(quiet=not distributed.setup().main)  # under torchrun, rank 0 reports
     spec = models.spec(args.model)
     kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
     model = api.load_model(args.model, args.checkpoint, **kwargs)
@@ -44,20 +47,22 @@ def run(args: argparse.Namespace) -> int:
     report = quantize_and_export(model, args.model, args.bit_config, train, test, Path(args.out), args.batch_size,
                                  args.calib_batches, args.observer, args.qat_steps, args.lr,
                                  recalibrate_bn=args.checkpoint is None, labelled=args.data != "random",
-                                 console=console)
-    return 0 if report["bit_exact"] else 1
+                                 console=console, qat_checkpoint=args.qat_checkpoint)
+    return 0 if report is None or report["bit_exact"] else 1
 
 
 def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test: Any, out: Path, batch_size: int,
                         calib_batches: int, observer: str, qat_steps: int, lr: float, *, recalibrate_bn: bool,
-                        labelled: bool, console: Any) -> dict[str, Any]:
-    """Quantize, optionally fine-tune, check reference == simulation, write the artifacts; print a report."""
+                        labelled: bool, console: Any, qat_checkpoint: Path | None = None) -> dict[str, Any] | None:
+    """Quantize, optionally fine-tune, check reference == simulation, write the artifacts; print a report.
+    Under ``torchrun`` every rank quantizes and trains (data-parallel), then rank 0 checks and writes
+    the artifacts and the others return None."""
     import numpy as np
     import onnxruntime
     import torch
     from torch.utils.data import DataLoader
 
-    from hawqc import BitConfig, models, quantize
+    from hawqc import BitConfig, distributed, models, quantize
     from hawqc.quant.export import to_onnx
     from hawqc.quant.qat import accuracy
     from hawqc.quant.qat import train as qat_train
@@ -71,7 +76,9 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
         models.recalibrate_bn(model, calib)
     qmodel = quantize(model, bit_config, calib, observer=observer)
     if qat_steps:
-        qat_train(qmodel, loader, steps=qat_steps, lr=lr, freeze_bn_step=qat_steps // 2)
+        qat_train(qmodel, loader, steps=qat_steps, lr=lr, freeze_bn_step=qat_steps // 2, checkpoint=qat_checkpoint)
+    if not distributed.setup().main:
+        return None
     console.print(bits_table(model, qmodel.bits, f"{name}: per-layer bits ({bit_config})"))
 
     test_loader = DataLoader(test, batch_size=max(batch_size, 256))

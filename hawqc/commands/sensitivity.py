@@ -71,8 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from hawqc import distributed
+
     console = Console()
     _, result, _ = compute(args)
+    if not distributed.setup().main:  # under torchrun, rank 0 reports and writes
+        return 0
     table = Table(title=f"{args.model}: Hessian trace and Ω ({result.iterations} Hutchinson iterations)")
     bits = result.settings["bits"]
     for column in ("layer", "params", "Tr(H)", *(f"Ω(W{b})" for b in bits), *(f"Ω(A{b})" for b in bits)):

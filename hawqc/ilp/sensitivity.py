@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc import distributed
 from hawqc.fileio import write_atomic
 
 CACHE_VERSION = 2
@@ -115,7 +116,10 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
 
     With ``activations``, also the traces w.r.t. each layer's input activation (all batches' elements),
     returned between the two. Iterations stop when every trace's standard error is at most ``tol`` times
-    its magnitude (after at least 10 iterations) or after ``max_iters``."""
+    its magnitude (after at least 10 iterations) or after ``max_iters``.
+
+    Under ``torchrun`` the ranks share out the probe vectors (each given the same model and batches) and
+    sum their samples: the same traces and iteration count as one process with the same seed."""
     if max_iters < 1 or tol <= 0:
         raise ValueError(f"need max_iters >= 1 and tol > 0, got {max_iters} and {tol}")
     modules = dict(model.named_modules())
@@ -139,24 +143,27 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
             for handle in handles:
                 handle.remove()
             grads.append((shifts, torch.autograd.grad(loss, [*params, *shifts], create_graph=True)))
-        for iters in range(1, max_iters + 1):
-            vs = [torch.randint(0, 2, p.shape, generator=generator).float() * 2 - 1 for p in params]
-            us = [v / fold[n][1] for v, n in zip(vs, names)]
-            sample = torch.zeros_like(totals)
-            for shifts, g in grads:
-                inputs = [*params, *shifts]
-                sample[:len(names)] += _quadratic_forms(g, inputs, us + [torch.zeros_like(d) for d in shifts])[:len(names)]
-                if shifts:  # probed apart from the weights: the mixed weight-activation second derivatives are
-                    # large (they carry the loss gradient), and as cross terms they would swamp these estimates
-                    rs = [torch.randint(0, 2, d.shape, generator=generator).float() * 2 - 1 for d in shifts]
-                    sample[len(names):] += _quadratic_forms(g, inputs, [torch.zeros_like(p) for p in params] + rs)[len(names):]
-            totals += sample
-            squares += sample**2
-            mean = totals / iters
-            if iters >= 10:
-                stderr = ((squares / iters - mean**2).clamp_min(0) / (iters - 1)).sqrt()
-                if bool((stderr <= tol * mean.abs()).all()):
-                    break
+        world = distributed.setup()
+        done = False
+        while not done and iters < max_iters:  # a round: one probe per rank, in the order one process takes them
+            count = min(world.size, max_iters - iters)
+            samples = torch.zeros(world.size, len(totals), dtype=torch.float64)
+            for j in range(count):  # every rank draws every probe: each sees the one-process random sequence
+                vs = [torch.randint(0, 2, p.shape, generator=generator).float() * 2 - 1 for p in params]
+                rs = [[torch.randint(0, 2, d.shape, generator=generator).float() * 2 - 1 for d in shifts]
+                      for shifts, _ in grads]
+                if j == world.rank:
+                    samples[j] = _sample(grads, params, [v / fold[n][1] for v, n in zip(vs, names)], rs)
+            for sample in world.sum(samples.to(world.device or samples.device)).cpu()[:count]:
+                iters += 1
+                totals += sample
+                squares += sample**2
+                mean = totals / iters
+                if iters >= 10:
+                    stderr = ((squares / iters - mean**2).clamp_min(0) / (iters - 1)).sqrt()
+                    if bool((stderr <= tol * mean.abs()).all()):
+                        done = True
+                        break
     finally:
         for handle in handles:
             handle.remove()
@@ -167,6 +174,20 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     if not activations:
         return weights, iters
     return weights, dict(zip(names, traces[len(names):])), iters
+
+
+def _sample(grads: Sequence[tuple[list[torch.Tensor], Sequence[torch.Tensor]]], params: Sequence[torch.Tensor],
+            us: Sequence[torch.Tensor], rs: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """One Hutchinson sample: ``uᵀHu`` per weight, then ``rᵀHr`` per input activation (``rs`` per batch)."""
+    n = len(params)
+    sample = torch.zeros(n + (n if grads[0][0] else 0), dtype=torch.float64)
+    for (shifts, g), r in zip(grads, rs):
+        inputs = [*params, *shifts]
+        sample[:n] += _quadratic_forms(g, inputs, [*us] + [torch.zeros_like(d) for d in shifts])[:n]
+        if shifts:  # probed apart from the weights: the mixed weight-activation second derivatives are
+            # large (they carry the loss gradient), and as cross terms they would swamp these estimates
+            sample[n:] += _quadratic_forms(g, inputs, [torch.zeros_like(p) for p in params] + [*r])[n:]
+    return sample
 
 
 def _quadratic_forms(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
@@ -232,7 +253,8 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
     batches = _labelled(model, data)
     settings = {"bits": sorted(set(bits)), "tol": tol, "max_iters": max_iters, "seed": seed}
     path = _cache_folder(cache_dir) / f"sensitivity-{_fingerprint(model, batches, settings)}.json"
-    if path.is_file():
+    world = distributed.setup()
+    if world.total(float(not path.is_file())) == 0:  # under torchrun: computed unless every rank has it
         return Sensitivity.load(path)
     fold = folded_weights(model)
     traces, act_traces, iters = hessian_traces(model, batches, fold, tol=tol, max_iters=max_iters, seed=seed,
@@ -244,7 +266,8 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
     act_omega = {n: {b: max(act_traces[n], 0.0) / x.numel() * activation_error(x, b) for b in settings["bits"]}
                  for n, x in inputs.items()}
     result = Sensitivity(traces, params, omega, iters, settings, act_traces, act_omega)
-    result.save(path)
+    if world.main:
+        result.save(path)
     return result
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
 from hawqc.quant.capture import Node, capture
 from hawqc.quant.dyadic import dyadic
@@ -118,7 +119,10 @@ class QuantModel(nn.Module):
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         return self._float_forward(x, fake=self.mode == "fake", observe=False)
 
-    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool) -> torch.Tensor:
+    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool,
+                       world: distributed.World | None = None) -> torch.Tensor:
+        """The float or fake-quantized forward; ``observe`` feeds the activation quantizers' observers
+        (with ``world``, the ranks calibrating together)."""
         values: dict[str, torch.Tensor] = {}
         for node in self.nodes:
             ins = [values[i] for i in node.inputs]
@@ -155,7 +159,7 @@ class QuantModel(nn.Module):
             if node.name in self.acts:
                 quantizer = self.acts[node.name]
                 if observe:
-                    quantizer.observe(y)
+                    quantizer.observe(y, world)
                 if fake:
                     y = quantizer.fake(y)
             elif fake and kind in ("avgpool", "gap"):  # integer pooling rounds to the input's grid
@@ -165,7 +169,12 @@ class QuantModel(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Any]) -> int:
-        """Observe activation ranges on float batches, then fix the scales. Returns the batch count."""
+        """Observe activation ranges on float batches, then fix the scales. Returns the batch count.
+
+        Under ``torchrun`` every rank calibrates together, batch by batch (each rank gives the same
+        number of batches: its shards of the global batches, or the same batches): the ranges are
+        those of the global batches on every rank."""
+        world = distributed.setup()
         count, shape = 0, None
         for batch in batches:
             x = _as_input(batch)
@@ -174,7 +183,7 @@ class QuantModel(nn.Module):
                                  f"{(-1, *shape)}")
             shape = x.shape[1:]
             try:
-                self._float_forward(x, fake=False, observe=True)
+                self._float_forward(x, fake=False, observe=True, world=world)
             except RuntimeError as err:
                 raise ValueError(f"calibration batch of shape {tuple(x.shape)} does not fit the model: "
                                  f"{str(err).splitlines()[0]}") from None
