@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
 
     from hawqc import api, distributed, models
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(quiet=not distributed.setup().main)  # under torchrun, rank 0 reports
     spec = models.spec(args.model)
     kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    torch.manual_seed(0)  # random weights (no checkpoint) are the same model on every rank and every run
     model = api.load_model(args.model, args.checkpoint, **kwargs)
     train = api.dataset(args.data, "train", spec.input_shape, size=args.batch_size * args.calib_batches)
     test = api.dataset(args.data, "test", spec.input_shape, size=args.batch_size)
