@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import sys
 import time
@@ -24,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.runtime import timing  # the timing core: warm-up, timed calls, load and others' CPU
+
 THREADS = 2
-WARM_UP_S = 1.0
 
 
 def hawqc_engine(path: str, x: np.ndarray) -> Callable[[], Any]:
@@ -36,20 +35,11 @@ def hawqc_engine(path: str, x: np.ndarray) -> Callable[[], Any]:
 
 
 def onnxruntime_engine(path: str, x: np.ndarray) -> Callable[[], Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return lambda: session.run(None, {"input": x})
+    return timing.onnxruntime_engine(path, x, THREADS)
 
 
 def openvino_engine(path: str, x: np.ndarray) -> Callable[[], Any]:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda: request.infer({0: x})
+    return timing.openvino_engine(path, x, THREADS)
 
 
 def pytorch_engine(path: str, x: np.ndarray) -> Callable[[], Any]:
@@ -69,45 +59,13 @@ ENGINES = {"hawqc": hawqc_engine, "onnxruntime": onnxruntime_engine, "openvino":
            "pytorch": pytorch_engine}
 
 
-def busy_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds of this process), since boot / start."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-def warm_up(run: Callable[[], Any]) -> None:
-    start = time.perf_counter()
-    run()
-    while time.perf_counter() - start < WARM_UP_S:
-        run()
-
-
-def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
-    """Median/min/max ms of ``runs`` calls, with the load around them."""
-    load_before = os.getloadavg()[0]
-    busy, own = busy_seconds()
-    start = time.perf_counter()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t) * 1e3)
-    wall = time.perf_counter() - start
-    busy_after, own_after = busy_seconds()
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs,
-            "load_before": load_before, "load_after": os.getloadavg()[0],
-            "other_cores": max(0.0, (busy_after - busy) - (own_after - own)) / wall}
-
-
 def layer_times(path: str, x: np.ndarray, runs: int) -> dict[str, Any]:
     """Per conv/dense kernel call of a hawqc artifact: median µs over ``runs`` model runs and MACs
     (output elements x the weight's input channels per group x kernel height x width, from the graph)."""
     import hawqc
 
     module = hawqc.load(path)
-    warm_up(lambda: module(x))
+    timing.warm_up(lambda: module(x))
     calls: list[tuple[str, float]] = []
     started: dict[str, float] = {}
 
@@ -151,8 +109,8 @@ def main() -> None:
             result = layer_times(args.path, x, args.runs)
         else:
             run = ENGINES[args.engine](args.path, x)
-            warm_up(run)
-            result = timed(run, args.runs)
+            timing.warm_up(run)
+            result = timing.timed(run, args.runs)
     except Exception as err:  # any engine's failure is one line of the report
         print(json.dumps({"error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"}))
         sys.exit(1)

@@ -21,3 +21,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hawqc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy entry points too (``dir(hawqc)``, tab completion)."""
+    return sorted({*globals(), *_LAZY})

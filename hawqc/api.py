@@ -5,54 +5,32 @@ from __future__ import annotations
 import os
 from typing import Any
 
-DATASETS = ("digits", "fashion-mnist", "random")
+def load_model(spec: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+    """The float ``nn.Module`` a model spec names: a built-in name, a ``.pt2`` ``torch.export`` program, a
+    float ``.onnx`` model or ``package.module:factory`` (see :mod:`hawqc.models.loading`). ``checkpoint``
+    (built-ins and factories): a ``state_dict``, read with ``weights_only=True`` and loaded strictly
+    (torchvision checkpoints fit the built-in torchvision-layout models)."""
+    from hawqc.models.loading import load
+
+    return load(spec, checkpoint, **kwargs).module
 
 
-def load_model(name: str, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
-    """A built-in model, with weights from a ``state_dict`` checkpoint (read with ``weights_only=True``,
-    loaded strictly; torchvision checkpoints fit ResNet-18/50 and Inception-V3)."""
-    import torch
+def dataset(spec: str | os.PathLike[str], split: str = "train", input_shape: Any = None, size: int = 256,
+            seed: int = 0, **options: Any) -> Any:
+    """The data a spec names (see :mod:`hawqc.data`): ``digits``, ``fashion-mnist``, ``random`` (``size``
+    standard-normal inputs of ``input_shape``, unlabelled), a folder of images or a ``.npy`` array.
+    ``options``: ``preprocess`` (:class:`hawqc.data.Preprocess`), ``labels`` (a ``.npy``), ``model``."""
+    from hawqc.data import load_data
 
-    from hawqc import models
-
-    model = models.get(name, **kwargs)
-    if checkpoint is not None:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ValueError(f"checkpoint {checkpoint} does not exist") from None
-        except Exception as err:  # torch raises pickle, zip and runtime errors alike
-            raise ValueError(f"{checkpoint}: not a loadable weights file ({str(err).splitlines()[0]})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, TypeError, AttributeError) as err:
-            raise ValueError(f"{checkpoint} does not fit {name}: {str(err).splitlines()[0]}") from None
-    return model.eval()
-
-
-def dataset(name: str, split: str, input_shape: tuple[int, ...], size: int = 256, seed: int = 0) -> Any:
-    """A dataset by name; ``random`` is ``size`` standard-normal images of ``input_shape`` with label 0."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    from hawqc import data
-
-    if name == "digits":
-        return data.digits(split)
-    if name == "fashion-mnist":
-        return data.fashion_mnist(split)
-    if name == "random":
-        generator = torch.Generator().manual_seed(seed + (split == "test"))
-        return TensorDataset(torch.randn(size, *input_shape, generator=generator), torch.zeros(size, dtype=torch.long))
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return load_data(spec, split, input_shape=input_shape, size=size, seed=seed, **options)
 
 
 def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None, input_shape: Any = None) -> Any:
     """The :class:`~hawqc.reference.IntegerGraph` of an ONNX QDQ model (path or ``ModelProto``), a
     saved integer graph (``.int.npz``), a quantized model, or a float ``nn.Module`` (quantized here
     with ``bit_config`` on ``calib_data``). A ``bit_config`` given with an already quantized graph
-    must match the bits it was quantized with; ``input_shape`` fixes an ONNX model's dynamic dims."""
+    must match the bits it was quantized with; ``input_shape`` fixes an ONNX model's dynamic dims
+    (without it a dynamic batch stays open)."""
     from pathlib import Path
 
     from hawqc.bitconfig import BitConfig
@@ -63,18 +41,26 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
     elif isinstance(graph, (str, os.PathLike)) and str(graph).endswith(".npz"):
         result = IntegerGraph.load(graph)
     elif isinstance(graph, (str, os.PathLike)) or type(graph).__name__ == "ModelProto":
+        from hawqc.frontend.onnx_model import load_onnx
         from hawqc.frontend.onnx_qdq import from_onnx
 
         if isinstance(graph, (str, os.PathLike)) and not Path(graph).is_file():
             raise ValueError(f"{graph}: no such file")
-        result = from_onnx(graph, tuple(input_shape) if input_shape is not None else None)
+        model = load_onnx(graph)
+        folded_at = _batch_one_for_shape_arithmetic(model) if input_shape is None else None
+        result = from_onnx(model, tuple(input_shape) if input_shape is not None else folded_at)
+        if folded_at is not None:
+            result.metadata["batch_note"] = (
+                "the model's shape arithmetic reads the batch, so it is compiled for batch 1; choose another batch "
+                f"with --input-shape N,{','.join(map(str, folded_at[1:]))} (input_shape= in Python)")
     elif hasattr(graph, "integer_graph"):
         result = graph.integer_graph()
     elif hasattr(graph, "named_modules"):
         from hawqc.quant.model import quantize
 
         if calib_data is None:
-            raise ValueError("a float model needs calib_data (input batches) to be quantized")
+            raise ValueError("a float model needs calib_data to be quantized: pass calib_data=[a few input batches], "
+                             "e.g. [torch.randn(8, 3, 224, 224)], or give a quantized model")
         return quantize(graph, bit_config or "uniform8", calib_data).integer_graph()
     else:
         raise ValueError(f"cannot compile a {type(graph).__name__}: give an ONNX QDQ model, a .int.npz integer "
@@ -92,20 +78,39 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
     return result
 
 
-def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int, ...]:
-    """The static input shape to compile for: ``input_shape`` if given, else the graph's own; a
-    dynamic dimension (a batch size left open, as exporters do) without ``input_shape`` is an error."""
+def _batch_one_for_shape_arithmetic(model: Any) -> tuple[int, ...] | None:
+    """``(1, C, H, W)`` for an ONNX model whose batch is open, other dimensions static, and whose shape
+    arithmetic (``Shape`` nodes) reads the input's shape: it folds to constants only at a fixed batch."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or not any(node.op_type == "Shape" for node in model.graph.node):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if not dims or dims[0] is not None or None in dims[1:]:
+        return None
+    return (1, *dims[1:])
+
+
+def input_shape_of(graph: Any, input_shape: Any = None) -> tuple[int | None, ...]:
+    """The input shape to compile for: ``input_shape`` if given, else the graph's own, whose batch (first
+    dimension) may be ``None``: any batch, one module serving every batch size. Another dynamic
+    dimension without ``input_shape`` is an error."""
     if input_shape is not None:
         shape = tuple(int(d) for d in input_shape)
         if not shape or any(d < 1 for d in shape):
             raise ValueError(f"input shape must be positive dimensions, got {input_shape}")
         return shape
     recorded = graph.metadata.get("input_shape") or []
-    if not recorded or any(d is None for d in recorded):
+    if not recorded or any(d is None for d in recorded[1:]):
         shown = "x".join("?" if d is None else str(d) for d in recorded) or "unknown"
         raise ValueError(f"the model's input shape is {shown}: give a static input shape "
-                         "(e.g. --input-shape 1,3,224,224)")
+                         "(e.g. --input-shape 1,3,224,224 or input_shape=(1, 3, 224, 224))")
     return tuple(recorded)
+
+
+def example_shape(shape: tuple[int | None, ...], batch: int = 1) -> tuple[int, ...]:
+    """``shape`` with an open batch (``None``) set to ``batch``: the shape of an example input."""
+    return tuple(batch if d is None else d for d in shape)
 
 
 def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm", *,
@@ -114,8 +119,9 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
     """Compile a quantized graph to an integer-only TVM module.
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
-    ``nn.Module`` (see :func:`integer_graph_of`). ``target``: ``"llvm"`` (host CPU), a string such as
-    ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
+    ``nn.Module`` (see :func:`integer_graph_of`). ``input_shape``: default the model's own, an open batch
+    left open (the module runs any batch size; see :func:`input_shape_of`). ``target``: ``"llvm"`` (host
+    CPU), a string such as ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
     it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
     worker threads a call uses (default: one per physical core; idle workers soon sleep after a call, so
     other work in the process is not slowed down). ``int4`` (cuda):
@@ -124,13 +130,18 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
     :class:`~hawqc.runtime.module.CompiledModule`: ``cm(x)``, ``cm.ir``, ``cm.reference(x)``,
     ``cm.export(dir)``.
     """
+    import warnings
+
     from hawqc.runtime.module import compile_graph
     from hawqc.runtime.target import parse_target
 
     config = parse_target(target)
     integer_graph = integer_graph_of(graph, bit_config, calib_data, input_shape)
-    return compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config, kernels=kernels,
-                         threads=threads, int4=int4)
+    module = compile_graph(integer_graph, input_shape_of(integer_graph, input_shape), config, kernels=kernels,
+                           threads=threads, int4=int4)
+    if module.note:
+        warnings.warn(module.note, stacklevel=2)
+    return module
 
 
 def load(folder: str | os.PathLike[str], threads: int | None = None) -> Any:

@@ -81,7 +81,8 @@ class BitConfig:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> BitConfig:
-        """A named preset: ``uniform8`` or ``uniform4`` (first and last layer kept at 8 bits)."""
+        """A named preset: ``uniform8``, ``uniform4`` or ``w4a8`` (4-bit weights, 8-bit activations); the
+        last two keep the first and last layer at 8 bits."""
         if name not in PRESETS:
             raise ValueError(f"unknown bit-config preset {name!r}; presets: {', '.join(PRESETS)}")
         return PRESETS[name]
@@ -175,6 +176,7 @@ class BitConfig:
 PRESETS: dict[str, BitConfig] = {
     "uniform8": BitConfig(default=LayerBits(8, 8)),
     "uniform4": BitConfig(default=LayerBits(4, 4), first_last=LayerBits(8, 8)),
+    "w4a8": BitConfig(default=LayerBits(4, 8), first_last=LayerBits(8, 8)),
 }
 
 

@@ -3,7 +3,8 @@
 Each subcommand is a public module of :mod:`hawqc.commands` that defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; adding a module adds a subcommand.
 Command modules import torch and tvm inside ``run`` so that ``hawqc --help`` stays fast.
-User errors (``ValueError``, ``OSError``) end in one line on stderr and exit status 1.
+User errors (``ValueError``, ``OSError``) end in one line on stderr and exit status 1; Ctrl-C ends
+in "interrupted" and exit status 130 (:mod:`hawqc.interrupts`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 import hawqc
 import hawqc.commands
+from hawqc import interrupts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,14 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
+    interrupted = f"hawqc {args.command}: interrupted"
     try:
-        return args.run(args)
-    except (ValueError, OSError) as err:
-        print(f"hawqc {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"hawqc {args.command}: interrupted", file=sys.stderr)
-        return 130
+        with interrupts.handling(interrupted):
+            return args.run(args)
+    except BaseException as err:
+        if interrupts.requested():  # whatever the Ctrl-C became on its way out of TVM
+            interrupts.exit_now(interrupted)
+        if isinstance(err, KeyboardInterrupt):
+            print(interrupted, file=sys.stderr)
+            return interrupts.EXIT_STATUS
+        if isinstance(err, (ValueError, OSError)):
+            print(f"hawqc {args.command}: error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The hawqc command: discovery of subcommands, lazy imports, errors, the demo."""
 
+import json
 import re
 import subprocess
 import sys
@@ -22,6 +23,10 @@ def test_help_and_parser_import_neither_torch_nor_tvm() -> None:
     code = "import sys, hawqc.cli; hawqc.cli.build_parser(); print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tvm', 'numpy'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dir_lists_the_lazy_entry_points() -> None:
+    assert set(hawqc.__all__) <= set(dir(hawqc))
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,3 +210,56 @@ def test_compile_refuses_an_existing_folder_unless_forced(tiny_onnx: Path, tmp_p
     assert (out / "keep.txt").exists()
     result = run_hawqc("compile", str(tiny_onnx), "--input-shape", "1,1,28,28", "-o", str(out), "--force")
     assert result.returncode == 0 and not (out / "keep.txt").exists() and (out / "model.so").exists()
+
+
+# ---- one grammar: target options, errors together, run latency, bench --------------------------------
+def test_all_input_errors_come_in_one_message(tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    out.mkdir()
+    result = run_hawqc("compile", str(tiny_onnx), "-o", str(out), "--target", "cuda", "-arch=sm_12",
+                       "--bit-config", str(tmp_path / "nope.json"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    message = result.stderr
+    assert message.startswith("hawqc compile: error: 3 problems: ")
+    assert "exists: choose another output folder" in message and "nope.json" in message
+    assert "sm_12" in message
+    result = run_hawqc("verify", str(tiny_onnx), "--input", str(tmp_path / "nope.npy"), "--kernels", "vnni",
+                       "--target", "cuda")
+    assert result.returncode == 1 and "2 problems" in result.stderr and "no such input file" in result.stderr
+    assert "--kernels vnni is for CPUs" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["compile", "verify", "run", "bench", "tune"])
+def test_every_compiling_command_takes_the_same_target_options(command: str) -> None:
+    sub = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+    options = {o for action in sub._actions for o in action.option_strings}
+    assert {"--target", "-arch", "--kernels", "--threads"} <= options
+
+
+def test_run_prints_latency_and_compiles_a_model_file(tiny_onnx: Path, tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = run_hawqc("run", str(tiny_onnx), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"),
+                       "--runs", "3", "--kernels", "generic")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"latency at batch 3: median of 3 calls [0-9.]+ ms, first call [0-9.]+ ms", result.stdout)
+    from hawqc.api import integer_graph_of
+
+    expected = integer_graph_of(str(tiny_onnx), input_shape=x.shape).run(x)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+
+
+def test_bench_times_each_batch_size_and_the_onnx_peers(tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    assert run_hawqc("compile", str(tiny_onnx), "--input-shape", "1,1,28,28", "-o", str(out)).returncode == 0
+    result = run_hawqc("bench", str(out), "--batch", "1,2", "--onnx", str(tiny_onnx), "--runs", "2",
+                       "-o", str(tmp_path / "bench.json"), "--threads", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((tmp_path / "bench.json").read_text())["figures"]
+    from hawqc.commands.bench import installed_peers
+
+    engines = {"hawqc", *installed_peers()}
+    assert {(f["engine"], f["batch"]) for f in figures} == {(e, b) for e in engines for b in (1, 2)}
+    assert all(f["median_ms"] > 0 and f["min_ms"] <= f["median_ms"] <= f["max_ms"] for f in figures)
+    result = run_hawqc("bench", str(out), "--target", "llvm", "--onnx", "x.txt")
+    assert result.returncode == 1 and "2 problems" in result.stderr and "is compiled already" in result.stderr

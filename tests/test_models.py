@@ -165,3 +165,19 @@ def test_missing_fashion_mnist_is_one_clear_error(tmp_path: Path) -> None:
         data.fashion_mnist("train", root=tmp_path)
     with pytest.raises(ValueError, match="unknown split 'val'"):
         data.digits("val")
+
+
+def test_lraspp_matches_torchvision_and_segments() -> None:
+    """torchvision's lraspp_mobilenet_v3_large: 3,221,538 parameters, its keys; logits at the input size."""
+    model = models.get("lraspp_mobilenet_v3_large").eval()
+    state = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == 3_221_538
+    assert {k: state.get(k) for k in ("backbone.13.block.1.0.weight", "backbone.16.0.weight",
+                                       "classifier.cbr.0.weight", "classifier.scale.1.weight",
+                                       "classifier.low_classifier.weight", "classifier.high_classifier.bias")} == {
+        "backbone.13.block.1.0.weight": [672, 1, 5, 5], "backbone.16.0.weight": [960, 160, 1, 1],
+        "classifier.cbr.0.weight": [128, 960, 1, 1], "classifier.scale.1.weight": [128, 960, 1, 1],
+        "classifier.low_classifier.weight": [21, 40, 1, 1], "classifier.high_classifier.bias": [21]}
+    assert model.backbone[13].block[1][0].dilation == (2, 2)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 40)).shape == (1, 21, 48, 40)

@@ -23,7 +23,7 @@ from hawqc.autotune.report import layer_ratios, markdown
 from hawqc.autotune.table import COLUMNS, LatencyTable
 from hawqc.autotune.workloads import Workload
 
-FAST = Timing(repeat=2, min_repeat_ms=5)
+FAST = Timing(repeat=2, min_repeat_ms=5, max_spread=float("inf"), max_load=float("inf"))  # never re-measured
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,12 +92,15 @@ def test_table_has_the_schema_the_ilp_reads(tmp_path: Path, tiny_groups: list, h
     path = tmp_path / "table.json"
     result = _run(tiny_groups, path, host_target, bits=[4, 8], limit=2)
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 1 and result.done == 4 and not result.failed
+    assert data["schema_version"] == 2 and result.done == 4 and not result.failed
+    assert data["input_shape"] == list(tiny_groups[0].workload.input_shape)
+    assert data["machine"] == Device().machine(runner.target_text(host_target)) and data["machine"]["cores"] >= 1
     rows = data["rows"]
     assert len(rows) == 2 * sum(len(g.layers) for g in tiny_groups[:2])
     for row in rows:
         assert set(COLUMNS) <= set(row) and row["schedule"] == "default" and "predicted" not in row
         assert row["latency_ms"] > 0 and row["n_runs"] == FAST.repeat and row["target"].startswith("llvm")
+        assert row["spread"] >= 1 and row["load_1min"] >= 0 and row["noisy"] is False
     csv_lines = path.with_suffix(".csv").read_text().splitlines()
     assert csv_lines[0].startswith(",".join(COLUMNS)) and len(csv_lines) == len(rows) + 1
     again = _run(tiny_groups, path, host_target, bits=[4, 8], limit=2)
@@ -108,7 +111,7 @@ def test_a_wrong_candidate_is_rejected_and_logged(tmp_path: Path, tiny_groups: l
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from hawqc.runtime.module import compile_graph
 
-    def wrong_but_fast(default, tuner, databases):  # one weight changed: a schedule that computes nonsense
+    def wrong_but_fast(default, tuner, databases, starting=None):  # one weight changed: a schedule that computes nonsense
         graph = workloads.layer_graph(tiny_groups[0].workload, 8, 8)
         graph.ops[0].consts["weight"] = graph.ops[0].consts["weight"].copy()
         graph.ops[0].consts["weight"].flat[0] += 1
@@ -127,7 +130,7 @@ def test_the_tuned_schedule_replaces_the_default_only_if_faster(tmp_path: Path, 
                                                                 host_target: dict, monkeypatch: pytest.MonkeyPatch,
                                                                 default_ms: float, tuned_ms: float, kept: str) -> None:
     timings = iter([default_ms, tuned_ms])
-    monkeypatch.setattr(runner, "tuned_module", lambda default, tuner, databases: default)
+    monkeypatch.setattr(runner, "tuned_module", lambda default, tuner, databases, starting=None: default)
     monkeypatch.setattr(runner, "measure", lambda *args: measure_module.Measurement(next(timings), 0.0, 2))
     path = tmp_path / "table.json"
     _run(tiny_groups, path, host_target, trials=1, limit=1)
@@ -137,7 +140,8 @@ def test_the_tuned_schedule_replaces_the_default_only_if_faster(tmp_path: Path, 
 
 def _tune_command(out: Path, *extra: str, trials: int = 0) -> list[str]:
     return [sys.executable, "-m", "hawqc.cli", "tune", "--layers", "tiny_resnet", "--bits", "8", "--trials",
-            str(trials), "--repeat", "2", "--min-repeat-ms", "5", "-o", str(out), *extra]
+            str(trials), "--repeat", "2", "--min-repeat-ms", "5", "--max-spread", "1e9", "--max-load", "1e9", "-o", str(out),
+            *extra]
 
 
 def _environment() -> dict[str, str]:
@@ -318,3 +322,108 @@ def test_cli_refuses_bad_bits_and_corrupt_tables(capsys: pytest.CaptureFixture[s
     (tmp_path / "bad.json").write_text("{not json")
     assert cli.main(["tune", "--report", "-o", str(tmp_path / "bad.json")]) == 1
     assert "not a latency table" in capsys.readouterr().err
+
+
+# ---- tables you can trust ----------------------------------------------------------------------------
+def _fake_measurements(monkeypatch: pytest.MonkeyPatch, spreads: list[float]) -> list[float]:
+    """``runner.measure`` returning 1 ms with the given spreads in turn (the last one repeated);
+    returns the list of spreads handed out."""
+    handed: list[float] = []
+
+    def fake(*args: object) -> measure_module.Measurement:
+        handed.append(spreads[min(len(handed), len(spreads) - 1)])
+        return measure_module.Measurement(1.0 + 0.1 * len(handed), 0.0, 2, handed[-1], 0.5)
+
+    monkeypatch.setattr(runner, "measure", fake)
+    return handed
+
+
+def test_a_noisy_measurement_is_taken_again_and_a_still_noisy_row_is_marked(
+        tmp_path: Path, tiny_groups: list, host_target: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    timing = Timing(repeat=2, min_repeat_ms=5, max_spread=1.2, max_load=100.0, attempts=3)
+    path = tmp_path / "table.json"
+    handed = _fake_measurements(monkeypatch, [2.0, 1.05])
+    runner.run(tiny_groups[:1], LatencyTable.open(path), runner.RunOptions(host_target, [8], 0, timing),
+               log=lambda line: None)
+    assert handed == [2.0, 1.05]  # measured again once, then steady
+    (row,) = LatencyTable.open(path).rows
+    assert row["noisy"] is False and row["latency_ms"] == pytest.approx(1.2)  # the steady attempt
+    handed = _fake_measurements(monkeypatch, [3.0])
+    path = tmp_path / "noisy.json"
+    result = runner.run(tiny_groups[:1], LatencyTable.open(path), runner.RunOptions(host_target, [8], 0, timing),
+                        log=lambda line: None)
+    assert len(handed) == 3 and result.noisy == 1
+    (row,) = LatencyTable.open(path).rows
+    assert row["noisy"] is True and row["latency_ms"] == pytest.approx(1.1)  # none steady: the fastest
+    handed = _fake_measurements(monkeypatch, [1.0])  # the next run measures the noisy row again
+    again = runner.run(tiny_groups[:1], LatencyTable.open(path), runner.RunOptions(host_target, [8], 0, timing),
+                       log=lambda line: None)
+    assert (again.done, again.skipped, handed) == (1, 0, [1.0])
+    assert LatencyTable.open(path).rows[0]["noisy"] is False
+
+
+def test_a_load_above_the_limit_counts_as_noise(host_target: dict) -> None:
+    timing = Timing(max_spread=1.2, max_load=1.5)
+    assert timing.noisy(measure_module.Measurement(1.0, 0.0, 2, 1.0, 1.6))
+    assert not timing.noisy(measure_module.Measurement(1.0, 0.0, 2, 1.0, 1.4))
+    assert not timing.noisy(measure_module.Measurement(1.0, 0.0, 2, 1.0, None))  # RPC: load unknown
+
+
+def test_widths_of_a_workload_are_measured_back_to_back_and_again_together(
+        tmp_path: Path, tiny_groups: list, host_target: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "table.json"
+    _run(tiny_groups[:2], path, host_target, bits=[8])  # an earlier run at 8 bits only
+    order: list[str] = []
+    real = runner._best_schedule
+
+    def recorded(workload, bits, *args):  # type: ignore[no-untyped-def]
+        order.append(f"{workload.key} {bits}")
+        return real(workload, bits, *args)
+
+    monkeypatch.setattr(runner, "_best_schedule", recorded)
+    result = _run(tiny_groups[:2], path, host_target, bits=[4, 8])
+    keys = [g.workload.key for g in tiny_groups[:2]]
+    assert order == [f"{keys[0]} 4", f"{keys[0]} 8", f"{keys[1]} 4", f"{keys[1]} 8"]  # 8 measured again beside 4
+    assert (result.done, result.skipped) == (4, 0)
+    dates = {(r["workload"], r["w_bits"]): r["date"] for r in LatencyTable.open(path).rows}
+    assert all(dates[k, 4] == dates[k, 8] for k in keys)
+
+
+def test_a_table_of_another_machine_or_input_shape_is_refused(tmp_path: Path, tiny_groups: list,
+                                                              host_target: dict) -> None:
+    from hawqc.autotune.measure import this_machine
+    from hawqc.ilp.search import fitting_latencies
+
+    path = tmp_path / "table.json"
+    _run(tiny_groups, path, host_target, bits=[8])
+    model = models.get("tiny_resnet")
+    assert len(fitting_latencies(path, model, (1, 28, 28))) == sum(len(g.layers) for g in tiny_groups)
+    with pytest.raises(ValueError, match=r"another input shape: layer conv1 sees 1x28x28 there, 1x8x8 here"):
+        fitting_latencies(path, model, (1, 8, 8))
+    data = json.loads(path.read_text())
+    data["machine"]["cores"] = this_machine()["cores"] + 7
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"measured on .* \(\d+ cores\).*pass --any-machine"):
+        fitting_latencies(path, model, (1, 28, 28))
+    assert fitting_latencies(path, model, (1, 28, 28), any_machine=True)
+    with pytest.raises(ValueError, match="holds measurements of"):  # nor does tune mix machines in one table
+        _run(tiny_groups, path, host_target, bits=[4])
+    with pytest.raises(ValueError, match="at input 1x1x28x28, this run measures 1x1x8x8"):
+        _run(workloads.extract("tiny_resnet", (1, 1, 8, 8)), _copy_shape(path), host_target, bits=[8])
+
+
+def _copy_shape(path: Path) -> Path:
+    """A copy of the table at ``path`` with this machine's fingerprint (only its input shape differs)."""
+    from hawqc.autotune.measure import this_machine
+
+    data = json.loads(path.read_text())
+    data["machine"] = {**data["machine"], "cores": this_machine()["cores"]}
+    copy = path.with_name("copy.json")
+    copy.write_text(json.dumps(data))
+    return copy
+
+
+def test_tune_refuses_bits_the_compiler_does_not_build(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tune", "--layers", "tiny_resnet", "--bits", "3,8"])
+    assert exit_info.value.code == 2 and "bit widths must be among 4,8" in capsys.readouterr().err

@@ -48,7 +48,8 @@ def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dil
     if requant:
         b, c = dyadic_per_channel(rng.uniform(2e-5, 2e-4, cout))
         ops.append(IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127, "input_zero_point": 3,
-                                                      "zero_point": -2}, {"b": b, "c": c}))
+                                                      "zero_point": -2},
+                         {"b": b, "c": c, "offset": rng.integers(-(np.int64(1) << c), np.int64(1) << c)}))
     return IntegerGraph("x", ops[-1].output, ops)
 
 
@@ -62,6 +63,23 @@ def test_conv_kernel_is_exact(case: str, kernels: str) -> None:
     module = compile_graph(graph, x.shape, TARGET, input_dtype=dtype, kernels=kernels)
     assert module.fused == (1, 1)
     np.testing.assert_array_equal(module(x.astype(dtype)), graph.run(x.astype(dtype)))
+
+
+@pytest.mark.parametrize("kernels", ["vnni", "avx2"])
+@pytest.mark.parametrize("case", ["3x3-s2-w4a4", "depthwise-3x3", "grouped-4-per-group", "dense"])
+def test_kernels_with_an_open_batch_run_any_batch(case: str, kernels: str) -> None:
+    """One module (batch a symbolic dimension of each kernel) is exact at batch 1 and at batch 3."""
+    if case == "dense":
+        graph, shape = layer_graph("dense", 40, 24, 1, 1, 0, 1, 0, requant=True), (40,)
+    else:
+        cin, cout, k, stride, pad, dilation, _, pad_value, weight_bits, groups = CONVS[case]
+        graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, True, weight_bits, groups)
+        shape = (cin, 9, 9)
+    module = compile_graph(graph, (None, *shape), TARGET, input_dtype="int8", kernels=kernels)
+    assert module.batch == "any" and module.fused == (1, 1)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).integers(-8, 8, (batch, *shape)).astype(np.int8)
+        np.testing.assert_array_equal(module(x), graph.run(x))
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

@@ -2,12 +2,15 @@
 
 Every measurement exports the module, uploads it to a session (a local one, or a server the
 tracker hands out), checks it bit-exact against the numpy reference on random inputs, then times
-it with TVM's time evaluator (median over ``repeat`` runs of at least ``min_repeat_ms`` each).
+it with TVM's time evaluator (median over ``repeat`` runs of at least ``min_repeat_ms`` each),
+noting the 1-minute load average and the max/min spread of the repeats: the runner measures again
+when either says the machine was busy (:meth:`Timing.noisy`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hawqc import interrupts
 
 
 class MismatchError(Exception):
@@ -34,14 +39,28 @@ class Measurement:
     stdev_ms: float
     n_runs: int
     """Number of repeats (each one averages enough runs to last ``min_repeat_ms``)."""
+    spread: float = 1.0
+    """Slowest repeat / fastest repeat."""
+    load_1min: float | None = None
+    """The 1-minute load average of the measuring machine after the timing (``None``: unknown, RPC)."""
 
 
 @dataclass
 class Timing:
-    """How long to time: ``repeat`` medians of runs lasting at least ``min_repeat_ms``."""
+    """How long to time: ``repeat`` medians of runs lasting at least ``min_repeat_ms``; a measurement
+    whose spread exceeds ``max_spread`` or taken at a load above ``max_load`` (default: the number of
+    CPUs, every core busy) is repeated, up to ``attempts`` times in all."""
 
     repeat: int = 5
     min_repeat_ms: int = 50
+    max_spread: float = 1.2
+    max_load: float | None = None
+    attempts: int = 3
+
+    def noisy(self, measurement: Measurement) -> bool:
+        max_load = self.max_load if self.max_load is not None else float(os.cpu_count() or 1)
+        loaded = measurement.load_1min is not None and measurement.load_1min > max_load
+        return loaded or measurement.spread > self.max_spread
 
 
 class Device:
@@ -62,6 +81,10 @@ class Device:
             return _cpu_name()
         return f"rpc:{self.key}@{self.tracker}"
 
+    def machine(self, target: str) -> dict[str, Any]:
+        """The fingerprint a latency table records: device name, core count (local only), target."""
+        return {"device": self.name, "cores": os.cpu_count() if self.key is None else None, "target": target}
+
     def session(self) -> Any:
         from tvm import rpc
 
@@ -78,6 +101,7 @@ class Device:
             except MismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 - RPC failures surface as TVMError, OSError, RuntimeError...
+                interrupts.check()  # a Ctrl-C that TVM turned into an error is not a device failure
                 line = f"{what}: attempt {attempt}/{self.attempts} on {self.name} failed ({error_line(err)})"
                 self.failures.append(line)
                 log(line + ("; retrying" if attempt < self.attempts else ""))
@@ -90,7 +114,7 @@ def measure(module: Any, inputs: list[np.ndarray], expected: list[np.ndarray], s
     """Check that ``module`` (a :class:`~hawqc.runtime.module.CompiledModule`) maps ``inputs`` to the
     reference outputs ``expected`` on the session's CPU, then time it there."""
     import tvm
-    from tvm import relax
+    from tvm import relax, rpc
 
     from hawqc.runtime.module import LIBRARY, native_stderr_silenced
 
@@ -105,9 +129,18 @@ def measure(module: Any, inputs: list[np.ndarray], expected: list[np.ndarray], s
         if got.shape != want.shape or not np.array_equal(got.astype(np.int64), want.astype(np.int64)):
             wrong = int(np.sum(got.astype(np.int64) != want.astype(np.int64))) if got.shape == want.shape else -1
             raise MismatchError(f"{wrong} of {want.size} outputs differ from the reference")
-    timer = vm.time_evaluator("main", device, repeat=timing.repeat, min_repeat_ms=timing.min_repeat_ms)
-    seconds = np.asarray(timer(tvm.runtime.tensor(inputs[0], device)).results) * 1e3
-    return Measurement(float(np.median(seconds)), float(np.std(seconds)), len(seconds))
+    timer = vm.time_evaluator("main", device, repeat=1, min_repeat_ms=timing.min_repeat_ms)
+    x = tvm.runtime.tensor(inputs[0], device)
+    # one repeat per call: Python runs between repeats, so Ctrl-C needs at most one repeat to land
+    seconds = np.asarray([timer(x).results[0] for _ in range(timing.repeat)]) * 1e3
+    load = os.getloadavg()[0] if isinstance(session, rpc.LocalSession) else None
+    return Measurement(float(np.median(seconds)), float(np.std(seconds)), len(seconds),
+                       float(seconds.max() / max(seconds.min(), 1e-12)), load)
+
+
+def this_machine(target: str = "") -> dict[str, Any]:
+    """The fingerprint of the machine running this process (see :meth:`Device.machine`)."""
+    return Device().machine(target)
 
 
 def _host_port(text: str) -> tuple[str, int]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from hawqc import interrupts
 
 BUILD_TIMEOUT_S = 120
 """Each MetaSchedule build worker spends ~30 s importing TVM's intrinsics before its first build."""
@@ -29,8 +32,9 @@ class Tuner:
         self._builder: Any = None
         self._runner: Any = None
 
-    def database(self, module: Any, root: Path) -> Any:
-        """A database of tuned schedules for ``module``'s kernels (tuned now if not done before)."""
+    def database(self, module: Any, root: Path, starting: Callable[[], None] | None = None) -> Any:
+        """A database of tuned schedules for ``module``'s kernels (tuned now if not done before;
+        ``starting()`` is called when a search starts)."""
         import tvm
         import tvm_ffi
         from tvm.s_tir import meta_schedule as ms
@@ -42,12 +46,15 @@ class Tuner:
         if not (work_dir / DONE).exists():
             shutil.rmtree(work_dir, ignore_errors=True)  # a search that was killed midway starts again
             work_dir.mkdir(parents=True)
+            if starting:
+                starting()
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the log stays in work_dir
                 ms.tune_tir(tvm.IRModule(kernels), tvm.target.Target({**self.target, "num-cores": self.workers}),
                             str(work_dir), max_trials_global=self.trials * len(kernels),
                             num_trials_per_iter=min(self.trials, 32), builder=self._started_builder(),
                             runner=self._started_runner(), strategy=_search(self.trials),
                             num_tuning_cores=self.workers, seed=0)
+            interrupts.check()  # MetaSchedule logs a Ctrl-C in a builder as failed candidates and goes on
             (work_dir / DONE).write_text("")
         return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=False)
 
@@ -91,6 +98,7 @@ def pooled_builder(workers: int) -> Any:
             self.pool = PopenPoolExecutor(max_workers=workers, timeout=BUILD_TIMEOUT_S)
 
         def build(self, build_inputs: list[Any]) -> list[Any]:
+            interrupts.check()
             jobs = [(b.mod, b.target) for b in build_inputs]
             results = []
             for result in self.pool.map_with_error_catching(lambda job: build_candidate(*job), jobs):

@@ -160,7 +160,8 @@ def _from_graph(path: str | os.PathLike[str], input_shape: tuple[int, ...] | Non
 
     graph = api.integer_graph_of(path, input_shape=input_shape)
     values: dict[str, Any] = {}
-    execute(graph, np.zeros(api.input_shape_of(graph, input_shape), np.float32), KERNELS, trace=values)
+    shape = api.example_shape(api.input_shape_of(graph, input_shape))  # an open batch: the table is for batch 1
+    execute(graph, np.zeros(shape, np.float32), KERNELS, trace=values)
     found = []
     for op in graph.ops:
         if op.op not in ("conv2d", "dense"):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from hawqc.commands._common import add_int4_argument, add_model_arguments
-from hawqc.runtime.target import KERNELS
+from hawqc.commands._common import (
+    Problems,
+    add_int4_argument,
+    add_model_arguments,
+    free_output,
+    kernels_of,
+    model_source,
+    target_of,
+)
 
-HELP = "compile a quantized model to an integer-only TVM module (artifact folder)"
+HELP = "compile a quantized model (or a float one, quantized first) to an integer-only TVM module (artifact folder)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,65 +22,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="hawqc-compiled", help="artifact folder (default: hawqc-compiled)")
     parser.add_argument("--force", action="store_true", help="replace the artifact folder if it exists")
     parser.add_argument("--strict", action="store_true", help="fail if any float op is left inside the graph")
-    parser.add_argument("--kernels", choices=KERNELS, default="auto",
-                        help="CPU kernels: auto (VNNI where the CPU has it, else AVX2), vnni, avx2, or generic "
-                             "(TVM's unscheduled lowering, a baseline)")
-    parser.add_argument("-arch", "--arch", help="CUDA architecture for --target cuda: sm_75 (default), sm_80, sm_86, "
-                        "sm_89 or sm_90")
     add_int4_argument(parser)
     parser.add_argument("--emit-source", action="store_true", help="also write the generated CUDA source (model.cu)")
 
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
     from hawqc import api
-    from hawqc.fileio import write_atomic
     from hawqc.relax_passes.float_ops import float_ops
-    from hawqc.runtime.module import compile_graph
-    from hawqc.runtime.target import parse_target
-    from hawqc.topi_int4.cuda.pipeline import check_arch, check_int4
+    from hawqc.runtime.module import compile_graph, shape_text
+    from hawqc.topi_int4.cuda.pipeline import check_int4
 
-    if Path(args.out).exists() and not args.force:
-        raise ValueError(f"{args.out} exists: choose another output folder or pass --force")
-    console = Console()
-    spec = args.target
-    if spec.split()[:1] == ["cuda"] and "-arch" not in spec:  # TVM warns about a cuda target without an arch
-        spec = f"{spec} -arch={args.arch or 'sm_75'}"
-    target = parse_target(spec)
-    if target.get("kind") == "cuda":
-        check_arch(target)
-    if args.arch and target.get("arch") != args.arch:
-        raise ValueError(f"-arch={args.arch} needs --target cuda (or agrees with the target's arch)")
-    check_int4(args.int4, target)
-    if args.emit_source and target.get("kind") != "cuda":
-        raise ValueError("--emit-source writes CUDA source: it needs --target cuda")
-    graph = api.integer_graph_of(args.model, args.bit_config, input_shape=args.input_shape)
+    problems = Problems()  # every input mistake in one message, before any work
+    problems.check(free_output, args.out, args.force)
+    target = problems.check(target_of, args)
+    if target is not None:
+        problems.check(check_int4, args.int4, target)
+        if args.emit_source and target.get("kind") != "cuda":
+            problems.add("--emit-source writes CUDA source: it needs --target cuda")
+    source = problems.check(model_source, args, args.input_shape)
+    if source is not None and source.graph is not None:  # a quantized model's shape, checked now
+        problems.check(api.input_shape_of, source.graph, args.input_shape)
+    problems.raise_any()
+    graph = source.integer_graph()
     shape = api.input_shape_of(graph, args.input_shape)
+    console = Console()
     start = time.perf_counter()
-    module = compile_graph(graph, shape, target, kernels=args.kernels, int4=args.int4)
+    module = compile_graph(graph, shape, target, kernels=kernels_of(args), threads=args.threads, int4=args.int4)
     seconds = time.perf_counter() - start
     leftovers = float_ops(module.ir)
     if leftovers and args.strict:
         raise ValueError(f"{len(leftovers)} float ops remain inside the graph (--strict): {', '.join(leftovers[:5])}")
-    table = Table(title=f"{args.model}: integer-only, input {shape}, target {target}, kernels {module.kernels}")
+    table = Table(title=f"{args.model}: integer-only, input {shape_text(module.input_shape)}, target {target}, "
+                        f"kernels {module.kernels}")
     for column in ("layer", "op", "weight", "W", "A"):
         table.add_column(column)
     for row in module.summary():
         table.add_row(row["layer"], row["op"], "x".join(map(str, row["weight"])), str(row["w_bits"]), str(row["a_bits"]))
     console.print(table)
+    if module.note:
+        console.print(f"[yellow]note:[/] {module.note}")
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
-    module.export(args.out, force=args.force)
-    if target.get("kind") == "cuda":
-        source = module.source()
+    source = module.source() if target.get("kind") == "cuda" else None
+    module.export(args.out, force=args.force, extra={"model.cu": source} if args.emit_source else None)
+    if source is not None:
         console.print(tensor_core_summary(source, target["arch"], args.int4))
-        if args.emit_source:
-            write_atomic(Path(args.out) / "model.cu", source)
     fused, kernels = module.fused
     source_file = ", model.cu" if args.emit_source else ""
     console.print(f"requantization fused into {fused} of {kernels} distinct conv/dense kernels (one ending in the "

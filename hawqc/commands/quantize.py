@@ -1,4 +1,4 @@
-"""``hawqc quantize``: PTQ (and optional QAT) of a built-in model; writes QDQ ONNX + integer graph."""
+"""``hawqc quantize``: PTQ (and optional QAT) of a float model; writes QDQ ONNX + integer graph."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-HELP = "quantize a built-in model (HAWQ-V3 PTQ, optional QAT) and write its QDQ ONNX and integer graph"
+HELP = "quantize a float model (HAWQ-V3 PTQ, optional QAT) and write its QDQ ONNX and integer graph"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hawqc import models
-    from hawqc.api import DATASETS
+    from hawqc.commands._common import add_data_arguments, add_float_model_arguments, input_shape
 
-    parser.add_argument("model", help=f"built-in model: {', '.join(models.MODELS)}")
-    parser.add_argument("--checkpoint", help="float weights (a state_dict, e.g. torchvision's); default: random")
-    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
+    add_float_model_arguments(parser)
+    parser.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
+                        help="input shape without batch (default: the model's, or the data's)")
     parser.add_argument("--bit-config", default="uniform4", help="preset or bit-config JSON (default: uniform4)")
-    parser.add_argument("--data", default="random", choices=DATASETS, help="calibration data (default: random)")
+    add_data_arguments(parser, "calibration data (also the evaluation data, where labelled: digits and "
+                               "fashion-mnist use their test split)")
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: 4)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="batch size, the global one under torchrun (default: 16)")
     parser.add_argument("--observer", default="minmax", choices=("minmax", "ema", "percentile"))
+    parser.add_argument("--ptq", default="nearest", choices=("nearest", "learned"),
+                        help="weight rounding: nearest, or learned on the calibration data (AdaRound per layer, "
+                             "MSE activation ranges, bias correction; minutes on a CPU) (default: nearest)")
+    parser.add_argument("--ptq-iters", type=int, default=500, help="learned PTQ: fit steps per layer (default: 500)")
     parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps after PTQ (needs labelled data)")
     parser.add_argument("--qat-checkpoint", type=Path,
                         help="QAT checkpoint: continued if it exists, written every 100 steps (by rank 0 under torchrun)")
@@ -33,29 +37,33 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from hawqc import api, distributed, models
+    from hawqc import distributed
+    from hawqc.commands._common import load_data_for, load_float_model
+    from hawqc.quant.adaround import LearnedOptions
 
     if args.calib_batches < 1 or args.batch_size < 1:
         raise ValueError("--calib-batches and --batch-size must be at least 1")
+    if args.ptq_iters < 1:
+        raise ValueError("--ptq-iters must be at least 1")
     console = Console(quiet=not distributed.setup().main)  # under torchrun, rank 0 reports
-    spec = models.spec(args.model)
-    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
     torch.manual_seed(0)  # random weights (no checkpoint) are the same model on every rank and every run
-    model = api.load_model(args.model, args.checkpoint, **kwargs)
-    train = api.dataset(args.data, "train", spec.input_shape, size=args.batch_size * args.calib_batches)
-    test = api.dataset(args.data, "test", spec.input_shape, size=args.batch_size)
-    if args.checkpoint is None:
+    loaded = load_float_model(args, args.input_shape)
+    train = load_data_for(args, loaded, "train", size=args.batch_size * args.calib_batches)
+    test = train if args.data == "distilled" else load_data_for(args, loaded, "test", size=args.batch_size)
+    if loaded.random_weights:
         console.print("no --checkpoint: random weights, BatchNorm statistics recalibrated on the calibration data")
-    report = quantize_and_export(model, args.model, args.bit_config, train, test, Path(args.out), args.batch_size,
-                                 args.calib_batches, args.observer, args.qat_steps, args.lr,
-                                 recalibrate_bn=args.checkpoint is None, labelled=args.data != "random",
-                                 console=console, qat_checkpoint=args.qat_checkpoint)
+    report = quantize_and_export(loaded.module, loaded.name, args.bit_config, train, test, Path(args.out),
+                                 args.batch_size, args.calib_batches, args.observer, args.qat_steps, args.lr,
+                                 recalibrate_bn=loaded.random_weights, labelled=train.labelled, console=console,
+                                 ptq=args.ptq, learned=LearnedOptions(iters=args.ptq_iters),
+                                 qat_checkpoint=args.qat_checkpoint)
     return 0 if report is None or report["bit_exact"] else 1
 
 
 def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test: Any, out: Path, batch_size: int,
                         calib_batches: int, observer: str, qat_steps: int, lr: float, *, recalibrate_bn: bool,
-                        labelled: bool, console: Any, qat_checkpoint: Path | None = None) -> dict[str, Any] | None:
+                        labelled: bool, console: Any, ptq: str = "nearest", learned: Any = None,
+                        qat_checkpoint: Path | None = None) -> dict[str, Any] | None:
     """Quantize, optionally fine-tune, check reference == simulation, write the artifacts; print a report.
     Under ``torchrun`` every rank quantizes and trains (data-parallel), then rank 0 checks and writes
     the artifacts and the others return None."""
@@ -71,12 +79,13 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
     from hawqc.reference import from_torch
 
     if qat_steps and not labelled:
-        raise ValueError("QAT needs labelled data: use --data digits or fashion-mnist")
+        raise ValueError("QAT needs labelled data: --data digits, fashion-mnist, a folder of class sub-folders "
+                         "or a .npy with --labels")
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
     calib = [x for x, _ in zip((b[0] for b in loader), range(calib_batches))]
     if recalibrate_bn:
         models.recalibrate_bn(model, calib)
-    qmodel = quantize(model, bit_config, calib, observer=observer)
+    qmodel = quantize(model, bit_config, calib, observer=observer, ptq=ptq, learned=learned, log=console.print)
     if qat_steps:
         qat_train(qmodel, loader, steps=qat_steps, lr=lr, freeze_bn_step=qat_steps // 2, checkpoint=qat_checkpoint)
     if not distributed.setup().main:

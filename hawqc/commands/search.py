@@ -26,10 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bops", help=f"BOPS budget: {budgets} (e.g. 30G)")
     parser.add_argument("--latency", help=f"latency budget: {budgets} (e.g. 2.5ms); needs --table")
     parser.add_argument("--table", help="latency table JSON written by hawqc tune")
+    parser.add_argument("--any-machine", action="store_true",
+                        help="use a --table measured on another machine (by default refused)")
     parser.add_argument("--transition-ms", type=float, default=0.0,
                         help="latency cost of each producer/consumer pair at different bits (default: 0)")
     parser.add_argument("--sensitivity", help="sensitivity JSON from hawqc sensitivity (default: compute it)")
-    parser.add_argument("--options", type=_bits_option, nargs="+", help="bit options per layer (default: w4a4 w8a8)")
+    parser.add_argument("--options", type=_bits_option, nargs="+", help="bit options per layer (default: w4a4 w4a8 w8a8)")
     parser.add_argument("--tie", action="append", default=[], metavar="A,B,...",
                         help="layers that must share bits (repeatable; ResNet downsample ties are automatic)")
     parser.add_argument("--free-first-last", action="store_true", help="do not pin the first and last layer to 8 bits")
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     result = search(model, shape, sens.omega, size=args.size, bops=args.bops, latency=args.latency, table=args.table,
                     options=args.options or DEFAULT_OPTIONS, ties=[t.split(",") for t in args.tie],
                     pin_first_last=None if args.free_first_last else EIGHT_BIT, transition_ms=args.transition_ms,
-                    pareto_points=args.pareto, pareto_metric=args.pareto_metric, activation_omega=sens.activation_omega)
+                    pareto_points=args.pareto, pareto_metric=args.pareto_metric, activation_omega=sens.activation_omega,
+                    any_machine=args.any_machine)
     solution = result.solution
     console.print(bits_table(model, solution.bits, f"{args.model}: ILP bits (Σ Ω = {solution.omega:.4g})"))
     for metric, value in solution.metrics.items():

@@ -1,4 +1,4 @@
-"""``hawqc sensitivity``: per-layer Hessian traces and Ω of a built-in model (cached)."""
+"""``hawqc sensitivity``: per-layer Hessian traces and Ω of a float model (cached)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,19 @@ HELP = "per-layer Hessian trace (Hutchinson) and HAWQ-V3 sensitivity Ω of a mod
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, weights and the data the Hessian is taken on (shared with ``hawqc search``)."""
-    from hawqc import models
-    from hawqc.api import DATASETS
-    from hawqc.commands._common import input_shape
+    from hawqc.commands._common import add_data_arguments, add_float_model_arguments, input_shape
 
-    parser.add_argument("model", help=f"built-in model: {', '.join(models.MODELS)}")
-    parser.add_argument("--checkpoint", help="float weights (a state_dict); default: random")
-    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
-    parser.add_argument("--data", default="random", choices=DATASETS, help="data for the Hessian (default: random)")
+    add_float_model_arguments(parser)
+    add_data_arguments(parser, "data for the Hessian (unlabelled data: the model's own predictions are the labels)")
     parser.add_argument("--batches", type=int, default=1, help="batches for the Hessian (default: 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     parser.add_argument("--input-shape", type=input_shape,
                         help="input shape without batch, e.g. 3,224,224 (default: the data's, or the model's)")
     parser.add_argument("--max-iters", type=int, default=100, help="Hutchinson iterations at most (default: 100)")
     parser.add_argument("--tol", type=float, default=1e-2, help="stop when every trace's standard error is below this fraction of it (default: 0.01)")
+    parser.add_argument("--micro-batch", type=int,
+                        help="samples per Hessian-vector product; bounds memory whatever --batch-size (default: "
+                             "about 0.5M input elements, e.g. 3 images of 3x224x224)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Rademacher vectors (default: 0)")
     parser.add_argument("--cache-dir", help="sensitivity cache (default: $HAWQC_CACHE or ~/.cache/hawqc)")
 
@@ -33,33 +32,73 @@ def model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], tuple[int,
     import torch
     from torch.utils.data import DataLoader
 
-    from hawqc import api, models
+    from hawqc import models
+    from hawqc.commands._common import load_data_for, load_float_model
 
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be at least 1")
-    spec = models.spec(args.model)
-    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
     torch.manual_seed(args.seed)  # random weights (no checkpoint) are the same model on every run
-    model = api.load_model(args.model, args.checkpoint, **kwargs)
-    shape = tuple(args.input_shape or spec.input_shape)
-    dataset = api.dataset(args.data, "train", shape, size=args.batch_size * args.batches)
+    loaded = load_float_model(args, args.input_shape)
+    dataset = load_data_for(args, loaded, "train", size=args.batch_size * args.batches)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    batches = [b for b, _ in zip(loader, range(args.batches))]
-    if args.data == "random":  # no labels: the model's own predictions stand in
-        batches = [x for x, _ in batches]
-    if args.checkpoint is None:
-        models.recalibrate_bn(model, [b[0] if isinstance(b, list) else b for b in batches])
-    first = batches[0][0] if isinstance(batches[0], list) else batches[0]
-    return model, batches, tuple(first.shape[1:])
+    batches = [b if dataset.labelled else b[0] for b, _ in zip(loader, range(args.batches))]
+    if loaded.random_weights:
+        print(f"note: {loaded.name} has random weights (no --checkpoint): its Hessian traces say little about a "
+              "trained model; BatchNorm statistics recalibrated on the data")
+        models.recalibrate_bn(loaded.module, [b[0] if isinstance(b, list) else b for b in batches])
+    return loaded.module, batches, loaded.input_shape
 
 
 def compute(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...]]:
+    from hawqc import distributed
     from hawqc.ilp.sensitivity import sensitivity
 
     model, batches, shape = model_and_data(args)
-    result = sensitivity(model, batches, tol=args.tol, max_iters=args.max_iters, seed=args.seed,
-                         cache_dir=args.cache_dir)
+    progress = ProgressLine(args.tol) if distributed.setup().main else None  # under torchrun, rank 0's
+    try:
+        result = sensitivity(model, batches, tol=args.tol, max_iters=args.max_iters, seed=args.seed,
+                             cache_dir=args.cache_dir, micro_batch=args.micro_batch, progress=progress)
+    finally:
+        if progress is not None:
+            progress.finish()
     return model, result, shape
+
+
+class ProgressLine:
+    """Hutchinson progress on stderr: rewritten in place on a terminal; elsewhere (logs) a line every
+    ``interval`` seconds once a run has taken that long."""
+
+    def __init__(self, tol: float, interval: float = 10.0) -> None:
+        import sys
+        import time
+
+        self.tol, self.interval, self.stream = tol, interval, sys.stderr
+        self.start = self.last = time.monotonic()
+        self.open = False
+
+    def __call__(self, iteration: int, total: int, mean: Any, stderr: Any) -> None:
+        import time
+
+        now = time.monotonic()
+        tty = self.stream.isatty()
+        if not tty and now - self.last < self.interval and iteration < total:
+            return
+        self.last = now
+        half = len(mean) // 2
+        worst = float((stderr / mean.abs().clamp_min(1e-30)).max())
+        eta = (now - self.start) / iteration * (total - iteration)
+        line = (f"Hessian traces: iteration {iteration}/{total}, Σ Tr(H) weights {float(mean[:half].sum()):.4g} "
+                f"activations {float(mean[half:].sum()):.4g}, worst relative error {worst:.1%} (stops at "
+                f"{self.tol:.1%}), {now - self.start:.0f} s, at most {eta:.0f} s left")
+        self.stream.write(f"\r{line}\x1b[K" if tty else line + "\n")
+        self.stream.flush()
+        self.open = tty
+
+    def finish(self) -> None:
+        """End a line left open on a terminal."""
+        if self.open:
+            self.stream.write("\n")
+            self.open = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

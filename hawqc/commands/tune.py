@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hawqc.commands._common import input_shape
+from hawqc.commands._common import add_target_arguments, input_shape, kernels_of, target_of
 
+SUPPORTED_BITS = (4, 8)
+"""Bit widths the compiler builds kernels for (weights = activations in a table row)."""
 HELP = "measure and tune every conv/dense layer at each bit width: the latency table the ILP reads"
 
 
@@ -16,8 +18,9 @@ def bit_list(text: str) -> list[int]:
         bits = sorted({int(b) for b in text.split(",")})
     except ValueError:
         raise argparse.ArgumentTypeError(f"bits must look like 4,8, got {text!r}") from None
-    if not bits or any(not 2 <= b <= 8 for b in bits):
-        raise argparse.ArgumentTypeError(f"bit widths must be between 2 and 8, got {text!r}")
+    if not bits or set(bits) - set(SUPPORTED_BITS):
+        raise argparse.ArgumentTypeError(f"bit widths must be among {','.join(map(str, SUPPORTED_BITS))} (what the "
+                                         f"compiler builds), got {text!r}")
     return bits
 
 
@@ -25,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", metavar="MODEL",
                         help="built-in model (resnet18, resnet50, inceptionv3, ...) or model file (.onnx, .int.npz)")
     parser.add_argument("--input-shape", type=input_shape, help="input shape (default: the model's, batch 1)")
-    parser.add_argument("--target", default="llvm", help='TVM target, e.g. "llvm -mcpu=znver4" (default: host CPU)')
+    add_target_arguments(parser)
     parser.add_argument("--bits", type=bit_list, default=[4, 8], help="bit widths, weights = activations (default 4,8)")
     parser.add_argument("--trials", type=_count, default=8,
                         help="MetaSchedule trials per workload; 0 measures the default schedule only (default 8)")
@@ -38,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print INT4/INT8 ratios per layer (after tuning, or of -o alone without --layers)")
     parser.add_argument("--repeat", type=_positive, default=5, help="timed repeats per measurement (default 5)")
     parser.add_argument("--min-repeat-ms", type=_count, default=50, help="minimum length of one repeat (default 50)")
+    parser.add_argument("--max-spread", type=float, default=1.2,
+                        help="measure again (up to 3 times) when the slowest repeat exceeds the fastest by this "
+                             "factor (default 1.2); rows still noisy are marked and measured again by the next run")
+    parser.add_argument("--max-load", type=float,
+                        help="measure again when the 1-minute load average exceeds this (default: the CPU count)")
     parser.add_argument("--rpc-tracker", metavar="HOST:PORT",
                         help="measure on the RPC servers of this tracker (give their --target)")
     parser.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers to use")
@@ -89,11 +97,11 @@ def _tune(args: argparse.Namespace, console: Any) -> int:
     from hawqc.autotune import runner, workloads
     from hawqc.autotune.measure import Device, Timing
     from hawqc.autotune.table import LatencyTable
-    from hawqc.runtime.target import parse_target
 
     device = Device(args.rpc_tracker, args.rpc_key)
-    timing = Timing(args.repeat, args.min_repeat_ms)
-    options = runner.RunOptions(parse_target(args.target), args.bits, args.trials, timing, device, args.limit)
+    timing = Timing(args.repeat, args.min_repeat_ms, args.max_spread, args.max_load)
+    options = runner.RunOptions(target_of(args), args.bits, args.trials, timing, device, args.limit,
+                                kernels=kernels_of(args), threads=args.threads)
     table = LatencyTable.open(args.out)
     groups = workloads.extract(args.layers, args.input_shape)
     layers = sum(len(g.layers) for g in groups)
@@ -112,6 +120,9 @@ def _tune(args: argparse.Namespace, console: Any) -> int:
     console.print(f"{result.done} entries measured in {time.perf_counter() - start:.0f} s, {result.skipped} already "
                   f"in the table; {len(result.rejected)} candidates rejected (not bit-exact), "
                   f"{len(device.failures)} device failures retried")
+    if result.noisy:
+        console.print(f"[yellow]{result.noisy} entries stayed noisy (spread above {args.max_spread} or load above "
+                      f"{timing.max_load or 'the CPU count'}): marked in the table, measured again by the next run[/]")
     if args.predict_missing:
         from hawqc.autotune.predict import predict_missing
 

@@ -2,8 +2,8 @@
 
 One Relax expression per integer operation, with the reference kernels' exact semantics:
 convolutions and dense layers multiply int8 (or uint8) operands into int32; ``requantize`` is the
-dyadic rule of :mod:`hawqc.quant.dyadic` (int64 product with per-channel ``b``, add ``2^(c-1)``,
-arithmetic right shift by ``c``, zero points where a tensor has them, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
+dyadic rule of :mod:`hawqc.quant.dyadic` (int64 product with per-channel ``b``, a shift by ``c``
+rounding half to even, zero points where a tensor has them, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
 average pooling is a depthwise convolution with a ones kernel (an integer window sum) followed by a
 requantize. Float appears only in the input ``quantize`` and the output ``dequantize``.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import ShiftOps, round_shift, rounding_bias
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
 
 
@@ -50,6 +51,10 @@ class Context:
     def spatial_axes(self, ndim: int) -> list[int]:
         return [1, 2] if self.layout == "NHWC" else [2, 3]
 
+    def internal_axis(self, axis: int, ndim: int) -> int:
+        """Where axis ``axis`` of an NCHW tensor lies in the module's layout."""
+        return [0, 3, 1, 2][axis] if self.layout == "NHWC" and ndim == 4 else axis
+
     def to_internal(self, x: Any) -> Any:
         """An NCHW tensor in the module's layout (other ranks unchanged)."""
         from tvm.relax import op as R
@@ -63,16 +68,25 @@ class Context:
         return R.permute_dims(x, [0, 3, 1, 2]) if self.layout == "NHWC" and _ndim(x) == 4 else x
 
 
+def relax_shift_ops() -> ShiftOps:
+    """The operators :func:`hawqc.quant.dyadic.round_shift` is written with, on int64 Relax expressions."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    return ShiftOps(R.add, R.right_shift, R.bitwise_and, relax.const(1, "int64"))
+
+
 ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
 """A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None) -> expr``, with the
 requantization fused in when given; ``None`` where it has no kernel (the generic lowering is used)."""
 
 
-def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[str] | None = None,
+def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: list[str] | None = None,
              input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None,
              unsigned_first: bool = False) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
-    debugging, to the tuple of the named intermediate tensors). Whole models take and give float32;
+    debugging, to the tuple of the named intermediate tensors). A batch (first dimension) given as ``None``
+    stays symbolic (a ``tirx.Var``): the module runs any batch size. Whole models take and give float32;
     a graph without quantize/dequantize (one layer, for measuring) takes ``input_dtype`` integers.
 
     ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
@@ -84,7 +98,7 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[st
 
     bb = relax.BlockBuilder()
     ctx = Context(bb, layout, kernels, unsigned_first)
-    x = relax.Var("input", relax.TensorType(input_shape, input_dtype))
+    x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
     fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -104,6 +118,26 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int, ...], outputs: list[st
             out = bb.emit_output(results[0] if outputs is None else relax.Tuple(results))
         bb.emit_func_output(out)
     return bb.get()
+
+
+class FixedBatch(ValueError):
+    """Raised where a lowering cannot keep the batch symbolic (the caller compiles for a fixed batch)."""
+
+
+def symbolic_batch(shape: tuple[int | None, ...]) -> list[Any]:
+    """``shape`` with a ``None`` batch (the first dimension) replaced by the symbolic ``batch``."""
+    from tvm import tirx
+
+    if any(d is None for d in shape[1:]):
+        raise ValueError(f"only the batch dimension may be left open, got input shape {shape}")
+    return [tirx.Var("batch", "int64") if i == 0 and d is None else d for i, d in enumerate(shape)]
+
+
+def is_static(dim: Any) -> bool:
+    """Whether a shape dimension is a known integer (not the symbolic batch)."""
+    from tvm import tirx
+
+    return isinstance(dim, (int, tirx.IntImm))
 
 
 def _emitted(bb: Any, expr: Any) -> Any:
@@ -144,8 +178,8 @@ def _ndim(expr: Any) -> int:
 
 
 def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
-                zero_point: int = 0) -> Any:
-    """``clip(((x - z_in)*b + 2^(c-1)) >> c + z_out, qmin, qmax)`` in int64 (the rule of
+                zero_point: int = 0, offset: np.ndarray | None = None) -> Any:
+    """``clip(round_shift((x - z_in)*b + offset, c) + z_out, qmin, qmax)`` in int64 (the rule of
     :func:`hawqc.quant.dyadic.requantize`), stored in the narrowest type."""
     from tvm import relax
     from tvm.relax import op as R
@@ -156,8 +190,9 @@ def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, q
     if input_zero_point:
         y = R.subtract(y, _const(input_zero_point, "int64"))
     y = R.multiply(y, _channel(ctx, b, ndim, "int64"))
-    y = R.right_shift(R.add(y, _channel(ctx, np.left_shift(1, c - 1), ndim, "int64")),
-                      _channel(ctx, c, ndim, "int64"))
+    y = ctx.bb.emit(y if offset is None else R.add(y, _channel(ctx, offset, ndim, "int64")))
+    y = round_shift(y, _channel(ctx, c, ndim, "int64"), _channel(ctx, rounding_bias(c), ndim, "int64"),
+                    relax_shift_ops())
     if zero_point:
         y = R.add(y, _const(zero_point, "int64"))
     y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
@@ -168,9 +203,10 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
-    q = R.round(R.divide(ins[0], _const(op.consts["scale"], "float32")))
+    x = R.astype(R.astype(ins[0], "float32"), "float64")  # x / scale in float64, as QuantizeLinear means it
+    q = R.round(R.divide(x, _const(np.float32(op.consts["scale"]), "float64")))
     if op.attrs.get("zero_point", 0):
-        q = R.add(q, _const(op.attrs["zero_point"], "float32"))
+        q = R.add(q, _const(op.attrs["zero_point"], "float64"))
     q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
     return ctx.to_internal(ctx.bb.emit(R.astype(q, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))))
 
@@ -222,20 +258,33 @@ def _pad_expr(ctx: Context, x: Any, pads: list[int], value: int) -> Any:
 def _requantize_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
     return _requantize(ctx, ins[0], op.consts["b"], op.consts["c"], a["qmin"], a["qmax"],
-                       a.get("input_zero_point", 0), a.get("zero_point", 0))
+                       a.get("input_zero_point", 0), a.get("zero_point", 0), op.consts.get("offset"))
 
 
 def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
+    a = op.attrs
+    if "m" in op.consts:  # inputs of different scales on a common fine grid, rounded once
+        zero_points = a.get("input_zero_points", [0] * len(ins))
+        terms = []
+        for x, z, m in zip(ins, zero_points, op.consts["m"]):
+            y = R.astype(x, "int64")
+            y = R.subtract(y, _const(z, "int64")) if z else y
+            terms.append(R.multiply(y, _channel(ctx, m, _ndim(x), "int64")))
+        total = ctx.bb.emit(terms[0] if len(terms) == 1 else R.add(terms[0], terms[1]))
+        for term in terms[2:]:
+            total = ctx.bb.emit(R.add(total, term))
+        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0),
+                           op.consts.get("offset"))
     total = R.astype(ins[0], "int64")
     for x in ins[1:]:
         total = R.add(total, R.astype(x, "int64"))
-    if op.attrs.get("zero_point", 0):
-        total = R.add(total, _const(op.attrs["zero_point"], "int64"))
-    total = R.clip(total, relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
-    return R.astype(total, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
+    if a.get("zero_point", 0):
+        total = R.add(total, _const(a["zero_point"], "int64"))
+    total = R.clip(total, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
+    return R.astype(total, ctx.storage(a["qmin"], a["qmax"]))
 
 
 def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -244,7 +293,7 @@ def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     dtypes = {str(x.ty.dtype) for x in ins}
     common = dtypes.pop() if len(dtypes) == 1 else "int32"
     return R.concat([x if str(x.ty.dtype) == common else R.astype(x, common) for x in ins],
-                    axis=ctx.channel_axis(_ndim(ins[0])))
+                    axis=ctx.internal_axis(op.attrs.get("axis", 1), _ndim(ins[0])))
 
 
 def _clip(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -284,7 +333,7 @@ def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     axes = ctx.spatial_axes(4)
-    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]] * ins[0].ty.shape[axes[1]]))
+    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
     sums = ctx.bb.emit(R.sum(R.astype(ins[0], "int32"), axis=axes, keepdims=True))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
@@ -295,7 +344,7 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     table = op.consts["table"]
     out_dtype = ctx.storage(int(table.min()), int(table.max()))
     index = R.subtract(R.astype(ins[0], "int32"), _const(op.attrs["offset"], "int32"))
-    return R.take(_const(table, out_dtype), index, axis=0)
+    return R.take(_const(table, out_dtype), index, axis=0, mode="clip")
 
 
 def _mul(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -321,18 +370,78 @@ def _flatten(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     x = ins[0]
     if sum(int(d) > 1 for d in list(x.ty.shape)[1:]) > 1:  # the element order depends on the layout
         x = ctx.bb.emit(ctx.to_external(x))
-    return R.reshape(x, [int(x.ty.shape[0]), -1])
+    return R.reshape(x, [x.ty.shape[0], int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))])
 
 
 def _reshape(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    y = ctx.bb.emit(R.reshape(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["shape"]))
+    x = ctx.bb.emit(ctx.to_external(ins[0]))
+    shape = list(op.attrs["shape"])
+    if not is_static(x.ty.shape[0]):  # an open batch stays open where the reshape keeps it: [-1 | 0, rest]
+        rest = int(np.prod([int(d) for d in list(x.ty.shape)[1:]]))
+        if shape[0] not in (-1, 0) or -1 in shape[1:] or int(np.prod(shape[1:])) != rest:
+            raise FixedBatch(f"reshape {op.output} to {shape} does not keep the batch dimension")
+        shape = [x.ty.shape[0], *shape[1:]]
+    return ctx.to_internal(ctx.bb.emit(R.reshape(x, shape)))
+
+
+def _transpose(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    y = ctx.bb.emit(R.permute_dims(ctx.bb.emit(ctx.to_external(ins[0])), op.attrs["perm"]))
     return ctx.to_internal(y)
+
+
+def _slice(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    a, ndim = op.attrs, _ndim(ins[0])
+    axes = [ctx.internal_axis(i, ndim) for i in range(ndim)]
+    return R.strided_slice(ins[0], axes, a["begin"], a["end"], a["strides"], assume_inbound=True)
+
+
+def _affine(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    from tvm.relax import op as R
+
+    ndim = _ndim(ins[0])
+    x = R.astype(ins[0], "int32")
+    if op.attrs.get("input_zero_point", 0):
+        x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+    return R.add(R.multiply(x, _channel(ctx, op.consts["multiplier"], ndim, "int32")),
+                 _channel(ctx, op.consts["bias"], ndim, "int32"))
+
+
+def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """Separable: rows, then columns; each a gather per tap, weighted and summed in int32 (linear)."""
+    from tvm.relax import op as R
+
+    h, w = ctx.spatial_axes(4)
+    linear = "wy" in op.consts
+
+    def taps(x: Any, index: np.ndarray, weights: np.ndarray | None, axis: int) -> Any:
+        total = None
+        for k, idx in enumerate(index):
+            tap = R.take(x, _const(idx, "int32"), axis=axis, mode="clip")
+            if weights is not None:
+                shape = [1, 1, 1, 1]
+                shape[axis] = -1
+                tap = R.multiply(tap, _const(weights[k].reshape(shape), "int32"))
+            total = tap if total is None else R.add(total, tap)
+        return ctx.bb.emit(total)
+
+    x = ins[0]
+    if linear:
+        x = R.astype(x, "int32")
+        if op.attrs.get("input_zero_point", 0):
+            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+        x = ctx.bb.emit(x)
+    rows = taps(x, op.consts["iy"], op.consts.get("wy"), h)
+    return taps(rows, op.consts["ix"], op.consts.get("wx"), w)
 
 
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
     "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
     "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
     "global_avgpool": _global_avgpool, "lut": _lut, "mul": _mul, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
-    "dequantize": _dequantize}
+    "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "dequantize": _dequantize}

@@ -1,9 +1,11 @@
 """Loading ONNX models and folding what does not depend on the input's values.
 
 Exporters leave shape arithmetic behind (Shape, ConstantOfShape, Slice, Concat feeding Pad or
-Reshape); once the input shape is static, ONNX shape inference and the ONNX reference evaluator
-turn it into constants, to a fixed point. Quantize/dequantize operators are never folded: their
-integer constants are what the reader keeps.
+Reshape, Identity nodes sharing constants); once the input shape is static, ONNX shape inference
+and the ONNX reference evaluator turn it into constants, to a fixed point. A QuantizeLinear of a
+constant folds to its integer constant (weights stored as float with a QuantizeLinear ->
+DequantizeLinear pair, as ONNX Runtime's ``AddQDQPairToWeight`` and TensorRT/ModelOpt write them);
+DequantizeLinear folds only for scalars: the integer constants and scales are what the reader keeps.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 import numpy as np
 
 MIN_OPSET = 13
-QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
-                    "QLinearGlobalAveragePool"}
+QLINEAR_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+               "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
+"""ONNX Runtime's operator form (QOperator): integer ops with their scales and zero points as inputs."""
+QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear", *QLINEAR_OPS}
 
 
 def with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
@@ -37,15 +41,14 @@ def with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
 
 def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
     """Evaluate what does not depend on the input's values (Constant nodes, shape arithmetic, Shape of
-    a tensor whose shape is static, the quantize-dequantize of a scalar constant such as a Pad value)
-    into ``inits``, to a fixed point; returns the nodes left to read."""
+    a tensor whose shape is static, the QuantizeLinear of a constant, the dequantize of a scalar such
+    as a Pad value) into ``inits``, to a fixed point; returns the nodes left to read."""
     import onnx
     from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
 
     nodes = list(model.graph.node)
     while True:
-        shapes = _static_shapes(model, nodes, inits)
+        shapes = static_shapes(model, nodes, inits)
         remaining = []
         for node in nodes:
             if node.op_type == "Constant":
@@ -54,17 +57,12 @@ def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
                     else np.asarray(value)
             elif node.op_type == "Shape" and node.input[0] in shapes:
                 inits[node.output[0]] = np.asarray(shapes[node.input[0]], dtype=np.int64)
-            elif node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] in inits \
+            elif node.op_type == "DequantizeLinear" and node.input[0] in inits \
                     and np.asarray(inits[node.input[0]]).size == 1 and all(i in inits or not i for i in node.input):
-                inits[node.output[0]] = _scalar_qdq(node.op_type, *(inits[i] if i else None for i in node.input))
-            elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in inits or not i for i in node.input):
-                single = onnx.helper.make_model(
-                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
-                                                                for o in node.output],
-                                           [numpy_helper.from_array(np.asarray(inits[i]), i) for i in node.input if i]),
-                    opset_imports=model.opset_import)
-                results = ReferenceEvaluator(single).run(None, {})
-                inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
+                inits[node.output[0]] = _scalar_dequantize(*(inits[i] if i else None for i in node.input))
+            elif (node.op_type not in QUANTIZATION_OPS or node.op_type == "QuantizeLinear") and node.input \
+                    and all(i in inits or not i for i in node.input):
+                evaluate_constant(node, inits, model.opset_import)
             else:
                 remaining.append(node)
         if len(remaining) == len(nodes):
@@ -72,19 +70,29 @@ def fold_constants(model: Any, inits: dict[str, np.ndarray]) -> list[Any]:
         nodes = remaining
 
 
-def _scalar_qdq(op_type: str, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
-    """QuantizeLinear (round half to even, saturate to the zero point's type, uint8 without one) or
-    DequantizeLinear of a scalar, per tensor."""
+def evaluate_constant(node: Any, inits: dict[str, np.ndarray], opset_import: Any) -> None:
+    """Run one node whose inputs are all constants with the ONNX reference evaluator; its outputs go
+    into ``inits``."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    outputs = [onnx.helper.make_tensor_value_info(o, 0, None) for o in node.output]
+    constants = [numpy_helper.from_array(np.asarray(inits[i]), i) for i in node.input if i]
+    single = onnx.helper.make_model(onnx.helper.make_graph([node], "fold", [], outputs, constants),
+                                    opset_imports=opset_import)
+    results = ReferenceEvaluator(single).run(None, {})
+    inits.update({o: np.asarray(r) for o, r in zip(node.output, results)})
+
+
+def _scalar_dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """DequantizeLinear of a scalar, per tensor."""
     zp = np.asarray(zero_point if zero_point is not None else np.uint8(0))
     scale = np.float32(np.asarray(scale).reshape(()))
-    if op_type == "DequantizeLinear":
-        return np.asarray((np.float32(np.asarray(x).reshape(())) - np.float32(zp.reshape(()))) * scale, np.float32)
-    info = np.iinfo(zp.dtype)
-    q = np.rint(np.float32(np.asarray(x).reshape(())) / scale) + int(zp.reshape(()))
-    return np.asarray(np.clip(q, info.min, info.max), dtype=zp.dtype)
+    return np.asarray((np.float32(np.asarray(x).reshape(())) - np.float32(zp.reshape(()))) * scale, np.float32)
 
 
-def _static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:
+def static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:
     """Fully known tensor shapes, by ONNX shape inference over ``nodes`` with ``inits`` as constants."""
     import onnx
     from onnx import numpy_helper

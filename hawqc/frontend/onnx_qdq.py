@@ -7,11 +7,9 @@ fixes their integer form:
   a constant (weights per channel, int32 biases);
 - ``Conv``/``Gemm``/``MatMul`` of views and constants give an *accumulator* (int32, scale
   ``S_in * S_w``); ``Relu``/``Clip`` on it narrow the clip bounds of its requantization;
-- ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input is requantized to
-  the output scale by its own dyadic number, then concatenated, or summed: in hawqc's own exports
-  each input is rounded to the output grid first (HAWQ-V3's rule, what the PyTorch path computes);
-  in other QDQ models, whose Add means one rounding of the real sum, the inputs meet on a grid
-  2^8 times finer and the sum is rounded once;
+- ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input of a Concat is
+  requantized to the output scale by its own dyadic number; the inputs of an Add meet exactly as
+  they are on an int64 grid about 2^50 times finer than the output and their sum is rounded once;
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
 - element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
   LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
@@ -34,13 +32,13 @@ from typing import Any
 import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
-from hawqc.frontend.onnx_model import fold_constants, load_onnx, with_input_shape
-from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
-from hawqc.reference.graph import IntegerGraph, IntOp, rescale_op
+from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
+from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 ADD_BITS = 8
-"""Extra fractional bits on which the inputs of a (non-hawqc) Add are summed before one rounding."""
+"""Extra fractional bits of the accumulator of a per-channel affine map (:meth:`_Reader.affine`)."""
 
 
 @dataclass
@@ -69,6 +67,8 @@ class _Acc:
     s_w: np.ndarray
     lo: float = -np.inf
     hi: float = np.inf
+    fraction: np.ndarray | None = None
+    """The bias below the accumulator's integer grid, per channel (see ``bias_in_accumulator``)."""
 
 
 @dataclass
@@ -89,10 +89,12 @@ class _Reader:
     ops: list[IntOp] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
     inits: dict[str, np.ndarray] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    """Static tensor shapes from ONNX shape inference (after constants are folded)."""
+    input: str = ""
+    trace: dict[str, Any] = field(default_factory=dict)
+    """The integer graph read so far run on zeros, for shapes that shape inference leaves open."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
-    hawq_add: bool = False
-    """hawqc's own exports round each Add input to the output grid (HAWQ-V3); other QDQ models mean
-    the real sum, rounded once."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -123,7 +125,8 @@ class _Reader:
         if isinstance(value, _Acc):
             lo = max(lo, _bound(value.lo, scale_out, zero_point, "lo"))
             hi = min(hi, _bound(value.hi, scale_out, zero_point, "hi"))
-            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point)
+            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point,
+                            fraction=value.fraction)
         else:
             op = rescale_op(value.name, dst, value.scale, np.float32(1.0), scale_out, lo, hi, value.zero_point,
                             zero_point)
@@ -133,9 +136,11 @@ class _Reader:
     # ---- node handlers ------------------------------------------------------------------------
     def quantize_linear(self, node: Any) -> None:
         zp = self.zero_point(node)
-        scale = np.float32(self.const_array(node.input[1]))
-        if scale.ndim:
-            self.fail(node, "activations must be quantized per tensor")
+        scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
+        if scale.size > 1:
+            self.fail(node, f"quantizes the tensor {node.input[0]!r}, computed from the input, per channel (axis "
+                            f"{_attr(node, 'axis', 1)}): hawqc needs activations quantized per tensor")
+        scale = np.float32(scale.reshape(()))
         qmin, qmax = _qrange(self.model, node)
         src, out = self.values[node.input[0]], node.output[0]
         if isinstance(src, str):  # the float graph input
@@ -161,29 +166,38 @@ class _Reader:
             elif src.kind == "concat":
                 for part, value in zip(parts, src.parts):
                     self.rescale(value, part, scale, lo, hi, zp)
-                self.emit("concat", parts, out)
-            elif self.hawq_add:  # HAWQ-V3: each input rounded to the output grid, then summed
-                for part, value in zip(parts, src.parts):
-                    self.rescale(value, part, scale, INT32_MIN, INT32_MAX)
-                self.emit("add", parts, out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})})
-            else:  # ONNX: the real sum, rounded once; inputs meet on a grid 2^ADD_BITS times finer
-                fine = np.float32(scale / np.float32(2**ADD_BITS))
-                for part, value in zip(parts, src.parts):
-                    self.rescale(value, part, fine, INT32_MIN, INT32_MAX)
-                self.emit("add", parts, f"{out}:sum", {"qmin": INT32_MIN, "qmax": INT32_MAX})
-                b, c = dyadic(2.0**-ADD_BITS)
-                self.emit("requantize", [f"{out}:sum"], out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})},
-                          {"b": np.array(b, np.int32), "c": np.array(c, np.int32)})
+                self.emit("concat", parts, out, dict(src.attrs))
+            else:  # the real sum, rounded once
+                self.aligned_add(node, src, out, scale, zp, lo, hi)
             qmin, qmax = lo, hi
         else:
             self.fail(node, "cannot quantize a constant")
         self.values[out] = _View(out, scale, qmin, qmax, zp)
 
+    def aligned_add(self, node: Any, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
+        parts = []
+        for value in pending.parts:
+            if isinstance(value, _Acc):
+                if value.hi != np.inf or value.lo not in (-np.inf, 0.0):
+                    self.fail(node, "only a ReLU may clip an accumulator that an Add reads")
+                name = value.name
+                if value.lo == 0.0:
+                    name = self.emit("clip", [value.name], f"{value.name}:relu", {"qmin": 0, "qmax": INT32_MAX})
+                parts.append(AddInput(name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, 2**31,
+                                      value.fraction))
+            else:
+                parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
+                                      max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
+        self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
+
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         """An average pool rescaled straight to the output scale and zero point."""
         (src,) = pending.parts
-        ratio = float(np.float64(src.scale) / np.float64(scale))
-        attrs = {**pending.attrs, "qmin": lo, "qmax": hi}
+        ratio = float(np.float64(src.scale) / np.float64(scale)) * pending.attrs.get("sum_of", 1)
+        reshape = pending.attrs.get("reshape")
+        pooled = f"{out}:pooled" if reshape else out
+        attrs = {**{k: v for k, v in pending.attrs.items() if k not in ("sum_of", "reshape")}, "qmin": lo, "qmax": hi}
         attrs.update({k: v for k, v in (("input_zero_point", src.zero_point), ("zero_point", zp)) if v})
         consts = {}
         if pending.kind == "avgpool":
@@ -191,7 +205,9 @@ class _Reader:
             consts = {"b": np.array(b, np.int32), "c": np.array(c, np.int32)}
         elif ratio != 1.0:
             attrs["scale_ratio"] = ratio
-        self.emit(pending.kind, [src.name], out, attrs, consts)
+        self.emit(pending.kind, [src.name], pooled, attrs, consts)
+        if reshape:
+            self.emit("reshape", [pooled], out, {"shape": reshape})
 
     def view(self, node: Any, value: Any) -> _View:
         """``value`` as an integer tensor; a pool not followed by a QuantizeLinear keeps its input scale."""
@@ -200,6 +216,14 @@ class _Reader:
             name = f"{node.input[0]}:pooled"
             self.pool(value, name, src.scale, src.zero_point, src.qmin, src.qmax)
             return _View(name, src.scale, src.qmin, src.qmax, src.zero_point)
+        if isinstance(value, _Pending) and value.kind == "concat" and all(
+                isinstance(p, _View) and (p.scale, p.zero_point) == (value.parts[0].scale, value.parts[0].zero_point)
+                for p in value.parts):  # a concat of tensors on one grid, not quantized again
+            name = f"{node.input[0]}:concat"
+            self.emit("concat", [p.name for p in value.parts], name, dict(value.attrs))
+            first = value.parts[0]
+            return _View(name, first.scale, min(p.qmin for p in value.parts), max(p.qmax for p in value.parts),
+                         first.zero_point)
         if not isinstance(value, _View):
             self.fail(node, "input must be a dequantized tensor")
         return value
@@ -208,7 +232,10 @@ class _Reader:
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if node.input[0] in self.inits:
             if len(node.input) > 2 and node.input[2] and np.any(self.const_array(node.input[2]) != 0):
-                self.fail(node, "constants (weights, biases) must have zero points of 0")
+                # an asymmetric constant (an operand of Mul/Add): its float value; weights need zero point 0
+                q = self.inits[node.input[0]].astype(np.float32) - self.const_array(node.input[2]).astype(np.float32)
+                self.inits[node.output[0]] = q * scale
+                return
             self.values[node.output[0]] = _Const(self.inits[node.input[0]], scale)
             self.dequantized_from[node.output[0]] = node.input[0]
             return
@@ -229,15 +256,13 @@ class _Reader:
         if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
                                        or _attr(node, "beta", 1.0) != 1.0):
             self.fail(node, "only Gemm with transA=0, alpha=1, beta=1 is supported")
-        acc_scale = np.float32(x.scale) * w_scale.astype(np.float32)
         consts = {"weight": weight.astype(np.int8)}
-        bias = np.zeros(weight.shape[0], dtype=np.int64)
+        bias, fraction = np.zeros(weight.shape[0], dtype=np.int64), None
         if len(node.input) > 2 and node.input[2]:
             b = self.values.get(node.input[2])
             if not isinstance(b, _Const):
                 self.fail(node, "bias must be a dequantized constant")
-            real = b.values.astype(np.float64) * b.scale.astype(np.float64)
-            bias = b.values.astype(np.int64) if np.array_equal(b.scale, acc_scale) else np.rint(real / acc_scale)
+            bias, fraction = bias_in_accumulator(b.values, b.scale, x.scale, w_scale)
         if x.zero_point:  # sum((x - z) * w) = sum(x * w) - z * sum(w); padding pads with z
             bias = bias - x.zero_point * weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
         if np.any(bias):
@@ -254,7 +279,7 @@ class _Reader:
             attrs.update(stride=list(_attr(node, "strides", [1, 1])), dilation=list(_attr(node, "dilations", [1, 1])),
                          groups=int(_attr(node, "group", 1)), padding=[pads[0], pads[1], pads[2], pads[3]])
         self.emit("conv2d" if node.op_type == "Conv" else "dense", [x.name], name, attrs, consts)
-        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32))
+        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32), fraction=fraction)
 
     def relu_or_clip(self, node: Any) -> None:
         src = self.values[node.input[0]]
@@ -275,17 +300,21 @@ class _Reader:
 
     def add_or_concat(self, node: Any) -> None:
         parts = [v if isinstance(v, _Acc) else self.view(node, v) for v in (self.values.get(i) for i in node.input)]
+        attrs = {}
         if node.op_type == "Concat" and _attr(node, "axis", 1) != 1:
-            self.fail(node, "only channel concatenation (axis 1) is supported")
-        self.values[node.output[0]] = _Pending("add" if node.op_type == "Add" else "concat", parts)
+            attrs["axis"] = _axis(_attr(node, "axis", 1), len(self.shape_of(node, node.input[0])))
+        self.values[node.output[0]] = _Pending("add" if node.op_type == "Add" else "concat", parts, attrs=attrs)
 
     def pool_or_flatten(self, node: Any) -> None:
         src = self.view(node, self.values.get(node.input[0]))
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
             pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or \
+                    any(d != 1 for d in _attr(node, "dilations", [1, 1])):
+                self.fail(node, "auto_pad and dilated pooling are not supported: export with explicit pads")
             if _attr(node, "ceil_mode", 0):
-                self.fail(node, "ceil_mode is not supported")
+                pads = self.ceil_mode_pads(node, pads)
             attrs = {"kernel": list(_attr(node, "kernel_shape", None)), "stride": list(_attr(node, "strides", [1, 1])),
                      "padding": [pads[0], pads[1], pads[2], pads[3]]}
         if node.op_type == "MaxPool":
@@ -295,14 +324,27 @@ class _Reader:
                 self.fail(node, "padded average pooling must count the padding (count_include_pad=1)")
             self.values[out] = _Pending("avgpool", [src], attrs=attrs)
             return
-        elif node.op_type == "GlobalAveragePool":
+        else:  # GlobalAveragePool
             self.values[out] = _Pending("global_avgpool", [src])
             return
-        else:  # Flatten
-            if _attr(node, "axis", 1) != 1:
-                self.fail(node, "only Flatten(axis=1) is supported")
-            self.emit("flatten", [src.name], out)
         self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
+
+    def ceil_mode_pads(self, node: Any, pads: list[int]) -> list[int]:
+        """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
+        ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would start in the padding
+        (PyTorch's and ONNX Runtime's rule). A max pool pads with the smallest integer; an average pool
+        must not need the extra rows (its divisor would change)."""
+        shape = self.shape_of(node, node.input[0])
+        kernel, strides = list(_attr(node, "kernel_shape", None)), list(_attr(node, "strides", [1, 1]))
+        extra = []
+        for n, k, s, lo, hi in zip(shape[2:], kernel, strides, pads[:2], pads[2:]):
+            out = -(-(n + lo + hi - k) // s) + 1
+            if (out - 1) * s >= n + lo:
+                out -= 1
+            extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
+        if node.op_type == "AveragePool" and any(extra):
+            self.fail(node, "average pooling with ceil_mode=1 whose last window overhangs is not supported")
+        return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
 
     def elementwise(self, node: Any) -> None:
         """A non-linearity on an integer tensor: an exact lookup table once its output scale is known."""
@@ -333,30 +375,286 @@ class _Reader:
     def lut(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         (src,) = pending.parts
         q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
-        real = ((q - src.zero_point).astype(np.float32) * src.scale).astype(np.float32)
-        y = np.asarray(pending.attrs["fn"](real), dtype=np.float32)
-        table = np.clip(np.rint(y / scale) + zp, lo, hi).astype(np.int32)
+        real = (q - src.zero_point).astype(np.float64) * np.float64(src.scale)  # the exact input grid
+        y = np.asarray(pending.attrs["fn"](real), dtype=np.float64)
+        table = np.clip(np.rint(y / np.float64(scale)) + zp, lo, hi).astype(np.int32)
         self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
 
-    def reshape_or_pad(self, node: Any) -> None:
-        """Reshape (shape folded to a constant) and constant Pad of an integer tensor."""
+    def pad(self, node: Any) -> None:
+        """Constant Pad of the spatial dimensions of an integer tensor (the value on its grid)."""
         src = self.view(node, self.values.get(node.input[0]))
         out = node.output[0]
-        if node.op_type == "Reshape":
-            shape = [int(d) for d in self.const_array(node.input[1])]
-            self.emit("reshape", [src.name], out, {"shape": shape})
-        else:
-            pads = [int(p) for p in self.const_array(node.input[1])]
-            value = float(self.const_array(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
-            if _attr(node, "mode", b"constant") not in (b"constant", "constant") or len(pads) != 8 or any(pads[:2] + pads[4:6]):
-                self.fail(node, "only constant padding of the spatial dimensions is supported")
-            self.emit("pad", [src.name], out, {"pads": [pads[2], pads[3], pads[6], pads[7]],
-                                               "pad_value": _bound(value, src.scale, src.zero_point, "lo")})
+        pads = [int(p) for p in self.const_array(node.input[1])]
+        value = float(self.const_array(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
+        if _attr(node, "mode", b"constant") not in (b"constant", "constant") or len(pads) != 8 or any(pads[:2] + pads[4:6]):
+            self.fail(node, "only constant padding of the spatial dimensions is supported")
+        self.emit("pad", [src.name], out, {"pads": [pads[2], pads[3], pads[6], pads[7]],
+                                           "pad_value": _bound(value, src.scale, src.zero_point, "lo")})
         self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
+    # ---- data movement: an integer tensor keeps its grid ---------------------------------------
+    def shape_of(self, node: Any, name: str) -> list[int]:
+        """The static shape of tensor ``name``: from ONNX shape inference, else (after operators that
+        shape inference does not know, such as ONNX Runtime's QLinear*) from running the integer graph
+        read so far on zeros."""
+        shape = self.shapes.get(name)
+        value = self.values.get(name)
+        if shape is None and isinstance(value, (_View, _Acc)) and self.input in self.shapes:
+            from hawqc.reference.kernels import KERNELS
+
+            if not self.trace:
+                self.trace[self.input] = np.zeros(self.shapes[self.input], np.float32)
+            for op in self.ops[len(self.trace) - 1:]:
+                self.trace[op.output] = KERNELS[op.op]([self.trace[i] for i in op.inputs], op.attrs, op.consts)
+            shape = self.shapes[name] = list(self.trace[value.name].shape)
+        if shape is None:
+            self.fail(node, f"needs the static shape of {name!r}: give the input shape (--input-shape)")
+        return list(shape)
+
+    def output_shape(self, node: Any) -> list[int]:
+        """The shape of a Reshape/Flatten/Squeeze/Unsqueeze/Resize output, by ONNX's rules."""
+        if node.output[0] in self.shapes:
+            return list(self.shapes[node.output[0]])
+        shape = self.shape_of(node, node.input[0])
+        second = [int(v) for v in self.const_array(node.input[1]).reshape(-1)] \
+            if len(node.input) > 1 and node.input[1] else None
+        if node.op_type == "Reshape":
+            new = [shape[i] if d == 0 else d for i, d in enumerate(second)]
+            if -1 in new:
+                new[new.index(-1)] = int(np.prod(shape)) // int(np.prod([d for d in new if d != -1]))
+            return new
+        if node.op_type == "Flatten":
+            axis = _axis(_attr(node, "axis", 1), len(shape))
+            return [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]
+        axes = second if second is not None else _attr(node, "axes", None)
+        if node.op_type == "Squeeze":
+            drop = [_axis(a, len(shape)) for a in axes] if axes else [i for i, d in enumerate(shape) if d == 1]
+            return [d for i, d in enumerate(shape) if i not in drop]
+        if node.op_type == "Unsqueeze":
+            rank = len(shape) + len(axes)
+            inserted = sorted(_axis(a, rank) for a in axes)
+            rest = iter(shape)
+            return [1 if i in inserted else next(rest) for i in range(rank)]
+        if node.op_type == "Resize":
+            sizes = self.const_array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if sizes is not None and sizes.size:
+                return [int(d) for d in sizes]
+            scales = self.const_array(node.input[2])
+            return [int(np.floor(d * np.float32(f))) for d, f in zip(shape, scales)]
+        self.fail(node, "its output shape is not known")
+
+    def split_sizes(self, node: Any, size: int) -> list[int]:
+        """The sizes of Split's outputs along its axis."""
+        if len(node.input) > 1 and node.input[1]:
+            return [int(v) for v in self.const_array(node.input[1])]
+        if _attr(node, "split", None):
+            return [int(v) for v in _attr(node, "split", None)]
+        parts = len(node.output)
+        step = -(-size // parts)
+        return [min(step, size - k * step) for k in range(parts)]
+
+    def moved(self, node: Any, src: _View, out: str, op: str, attrs: dict[str, Any]) -> None:
+        self.emit(op, [src.name], out, attrs)
+        self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
+
+    def movement(self, node: Any) -> None:
+        """Transpose, Reshape, Flatten, Squeeze, Unsqueeze, DepthToSpace, SpaceToDepth, Slice and Split of
+        an integer tensor: the same integers rearranged (reshapes take ONNX's inferred output shape)."""
+        src = self.view(node, self.values.get(node.input[0]))
+        out, op_type = node.output[0], node.op_type
+        if op_type == "Transpose":
+            perm = _attr(node, "perm", None) or list(reversed(range(len(self.shape_of(node, node.input[0])))))
+            self.moved(node, src, out, "transpose", {"perm": [int(p) for p in perm]})
+        elif op_type == "Flatten" and _attr(node, "axis", 1) == 1:
+            self.moved(node, src, out, "flatten", {})
+        elif op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            self.moved(node, src, out, "reshape", {"shape": self.output_shape(node)})
+        elif op_type in ("DepthToSpace", "SpaceToDepth"):
+            self.depth_space(node, src)
+        elif op_type == "Slice":
+            self.slice(node, src, out, self.slice_spec(node))
+        else:  # Split
+            shape = self.shape_of(node, node.input[0])
+            axis = _axis(_attr(node, "axis", 0), len(shape))
+            sizes = self.split_sizes(node, shape[axis])
+            start = 0
+            for name, size in zip(node.output, sizes):
+                begin, end = [0] * len(shape), list(shape)
+                begin[axis], end[axis] = start, start + size
+                self.slice(node, src, name, (begin, end, [1] * len(shape)))
+                start += size
+
+    def slice_spec(self, node: Any) -> tuple[list[int], list[int], list[int]]:
+        """ONNX Slice's starts/ends/axes/steps as a begin, end and stride per axis (steps > 0)."""
+        shape = self.shape_of(node, node.input[0])
+        arg = [[int(v) for v in self.const_array(i)] if len(node.input) > k and node.input[k] else None
+               for k, i in enumerate(list(node.input) + [""] * 5) if 1 <= k <= 4]
+        starts, ends, axes, steps = arg
+        axes = [_axis(a, len(shape)) for a in (axes or range(len(starts)))]
+        begin, end, strides = [0] * len(shape), list(shape), [1] * len(shape)
+        for a, s, e, st in zip(axes, starts, ends, steps or [1] * len(axes)):
+            if st < 1:
+                self.fail(node, "only slices with positive steps are supported")
+            begin[a], end[a], strides[a] = slice(s, e, st).indices(shape[a])
+        return begin, end, strides
+
+    def slice(self, node: Any, src: _View, out: str, spec: tuple[list[int], list[int], list[int]]) -> None:
+        begin, end, strides = spec
+        self.moved(node, src, out, "slice", {"begin": begin, "end": end, "strides": strides})
+
+    def depth_space(self, node: Any, src: _View) -> None:
+        """DepthToSpace (DCR or CRD) and SpaceToDepth as reshape -> transpose -> reshape."""
+        n, c, h, w = self.shape_of(node, node.input[0])
+        b = int(_attr(node, "blocksize", None))
+        if node.op_type == "SpaceToDepth":
+            steps = [(n, c, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4), (n, c * b * b, h // b, w // b)]
+        elif _attr(node, "mode", b"DCR") in (b"CRD", "CRD"):
+            steps = [(n, c // (b * b), b, b, h, w), (0, 1, 4, 2, 5, 3), (n, c // (b * b), h * b, w * b)]
+        else:
+            steps = [(n, b, b, c // (b * b), h, w), (0, 3, 4, 1, 5, 2), (n, c // (b * b), h * b, w * b)]
+        out = node.output[0]
+        self.moved(node, src, f"{out}:split", "reshape", {"shape": list(steps[0])})
+        self.moved(node, self.values[f"{out}:split"], f"{out}:moved", "transpose", {"perm": list(steps[1])})
+        self.moved(node, self.values[f"{out}:moved"], out, "reshape", {"shape": list(steps[2])})
+
+    # ---- reductions over H, W --------------------------------------------------------------------
+    def reduce(self, node: Any) -> None:
+        """ReduceMean/ReduceSum (a global average pool, resolved at the QuantizeLinear) and ReduceMax (a
+        global max pool) over H and W of an NCHW tensor."""
+        src = self.view(node, self.values.get(node.input[0]))
+        shape = self.shape_of(node, node.input[0])
+        axes = _attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.const_array(node.input[1])
+        axes = sorted(_axis(int(a), len(shape)) for a in (axes if axes is not None else range(len(shape))))
+        if len(shape) != 4 or not axes or not set(axes) <= {2, 3}:
+            self.fail(node, "only reductions over the spatial axes (2, 3) of an NCHW tensor are supported")
+        out = node.output[0]
+        kernel = [shape[2] if 2 in axes else 1, shape[3] if 3 in axes else 1]
+        squeeze = {} if _attr(node, "keepdims", 1) else {"reshape": [d for i, d in enumerate(shape) if i not in axes]}
+        if node.op_type == "ReduceMax":
+            pooled = f"{out}:pooled" if squeeze else out
+            self.moved(node, src, pooled, "maxpool", {"kernel": kernel, "stride": [1, 1], "padding": [0, 0, 0, 0]})
+            if squeeze:
+                self.moved(node, self.values[pooled], out, "reshape", {"shape": squeeze["reshape"]})
+            return
+        window = kernel[0] * kernel[1] if node.op_type == "ReduceSum" else 1
+        attrs = {**squeeze, **({"sum_of": window} if window > 1 else {})}
+        if axes == [2, 3]:
+            self.values[out] = _Pending("global_avgpool", [src], attrs=attrs)
+        else:
+            attrs.update(kernel=kernel, stride=[1, 1], padding=[0, 0, 0, 0])
+            self.values[out] = _Pending("avgpool", [src], attrs=attrs)
+
+    # ---- per-channel affine maps: BatchNormalization, arithmetic with a constant ----------------
+    def float_const(self, name: str) -> np.ndarray | None:
+        """A constant operand as float64: a float initializer or a dequantized constant; else None."""
+        value = self.values.get(name)
+        if isinstance(value, _Const):
+            scale = value.scale.reshape(value.scale.shape + (1,) * (value.values.ndim - value.scale.ndim)) \
+                if value.scale.ndim and value.scale.shape[0] == value.values.shape[0] else value.scale
+            return value.values.astype(np.float64) * scale.astype(np.float64)
+        if name in self.inits and value is None:
+            return np.asarray(self.inits[name], dtype=np.float64)
+        return None
+
+    def per_channel(self, node: Any, const: np.ndarray, shape: list[int]) -> np.ndarray:
+        """A constant broadcast against a tensor of ``shape`` (channels on axis 1) as one value per channel."""
+        aligned = [1] * (len(shape) - const.ndim) + list(const.shape)
+        if const.ndim > len(shape) or len(shape) < 2 or any(d != 1 for i, d in enumerate(aligned) if i != 1):
+            self.fail(node, f"only scalar or per-channel constants are supported (got shape {list(const.shape)})")
+        return np.broadcast_to(const.reshape(-1), (shape[1],)).astype(np.float64)
+
+    def arithmetic(self, node: Any) -> None:
+        """Add/Sub/Mul/Div: with a constant operand a per-channel affine map, else Add and Mul of
+        integer tensors."""
+        consts = [self.float_const(i) for i in node.input]
+        if consts[0] is None and consts[1] is None:
+            if node.op_type == "Add":
+                return self.add_or_concat(node)
+            if node.op_type == "Mul":
+                return self.mul(node)
+            self.fail(node, f"{node.op_type} of two tensors has no integer lowering in hawqc")
+        if consts[0] is not None and consts[1] is not None:
+            self.fail(node, "operates on two constants that were not folded")
+        k = 1 if consts[0] is None else 0
+        src = self.view(node, self.values.get(node.input[1 - k]))
+        shape = self.shape_of(node, node.input[1 - k])
+        c = self.per_channel(node, consts[k], shape)
+        one, zero = np.ones_like(c), np.zeros_like(c)
+        if node.op_type == "Div":
+            if k == 0:
+                self.fail(node, "division by a tensor has no integer lowering in hawqc")
+            gain, offset = 1.0 / c, zero
+        else:
+            gain, offset = {"Add": (one, c), "Mul": (c, zero), "Sub": (one, -c) if k == 1 else (-one, c)}[node.op_type]
+        self.affine(node, src, gain, offset)
+
+    def batch_norm(self, node: Any) -> None:
+        """A BatchNormalization that no conv absorbed (DenseNet's after a Concat): a per-channel affine map."""
+        src = self.view(node, self.values.get(node.input[0]))
+        params = [self.float_const(i) for i in node.input[1:5]]
+        if any(p is None for p in params):
+            self.fail(node, "needs constant scale, bias, mean and variance")
+        gamma, beta, mean, var = params
+        gain = gamma / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
+        self.affine(node, src, gain, beta - mean * gain)
+
+    def affine(self, node: Any, src: _View, gain: np.ndarray, offset: np.ndarray) -> None:
+        """``gain * x + offset`` per channel on a grid 2^ADD_BITS finer than ``|gain| * S_in``: an int32
+        accumulator ``(q - z) * sign * 2^ADD_BITS + round(offset / acc_scale)``, rescaled at the next
+        QuantizeLinear like a conv's."""
+        magnitude = np.where(gain == 0, 1.0, np.abs(gain)).astype(np.float32)
+        fine = np.float32(src.scale / np.float32(2**ADD_BITS))
+        acc_scale = (fine * magnitude).astype(np.float64)
+        multiplier = (np.sign(gain) * 2**ADD_BITS).astype(np.int64)
+        bias = np.rint(offset / acc_scale)
+        bound = max(abs(src.qmin - src.zero_point), abs(src.qmax - src.zero_point)) * 2**ADD_BITS + np.abs(bias).max()
+        if bound > INT32_MAX:
+            self.fail(node, "its constant offset does not fit the int32 accumulator at this scale")
+        out = node.output[0]
+        attrs = {"input_zero_point": src.zero_point} if src.zero_point else {}
+        self.emit("affine", [src.name], out, attrs, {"multiplier": multiplier.astype(np.int32),
+                                                       "bias": bias.astype(np.int32)})
+        self.values[out] = _Acc(out, fine, magnitude)
+
+    # ---- Resize ----------------------------------------------------------------------------------
+    def resize(self, node: Any) -> None:
+        """Resize of H, W: nearest is a gather (the same grid); linear a weighted sum with exact integer
+        weights, an accumulator on a grid ``denominator`` times finer, rescaled at the QuantizeLinear."""
+        from hawqc.frontend.resize import resize_taps
+
+        src = self.view(node, self.values.get(node.input[0]))
+        (n, c, h, w), out_shape = self.shape_of(node, node.input[0]), self.output_shape(node)
+        if out_shape[:2] != [n, c]:
+            self.fail(node, "only resizing of H and W is supported")
+        scales = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        attrs = {a.name: _attr(node, a.name, None) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        mode = attrs.get("mode", "nearest")
+        if mode not in ("nearest", "linear") or attrs.get("antialias", 0):
+            self.fail(node, f"Resize mode {mode!r} has no integer lowering (nearest and linear have)")
+        try:
+            taps = [resize_taps(size, new, None if scales is None or not scales.size else float(scales[axis]), mode,
+                                attrs.get("coordinate_transformation_mode", "half_pixel"),
+                                attrs.get("nearest_mode", "round_prefer_floor"))
+                    for axis, size, new in ((2, h, out_shape[2]), (3, w, out_shape[3]))]
+        except ValueError as err:
+            self.fail(node, str(err))
+        (iy, wy, dy), (ix, wx, dx) = taps
+        out = node.output[0]
+        if mode == "nearest":
+            self.moved(node, src, out, "resize", {})
+            self.ops[-1].consts.update(iy=iy, ix=ix)
+            return
+        attrs_out = {"input_zero_point": src.zero_point} if src.zero_point else {}
+        self.emit("resize", [src.name], out, attrs_out, {"iy": iy, "ix": ix, "wy": wy, "wx": wx})
+        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(np.float32(1.0 / (dy * dx))))
+
     def qlinear(self, node: Any) -> None:
-        """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd,
-        QLinearGlobalAveragePool) read as the DequantizeLinear -> op -> QuantizeLinear it stands for."""
+        """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul,
+        QLinearConcat, QLinearGlobalAveragePool, QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu)
+        read as the DequantizeLinear -> op -> QuantizeLinear it stands for."""
         from onnx import helper
 
         i, out = list(node.input), node.output[0]
@@ -367,7 +665,8 @@ class _Reader:
             inputs = [i[0], f"{out}:w"]
             bias = i[8] if node.op_type == "QLinearConv" and len(i) > 8 else i[6] if node.op_type == "QGemm" else ""
             if bias:
-                acc_scale = np.float32(self.const_array(i[1])) * np.asarray(self.const_array(w_scale), np.float32)
+                acc_scale = (np.float64(np.float32(self.const_array(i[1])))  # exact: the bias adds to the accumulator
+                             * np.asarray(self.const_array(w_scale), np.float32).astype(np.float64))
                 self.values[f"{out}:b"] = _Const(self.const_array(bias), acc_scale)
                 inputs.append(f"{out}:b")
             op_type = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}[node.op_type]
@@ -376,13 +675,24 @@ class _Reader:
             if node.op_type == "QGemm" and (len(i) < 8 or not y_scale):  # float output
                 self.values[out] = self.values[f"{out}:f"]
                 return
-        elif node.op_type == "QLinearAdd":
-            self.add_or_concat(helper.make_node("Add", [i[0], i[3]], [f"{out}:f"], name=node.name))
+        elif node.op_type in ("QLinearAdd", "QLinearMul"):
+            for k in (0, 3):  # a constant operand, dequantized
+                if i[k] in self.inits:
+                    self.dequantize_linear(helper.make_node("DequantizeLinear", i[k:k + 3], [f"{out}:{k}"]))
+                    i[k] = f"{out}:{k}"
+            self.arithmetic(helper.make_node(node.op_type[7:], [i[0], i[3]], [f"{out}:f"], name=node.name))
             y_scale, y_zp = i[6], i[7] if len(i) > 7 else ""
-        else:  # QLinearGlobalAveragePool
-            if attrs.get("channels_last", 0):
+        elif node.op_type == "QLinearConcat":
+            self.add_or_concat(helper.make_node("Concat", i[2::3], [f"{out}:f"], name=node.name, **attrs))
+            self.shapes.setdefault(f"{out}:f", self.shapes.get(out))
+            y_scale, y_zp = i[0], i[1]
+        else:  # QLinearGlobalAveragePool, QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu: (x, s, z, s_y, z_y)
+            if attrs.pop("channels_last", 0):
                 self.fail(node, "channels_last pooling is not supported")
-            self.pool_or_flatten(helper.make_node("GlobalAveragePool", [i[0]], [f"{out}:f"], name=node.name))
+            op_type = node.op_type[7:]
+            self.shapes.setdefault(f"{out}:f", self.shapes.get(out))
+            handler = _Reader.elementwise if op_type in ELEMENTWISE else _Reader.pool_or_flatten
+            handler(self, helper.make_node(op_type, [i[0]], [f"{out}:f"], name=node.name, **attrs))
             y_scale, y_zp = i[3], i[4] if len(i) > 4 else ""
         self.quantize_linear(helper.make_node("QuantizeLinear", [f"{out}:f", y_scale, y_zp], [out], name=node.name))
 
@@ -403,14 +713,21 @@ _PASS_THROUGH = {"Identity", "Dropout"}
 
 _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Reader.dequantize_linear,
              "Conv": _Reader.conv_or_dense, "Gemm": _Reader.conv_or_dense, "MatMul": _Reader.conv_or_dense,
-             "Relu": _Reader.relu_or_clip, "Clip": _Reader.relu_or_clip, "Add": _Reader.add_or_concat,
-             "Concat": _Reader.add_or_concat, "MaxPool": _Reader.pool_or_flatten,
-             "AveragePool": _Reader.pool_or_flatten, "GlobalAveragePool": _Reader.pool_or_flatten,
-             "Flatten": _Reader.pool_or_flatten, "QLinearConv": _Reader.qlinear, "QLinearMatMul": _Reader.qlinear,
-             "QLinearAdd": _Reader.qlinear, "QLinearGlobalAveragePool": _Reader.qlinear, "QGemm": _Reader.qlinear,
-             "Mul": _Reader.mul, "Reshape": _Reader.reshape_or_pad, "Pad": _Reader.reshape_or_pad,
+             "Relu": _Reader.relu_or_clip, "Clip": _Reader.relu_or_clip, "Concat": _Reader.add_or_concat,
+             "MaxPool": _Reader.pool_or_flatten, "AveragePool": _Reader.pool_or_flatten,
+             "GlobalAveragePool": _Reader.pool_or_flatten, "Pad": _Reader.pad,
+             **{op: _Reader.qlinear for op in QLINEAR_OPS},
+             **{op: _Reader.movement for op in ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice",
+                                                "Split", "DepthToSpace", "SpaceToDepth")},
+             **{op: _Reader.reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax")},
+             **{op: _Reader.arithmetic for op in ("Add", "Sub", "Mul", "Div")},
+             "BatchNormalization": _Reader.batch_norm, "Resize": _Reader.resize,
              **{op: _Reader.elementwise for op in ELEMENTWISE}}
 
+
+
+def _axis(axis: int, ndim: int) -> int:
+    return int(axis) + ndim if int(axis) < 0 else int(axis)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -430,10 +747,10 @@ def _is_int4(model: Any, tensor: str, dequantized_from: dict[str, str]) -> bool:
 
 
 def _bound(value: float, scale: np.float32, zero_point: int, side: str) -> int:
-    """A float clip bound as the integer bound QuantizeLinear would give it (round half to even)."""
+    """A float clip bound as the integer bound QuantizeLinear would give it (float64, half to even)."""
     if not np.isfinite(value):
         return INT32_MIN if side == "lo" else INT32_MAX
-    return int(np.rint(np.float32(value) / scale)) + zero_point
+    return int(np.rint(np.float64(np.float32(value)) / np.float64(scale))) + zero_point
 
 
 def _qrange(model: Any, node: Any) -> tuple[int, int]:
@@ -462,15 +779,25 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             or len(graph.output) != 1:
         raise ValueError("the ONNX model must have exactly one input and one output")
     props = {p.key: p.value for p in model.metadata_props}
-    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer},
-                     hawq_add="hawqc.bit_config" in props)
+    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer})
     input_name = next(i.name for i in graph.input if i.name not in reader.inits)
-    reader.values[input_name] = input_name
-    for node in fold_constants(model, reader.inits):
+    reader.values[input_name] = reader.input = input_name
+    nodes = fold_constants(model, reader.inits)
+    reader.shapes = static_shapes(model, nodes, reader.inits)
+    for node in nodes:
         if node.op_type in _PASS_THROUGH:
-            reader.values[node.output[0]] = reader.values[node.input[0]]
+            reader.values[node.output[0]] = reader.values.get(node.input[0])
+        elif node.op_type == "Shape" and isinstance(reader.values.get(node.input[0]), (_View, _Acc)) \
+                and reader.input in reader.shapes:  # behind an operator shape inference does not know
+            reader.inits[node.output[0]] = np.asarray(reader.shape_of(node, node.input[0]), dtype=np.int64)
+        elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in reader.inits or not i for i in node.input):
+            evaluate_constant(node, reader.inits, model.opset_import)
         elif node.op_type in _HANDLERS:
-            _HANDLERS[node.op_type](reader, node)
+            try:
+                _HANDLERS[node.op_type](reader, node)
+            except (KeyError, IndexError, TypeError, AttributeError) as err:  # a form hawqc does not read
+                reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
+                                  "hawqc reads the forms ONNX Runtime, NNCF and hawqc's export write")
         elif node.op_type == "Shape":  # left unfolded: the input shape is not static
             dims = [d.dim_value if d.HasField("dim_value") else "?" for d in model.graph.input[0].type.tensor_type.shape.dim]
             raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "

@@ -17,7 +17,6 @@ dearest (every layer at the dearest): ``size=0.5`` is halfway between uniform 4-
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -32,7 +31,8 @@ METRICS = ("size", "bops", "latency")
 UNITS = {"size": "bytes", "bops": "BOPS", "latency": "ms"}
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "kb": 1e3, "mb": 1e6, "gb": 1e9,
            "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30, "b": 1.0, "ms": 1.0, "us": 1e-3, "s": 1e3}
-DEFAULT_OPTIONS = (LayerBits(4, 4), LayerBits(8, 8))
+DEFAULT_OPTIONS = (LayerBits(4, 4), LayerBits(4, 8), LayerBits(8, 8))
+"""W4A4, W4A8 (4-bit weights on int8 kernels: most 4-bit deployments) and W8A8."""
 EIGHT_BIT = LayerBits(8, 8)
 
 
@@ -161,9 +161,9 @@ def _run(problem: Problem, limits: Mapping[str, float], objective: str) -> tuple
 
     layers, options = problem.layers, range(len(problem.options))
     ilp = pulp.LpProblem("hawqc_bits", pulp.LpMinimize)
-    x = {(n, k): pulp.LpVariable(f"x_{i}_{k}", cat="Binary") for i, n in enumerate(layers) for k in options}
+    x = {(n, k): ilp.add_variable(f"x_{i}_{k}", cat="Binary") for i, n in enumerate(layers) for k in options}
     index = {n: i for i, n in enumerate(layers)}
-    z = {e: pulp.LpVariable(f"z_{index[e[0]]}_{index[e[1]]}", lowBound=0, upBound=1) for e in problem.edges} \
+    z = {e: ilp.add_variable(f"z_{index[e[0]]}_{index[e[1]]}", lowBound=0, upBound=1) for e in problem.edges} \
         if problem.transition_ms else {}
 
     def expression(metric: str) -> Any:
@@ -248,21 +248,12 @@ def layer_edges(model: Any) -> list[tuple[str, str]]:
 
 
 def read_latency_table(path: str | os.PathLike[str]) -> dict[tuple[str, int, int], float]:
-    """``(layer, w_bits, a_bits) -> latency_ms`` from a ``hawqc tune`` table (the fastest row of a key)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or data.get("schema_version") != 1 or not isinstance(data.get("rows"), list):
-        raise ValueError(f"{path}: not a hawqc latency table (schema_version 1 with rows)")
-    table: dict[tuple[str, int, int], float] = {}
-    for i, row in enumerate(data["rows"]):
-        try:
-            key, ms = (str(row["layer"]), int(row["w_bits"]), int(row["a_bits"])), float(row["latency_ms"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: row {i} lacks layer, w_bits, a_bits or latency_ms") from None
-        table[key] = min(ms, table.get(key, ms))
-    return table
+    """``(layer, w_bits, a_bits) -> latency_ms`` from a ``hawqc tune`` table."""
+    from hawqc.autotune.table import LatencyTable
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such latency table")
+    return LatencyTable.open(path).latencies()
 
 
 def build_problem(model: Any, input_shape: tuple[int, ...], omega: Mapping[str, Mapping[int, float]], *,
@@ -291,15 +282,25 @@ def build_problem(model: Any, input_shape: tuple[int, ...], omega: Mapping[str, 
     cost = {"size": {n: [c.params * o.w_bits / 8 for o in options] for n, c in costs.items()},
             "bops": {n: [c.macs * o.w_bits * o.a_bits for o in options] for n, c in costs.items()}}
     if latency is not None:
-        absent = [f"{n} W{o.w_bits}A{o.a_bits}" for n in layers for o in options if (n, o.w_bits, o.a_bits) not in latency]
+        rows = {(n, o): _latency_row(latency, n, o) for n in layers for o in options}
+        absent = [f"{n} W{o.w_bits}A{o.a_bits}" for (n, o), ms in rows.items() if ms is None]
         if absent:
             raise ValueError(f"the latency table lacks {len(absent)} layer/bit pairs (first: {absent[0]}): "
                              "tune those layers with hawqc tune")
-        cost["latency"] = {n: [latency[n, o.w_bits, o.a_bits] for o in options] for n in layers}
+        cost["latency"] = {n: [rows[n, o] for o in options] for n in layers}
     pins = {layers[0]: pin_first_last, layers[-1]: pin_first_last} if pin_first_last is not None and layers else {}
     groups = _merge_groups([*resnet_ties(model), *(list(g) for g in ties)])
     return Problem(layers, options, omega_k, cost, groups, pins,
                    layer_edges(model) if transition_ms else [], transition_ms)
+
+
+def _latency_row(latency: Mapping[tuple[str, int, int], float], layer: str, bits: LayerBits) -> float | None:
+    """A layer's latency at ``bits``; 4-bit weights with 8-bit activations run the int8 kernels, so
+    without a row of their own they take the W8A8 row."""
+    own = latency.get((layer, bits.w_bits, bits.a_bits))
+    if own is None and bits.w_bits < bits.a_bits == 8:
+        return latency.get((layer, 8, 8))
+    return own
 
 
 def _merge_groups(groups: Sequence[Sequence[str]]) -> list[list[str]]:

@@ -39,6 +39,8 @@ _SPECS = [
     ModelSpec("regnet_y_400mf", "regnet:regnet_y_400mf", (3, 224, 224), "RegNetY-400MF (torchvision layout)"),
     ModelSpec("vgg16", "vgg:vgg16", (3, 224, 224), "VGG-16, no BatchNorm (torchvision layout)"),
     ModelSpec("inceptionv3", "inception:inception_v3", (3, 299, 299), "Inception-V3 (torchvision layout)"),
+    ModelSpec("lraspp_mobilenet_v3_large", "segmentation:lraspp_mobilenet_v3_large", (3, 224, 224),
+              "LR-ASPP segmentation on MobileNet-V3-Large, 21 classes (torchvision layout)"),
     ModelSpec("tiny_resnet", "resnet:tiny_resnet", (1, 28, 28), "3-block residual CNN for 28x28 images"),
 ]
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}

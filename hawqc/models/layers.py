@@ -28,9 +28,10 @@ class ConvBNAct(nn.Sequential):
         groups: int = 1,
         activation: Callable[..., nn.Module] | None = nn.ReLU,
         norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        dilation: int = 1,
     ) -> None:
-        padding = (kernel_size - 1) // 2
-        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)]
+        padding = (kernel_size - 1) // 2 * dilation
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)]
         layers.append(norm(out_channels))
         if activation is not None:
             layers.append(activation(inplace=True))

@@ -45,13 +45,14 @@ class MBConv(nn.Module):
         activation: Callable[..., nn.Module],
         se: nn.Module | None,
         norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         self.use_res_connect = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = []
         if expanded != in_channels:
             layers.append(ConvBNAct(in_channels, expanded, 1, activation=activation, norm=norm))
-        layers.append(ConvBNAct(expanded, expanded, kernel_size, stride, expanded, activation, norm))
+        layers.append(ConvBNAct(expanded, expanded, kernel_size, stride, expanded, activation, norm, dilation))
         if se is not None:
             layers.append(se)
         layers.append(ConvBNAct(expanded, out_channels, 1, activation=None, norm=norm))
@@ -87,7 +88,8 @@ class MobileNetV2(nn.Module):
 
 
 class MobileNetV3(nn.Module):
-    """torchvision's MobileNet-V3-Large: hardswish in the deeper half, hardsigmoid-gated squeeze-excitation."""
+    """torchvision's MobileNet-V3-Large: hardswish in the deeper half, hardsigmoid-gated squeeze-excitation.
+    ``dilated``: the last stage keeps stride 16 with dilation 2 (the segmentation backbone)."""
 
     SETTINGS = (
         (3, 16, 16, False, False, 1), (3, 64, 24, False, False, 2), (3, 72, 24, False, False, 1),
@@ -98,15 +100,17 @@ class MobileNetV3(nn.Module):
     )
     """(kernel, expanded channels, output channels, squeeze-excitation, hardswish, stride) per block."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, num_classes: int = 1000, dilated: bool = False) -> None:
         super().__init__()
         norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
         layers: list[nn.Module] = [ConvBNAct(3, 16, 3, 2, activation=nn.Hardswish, norm=norm)]
         channels = 16
-        for kernel, expanded, out_channels, use_se, hardswish, stride in self.SETTINGS:
+        for i, (kernel, expanded, out_channels, use_se, hardswish, stride) in enumerate(self.SETTINGS):
             se = SqueezeExcitation(expanded, make_divisible(expanded // 4), gate=nn.Hardsigmoid) if use_se else None
             activation = nn.Hardswish if hardswish else nn.ReLU
-            layers.append(MBConv(channels, expanded, out_channels, kernel, stride, activation, se, norm))
+            dilation = 2 if dilated and i >= len(self.SETTINGS) - 3 else 1
+            layers.append(MBConv(channels, expanded, out_channels, kernel, 1 if dilation > 1 else stride, activation,
+                                 se, norm, dilation))
             channels = out_channels
         layers.append(ConvBNAct(channels, 6 * channels, 1, activation=nn.Hardswish, norm=norm))
         self.features = nn.Sequential(*layers)

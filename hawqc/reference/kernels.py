@@ -45,8 +45,8 @@ def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: tupl
 
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x = np.asarray(inputs[0], dtype=np.float32)
-    q = np.rint(x / consts["scale"].astype(np.float32)) + attrs.get("zero_point", 0)
+    x = np.asarray(inputs[0], dtype=np.float32).astype(np.float64)  # x / scale as QuantizeLinear means it
+    q = np.rint(x / consts["scale"].astype(np.float32).astype(np.float64)) + attrs.get("zero_point", 0)
     return np.clip(q, attrs["qmin"], attrs["qmax"]).astype(np.int32)
 
 
@@ -87,16 +87,23 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.n
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     per_channel = consts["b"].ndim == 1
     return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
-                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0),
+                      offset=consts.get("offset", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
-    return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+    if "m" not in consts:  # inputs already on the output grid
+        total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
+        return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+    zero_points = attrs.get("input_zero_points", [0] * len(inputs))
+    total = sum((x.astype(np.int64) - z) * _per_channel(m, x.ndim) for x, z, m in zip(inputs, zero_points, consts["m"]))
+    offset = consts.get("offset", np.int64(0))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if offset.ndim == 1 else None,
+                      zero_point=attrs.get("zero_point", 0), offset=offset)
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate(inputs, axis=1)
+    return np.concatenate(inputs, axis=attrs.get("axis", 1))
 
 
 def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -145,7 +152,34 @@ def reshape(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np
     return inputs[0].reshape(attrs["shape"])
 
 
+def transpose(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(inputs[0], attrs["perm"]))
+
+
+def slice_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    return inputs[0][tuple(slice(*spec) for spec in zip(attrs["begin"], attrs["end"], attrs["strides"]))]
+
+
+def _per_channel(a: np.ndarray, ndim: int) -> np.ndarray:
+    return a.astype(np.int64).reshape((1, -1) + (1,) * (ndim - 2)) if a.ndim == 1 else a.astype(np.int64)
+
+
+def affine(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = inputs[0].astype(np.int64) - attrs.get("input_zero_point", 0)
+    ndim = x.ndim
+    return _int32(x * _per_channel(consts["multiplier"], ndim) + _per_channel(consts["bias"], ndim), "affine")
+
+
+def resize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    x, iy, ix = inputs[0], consts["iy"], consts["ix"]
+    if "wy" not in consts:  # nearest
+        return x[:, :, iy[0]][:, :, :, ix[0]]
+    x = x.astype(np.int64) - attrs.get("input_zero_point", 0)
+    rows = sum(consts["wy"][a].astype(np.int64)[:, None] * x[:, :, iy[a], :] for a in range(len(iy)))
+    return _int32(sum(consts["wx"][b].astype(np.int64) * rows[:, :, :, ix[b]] for b in range(len(ix))), "resize")
+
+
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
            "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
-           "dequantize": dequantize}
+           "transpose": transpose, "slice": slice_op, "affine": affine, "resize": resize, "dequantize": dequantize}

@@ -3,7 +3,8 @@ Core kernel, and keep the 4-bit activations those kernels read packed 8 per int3
 
 The pattern is the NHWC lowering of :mod:`hawqc.frontend.integer_graph`: ``conv2d`` (constant weights,
 groups 1) or ``matmul`` (constant weights: a dense layer, run as a 1x1 conv on ``[N, 1, 1, K]``), an
-optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``clip`` and ``astype``. A dense layer
+optional constant bias, ``round_shift(astype(int64) * b [+ offset], c)`` (half to even, as
+:func:`hawqc.quant.dyadic.round_shift` writes it), ``clip`` and ``astype``. A dense layer
 without requantize (the final fc, read by the output dequantize) keeps TVM's lowering and dlight's
 GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N``-row GEMM that a
 64-row Tensor Core tile would mostly waste.
@@ -33,6 +34,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from hawqc.quant.dyadic import rounding_bias
 from hawqc.topi_int4.cuda.conv2d import (
     PACK,
     ConvSpec,
@@ -59,13 +61,16 @@ class TensorCoreConv:
     def __init__(self, arch: str, tensor_cores: bool = True, pack: bool = True, int4: str = "auto") -> None:
         self.int4, self.tensor_cores, self.pack = int4_tensor_cores(arch, int4), tensor_cores, pack
         self.input, self.weight, self.bias = wildcard(), is_const(), is_const()
-        self.multiplier, self.rounding, self.shift = is_const(), is_const(), is_const()
+        self.multiplier, self.offset, self.rounding, self.shift = is_const(), is_const(), is_const(), is_const()
         self.conv = is_op("relax.nn.conv2d")(self.input, self.weight)
         self.dense = is_op("relax.matmul")(self.input, self.weight)
         product = self.conv | self.dense
         accumulator = product | is_op("relax.add")(product, self.bias)
-        scaled = is_op("relax.multiply")(is_op("relax.astype")(accumulator), self.multiplier)
-        shifted = is_op("relax.right_shift")(is_op("relax.add")(scaled, self.rounding), self.shift)
+        product_b = is_op("relax.multiply")(is_op("relax.astype")(accumulator), self.multiplier)
+        scaled = product_b | is_op("relax.add")(product_b, self.offset)
+        parity = is_op("relax.bitwise_and")(is_op("relax.right_shift")(scaled, self.shift), is_const())
+        shifted = is_op("relax.right_shift")(is_op("relax.add")(is_op("relax.add")(scaled, self.rounding), parity),
+                                             self.shift)
         self.clip = is_op("relax.clip")(shifted, wildcard(), wildcard())
         self.pattern = is_op("relax.astype")(self.clip)
 
@@ -84,8 +89,10 @@ class TensorCoreConv:
             specs[gv.name_hint] = spec
             if len(expr.ty.shape) == 4:
                 return relax.call_tir(gv, args, out_ty=expr.ty)
-            pixels = R.reshape(args[0], spec.input_shape[0])  # a dense layer: [N, K] as [N, 1, 1, K]
-            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=relax.TensorType(*spec.output_shape))
+            batch = args[0].ty.shape[0]  # a dense layer: [N, K] as [N, 1, 1, K]
+            pixels = R.reshape(args[0], relax_shape(spec.input_shape[0], batch))
+            out_ty = relax.TensorType(relax_shape(spec.output_shape[0], batch), spec.output_shape[1])
+            y = relax.call_tir(gv, [pixels] + args[1:], out_ty=out_ty)
             return R.reshape(y, expr.ty.shape)
 
         main = relax.analysis.remove_all_unused(rewrite_call(self.pattern, rewrite, mod["main"]))
@@ -109,7 +116,7 @@ class TensorCoreConv:
         multiplier, shift = (_per_channel(matches[p], out_channels) for p in (self.multiplier, self.shift))
         rounding = _per_channel(matches[self.rounding], out_channels)
         if (multiplier is None or shift is None or rounding is None or x not in ranges
-                or not np.array_equal(rounding, np.left_shift(1, shift - 1))):
+                or not np.array_equal(rounding, rounding_bias(shift))):
             return None
         bits = operand_bits((int(weight.min()), int(weight.max())), ranges[x], self.int4)
         geometry = _dense_geometry(x) if self.dense in matches else _conv_geometry(matches[self.conv], x)
@@ -119,9 +126,13 @@ class TensorCoreConv:
         spec = ConvSpec(*geometry[:4], out_channels, tuple(weight.shape[2:]), *geometry[4:], bits,
                         ranges[x][0] < 0, str(x.ty.dtype), str(expr.ty.dtype), int(clip.args[1].value),
                         int(clip.args[2].value))
-        bias = matches[self.bias].value.numpy().reshape(-1) if self.bias in matches else np.zeros(1, np.int32)
-        constants = [(pack_weight(weight, spec), "int32"), (np.broadcast_to(bias, out_channels), "int32"),
-                     (multiplier, "int64"), (shift, "int64")]
+        bias = matches[self.bias].value.numpy().reshape(-1) if self.bias in matches else np.zeros(1, np.int64)
+        offset = _per_channel(matches[self.offset], out_channels) if self.offset in matches else 0
+        if offset is None:
+            return None
+        scaled_bias = np.broadcast_to(bias, out_channels).astype(np.int64) * multiplier + offset
+        constants = [(pack_weight(weight, spec), "int32"), (scaled_bias, "int64"), (multiplier, "int64"),
+                     (shift, "int64")]
         return spec, [x] + [relax.const(np.ascontiguousarray(a).astype(dtype), dtype) for a, dtype in constants]
 
 
@@ -177,7 +188,8 @@ class _Packer(relax.PyExprMutator):
         self.specs[gv.name_hint] = spec
         args = [self.words[x] if packed_input else self.visit_expr(x)] + constants
         shape, dtype = spec.output_shape
-        return self.builder_.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(shape, dtype)))
+        out_ty = relax.TensorType(relax_shape(shape, x.ty.shape[0]), dtype)
+        return self.builder_.emit(relax.call_tir(gv, args, out_ty=out_ty))
 
     def _spec(self, value: Any) -> ConvSpec | None:
         """The spec of a call to one of this pass's kernels, else None."""
@@ -193,6 +205,18 @@ class _Packer(relax.PyExprMutator):
         """Whether ``value`` is an INT4 kernel call whose input is ``var``."""
         spec = self._spec(value)
         return spec is not None and spec.bits == 4 and value.args[1].fields[0].same_as(var)
+
+
+def relax_shape(shape: tuple[int | None, ...], batch: Any) -> list[Any]:
+    """A kernel spec's shape with its open batch (``None``) replaced by the Relax ``batch``."""
+    return [batch if d is None else d for d in shape]
+
+
+def _batch_of(x: Any) -> int | None:
+    """The batch of a kernel spec: ``x``'s if it is a number, else None (the kernel takes any batch)."""
+    from hawqc.frontend.integer_graph import is_static
+
+    return int(x.ty.shape[0]) if is_static(x.ty.shape[0]) else None
 
 
 def _arguments(value: Any) -> list[Any]:
@@ -225,7 +249,7 @@ def pack_activation(x: Any) -> Any:
 
 def unpack_activation(words: Any, like: Any, signed: bool) -> Any:
     """int32 words -> the NHWC tensor ``like`` (its shape and dtype), sign- or zero-extending each field."""
-    n, h, w, channels = (int(d) for d in like.ty.shape)
+    n, (h, w, channels) = like.ty.shape[0], (int(d) for d in list(like.ty.shape)[1:])
     y = R.expand_dims(words, [4])
     if signed:
         y = R.right_shift(R.left_shift(y, relax.const(28 - _SHIFTS)), relax.const(28, "int32"))
@@ -243,8 +267,8 @@ def _conv_geometry(conv: Any, x: Any) -> tuple[Any, ...] | None:
     if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OIHW"
             or str(attrs.out_dtype) != "int32"):
         return None
-    n, h, w, c = (int(d) for d in x.ty.shape)
-    return (n, c, h, w, tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+    h, w, c = (int(d) for d in list(x.ty.shape)[1:])
+    return (_batch_of(x), c, h, w, tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
             tuple(int(d) for d in attrs.dilation))
 
 
@@ -252,8 +276,7 @@ def _dense_geometry(x: Any) -> tuple[Any, ...] | None:
     """The 1x1 conv geometry of a dense layer on ``[N, K]`` (None for other ranks)."""
     if len(x.ty.shape) != 2:
         return None
-    n, k = (int(d) for d in x.ty.shape)
-    return n, k, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)
+    return _batch_of(x), int(x.ty.shape[1]), 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)
 
 
 def _per_channel(const: Any, channels: int) -> np.ndarray | None:

@@ -32,9 +32,10 @@ LIBRARY, GRAPH, MANIFEST = "model.so", "graph.int.npz", "manifest.json"
 class CompiledModule:
     """An integer-only TVM module with float input and output (quantize/dequantize at the edges)."""
 
-    def __init__(self, graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
+    def __init__(self, graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dict[str, Any],
                  executable: Any, ir: Any = None, input_dtype: str = "float32", threads: int | None = None) -> None:
         self.graph, self.input_shape, self.target = graph, tuple(input_shape), target
+        """``input_shape``: its batch (first dimension) is ``None`` where the module runs any batch size."""
         self.input_dtype = input_dtype
         self.threads = threads
         """CPU worker threads a call uses (None: one per physical core; see :mod:`hawqc.runtime.threads`)."""
@@ -48,6 +49,8 @@ class CompiledModule:
         """The module after TVM's pipeline (its fused kernels are what MetaSchedule tunes), idem."""
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
+        self.note = ""
+        """Why the module was compiled for a fixed batch although the model's is open (else empty)."""
         self._executable = executable
         self._vm: Any = None
         """Created on the first call: a CUDA module needs a GPU to load, not to be exported."""
@@ -57,8 +60,8 @@ class CompiledModule:
         from tvm import relax
 
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
-        if x.shape != self.input_shape:
-            raise ValueError(f"input has shape {x.shape}, the module was compiled for {self.input_shape}")
+        if len(x.shape) != len(self.input_shape) or any(d not in (None, n) for d, n in zip(self.input_shape, x.shape)):
+            raise ValueError(f"input has shape {x.shape}, the module was compiled for {shape_text(self.input_shape)}")
         if self._vm is None:
             if not self.device.exist:
                 raise ValueError(f"this module was compiled for {self.target.get('kind')}: running it needs that device")
@@ -66,6 +69,11 @@ class CompiledModule:
         if self.target.get("kind") != "cuda":
             thread_pool.configure(self.threads)
         return self._vm["main"](tvm.runtime.tensor(x, device=self.device)).numpy()
+
+    @property
+    def batch(self) -> int | str:
+        """The batch size the module runs: ``"any"`` or a number."""
+        return "any" if self.input_shape[0] is None else self.input_shape[0]
 
     @property
     def executable(self) -> Any:
@@ -95,8 +103,9 @@ class CompiledModule:
                  "w_bits": op.attrs.get("w_bits"), "a_bits": op.attrs.get("a_bits")}
                 for op in self.graph.ops if op.op in ("conv2d", "dense")]
 
-    def export(self, out: str | os.PathLike[str], force: bool = False) -> Path:
-        """Write the artifact folder ``out`` (refused if it exists, unless ``force``)."""
+    def export(self, out: str | os.PathLike[str], force: bool = False, extra: dict[str, str] | None = None) -> Path:
+        """Write the artifact folder ``out`` (refused if it exists, unless ``force``), with the text
+        files ``extra`` ({name: text}) beside the module; the folder appears only complete."""
         import tvm
 
         import hawqc
@@ -110,12 +119,14 @@ class CompiledModule:
             with native_stderr_silenced():  # TVM logs an empty "Scope Saving" warning per function
                 self._executable.export_library(str(tmp / LIBRARY))
             self.graph.save(tmp / GRAPH)
-            manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape),
+            manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape), "batch": self.batch,
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "kernels": self.kernels, "int4": self.int4,
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
             os.chmod(tmp, 0o755)
             if out.exists():
                 shutil.rmtree(out)
@@ -126,10 +137,13 @@ class CompiledModule:
         return out
 
 
-def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any],
+def compile_graph(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dict[str, Any],
                   input_dtype: str = "float32", kernels: str = "auto", database: Any = None,
                   threads: int | None = None, int4: str = "auto") -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
+    A ``None`` batch (first dimension of ``input_shape``) stays symbolic: the module runs any batch size;
+    where the graph cannot keep it open (a reshape mixing the batch into other dimensions), the module is
+    compiled for batch 1 and :attr:`CompiledModule.note` says so.
     ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer).
     ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows.
     ``threads``: CPU worker threads a call uses (default: one per physical core).
@@ -140,15 +154,30 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int, ...], target: dic
     if target.get("kind") not in ("llvm", "cuda"):
         raise ValueError(f"target kind {target.get('kind')!r} is not supported: hawqc compiles for llvm and cuda")
     thread_pool.configure(threads)
+    from hawqc.frontend.integer_graph import FixedBatch
+
     kernels, int4 = resolve_kernels(kernels, target), check_int4(int4, target)
-    ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
+    note = graph.metadata.get("batch_note", "") if input_shape[0] == 1 else ""
+    try:
+        ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
+    except FixedBatch as err:
+        input_shape = (1, *input_shape[1:])
+        note = (f"compiled for batch 1 ({err}); choose another batch with --input-shape "
+                f"N,{','.join(map(str, input_shape[1:]))} (input_shape= in Python)")
+        ir = _lower(graph, input_shape, target, kernels, input_dtype=input_dtype)
     executable, lowered = _build(ir, target, kernels, database, int4)
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype, threads)
     module.kernels, module.int4, module.fused, module.lowered = kernels, int4, fused_requant(lowered), lowered
+    module.note = note
     return module
 
 
-def _lower(graph: IntegerGraph, input_shape: tuple[int, ...], target: dict[str, Any], kernels: str,
+def shape_text(shape: tuple[int | None, ...]) -> str:
+    """``(N, 3, 224, 224)`` for an open batch, else the tuple."""
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")" if None in shape else str(tuple(shape))
+
+
+def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dict[str, Any], kernels: str,
            **kwargs: Any) -> Any:
     """The integer-only Relax module, with the target's conv/dense kernels and layout."""
     from hawqc.frontend.integer_graph import to_relax

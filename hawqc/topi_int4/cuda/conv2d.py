@@ -6,8 +6,9 @@ output channel and ``k = (kh, kw, c)`` (channel fastest). Both operands are int3
 activation tile is loaded packed (a packed input) or packed while it is staged in shared memory. A block of 4 warps computes a 64x64
 tile; each warp issues ``mma.sync.aligned.m8n8k32`` (s4/u4 x s4) or ``m8n8k16`` (s8/u8 x s8) on
 fragments of one word per lane: lane ``l`` holds row ``l // 4``, word ``l % 4`` of A and B and the
-accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue adds the bias, applies
-``clip((acc * b + 2^(c-1)) >> c)`` in int64 (:func:`hawqc.quant.dyadic.requantize`), stages the tile
+accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue applies
+``clip(round_shift(acc * b + bias, c))`` in int64 (:func:`hawqc.quant.dyadic.requantize`, half to even; the bias
+scaled by ``b`` at compile time, with the requantization's offset), stages the tile
 in shared memory and stores it NHWC, each thread a run of channels (coalesced).
 
 Activations are NHWC. A *packed* activation (4-bit values only) is an int32 tensor
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import ShiftOps, round_shift
 from hawqc.reference.graph import conv_output_size
 
 BLOCK_M, BLOCK_N = 64, 64
@@ -49,7 +51,8 @@ FRAG = 8
 class ConvSpec:
     """One conv2d + requantize: NHWC input and output (packed or not), OIHW weights, groups 1."""
 
-    batch: int
+    batch: int | None
+    """None: any batch (a symbolic dimension of the kernel: its grid follows it)."""
     channels: int
     height: int
     width: int
@@ -113,9 +116,9 @@ class ConvSpec:
     def per_word(self) -> int:
         return 32 // self.bits
 
-    @property
-    def gemm_m(self) -> int:
-        return self.batch * self.out_height * self.out_width
+    def gemm_m(self, batch: Any) -> Any:
+        """GEMM rows (output pixels) at ``batch`` (an int or the kernel's symbolic batch)."""
+        return batch * self.out_height * self.out_width
 
     @property
     def gemm_k(self) -> int:
@@ -184,7 +187,9 @@ def pack_words(values: np.ndarray, bits: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
-    """The PrimFunc ``(X, packed W, bias int32[O], b int64[O], c int64[O]) -> Y`` of ``spec``."""
+    """The PrimFunc ``(X, packed W, bias int64[O], b int64[O], c int64[O]) -> Y`` of ``spec``; ``bias`` is the
+    accumulator's bias times ``b`` plus the requantization's offset (:func:`_requantize`)."""
+    from tvm import tirx
     from tvm.script import tirx as T
 
     loop = T.thread_binding if tensor_cores else (lambda extent, thread: T.serial(extent))
@@ -195,7 +200,10 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
     (sh, sw), (dh, dw), (pt, pl) = spec.stride, spec.dilation, spec.padding[:2]
     channels = spec.channels
     oh_size, ow_size, out_channels = spec.out_height, spec.out_width, spec.out_channels
-    gemm_m = spec.gemm_m
+    batch = tirx.Var("n", "int32") if spec.batch is None else spec.batch
+    gemm_m = spec.gemm_m(batch)
+    x_shape, x_dtype = spec.input_shape
+    y_shape, y_dtype = spec.output_shape
     warp_m, warp_n = BLOCK_M // WARPS_M, BLOCK_N // WARPS_N
     frags_m, frags_n = warp_m // FRAG, warp_n // FRAG
     threads = WARPS_M * WARPS_N * WARP
@@ -249,7 +257,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
             ih = m // ow_size % oh_size * sh - pt + pixel_k // (kw_size * k_channels) * dh
             iw = m % ow_size * sw - pl + pixel_k // k_channels % kw_size * dw
             value = T.if_then_else(  # zero padding, and zeros past M, K and the channels
-                _inside(spec, m, T.And(k < spec.gemm_k, k % k_channels < channels), ih, iw),
+                _inside(spec, gemm_m, m, T.And(k < spec.gemm_k, k % k_channels < channels), ih, iw),
                 T.Cast("int32", X[m // (oh_size * ow_size), ih, iw, k % k_channels]), 0)
             word[0] = T.bitwise_or(word[0], T.shift_left(T.bitwise_and(value, mask), bits * e))
 
@@ -258,7 +266,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
         """A word of A from a packed input: one load (zero padding, and zeros past M and K)."""
         ih = m // ow_size % oh_size * sh - pt + kword // (kw_size * in_words) * dh
         iw = m % ow_size * sw - pl + kword // in_words % kw_size * dw
-        word[0] = T.if_then_else(_inside(spec, m, kword < k_words_used, ih, iw),
+        word[0] = T.if_then_else(_inside(spec, gemm_m, m, kword < k_words_used, ih, iw),
                                  X[m // (oh_size * ow_size), ih, iw, kword % in_words], 0)
 
     a_word = load_word if spec.packed_input else gather_word
@@ -277,12 +285,12 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                 spec.out_dtype, out_tile[row, col])
 
     @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer(*spec.input_shape), W: T.Buffer((spec.padded_out_channels, spec.k_words), "int32"),
-               bias: T.Buffer((out_channels,), "int32"), mult: T.Buffer((out_channels,), "int64"),
-               shift: T.Buffer((out_channels,), "int64"), Y: T.Buffer(*spec.output_shape)):
+    def kernel(X: T.Buffer((batch, *x_shape[1:]), x_dtype), W: T.Buffer((spec.padded_out_channels, spec.k_words), "int32"),
+               bias: T.Buffer((out_channels,), "int64"), mult: T.Buffer((out_channels,), "int64"),
+               shift: T.Buffer((out_channels,), "int64"), Y: T.Buffer((batch, *y_shape[1:]), y_dtype)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "hawqc.packed_input": spec.packed_input,
                      "hawqc.packed_output": spec.packed_output})
-        for bm in loop(math.ceil(gemm_m / BLOCK_M), "blockIdx.x"):
+        for bm in loop((gemm_m + BLOCK_M - 1) // BLOCK_M, "blockIdx.x"):
             for bn in loop(spec.padded_out_channels // BLOCK_N, "blockIdx.y"):
                 with T.sblock("tile"):
                     T.reads(X[:, :, :, :], W[:, :], bias[:], mult[:], shift[:])
@@ -324,7 +332,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                                 if o < out_channels:
                                     out_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4,
                                              warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i] = T.Cast(
-                                        "int32", _requantize(acc[warp, lane, fm, fn, i] + bias[o], mult[o],
+                                        "int32", _requantize(acc[warp, lane, fm, fn, i], mult[o], bias[o],
                                                              shift[o], spec.qmin, spec.qmax))
                                 else:  # channels past O: zeros (a packed output's padding)
                                     out_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4,
@@ -351,12 +359,14 @@ def _unpack(word: Any, e: Any, bits: int, signed: bool) -> Any:
     return tirx.bitwise_and(tirx.shift_right(word, bits * e), (1 << bits) - 1)
 
 
-def _requantize(acc: Any, b: Any, c: Any, qmin: int, qmax: int) -> Any:
-    """``clip((acc * b + 2^(c-1)) >> c, qmin, qmax)`` in int64: :func:`hawqc.quant.dyadic.requantize` in TIR."""
+def _requantize(acc: Any, b: Any, bias: Any, c: Any, qmin: int, qmax: int) -> Any:
+    """``clip(round_shift(acc * b + bias, c), qmin, qmax)`` in int64, rounding half to even, ``bias``
+    already scaled by ``b``: :func:`hawqc.quant.dyadic.requantize` in TIR."""
     from tvm import tirx
 
-    scaled = tirx.Cast("int64", acc) * b + tirx.shift_left(tirx.const(1, "int64"), c - 1)
-    return tirx.max(tirx.min(tirx.shift_right(scaled, c), tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
+    one = tirx.const(1, "int64")
+    scaled = round_shift(tirx.Cast("int64", acc) * b + bias, c, tirx.shift_left(one, c - 1) - one, ShiftOps(one=one))
+    return tirx.max(tirx.min(scaled, tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
 
 
 def _pixel_position(k: Any, e: int, word_in_pixel: bool) -> Any:
@@ -365,9 +375,9 @@ def _pixel_position(k: Any, e: int, word_in_pixel: bool) -> Any:
     return k - e if word_in_pixel else k
 
 
-def _inside(spec: ConvSpec, m: Any, k_exists: Any, ih: Any, iw: Any) -> Any:
-    """Whether GEMM row ``m`` and the K position (``k_exists``) exist and read a pixel inside the
-    (unpadded) input."""
+def _inside(spec: ConvSpec, gemm_m: Any, m: Any, k_exists: Any, ih: Any, iw: Any) -> Any:
+    """Whether GEMM row ``m`` (of ``gemm_m``) and the K position (``k_exists``) exist and read a pixel
+    inside the (unpadded) input."""
     from tvm import tirx
 
-    return tirx.all(m < spec.gemm_m, k_exists, ih >= 0, ih < spec.height, iw >= 0, iw < spec.width)
+    return tirx.all(m < gemm_m, k_exists, ih >= 0, ih < spec.height, iw >= 0, iw < spec.width)

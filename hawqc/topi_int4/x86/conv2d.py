@@ -3,7 +3,8 @@
 Compute (one PrimFunc): an optional copy of the input (spatial padding, input channels up to a
 multiple of 4 with zeros, and int8 activations offset by 128 into uint8 for VNNI), the int32 accumulation against weights packed
 ``[OC/16, KH, KW, IC/4, 16, 4]`` (see :func:`pack_weight`), then per output channel
-``clip(((acc + bias) * b + 2^(c-1)) >> c + zero_point, qmin, qmax)`` in int64, cast to the output
+``clip(round_shift(acc * b + bias, c) + zero_point, qmin, qmax)`` in int64 (a shift rounding half to even; ``bias``
+already multiplied by ``b``, with the requantization's offset), cast to the output
 type: the rule of :func:`hawqc.quant.dyadic.requantize`, with the input zero point and the VNNI
 offset compensation folded into ``bias``. Without requantization the epilogue writes ``acc + bias``.
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import round_shift
 from hawqc.reference.graph import conv_output_size
 from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, unpack_nibble
 
@@ -46,7 +48,8 @@ class Conv2dWorkload:
     weights that are zero outside its own group (``16 / (out channels per group)`` times the MACs where
     a group has fewer than 16 output channels)."""
 
-    batch: int
+    batch: int | None
+    """None: any batch (a symbolic dimension of the kernel)."""
     height: int
     width: int
     in_channels: int
@@ -137,7 +140,7 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
     rows are computed in whole tiles of ``ow_block`` pixels (the columns past the row are dropped)."""
     from tvm import te
 
-    n, h, w, cin = wl.batch, wl.height, wl.width, wl.in_channels
+    n, h, w, cin = batch_extent(wl), wl.height, wl.width, wl.in_channels
     (kh, kw), (sh, sw), (dh, dw) = wl.kernel, wl.stride, wl.dilation
     oh, ow = wl.out_size
     span, ocp = wl.block_span, wl.packed_out
@@ -165,6 +168,13 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
     return with_epilogue(x, weight, acc, (n, oh, ow, wl.out_channels), requant)
 
 
+def batch_extent(wl: Conv2dWorkload) -> Any:
+    """The batch of the kernel: the workload's, or a symbolic ``n`` where it is open."""
+    from tvm import te
+
+    return te.var("n", "int32") if wl.batch is None else wl.batch
+
+
 def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: int = 0) -> Any:
     """The input padded spatially with ``pad_value`` (and ``extra`` more columns on the right) and to
     ``channels`` channels with zeros, ``offset`` added (int8 + 128 as uint8 for VNNI)."""
@@ -184,7 +194,9 @@ def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: in
 def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant: Requant | None) -> Any:
     """The PrimFunc ``(x, weight, bias[, b, round, shift]) -> out`` writing the int32 accumulator ``acc``
     (NHWC, rows and channels padded) cut to ``shape``, plus ``bias`` or, with ``requant``, per output channel
-    ``clip(((acc + bias) * b + round) >> shift + zero_point)``: :func:`hawqc.quant.dyadic.requantize`."""
+    ``clip(round_shift(acc * b + bias, shift, round) + zero_point)``: :func:`hawqc.quant.dyadic.requantize`,
+    ``bias`` being the accumulator's bias times ``b`` plus the requantization's offset and ``round``
+    :func:`hawqc.quant.dyadic.rounding_bias` of ``shift``."""
     from tvm import te, tirx
 
     ocp = acc.shape[-1]
@@ -196,7 +208,7 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
     b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
 
     def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
-        v = ((acc[i, y, z, o].astype("int64") + bias[o]) * b[o] + rnd[o]) >> shift[o]
+        v = round_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], rnd[o])
         if requant.zero_point:
             v = v + requant.zero_point
         return tirx.max(tirx.min(v, requant.qmax), requant.qmin).astype(requant.dtype)
@@ -254,8 +266,9 @@ def finish_schedule(sch: Any, copies: bool) -> Any:
 
 def channels_outer(wl: Conv2dWorkload) -> bool:
     """Whether blocks of output channels are the outer parallel loop, rows inside: where there are too
-    few output rows to share evenly among the cores (7x7 maps at batch 1: measured 10-20% faster)."""
-    return wl.batch * wl.out_size[0] < 16
+    few output rows to share evenly among the cores (7x7 maps at batch 1: measured 10-20% faster; an open
+    batch counts as 1)."""
+    return (wl.batch or 1) * wl.out_size[0] < 16
 
 
 def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:

@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, finish_schedule, input_copy, with_epilogue
+from hawqc.topi_int4.x86.conv2d import (
+    Conv2dWorkload,
+    Requant,
+    batch_extent,
+    finish_schedule,
+    input_copy,
+    with_epilogue,
+)
 from hawqc.topi_int4.x86.intrin import LANES
 
 
@@ -34,7 +41,7 @@ def depthwise_compute(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     """The unscheduled PrimFunc ``(x, weight, bias[, b, round, shift]) -> out``."""
     from tvm import te
 
-    n, h, w, c = wl.batch, wl.height, wl.width, wl.in_channels
+    n, h, w, c = batch_extent(wl), wl.height, wl.width, wl.in_channels
     (kh, kw), (sh, sw), (dh, dw) = wl.kernel, wl.stride, wl.dilation
     oh, ow = wl.out_size
     cp = wl.packed_out

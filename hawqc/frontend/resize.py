@@ -1,0 +1,69 @@
+"""ONNX Resize along one axis as integer taps: source indices and exact integer weights.
+
+Source coordinates are computed in exact rational arithmetic from ONNX's coordinate transformation
+(``half_pixel``, ``pytorch_half_pixel``, ``align_corners``, ``asymmetric``, ``tf_half_pixel_for_nn``);
+the scale is ``out / in`` when the model gives sizes, the float32 value it gives otherwise. Nearest
+picks one index by ``nearest_mode``; linear takes the two neighbours (clamped at the edges, as ONNX
+Runtime does) with weights ``(D - k, k) / D`` for the common denominator ``D`` of the axis, so the
+weighted sum of integers is exact and one dyadic rescale later divides by ``D``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+MAX_DENOMINATOR = 2**11
+"""Linear weights whose exact denominator exceeds this are rounded to multiples of 1/2^11 (an
+accumulator of 8-bit values times D_h * D_w then stays within int32)."""
+
+
+def source_coordinate(x: int, size: int, new: int, scale: Fraction, transform: str) -> Fraction:
+    """The input coordinate ONNX maps output index ``x`` to."""
+    if transform == "half_pixel" or (transform == "pytorch_half_pixel" and new > 1):
+        return (x + Fraction(1, 2)) / scale - Fraction(1, 2)
+    if transform == "pytorch_half_pixel":
+        return Fraction(0)
+    if transform == "align_corners":
+        return Fraction(x * (size - 1), new - 1) if new > 1 else Fraction(0)
+    if transform == "asymmetric":
+        return x / scale
+    if transform == "tf_half_pixel_for_nn":
+        return (x + Fraction(1, 2)) / scale
+    raise ValueError(f"coordinate_transformation_mode {transform!r} is not supported")
+
+
+def _nearest(coord: Fraction, mode: str) -> int:
+    floor = math.floor(coord)
+    frac = coord - floor
+    if mode == "floor":
+        return floor
+    if mode == "ceil":
+        return math.ceil(coord)
+    if mode in ("round_prefer_floor", "round_prefer_ceil"):
+        if frac == Fraction(1, 2):
+            return floor if mode == "round_prefer_floor" else floor + 1
+        return floor + (frac > Fraction(1, 2))
+    raise ValueError(f"nearest_mode {mode!r} is not supported")
+
+
+def resize_taps(size: int, new: int, scale: float | None, mode: str, transform: str,
+                nearest_mode: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``(indices (k, new), weights (2, new) or None, denominator)`` for one axis."""
+    exact_scale = Fraction(new, size) if scale is None else Fraction(float(np.float32(scale)))
+    coords = [source_coordinate(x, size, new, exact_scale, transform) for x in range(new)]
+    if mode == "nearest":
+        index = [min(max(_nearest(c, nearest_mode), 0), size - 1) for c in coords]
+        return np.array([index], dtype=np.int32), None, 1
+    clamped = [min(max(c, Fraction(0)), Fraction(size - 1)) for c in coords]
+    low = [math.floor(c) for c in clamped]
+    fracs = [c - lo for c, lo in zip(clamped, low)]
+    denominator = math.lcm(*(f.denominator for f in fracs))
+    if denominator > MAX_DENOMINATOR:
+        denominator = MAX_DENOMINATOR
+    upper = [round(f * denominator) for f in fracs]
+    index = np.array([low, [min(lo + 1, size - 1) for lo in low]], dtype=np.int32)
+    weights = np.array([[denominator - u for u in upper], upper], dtype=np.int32)
+    return index, weights, denominator

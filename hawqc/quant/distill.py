@@ -1,0 +1,109 @@
+"""Distilled data (ZeroQ, Cai et al., CVPR 2020): synthetic inputs for data-free calibration.
+
+Inputs start as standard-normal noise and are optimised with Adam so that, at every BatchNorm layer,
+the per-channel mean and standard deviation of the layer's input over the batch match the layer's
+running statistics: the loss is ``Σ_bn ‖μ_batch − μ_bn‖₂ + ‖σ_batch − σ_bn‖₂``. The model stays in eval
+mode and its weights are not touched. Such inputs stand in for real data wherever hawqc asks for data:
+activation ranges, Hessian traces, learned rounding, distillation.
+
+Results are cached (like :func:`hawqc.ilp.sensitivity.sensitivity`) under a hash of the weights and
+the settings, in ``cache_dir`` (default ``$HAWQC_CACHE`` or ``~/.cache/hawqc``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hawqc.fileio import atomic_output
+
+CACHE_VERSION = 1
+
+
+def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ZeroQ's loss of ``x``: summed L2 distances between every BatchNorm input's batch mean and
+    standard deviation per channel and the layer's running mean and standard deviation."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        raise ValueError("distilled data needs a model with BatchNorm layers (their statistics are the target)")
+    terms: list[torch.Tensor] = []
+
+    def record(bn: nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
+        y = args[0]
+        mean, std = y.mean(dim=(0, 2, 3)), (y.var(dim=(0, 2, 3), unbiased=False) + bn.eps).sqrt()
+        terms.append(torch.linalg.vector_norm(mean - bn.running_mean)
+                     + torch.linalg.vector_norm(std - (bn.running_var + bn.eps).sqrt()))
+
+    handles = [bn.register_forward_pre_hook(record) for bn in bns]
+    try:
+        model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(terms).sum()
+
+
+def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, batch_size: int = 32,
+            steps: int = 200, lr: float = 0.5, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
+            log: Callable[[str], None] | None = None) -> torch.Tensor:
+    """``samples`` synthetic inputs of ``input_shape`` (no batch dim) whose BatchNorm input statistics
+    match ``model``'s running statistics, optimised in batches of ``batch_size`` for ``steps`` Adam steps
+    each (learning rate ``lr``, reduced on plateaus). Deterministic for a ``seed``; cached."""
+    if samples < 1 or batch_size < 1 or steps < 1 or not lr > 0:
+        raise ValueError(f"distilled data needs samples, batch_size, steps >= 1 and lr > 0, got {samples}, "
+                         f"{batch_size}, {steps}, {lr}")
+    shape = tuple(int(d) for d in input_shape)
+    settings = {"shape": shape, "samples": samples, "batch_size": batch_size, "steps": steps, "lr": lr, "seed": seed}
+    path = _cache_folder(cache_dir) / f"distilled-{_fingerprint(model, settings)}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    saved = [p.requires_grad for p in model.parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for start in range(0, samples, batch_size):
+            x = torch.randn(min(batch_size, samples - start), *shape, generator=generator).requires_grad_(True)
+            optimizer = torch.optim.Adam([x], lr=lr)
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(steps // 10, 5),
+                                                                   min_lr=1e-4)
+            for step in range(steps):
+                optimizer.zero_grad()
+                loss = bn_statistics_loss(model, x)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                scheduler.step(value)
+                if log is not None and (step + 1) % max(steps // 5, 1) == 0:
+                    log(f"distilling inputs {start}-{start + len(x) - 1}: step {step + 1}/{steps}, "
+                        f"BatchNorm statistics loss {value:.4g}")
+            batches.append(x.detach())
+    finally:
+        for p, flag in zip(model.parameters(), saved):
+            p.requires_grad_(flag)
+    data = torch.cat(batches)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(data, tmp)
+    return data
+
+
+def _fingerprint(model: nn.Module, settings: dict[str, object]) -> str:
+    digest = hashlib.sha256(json.dumps({"cache_version": CACHE_VERSION, **settings}, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _cache_folder(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("HAWQC_CACHE", Path.home() / ".cache" / "hawqc"))

@@ -1,0 +1,143 @@
+"""Data-free calibration (distilled data), learned PTQ (AdaRound, ranges, bias correction) and W4A8."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hawqc
+from hawqc import BitConfig, LayerBits, models, quantize
+from hawqc.cli import main
+from hawqc.ilp.solver import Budget, build_problem, solve
+from hawqc.quant.adaround import LearnedOptions, reconstruct_rounding, search_activation_ranges
+from hawqc.quant.distill import bn_statistics_loss, distill
+from hawqc.quant.model import QuantModel
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: torch's intra-op threads cost more than they give on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bn_net() -> nn.Module:
+    """Conv-BN-ReLU x2, GAP, Linear, with BatchNorm statistics of inputs unlike standard noise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    models.recalibrate_bn(model, [torch.randn(16, 3, 8, 8) * 3 + torch.tensor([2.0, -1.0, 0.5]).reshape(1, 3, 1, 1)])
+    return model.eval()
+
+
+def test_distilled_data_matches_batchnorm_statistics_and_is_cached(tmp_path: Path) -> None:
+    model = bn_net()
+    x = distill(model, (3, 8, 8), samples=16, batch_size=16, steps=60, lr=0.2, cache_dir=tmp_path)
+    noise = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float(bn_statistics_loss(model, x)) < 0.3 * float(bn_statistics_loss(model, noise))
+    assert len(list(tmp_path.glob("distilled-*.pt"))) == 1
+    assert torch.equal(distill(model, (3, 8, 8), samples=16, batch_size=16, steps=60, lr=0.2, cache_dir=tmp_path), x)
+    with pytest.raises(ValueError, match="needs a model with BatchNorm"):
+        distill(nn.Sequential(nn.Conv2d(3, 4, 1)), (3, 4, 4), steps=1, cache_dir=tmp_path)
+
+
+def test_learned_rounding_lowers_the_layer_reconstruction_error() -> None:
+    model = bn_net()
+    calib = [torch.randn(16, 3, 8, 8) * 3 + 1]
+    qmodel = QuantModel(model, BitConfig(default=LayerBits(4, 4)).resolve(model))
+    qmodel.calibrate(calib)
+    node = [n for n in qmodel.nodes if n.kind == "conv"][1]
+    layer = qmodel.layer(node)
+    s_in = qmodel.input_scale(node)
+    before = layer.integer_params(s_in)
+    with torch.no_grad():
+        x_q, x_fp = (qmodel.node_inputs(calib[0], node.name, fake=f)[0] for f in (True, False))
+    nearest, learned = reconstruct_rounding(qmodel, node, x_q, x_fp, LearnedOptions(iters=300),
+                                            torch.Generator().manual_seed(0))
+    assert learned < 0.95 * nearest
+    after = layer.integer_params(s_in)
+    diff = after["weight"].astype(int) - before["weight"].astype(int)
+    assert np.abs(diff).max() == 1 and (diff != 0).any()  # each weight rounded down or up, some not to nearest
+    np.testing.assert_allclose(after["w_scale"], before["w_scale"], rtol=1e-6)  # the scales stay
+
+
+def test_activation_range_search_clips_4_bit_ranges() -> None:
+    model = bn_net()
+    qmodel = QuantModel(model, BitConfig(default=LayerBits(4, 4)).resolve(model))
+    calib = [torch.randn(16, 3, 8, 8) * 3 + 1]
+    qmodel.calibrate(calib)
+    fractions = search_activation_ranges(qmodel, calib)
+    assert set(fractions) == set(qmodel.acts) and min(fractions.values()) < 1.0
+    assert all(0 < f <= 1 for f in fractions.values())
+
+
+def test_w4a8_preset_and_ilp_option() -> None:
+    model = models.get("tiny_resnet")
+    bits = BitConfig.from_any("w4a8").resolve(model)
+    names = list(bits)
+    assert bits[names[0]] == bits[names[-1]] == LayerBits(8, 8)
+    assert {bits[n] for n in names[1:-1]} == {LayerBits(4, 8)}
+    omega = {n: {4: 1.0, 8: 0.0} for n in names}
+    costly_4bit_inputs = {n: {4: 10.0, 8: 0.0} for n in names}
+    problem = build_problem(model, (1, 28, 28), omega, activation_omega=costly_4bit_inputs)
+    solution = solve(problem, [Budget.parse("size", 0.0)])  # smallest weights: 4-bit, inputs kept at 8 bits
+    assert {solution.bits[n] for n in names[1:-1]} == {LayerBits(4, 8)}
+
+
+def test_learned_ptq_on_distilled_data_compiles_bit_exact(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.get("tiny_resnet")
+    models.recalibrate_bn(model, [torch.randn(16, 1, 28, 28)])
+    calib = list(distill(model, (1, 28, 28), samples=8, batch_size=8, steps=5, cache_dir=tmp_path).split(4))
+    qmodel = quantize(model, "w4a8", calib, ptq="learned", learned=LearnedOptions(iters=10))
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    module = hawqc.compile_integer_only(qmodel, input_shape=x.shape)
+    expected = qmodel.integer_graph().run(x)
+    np.testing.assert_array_equal(module(x), expected)
+    np.testing.assert_array_equal(qmodel(torch.from_numpy(x)).numpy(), expected)
+    assert {b.w_bits for b in qmodel.bits.values()} == {4, 8}
+
+
+def test_quantize_rejects_unknown_ptq() -> None:
+    with pytest.raises(ValueError, match="unknown PTQ method 'fancy'"):
+        quantize(bn_net(), "uniform8", [torch.randn(2, 3, 8, 8)], ptq="fancy")
+    with pytest.raises(ValueError, match="iters, batch_size, crop >= 1"):
+        LearnedOptions(iters=0)
+
+
+@pytest.mark.parametrize(("model", "args", "message"), [
+    ("tiny_resnet", ["--ptq", "fancy"], "invalid choice: 'fancy'"),
+    ("tiny_resnet", ["--ptq", "learned", "--ptq-iters", "0"], "hawqc quantize: error: --ptq-iters must be at least 1"),
+    ("no_bn.pt2", ["--data", "distilled"], "hawqc quantize: error: distilled data needs a model with BatchNorm layers"),
+])
+def test_cli_flags_fail_cleanly(model: str, args: list[str], message: str, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    if model.endswith(".pt2"):  # a user's exported model without BatchNorm
+        no_bn = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        model = str(tmp_path / model)
+        torch.export.save(torch.export.export(no_bn.eval(), (torch.randn(1, 3, 8, 8),)), model)
+    try:
+        code = main(["quantize", model, *args, "-o", str(tmp_path / "out")])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HAWQC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
+                 "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bit-exact" in text and "learned" in text
+    assert set(BitConfig.load(out / "bit_config.json").layers.values()) == {LayerBits(8, 8), LayerBits(4, 8)}
+    assert len(list((tmp_path / "cache").glob("distilled-*.pt"))) == 1

@@ -1,0 +1,198 @@
+"""What real exporters and quantizers write between quantized layers, read by the ONNX reader.
+
+Each small network (8x8 inputs, a few channels) gathers the patterns of a model family; each is
+quantized by ONNX Runtime in the styles its users run (QDQ s8/u8, operator form, float weights with
+Q/DQ pairs), compiled for llvm, and must equal the numpy reference on every element, contain no
+float operation, and stay within an output step of ONNX Runtime on the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from third_party_quantizers import quantize_with
+from torch import nn
+from torch.nn import functional as F
+
+import hawqc
+from hawqc.frontend.onnx_qdq import from_onnx
+from hawqc.frontend.resize import resize_taps
+from hawqc.relax_passes.float_ops import float_ops
+
+SHAPE = (2, 3, 8, 8)
+
+
+def cbr(i: int, o: int, k: int = 3, s: int = 1, g: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet-V2's unit (chunk, branch, concat, channel shuffle), GoogLeNet's ceil-mode max pool,
+    MNASNet's mean over H, W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.branch, self.fc = cbr(3, 8), nn.Sequential(cbr(4, 4), cbr(4, 4, 3, 1, 4)), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.stem(x), 3, 2, ceil_mode=True)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+class Dense(nn.Module):
+    """DenseNet: concat with the block input, a standalone BatchNorm + ReLU, a transition average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.conv, self.fc = cbr(3, 8), nn.BatchNorm2d(11), nn.Conv2d(11, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.stem(x), x], 1)
+        x = F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Segment(nn.Module):
+    """LR-ASPP's head: a sigmoid gate from the global average, bilinear and nearest upsampling, a sum of
+    two scales (the output stays a feature map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low, self.high = cbr(3, 8), cbr(8, 8, 3, 2)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Sigmoid())
+        self.cls_high, self.cls_low = nn.Conv2d(8, 3, 1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.low(x)
+        high = self.high(low)
+        high = high * self.gate(high)
+        up = F.interpolate(self.cls_high(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        near = F.interpolate(high, scale_factor=2, mode="nearest")
+        return up + self.cls_low(low) + self.cls_low(near)
+
+
+class Moves(nn.Module):
+    """Data movement and arithmetic with constants: pixel (un)shuffle, transpose, a per-channel gain and
+    an offset, F.pad, max over one axis at a time, squeeze/unsqueeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = cbr(3, 8), nn.Conv2d(8, 8, 3), nn.Linear(8, 5)
+        self.register_buffer("gain", torch.linspace(0.5, 2.0, 8).view(1, 8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pixel_unshuffle(F.pixel_shuffle(self.stem(x), 2), 2)
+        x = self.conv(F.pad(x.transpose(2, 3) * self.gain + 0.25, (1, 1, 1, 1)))
+        x = x.max(3, keepdim=True)[0].amax(2, keepdim=True).squeeze(3).unsqueeze(3)
+        return self.fc(x.flatten(1))
+
+
+NETS = {"shuffle": Shuffle, "dense": Dense, "segment": Segment, "moves": Moves}
+CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort-qdq-u8"),
+         ("dense", "ort-weight-qdq"), ("dense", "ort-qoperator"), ("segment", "ort-qdq-s8"),
+         ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
+         ("moves", "ort-qoperator"), ("moves", "ort-weight-qdq")]
+EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
+                "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"}}
+
+
+def built(name: str) -> nn.Module:
+    """The net with BatchNorm statistics and affine parameters away from their defaults."""
+    torch.manual_seed(0)
+    model = NETS[name]()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def output_step(path: Path) -> float:
+    model = onnx.load(path)
+    producer = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+    assert producer.op_type == "DequantizeLinear"
+    return float(next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == producer.input[1]))
+
+
+@pytest.mark.parametrize(("net", "quantizer"), CASES)
+def test_pattern_compiles_bit_exact(net: str, quantizer: str, tmp_path: Path) -> None:
+    path = quantize_with(quantizer, built(net), SHAPE, tmp_path)
+    module = hawqc.compile_integer_only(path, input_shape=SHAPE)
+    assert EXPECTED_OPS[net] <= {op.op for op in module.graph.ops}
+    assert float_ops(module.ir) == []
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    step = output_step(path)
+    for seed in range(3):
+        x = np.random.default_rng(100 + seed).standard_normal(SHAPE).astype(np.float32)
+        y = module(x)
+        np.testing.assert_array_equal(y, module.reference(x))
+        steps = np.abs(y - session.run(None, {"input": x})[0]) / step
+        assert steps.max() <= 2 + 1e-3 and (steps <= 1 + 1e-3).mean() >= 0.98
+
+
+@pytest.mark.parametrize("transform", ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"])
+@pytest.mark.parametrize(("size", "new"), [(4, 8), (7, 3), (5, 13)])
+def test_linear_resize_taps_are_exact(transform: str, size: int, new: int) -> None:
+    """Integer taps / denominator equal ONNX's float linear Resize (up to float32 rounding)."""
+    (iy, wy, dy), (ix, wx, dx) = (resize_taps(size, new, None, "linear", transform, "floor") for _ in range(2))
+    x = np.random.default_rng(0).integers(-128, 128, (1, 1, size, size))
+    rows = sum(wy[a][:, None] * x[0, 0][iy[a], :] for a in range(2))
+    ours = sum(wx[b] * rows[:, ix[b]] for b in range(2)) / (dy * dx)
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
+                            coordinate_transformation_mode=transform)
+    graph = helper.make_graph([node], "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([1, 1, new, new], np.int64), "sizes")])
+    theirs = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                  .SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.astype(np.float32)})[0][0, 0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+
+
+def qdq_model(nodes: list, initializers: list, opset: int = 17) -> onnx.ModelProto:
+    """input -> QuantizeLinear -> DequantizeLinear -> ``nodes`` (reading ``x``, writing ``y``) -> output."""
+    scale = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    edges = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"], name="dq_in"),
+             *nodes, helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["output"], name="dq_out")]
+    graph = helper.make_graph(edges, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              [*scale, *initializers])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_unsupported_input_gets_one_line_naming_the_node() -> None:
+    cubic = qdq_model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="cubic")],
+                      [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    with pytest.raises(ValueError, match=r"^ONNX node 'up' \(Resize\): Resize mode 'cubic' has no integer lowering"):
+        from_onnx(cubic)
+    dangling = qdq_model([helper.make_node("Relu", ["nowhere"], ["y"], name="orphan")], [])
+    with pytest.raises(ValueError, match=r"^ONNX node 'orphan' \(Relu\): .*KeyError") as err:
+        from_onnx(dangling)
+    assert "\n" not in str(err.value)
+    divide = qdq_model([helper.make_node("Div", ["x", "x"], ["y"], name="ratio")], [])
+    with pytest.raises(ValueError, match=r"'ratio' \(Div\): Div of two tensors has no integer lowering"):
+        from_onnx(divide)
+
+
+def test_per_channel_activation_quantization_is_named_as_such() -> None:
+    """An activation (computed from the input) quantized per channel: the error says so, not 'weight'."""
+    scales = numpy_helper.from_array(np.full(2, 0.05, np.float32), "sc")
+    zeros = numpy_helper.from_array(np.zeros(2, np.int8), "zc")
+    model = qdq_model([helper.make_node("QuantizeLinear", ["x", "sc", "zc"], ["t"], name="per_channel", axis=1),
+                       helper.make_node("DequantizeLinear", ["t", "sc", "zc"], ["y"], axis=1)], [scales, zeros])
+    with pytest.raises(ValueError, match=r"'per_channel'.*computed from the input, per channel \(axis 1\)"):
+        from_onnx(model)
