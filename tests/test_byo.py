@@ -92,7 +92,7 @@ def test_user_model_and_images_through_every_command(user_files: dict[str, Path]
     for model in (pt2, onnx):
         assert main(["verify", model, "--bit-config", str(tmp_path / "bits.json"), *data]) == 0
         out = capsys.readouterr().out
-        assert out.startswith("bit-exact: compiled (llvm") and "== reference on all 32 output elements" in out
+        assert out.startswith("bit-exact: compiled (llvm") and "== reference on all 32 output elements" in out, out
 
 
 def test_float_onnx_and_pt2_are_rebuilt_faithfully(user_files: dict[str, Path]) -> None:
@@ -147,3 +147,31 @@ def test_a_factory_spec_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.Mo
         load("usermodels:build", tmp_path / "other.pt")
     with pytest.raises(ValueError, match="unexpected keyword argument 'num_classes'"):
         load("usermodels:build", num_classes=3)
+
+
+def test_data_specs_read_images_and_arrays(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from hawqc.data import Preprocess, load_data
+
+    Image.fromarray(np.full((4, 6, 3), (255, 0, 0), np.uint8)).save(tmp_path / "red.png")
+    Image.fromarray(np.full((4, 6, 3), (0, 0, 255), np.uint8)).save(tmp_path / "blue.png")
+    rgb = load_data(tmp_path, input_shape=(3, 2, 3), preprocess=Preprocess(mean=(0.5,), std=(0.5,)))
+    assert not rgb.labelled and rgb.inputs.shape == (2, 3, 2, 3)
+    assert torch.equal(rgb.inputs[0, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))  # blue.png, sorted first
+    gray = load_data(tmp_path, input_shape=(1, 4, 6))
+    assert gray.inputs.shape == (2, 1, 4, 6) and 0 < float(gray.inputs.max()) < 1  # luminance of pure red/blue
+
+    pixels = np.zeros((5, 4, 6), np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    np.save(tmp_path / "labels.npy", np.arange(5))
+    arr = load_data(tmp_path / "pixels.npy", input_shape=(3, 4, 6), labels=tmp_path / "labels.npy")
+    assert arr.labelled and arr.inputs.shape == (5, 3, 4, 6) and arr.tensors[1].tolist() == [0, 1, 2, 3, 4]
+    np.save(tmp_path / "inputs.npy", np.ones((2, 1, 3, 3), np.float32))
+    assert torch.equal(load_data(tmp_path / "inputs.npy").inputs, torch.ones(2, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"samples of shape \(1, 3, 3\); the model takes \(3, 3, 3\)"):
+        load_data(tmp_path / "inputs.npy", input_shape=(3, 3, 3))
+    with pytest.raises(ValueError, match="one integer label per sample"):
+        load_data(tmp_path / "inputs.npy", labels=tmp_path / "labels.npy")
+    with pytest.raises(ValueError, match="unknown data 'nowhere'"):
+        load_data("nowhere")

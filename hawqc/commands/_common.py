@@ -249,11 +249,12 @@ def is_quantized_file(model: str) -> bool:
     if model.endswith(".npz"):
         return True
     if Path(model).suffix.lower() == ".onnx":
-        if not Path(model).is_file():
-            raise ValueError(f"{model}: no such file")
         from hawqc.models import onnx_float
 
-        return onnx_float.is_quantized(onnx_float.read(model))
+        try:
+            return onnx_float.is_quantized(onnx_float.read(model))
+        except ValueError:  # missing or unreadable: the QDQ reader says what is wrong
+            return True
     return False
 
 
@@ -296,8 +297,9 @@ def model_source(args: argparse.Namespace, input_shape: tuple[int, ...] | None =
     from hawqc import BitConfig, api
 
     if is_quantized_file(args.model):
-        if getattr(args, "checkpoint", None):
-            raise ValueError("--checkpoint goes with a float model; this one is quantized")
+        if getattr(args, "checkpoint", None) or args.data != "random":
+            raise ValueError("--checkpoint and --data go with a float model; this one is quantized (verify takes "
+                             "its inputs from --input)")
         return ModelSource(graph=api.integer_graph_of(args.model, args.bit_config, input_shape=input_shape))
     loaded = load_float_model(args, tuple(input_shape[1:]) if input_shape else None)
     config = BitConfig.from_any(args.bit_config or "uniform8")
