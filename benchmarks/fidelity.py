@@ -134,6 +134,7 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
     table: dict[str, Any] = {"inputs": len(x), "rows": []}
     start = time.perf_counter()
     synthetic = distill(model, (3, CROP, CROP), samples=args.distill_samples, batch_size=16, steps=args.distill_steps,
+                        input_range=(-1.0, 1.0),  # EfficientNet-Lite's preprocessing: (pixel - 127) / 128
                         log=lambda line: print(line, flush=True))
     table["distill_s"] = round(time.perf_counter() - start, 1)
     calib = list(synthetic.split(8))
