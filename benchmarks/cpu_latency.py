@@ -141,13 +141,14 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
-def export_onnx(model: Any, calib: list[Any], case: Case) -> None:
-    """``fp32.onnx`` at the case's batch size and its ``quantize_static`` QDQ file ``qdq.onnx``."""
+def export_onnx(model: Any, calib: list[Any], case: Case, symmetric: bool = False) -> Path:
+    """``fp32.onnx`` at the case's batch size and its ``quantize_static`` QDQ file: ``qdq.onnx`` (its
+    defaults), or with ``symmetric`` ``qdq-s8.onnx`` (symmetric int8 activations). Returns its path."""
     import numpy as np
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
-    fp32, qdq = case.folder / "fp32.onnx", case.folder / "qdq.onnx"
+    fp32, qdq = case.folder / "fp32.onnx", case.folder / ("qdq-s8.onnx" if symmetric else "qdq.onnx")
     torch.onnx.export(model, (torch.zeros(case.shape),), str(fp32), input_names=["input"], opset_version=17,
                       dynamo=False)
 
@@ -158,7 +159,9 @@ def export_onnx(model: Any, calib: list[Any], case: Case) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    quantize_static(str(fp32), str(qdq), Reader(), per_channel=True)
+    options = {"activation_type": QuantType.QInt8, "extra_options": {"ActivationSymmetric": True}} if symmetric else {}
+    quantize_static(str(fp32), str(qdq), Reader(), per_channel=True, **options)
+    return qdq
 
 
 def compile_artifact(case: Case, label: str, graph: Any) -> None:

@@ -61,8 +61,10 @@ def conv_graph(*specs: ConvSpec, seed: int = 0) -> tuple[IntegerGraph, np.ndarra
         ops.append(IntOp("conv2d", [f"a{i}"], f"acc{i}", {"stride": list(conv.stride), "padding": list(conv.padding),
                                                           "dilation": list(conv.dilation), "groups": 1},
                          {"weight": weight, "bias": rng.integers(-50, 50, conv.out_channels).astype(np.int32)}))
+        step = np.int64(1) << c.astype(np.int64)  # offsets up to one output step, so that they show
+        offset = {"offset": rng.integers(-step, step)} if i % 2 == 0 else {}
         ops.append(IntOp("requantize", [f"acc{i}"], f"a{i + 1}", {"qmin": conv.qmin, "qmax": conv.qmax},
-                         {"b": b, "c": c}))
+                         {"b": b, "c": c, **offset}))
     graph = IntegerGraph(input="x", output=f"a{len(specs)}", ops=ops)
     x = rng.integers(lo, hi + 1, (first.batch, first.channels, first.height, first.width)).astype(first.input_dtype)
     return graph, x
@@ -124,7 +126,8 @@ def test_dense_with_requantize_runs_as_a_1x1_conv_on_llvm(bits: int) -> None:
     ops = [IntOp("clip", ["x"], "a", {"qmin": lo, "qmax": hi}),
            IntOp("dense", ["a"], "acc", {}, {"weight": rng.integers(-half, half, (o, k)).astype(np.int8),
                                               "bias": rng.integers(-50, 50, o).astype(np.int32)}),
-           IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127}, {"b": b, "c": c})]
+           IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127},
+                 {"b": b, "c": c, "offset": rng.integers(-(np.int64(1) << c), np.int64(1) << c)})]
     graph = IntegerGraph(input="x", output="y", ops=ops)
     x = rng.integers(lo, hi + 1, (batch, k)).astype(np.int8)
     ir = rewritten(graph, x.shape, "int8")
@@ -420,7 +423,7 @@ def test_requantize_rule_is_the_dyadic_one() -> None:
     _, acc, requant = graph.ops
     expected = requantize(np.einsum("nchw,oc->nohw", x.astype(np.int64), acc.consts["weight"][:, :, 0, 0])
                           + acc.consts["bias"].reshape(1, -1, 1, 1), requant.consts["b"], requant.consts["c"],
-                          conv.qmin, conv.qmax, axis=1)
+                          conv.qmin, conv.qmax, axis=1, offset=requant.consts["offset"])
     ir = rewritten(graph, x.shape, str(x.dtype))
     assert len(tensor_core_calls(ir)) == 1
     np.testing.assert_array_equal(run_on_llvm(ir, x), expected)

@@ -1,6 +1,5 @@
 """Dyadic requantization against exact rational arithmetic."""
 
-import math
 from fractions import Fraction
 
 import numpy as np
@@ -9,7 +8,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hawqc.quant.dyadic import dyadic, dyadic_per_channel, requantize, scale_ratio, self_check
+from hawqc.quant.dyadic import (
+    bias_in_accumulator,
+    dyadic,
+    dyadic_per_channel,
+    requantize,
+    round_shift,
+    rounding_bias,
+    scale_ratio,
+    self_check,
+)
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 # Ratios over all representable decades [2^-32, 2^30), log-uniform, plus raw floats in that range.
@@ -19,8 +27,9 @@ RATIOS = st.one_of(
 )
 
 
-def round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
+def round_half_even(x: Fraction) -> int:
+    """Python's ``round`` of a Fraction: to the nearest integer, ties to the even one."""
+    return round(x)
 
 
 @settings(max_examples=10_000, deadline=None)
@@ -30,7 +39,7 @@ def test_requantize_equals_exact_rounding(ratio: float, acc: int) -> None:
     assert 2**30 <= b < 2**31 and 1 <= c <= 62
     assert abs(Fraction(b, 2**c) - Fraction(ratio)) <= Fraction(ratio) / 2**31
     got = requantize(np.array([acc], dtype=np.int32), b, c, -(2**31), 2**31 - 1)
-    assert int(got[0]) == max(-(2**31), min(2**31 - 1, round_half_up(Fraction(acc * b, 2**c))))
+    assert int(got[0]) == max(-(2**31), min(2**31 - 1, round_half_even(Fraction(acc * b, 2**c))))
 
 
 @settings(max_examples=300, deadline=None)
@@ -41,7 +50,7 @@ def test_numpy_and_torch_are_bit_identical_per_channel(ratios: list[float], data
     acc = np.array(data.draw(st.lists(INT32, min_size=rows * len(ratios), max_size=rows * len(ratios))),
                    dtype=np.int32).reshape(rows, len(ratios))
     qmin, qmax = data.draw(st.sampled_from([(-128, 127), (0, 15), (-8, 7), (0, 255)]))
-    expected = np.array([[min(max(round_half_up(Fraction(int(a) * int(bb), 2 ** int(cc))), qmin), qmax)
+    expected = np.array([[min(max(round_half_even(Fraction(int(a) * int(bb), 2 ** int(cc))), qmin), qmax)
                           for a, bb, cc in zip(row, b, c)] for row in acc])
     got_np = requantize(acc, b, c, qmin, qmax, axis=1)
     got_torch = requantize(torch.from_numpy(acc), b, c, qmin, qmax, axis=1)
@@ -50,28 +59,42 @@ def test_numpy_and_torch_are_bit_identical_per_channel(ratios: list[float], data
     np.testing.assert_array_equal(got_torch.numpy(), expected)
 
 
-def test_ties_round_half_up_toward_positive_infinity() -> None:
+def test_ties_round_half_to_even_like_quantize_linear() -> None:
     b, c = dyadic(0.5)  # exactly 1/2
     assert Fraction(b, 2**c) == Fraction(1, 2)
-    acc = np.array([5, -5, 3, -3, 1, -1, 0])
-    expected = [3, -2, 2, -1, 1, 0, 0]  # 2.5, -2.5, 1.5, -1.5, 0.5, -0.5, 0
+    acc = np.array([5, -5, 3, -3, 1, -1, 0, 7, -7])
+    expected = [2, -2, 2, -2, 0, 0, 0, 4, -4]  # 2.5, -2.5, 1.5, -1.5, 0.5, -0.5, 0, 3.5, -3.5
     assert requantize(acc, b, c, -100, 100).tolist() == expected
     assert requantize(torch.tensor(acc), b, c, -100, 100).tolist() == expected
+    assert np.rint(acc / 2).tolist() == expected  # numpy's (and ONNX QuantizeLinear's) rule
+
+
+def test_round_shift_is_half_to_even_near_every_tie() -> None:
+    c = np.arange(1, 40, dtype=np.int64)
+    for q in (-3, -2, -1, 0, 1, 2, 3, 2**20 + 1):
+        for r in (-1, 0, 1):  # just below, at and just above the tie q + 1/2
+            x = (2 * q + 1) * (np.int64(1) << (c - 1)) + r
+            expected = [round(Fraction(int(v), 2 ** int(k))) for v, k in zip(x, c)]
+            assert round_shift(x, c, rounding_bias(c)).tolist() == expected
 
 
 def test_per_channel_axis_and_clipping() -> None:
     b, c = dyadic_per_channel([1.0, 0.25, 2.0])
     acc = np.array([[[10]], [[10]], [[100]]])  # (C, 1, 1)
-    assert requantize(acc, b, c, -128, 127, axis=0).ravel().tolist() == [10, 3, 127]
+    assert requantize(acc, b, c, -128, 127, axis=0).ravel().tolist() == [10, 2, 127]  # 2.5 -> 2
     relu4 = requantize(np.array([-7, 3, 40]), *dyadic(1.0), 0, 15)
     assert relu4.tolist() == [0, 3, 15]
 
 
-def test_scale_ratio_forms_the_product_in_float32() -> None:
+def test_scale_ratio_is_the_exact_ratio_of_the_float32_scales() -> None:
     s_in, s_w, s_out = 0.1, np.array([0.3, 0.7]), 0.05
-    expected = np.float64(np.float32(s_in) * np.float32(s_w)) / np.float64(np.float32(s_out))
-    np.testing.assert_array_equal(scale_ratio(s_in, s_w, s_out), expected)
-    assert not np.array_equal(scale_ratio(s_in, s_w, s_out), s_in * s_w / s_out)
+    got = scale_ratio(s_in, s_w, s_out)
+    exact = [Fraction(float(np.float32(s_in))) * Fraction(float(np.float32(w))) / Fraction(float(np.float32(s_out)))
+             for w in s_w]
+    assert all(abs(Fraction(float(g)) - e) <= e / 2**52 for g, e in zip(got, exact))
+    float32_product = np.float64(np.float32(s_in) * np.float32(s_w)) / np.float64(np.float32(s_out))
+    assert not np.array_equal(got, float32_product)  # no intermediate float32 rounding
+    assert not np.array_equal(got, s_in * s_w / s_out)  # the file's float32 scales, not the float64 inputs
 
 
 def test_dyadic_mantissa_carry_stays_in_range() -> None:
@@ -121,8 +144,32 @@ def test_requantize_rejects_bad_input(acc, b, c, qmin, qmax, message) -> None:  
 def test_int32_accumulators_never_overflow() -> None:
     acc = np.array([-(2**31), 2**31 - 1], dtype=np.int32)
     got = requantize(acc, 2**31 - 1, 62, -(2**31), 2**31 - 1)
-    assert got.tolist() == [round_half_up(Fraction(int(a) * (2**31 - 1), 2**62)) for a in acc]
+    assert got.tolist() == [round_half_even(Fraction(int(a) * (2**31 - 1), 2**62)) for a in acc]
 
 
 def test_self_check_finds_no_mismatch() -> None:
     assert self_check(2_000, seed=1) == 0
+
+
+def test_offset_is_added_below_the_grid_before_the_one_rounding() -> None:
+    rng = np.random.default_rng(3)
+    b, c = dyadic_per_channel(rng.uniform(1e-4, 1e-1, 5))
+    offset = rng.integers(-(2**30), 2**30, 5)
+    acc = rng.integers(-(2**20), 2**20, (7, 5, 2))
+    expected = np.array([[[round(Fraction(int(a) * int(b[o]) + int(offset[o]), 2 ** int(c[o]))) for a in acc[n, o]]
+                          for o in range(5)] for n in range(7)])
+    for x in (acc, torch.from_numpy(acc)):
+        got = requantize(x, b, c, -(2**31), 2**31 - 1, axis=1, offset=offset)
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_bias_fraction_is_what_a_float32_bias_scale_means() -> None:
+    s_in, s_w = np.float32(0.0123), np.array([0.0071, 0.0033], np.float32)
+    bias_scale = (s_in * s_w).astype(np.float32)  # how a QDQ file stores it
+    bias = np.array([123_456, -7], np.int32)
+    whole, fraction = bias_in_accumulator(bias, bias_scale, s_in, s_w)
+    exact = [Fraction(int(v)) * Fraction(float(bs)) / (Fraction(float(s_in)) * Fraction(float(w)))
+             for v, bs, w in zip(bias, bias_scale, s_w)]
+    assert whole.tolist() == [round(e) for e in exact]
+    assert all(abs(Fraction(float(f)) - (e - round(e))) < Fraction(1, 10**9) for f, e in zip(fraction, exact))
+    assert fraction[0] != 0  # float32(S_in * S_w) is not S_in * S_w

@@ -55,13 +55,14 @@ def handmade_graph() -> IntegerGraph:
 def test_handmade_graph_matches_hand_arithmetic() -> None:
     x = np.array([[[[0.14, -0.26], [0.35, 1.0]]], [[[-0.05, 0.25], [20.0, -0.5]]]], dtype=np.float32)
     out = handmade_graph().run(x)
-    q = np.clip(np.rint(x / np.float32(0.1)), -128, 127)                  # [[1, -3], [4, 10]], [[0, 2], [127, -5]]
+    q = np.clip(np.rint(x / np.float64(np.float32(0.1))), -128, 127)      # [[1, -3], [3, 10]], [[0, 2], [127, -5]]
+    assert q[0, 0, 1, 0] == 3 and np.rint(x[0, 0, 1, 0] / np.float32(0.1)) == 4  # float64, not float32, division
     padded = np.pad(q, ((0, 0), (0, 0), (1, 0), (0, 2)))                  # 3 x 4
     relu = np.maximum(padded, 0)
     windows = np.pad(relu, ((0, 0), (0, 0), (0, 1), (0, 1)))
     sums = sum(windows[:, :, i:i + 3, j:j + 4] for i in (0, 1) for j in (0, 1))
-    pooled = np.clip(np.floor(sums / 4 + 0.5), 0, 127)                    # round half up
-    scaled = np.clip(np.floor(pooled * 0.75 + 0.5), -8, 7)
+    pooled = np.clip(np.rint(sums / 4), 0, 127)                           # round half to even
+    scaled = np.clip(np.rint(pooled * 0.75), -8, 7)
     expected = (np.clip(scaled + relu, -128, 127).reshape(2, -1) * np.float32(0.2)).astype(np.float32)
     np.testing.assert_array_equal(out, expected)
     from hawqc.reference.kernels import KERNELS

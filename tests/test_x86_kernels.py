@@ -48,7 +48,8 @@ def layer_graph(op: str, cin: int, cout: int, k: int, stride: int, pad: int, dil
     if requant:
         b, c = dyadic_per_channel(rng.uniform(2e-5, 2e-4, cout))
         ops.append(IntOp("requantize", ["acc"], "y", {"qmin": -128, "qmax": 127, "input_zero_point": 3,
-                                                      "zero_point": -2}, {"b": b, "c": c}))
+                                                      "zero_point": -2},
+                         {"b": b, "c": c, "offset": rng.integers(-(np.int64(1) << c), np.int64(1) << c)}))
     return IntegerGraph("x", ops[-1].output, ops)
 
 

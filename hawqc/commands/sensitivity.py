@@ -52,15 +52,17 @@ def model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], tuple[int,
 
 
 def compute(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...]]:
+    from hawqc import distributed
     from hawqc.ilp.sensitivity import sensitivity
 
     model, batches, shape = model_and_data(args)
-    progress = ProgressLine(args.tol)
+    progress = ProgressLine(args.tol) if distributed.setup().main else None  # under torchrun, rank 0's
     try:
         result = sensitivity(model, batches, tol=args.tol, max_iters=args.max_iters, seed=args.seed,
                              cache_dir=args.cache_dir, micro_batch=args.micro_batch, progress=progress)
     finally:
-        progress.finish()
+        if progress is not None:
+            progress.finish()
     return model, result, shape
 
 
@@ -110,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from hawqc import distributed
+
     console = Console()
     _, result, _ = compute(args)
+    if not distributed.setup().main:  # under torchrun, rank 0 reports and writes
+        return 0
     table = Table(title=f"{args.model}: Hessian trace and Ω ({result.iterations} Hutchinson iterations)")
     bits = result.settings["bits"]
     for column in ("layer", "params", "Tr(H)", *(f"Ω(W{b})" for b in bits), *(f"Ω(A{b})" for b in bits)):

@@ -1,6 +1,6 @@
 """Element-wise non-linearities that the ONNX reader lowers to exact lookup tables.
 
-Each entry maps an ONNX operator to its float function (numpy, float32 in and out) with the
+Each entry maps an ONNX operator to its float function (numpy, evaluated in float64) with the
 operator's attributes as keyword arguments and ONNX's defaults. The reader evaluates it on every
 integer an input can hold, once, at compile time.
 """

@@ -2,8 +2,8 @@
 
 One Relax expression per integer operation, with the reference kernels' exact semantics:
 convolutions and dense layers multiply int8 (or uint8) operands into int32; ``requantize`` is the
-dyadic rule of :mod:`hawqc.quant.dyadic` (int64 product with per-channel ``b``, add ``2^(c-1)``,
-arithmetic right shift by ``c``, zero points where a tensor has them, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
+dyadic rule of :mod:`hawqc.quant.dyadic` (int64 product with per-channel ``b``, a shift by ``c``
+rounding half to even, zero points where a tensor has them, clip) so that TVM's ``FuseOps`` fuses it into the producing kernel;
 average pooling is a depthwise convolution with a ones kernel (an integer window sum) followed by a
 requantize. Float appears only in the input ``quantize`` and the output ``dequantize``.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import ShiftOps, round_shift, rounding_bias
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
 
 
@@ -65,6 +66,14 @@ class Context:
         from tvm.relax import op as R
 
         return R.permute_dims(x, [0, 3, 1, 2]) if self.layout == "NHWC" and _ndim(x) == 4 else x
+
+
+def relax_shift_ops() -> ShiftOps:
+    """The operators :func:`hawqc.quant.dyadic.round_shift` is written with, on int64 Relax expressions."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    return ShiftOps(R.add, R.right_shift, R.bitwise_and, relax.const(1, "int64"))
 
 
 ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
@@ -169,8 +178,8 @@ def _ndim(expr: Any) -> int:
 
 
 def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
-                zero_point: int = 0) -> Any:
-    """``clip(((x - z_in)*b + 2^(c-1)) >> c + z_out, qmin, qmax)`` in int64 (the rule of
+                zero_point: int = 0, offset: np.ndarray | None = None) -> Any:
+    """``clip(round_shift((x - z_in)*b + offset, c) + z_out, qmin, qmax)`` in int64 (the rule of
     :func:`hawqc.quant.dyadic.requantize`), stored in the narrowest type."""
     from tvm import relax
     from tvm.relax import op as R
@@ -181,8 +190,9 @@ def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, q
     if input_zero_point:
         y = R.subtract(y, _const(input_zero_point, "int64"))
     y = R.multiply(y, _channel(ctx, b, ndim, "int64"))
-    y = R.right_shift(R.add(y, _channel(ctx, np.left_shift(1, c - 1), ndim, "int64")),
-                      _channel(ctx, c, ndim, "int64"))
+    y = ctx.bb.emit(y if offset is None else R.add(y, _channel(ctx, offset, ndim, "int64")))
+    y = round_shift(y, _channel(ctx, c, ndim, "int64"), _channel(ctx, rounding_bias(c), ndim, "int64"),
+                    relax_shift_ops())
     if zero_point:
         y = R.add(y, _const(zero_point, "int64"))
     y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
@@ -193,9 +203,10 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
-    q = R.round(R.divide(ins[0], _const(op.consts["scale"], "float32")))
+    x = R.astype(R.astype(ins[0], "float32"), "float64")  # x / scale in float64, as QuantizeLinear means it
+    q = R.round(R.divide(x, _const(np.float32(op.consts["scale"]), "float64")))
     if op.attrs.get("zero_point", 0):
-        q = R.add(q, _const(op.attrs["zero_point"], "float32"))
+        q = R.add(q, _const(op.attrs["zero_point"], "float64"))
     q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
     return ctx.to_internal(ctx.bb.emit(R.astype(q, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))))
 
@@ -247,20 +258,33 @@ def _pad_expr(ctx: Context, x: Any, pads: list[int], value: int) -> Any:
 def _requantize_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
     return _requantize(ctx, ins[0], op.consts["b"], op.consts["c"], a["qmin"], a["qmax"],
-                       a.get("input_zero_point", 0), a.get("zero_point", 0))
+                       a.get("input_zero_point", 0), a.get("zero_point", 0), op.consts.get("offset"))
 
 
 def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
+    a = op.attrs
+    if "m" in op.consts:  # inputs of different scales on a common fine grid, rounded once
+        zero_points = a.get("input_zero_points", [0] * len(ins))
+        terms = []
+        for x, z, m in zip(ins, zero_points, op.consts["m"]):
+            y = R.astype(x, "int64")
+            y = R.subtract(y, _const(z, "int64")) if z else y
+            terms.append(R.multiply(y, _channel(ctx, m, _ndim(x), "int64")))
+        total = ctx.bb.emit(terms[0] if len(terms) == 1 else R.add(terms[0], terms[1]))
+        for term in terms[2:]:
+            total = ctx.bb.emit(R.add(total, term))
+        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0),
+                           op.consts.get("offset"))
     total = R.astype(ins[0], "int64")
     for x in ins[1:]:
         total = R.add(total, R.astype(x, "int64"))
-    if op.attrs.get("zero_point", 0):
-        total = R.add(total, _const(op.attrs["zero_point"], "int64"))
-    total = R.clip(total, relax.prim_value(op.attrs["qmin"]), relax.prim_value(op.attrs["qmax"]))
-    return R.astype(total, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
+    if a.get("zero_point", 0):
+        total = R.add(total, _const(a["zero_point"], "int64"))
+    total = R.clip(total, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
+    return R.astype(total, ctx.storage(a["qmin"], a["qmax"]))
 
 
 def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:

@@ -7,11 +7,9 @@ fixes their integer form:
   a constant (weights per channel, int32 biases);
 - ``Conv``/``Gemm``/``MatMul`` of views and constants give an *accumulator* (int32, scale
   ``S_in * S_w``); ``Relu``/``Clip`` on it narrow the clip bounds of its requantization;
-- ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input is requantized to
-  the output scale by its own dyadic number, then concatenated, or summed: in hawqc's own exports
-  each input is rounded to the output grid first (HAWQ-V3's rule, what the PyTorch path computes);
-  in other QDQ models, whose Add means one rounding of the real sum, the inputs meet on a grid
-  2^8 times finer and the sum is rounded once;
+- ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input of a Concat is
+  requantized to the output scale by its own dyadic number; the inputs of an Add meet exactly as
+  they are on an int64 grid about 2^50 times finer than the output and their sum is rounded once;
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
 - element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
   LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
@@ -35,12 +33,12 @@ import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
-from hawqc.quant.dyadic import dyadic, dyadic_per_channel, scale_ratio
-from hawqc.reference.graph import IntegerGraph, IntOp, rescale_op
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
+from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 ADD_BITS = 8
-"""Extra fractional bits on which the inputs of a (non-hawqc) Add are summed before one rounding."""
+"""Extra fractional bits of the accumulator of a per-channel affine map (:meth:`_Reader.affine`)."""
 
 
 @dataclass
@@ -69,6 +67,8 @@ class _Acc:
     s_w: np.ndarray
     lo: float = -np.inf
     hi: float = np.inf
+    fraction: np.ndarray | None = None
+    """The bias below the accumulator's integer grid, per channel (see ``bias_in_accumulator``)."""
 
 
 @dataclass
@@ -95,9 +95,6 @@ class _Reader:
     trace: dict[str, Any] = field(default_factory=dict)
     """The integer graph read so far run on zeros, for shapes that shape inference leaves open."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
-    hawq_add: bool = False
-    """hawqc's own exports round each Add input to the output grid (HAWQ-V3); other QDQ models mean
-    the real sum, rounded once."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -128,7 +125,8 @@ class _Reader:
         if isinstance(value, _Acc):
             lo = max(lo, _bound(value.lo, scale_out, zero_point, "lo"))
             hi = min(hi, _bound(value.hi, scale_out, zero_point, "hi"))
-            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point)
+            op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point,
+                            fraction=value.fraction)
         else:
             op = rescale_op(value.name, dst, value.scale, np.float32(1.0), scale_out, lo, hi, value.zero_point,
                             zero_point)
@@ -169,22 +167,29 @@ class _Reader:
                 for part, value in zip(parts, src.parts):
                     self.rescale(value, part, scale, lo, hi, zp)
                 self.emit("concat", parts, out, dict(src.attrs))
-            elif self.hawq_add:  # HAWQ-V3: each input rounded to the output grid, then summed
-                for part, value in zip(parts, src.parts):
-                    self.rescale(value, part, scale, INT32_MIN, INT32_MAX)
-                self.emit("add", parts, out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})})
-            else:  # ONNX: the real sum, rounded once; inputs meet on a grid 2^ADD_BITS times finer
-                fine = np.float32(scale / np.float32(2**ADD_BITS))
-                for part, value in zip(parts, src.parts):
-                    self.rescale(value, part, fine, INT32_MIN, INT32_MAX)
-                self.emit("add", parts, f"{out}:sum", {"qmin": INT32_MIN, "qmax": INT32_MAX})
-                b, c = dyadic(2.0**-ADD_BITS)
-                self.emit("requantize", [f"{out}:sum"], out, {"qmin": lo, "qmax": hi, **({"zero_point": zp} if zp else {})},
-                          {"b": np.array(b, np.int32), "c": np.array(c, np.int32)})
+            else:  # the real sum, rounded once
+                self.aligned_add(node, src, out, scale, zp, lo, hi)
             qmin, qmax = lo, hi
         else:
             self.fail(node, "cannot quantize a constant")
         self.values[out] = _View(out, scale, qmin, qmax, zp)
+
+    def aligned_add(self, node: Any, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
+        parts = []
+        for value in pending.parts:
+            if isinstance(value, _Acc):
+                if value.hi != np.inf or value.lo not in (-np.inf, 0.0):
+                    self.fail(node, "only a ReLU may clip an accumulator that an Add reads")
+                name = value.name
+                if value.lo == 0.0:
+                    name = self.emit("clip", [value.name], f"{value.name}:relu", {"qmin": 0, "qmax": INT32_MAX})
+                parts.append(AddInput(name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, 2**31,
+                                      value.fraction))
+            else:
+                parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
+                                      max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
+        self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
 
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         """An average pool rescaled straight to the output scale and zero point."""
@@ -251,15 +256,13 @@ class _Reader:
         if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
                                        or _attr(node, "beta", 1.0) != 1.0):
             self.fail(node, "only Gemm with transA=0, alpha=1, beta=1 is supported")
-        acc_scale = np.float32(x.scale) * w_scale.astype(np.float32)
         consts = {"weight": weight.astype(np.int8)}
-        bias = np.zeros(weight.shape[0], dtype=np.int64)
+        bias, fraction = np.zeros(weight.shape[0], dtype=np.int64), None
         if len(node.input) > 2 and node.input[2]:
             b = self.values.get(node.input[2])
             if not isinstance(b, _Const):
                 self.fail(node, "bias must be a dequantized constant")
-            real = b.values.astype(np.float64) * b.scale.astype(np.float64)
-            bias = b.values.astype(np.int64) if np.array_equal(b.scale, acc_scale) else np.rint(real / acc_scale)
+            bias, fraction = bias_in_accumulator(b.values, b.scale, x.scale, w_scale)
         if x.zero_point:  # sum((x - z) * w) = sum(x * w) - z * sum(w); padding pads with z
             bias = bias - x.zero_point * weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
         if np.any(bias):
@@ -276,7 +279,7 @@ class _Reader:
             attrs.update(stride=list(_attr(node, "strides", [1, 1])), dilation=list(_attr(node, "dilations", [1, 1])),
                          groups=int(_attr(node, "group", 1)), padding=[pads[0], pads[1], pads[2], pads[3]])
         self.emit("conv2d" if node.op_type == "Conv" else "dense", [x.name], name, attrs, consts)
-        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32))
+        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32), fraction=fraction)
 
     def relu_or_clip(self, node: Any) -> None:
         src = self.values[node.input[0]]
@@ -372,9 +375,9 @@ class _Reader:
     def lut(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         (src,) = pending.parts
         q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
-        real = ((q - src.zero_point).astype(np.float32) * src.scale).astype(np.float32)
-        y = np.asarray(pending.attrs["fn"](real), dtype=np.float32)
-        table = np.clip(np.rint(y / scale) + zp, lo, hi).astype(np.int32)
+        real = (q - src.zero_point).astype(np.float64) * np.float64(src.scale)  # the exact input grid
+        y = np.asarray(pending.attrs["fn"](real), dtype=np.float64)
+        table = np.clip(np.rint(y / np.float64(scale)) + zp, lo, hi).astype(np.int32)
         self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
 
     def pad(self, node: Any) -> None:
@@ -662,7 +665,8 @@ class _Reader:
             inputs = [i[0], f"{out}:w"]
             bias = i[8] if node.op_type == "QLinearConv" and len(i) > 8 else i[6] if node.op_type == "QGemm" else ""
             if bias:
-                acc_scale = np.float32(self.const_array(i[1])) * np.asarray(self.const_array(w_scale), np.float32)
+                acc_scale = (np.float64(np.float32(self.const_array(i[1])))  # exact: the bias adds to the accumulator
+                             * np.asarray(self.const_array(w_scale), np.float32).astype(np.float64))
                 self.values[f"{out}:b"] = _Const(self.const_array(bias), acc_scale)
                 inputs.append(f"{out}:b")
             op_type = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}[node.op_type]
@@ -743,10 +747,10 @@ def _is_int4(model: Any, tensor: str, dequantized_from: dict[str, str]) -> bool:
 
 
 def _bound(value: float, scale: np.float32, zero_point: int, side: str) -> int:
-    """A float clip bound as the integer bound QuantizeLinear would give it (round half to even)."""
+    """A float clip bound as the integer bound QuantizeLinear would give it (float64, half to even)."""
     if not np.isfinite(value):
         return INT32_MIN if side == "lo" else INT32_MAX
-    return int(np.rint(np.float32(value) / scale)) + zero_point
+    return int(np.rint(np.float64(np.float32(value)) / np.float64(scale))) + zero_point
 
 
 def _qrange(model: Any, node: Any) -> tuple[int, int]:
@@ -775,8 +779,7 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             or len(graph.output) != 1:
         raise ValueError("the ONNX model must have exactly one input and one output")
     props = {p.key: p.value for p in model.metadata_props}
-    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer},
-                     hawq_add="hawqc.bit_config" in props)
+    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer})
     input_name = next(i.name for i in graph.input if i.name not in reader.inits)
     reader.values[input_name] = reader.input = input_name
     nodes = fold_constants(model, reader.inits)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc import distributed
 from hawqc.fileio import write_atomic
 
 CACHE_VERSION = 2
@@ -131,7 +132,10 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     :data:`MICRO_BATCH_ELEMENTS` input elements) and are summed, so memory is bounded by one micro-batch's
     double-backward graph whatever the batch size. With one micro-batch its graph serves every iteration;
     with more, each is rebuilt for every :data:`BLOCK` iterations. A weight probe depends only on ``seed`` and
-    the iteration, so the weight traces do not depend on ``micro_batch``."""
+    the iteration, so the weight traces do not depend on ``micro_batch``.
+
+    Under ``torchrun`` the ranks (each given the same model and batches) share out the iterations and sum
+    their samples: the same traces and iteration count as one process with the same seed."""
     if max_iters < 1 or tol <= 0:
         raise ValueError(f"need max_iters >= 1 and tol > 0, got {max_iters} and {tol}")
     modules = dict(model.named_modules())
@@ -147,16 +151,18 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
         for p in params:
             p.requires_grad_(True)
         kept = _probe_graph(model, names, params, chunks[0], activations) if len(chunks) == 1 else None
+        world = distributed.setup()
         done = False
         while not done and iters < max_iters:
-            block = range(iters + 1, min(iters + (1 if kept else BLOCK), max_iters) + 1)
+            block = range(iters + 1, min(iters + (1 if kept else BLOCK) * world.size, max_iters) + 1)
+            mine = [(row, k) for row, k in enumerate(block) if row % world.size == world.rank]
             samples = torch.zeros(len(block), len(totals), dtype=torch.float64)
-            for c, chunk in enumerate(chunks):
+            for c, chunk in enumerate(chunks if mine else []):
                 graph = kept or _probe_graph(model, names, params, chunk, activations)
-                for row, k in enumerate(block):
+                for row, k in mine:
                     samples[row] += _sample(graph, params, [fold[n][1] for n in names], seed, k, c)
                 del graph
-            for sample in samples:
+            for sample in world.sum(samples.to(world.device or samples.device)).cpu():
                 iters += 1
                 totals += sample
                 squares += sample**2
@@ -309,7 +315,8 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
     settings = {"bits": sorted(set(bits)), "tol": tol, "max_iters": max_iters, "seed": seed,
                 "micro_batch": micro_batch}
     path = _cache_folder(cache_dir) / f"sensitivity-{_fingerprint(model, batches, settings)}.json"
-    if path.is_file():
+    world = distributed.setup()
+    if world.total(float(not path.is_file())) == 0:  # under torchrun: computed unless every rank has it
         return Sensitivity.load(path)
     fold = folded_weights(model)
     traces, act_traces, iters = hessian_traces(model, batches, fold, tol=tol, max_iters=max_iters, seed=seed,
@@ -320,7 +327,8 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
     errors, counts = activation_errors(model, list(fold), batches, settings["bits"], micro_batch)
     act_omega = {n: {b: max(act_traces[n], 0.0) / counts[n] * errors[n][b] for b in settings["bits"]} for n in fold}
     result = Sensitivity(traces, params, omega, iters, settings, act_traces, act_omega)
-    result.save(path)
+    if world.main:
+        result.save(path)
     return result
 
 

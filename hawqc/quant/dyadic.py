@@ -7,12 +7,14 @@ PyTorch integer simulation, the numpy reference executor and the Relax lowering
 all call it.
 
 Scale ratio
-    For an accumulator with scale ``S_in * S_w`` requantized to scale ``S_out``
-    the ratio is computed the way the deployed graph computes it::
+    For an accumulator with scale ``S_in * S_w`` requantized to scale ``S_out`` the ratio is
+    what a QDQ file means (its float64 oracle, see ``tests/oracle.py``)::
 
-        ratio = float64(float32(S_in * S_w)) / float64(float32(S_out))
+        ratio = float64(S_in) * float64(S_w) / float64(S_out)
 
-    (the product ``S_in * S_w`` is formed in float32).
+    with the scales as the float32 numbers the file stores. The product of two float32 numbers is
+    exact in float64, so the ratio carries one float64 rounding (relative error 2^-53), far below
+    the 2^-31 of its dyadic form.
 
 Dyadic approximation ``dyadic(ratio) -> (b, c)``
     With ``ratio = m * 2^e`` and ``m`` in [0.5, 1) (``frexp``), ``c = 31 - e`` and
@@ -23,12 +25,15 @@ Dyadic approximation ``dyadic(ratio) -> (b, c)``
     [1, 62], i.e. ``2^-32 <= ratio < 2^30``.
 
 Requantization ``requantize(acc, b, c, qmin, qmax)``
-    ``clip((acc * b + 2^(c-1)) >> c, qmin, qmax)`` with an int64 product and an
-    arithmetic (flooring) right shift. That is ``floor(acc * b / 2^c + 1/2)``:
-    round half up, toward +inf at ties (2.5 -> 3, -2.5 -> -2). HAWQ's released
-    code rounds half to even in PyTorch but half up in TVM, so its ties disagree
-    between simulation and deployment; hawqc uses this one rule everywhere.
-    The same function serves numpy arrays and torch tensors, bit for bit. Asymmetric
+    ``clip(round_shift(acc * b, c), qmin, qmax)`` with an int64 product, where
+    ``round_shift(x, c) = (x + 2^(c-1) - 1 + ((x >> c) & 1)) >> c`` (arithmetic, flooring
+    shifts) is ``x / 2^c`` rounded **half to even** (2.5 -> 2, 3.5 -> 4, -2.5 -> -2): the rule of
+    ONNX ``QuantizeLinear``, of ``torch.round`` and ``numpy.rint``, so hawqc's float quantizers,
+    its integer graph and its QDQ exports all round alike. (HAWQ's released code rounds half to
+    even in PyTorch but half up in TVM.) :func:`round_shift` is written once, with the
+    operators passed in, for numpy arrays, torch tensors, TIR and Relax expressions; every
+    kernel epilogue calls it. The same :func:`requantize` serves numpy arrays and torch tensors,
+    bit for bit. Asymmetric
     tensors (zero points, as other tools produce) subtract the input zero point from
     ``acc`` first and add the output zero point after the shift, before the clip.
 """
@@ -36,6 +41,9 @@ Requantization ``requantize(acc, b, c, qmin, qmax)``
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
@@ -55,13 +63,40 @@ INT64_MAX = 2**63 - 1
 
 
 def scale_ratio(s_in: Any, s_w: Any, s_out: Any) -> np.ndarray:
-    """The requantization ratio ``S_in*S_w / S_out`` as the deployed graph forms it.
+    """The requantization ratio ``S_in*S_w / S_out`` of float32 scales, formed in float64.
 
-    ``float64(float32(S_in * S_w)) / float64(float32(S_out))``; broadcasts, so a
+    ``float64(S_in) * float64(S_w) / float64(S_out)`` (the product is exact); broadcasts, so a
     per-channel ``s_w`` gives per-channel ratios.
     """
-    acc_scale = np.float32(s_in) * np.asarray(s_w, dtype=np.float32)
-    return np.asarray(acc_scale, dtype=np.float64) / np.float64(np.float32(s_out))
+    f64 = [np.asarray(np.asarray(s, dtype=np.float32), dtype=np.float64) for s in (s_in, s_w, s_out)]
+    return f64[0] * f64[1] / f64[2]
+
+
+@dataclass(frozen=True)
+class ShiftOps:
+    """The operators :func:`round_shift` is written with, for one kind of expression."""
+
+    add: Callable[[Any, Any], Any] = operator.add
+    right_shift: Callable[[Any, Any], Any] = operator.rshift
+    bit_and: Callable[[Any, Any], Any] = operator.and_
+    one: Any = 1
+
+
+def rounding_bias(c: Any) -> np.ndarray:
+    """``2^(c-1) - 1``, int64: the constant :func:`round_shift` adds before its shift."""
+    return np.left_shift(np.int64(1), np.asarray(c, dtype=np.int64) - 1) - 1
+
+
+def round_shift(x: Any, c: Any, bias: Any, ops: ShiftOps = ShiftOps()) -> Any:
+    """``x / 2^c`` rounded half to even, for integers ``x`` (int64) and shifts ``c >= 1``:
+    ``(x + bias + ((x >> c) & 1)) >> c`` with ``bias = rounding_bias(c)``.
+
+    With ``x = q*2^c + r`` (``0 <= r < 2^c``) the sum reaches ``(q+1)*2^c`` exactly when
+    ``r > 2^(c-1)``, or ``r = 2^(c-1)`` and ``q`` is odd. The default ``ops`` serve numpy
+    arrays, torch tensors and TIR expressions; Relax passes its own.
+    """
+    parity = ops.bit_and(ops.right_shift(x, c), ops.one)
+    return ops.right_shift(ops.add(ops.add(x, bias), parity), c)
 
 
 def dyadic_per_channel(ratios: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -92,39 +127,83 @@ def dyadic(ratio: float) -> tuple[int, int]:
     return int(b), int(c)
 
 
+def aligned_multipliers(scales: list[Any], s_out: Any, magnitudes: list[int]) -> tuple[list[np.ndarray], int]:
+    """Integers ``m_i`` (int64, shaped like ``scales[i]``) and one shift ``c`` such that
+    ``sum_i x_i * m_i`` is ``sum_i x_i * scales[i] / s_out`` on a grid ``2^c`` times finer than the
+    output's, for inputs with ``|x_i| <= magnitudes[i]``: an Add of tensors of different scales,
+    rounded once by :func:`requantize` (``b = 1``).
+
+    ``scales`` are exact in float64 (a float32 scale, or the product of two); ``m_i`` is the exact
+    rational ``scales[i] / s_out * 2^c`` rounded half to even, so each term is off by at most
+    ``|x_i| * 2^-(c+1)`` output steps. ``c`` is the largest shift (at most 62) for which the int64
+    sum and its rounding cannot overflow: about 53 for two 8-bit inputs of similar scales.
+    """
+    from fractions import Fraction
+
+    out = Fraction(float(np.float32(s_out)))
+    ratios = [[Fraction(float(v)) / out for v in np.asarray(s, dtype=np.float64).ravel()] for s in scales]
+    c = C_MAX
+    while c > C_MIN:
+        worst = sum(mag * math.ceil(max(r) * 2**c) for mag, r in zip(magnitudes, ratios))
+        if worst + (1 << (c - 1)) <= INT64_MAX:
+            break
+        c -= 1
+    multipliers = [np.array([round(v * 2**c) for v in r], dtype=np.int64).reshape(np.shape(s))
+                   for r, s in zip(ratios, scales)]
+    return multipliers, c
+
+
 def requantize(
     acc: Array, b: Any, c: Any, qmin: int, qmax: int, axis: int | None = None,
-    input_zero_point: int = 0, zero_point: int = 0,
+    input_zero_point: int = 0, zero_point: int = 0, offset: Any = 0,
 ) -> Array:
-    """``clip(((acc - z_in)*b + 2^(c-1)) >> c + z_out, qmin, qmax)`` on a numpy array or torch tensor.
+    """``clip(round_shift((acc - z_in)*b + offset, c) + z_out, qmin, qmax)`` on a numpy array or torch tensor.
 
-    ``acc`` is an integer accumulator; ``b`` and ``c`` are scalars or arrays
+    ``acc`` is an integer accumulator; ``b``, ``c`` and ``offset`` are scalars or arrays
     broadcastable to it, or 1-D per-channel arrays along ``axis``. The zero points
-    are for asymmetric tensors (HAWQ-V3 itself uses none). Returns int32 of the same
+    are for asymmetric tensors (HAWQ-V3 itself uses none). ``offset`` (int64, in units of
+    ``2^-c`` output steps) carries what an accumulator holds below its integer grid: the fraction of
+    a bias whose scale is not the accumulator's (:func:`bias_in_accumulator`). Returns int32 of the same
     kind (numpy or torch) as ``acc``. Raises ``ValueError`` if ``b``/``c`` are not a
     valid dyadic pair or ``acc`` could overflow the int64 product.
     """
     b64, c64 = _check_dyadic_pair(b, c)
+    offset64 = np.asarray(offset, dtype=np.int64)
     if not -(2**31) <= qmin <= qmax <= 2**31 - 1:
         raise ValueError(f"requantize: need int32 bounds with qmin <= qmax, got [{qmin}, {qmax}]")
     torch_mod = _torch_if_tensor(acc)
     if torch_mod is None:
         acc = np.asarray(acc)
         _check_integer(acc.dtype.kind in "iu", acc.dtype)
-        x, b_, c_ = acc.astype(np.int64), b64, c64
+        x, consts = acc.astype(np.int64), [b64, c64, rounding_bias(c64), offset64]
     else:
         _check_integer(not acc.dtype.is_floating_point and not acc.dtype.is_complex, acc.dtype)
         x = acc.to(torch_mod.int64)
-        b_ = torch_mod.as_tensor(b64, device=acc.device)
-        c_ = torch_mod.as_tensor(c64, device=acc.device)
+        consts = [torch_mod.as_tensor(v, device=acc.device) for v in (b64, c64, rounding_bias(c64), offset64)]
     if axis is not None:
         shape = [1] * x.ndim
         shape[axis] = -1
-        b_, c_ = b_.reshape(shape), c_.reshape(shape)
+        consts = [v.reshape(shape) for v in consts]
+    b_, c_, bias, offset_ = consts
     x = x - input_zero_point
-    _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()))
-    y = (((x * b_ + (1 << (c_ - 1))) >> c_) + zero_point).clip(qmin, qmax)
+    _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()), int(np.abs(offset64).max(initial=0)))
+    y = (round_shift(x * b_ + offset_, c_, bias) + zero_point).clip(qmin, qmax)
     return y.astype(np.int32) if torch_mod is None else y.to(torch_mod.int32)
+
+
+def bias_in_accumulator(bias: Any, bias_scale: Any, s_in: Any, s_w: Any) -> tuple[np.ndarray, np.ndarray]:
+    """An int32 bias of scale ``bias_scale`` (a file's float32 ``S_in * S_w``, or the exact product) on the
+    grid of the accumulator ``S_in * S_w`` (exact, float64): ``(integer part, fraction)``, per channel. The
+    fraction, a few 1e-8 of the bias, becomes a requantization ``offset`` (:func:`fraction_offset`)."""
+    s_in64, s_w64 = (np.asarray(np.asarray(v, dtype=np.float32), dtype=np.float64) for v in (s_in, s_w))
+    units = np.asarray(bias, dtype=np.int64).astype(np.float64) * np.asarray(bias_scale, np.float64) / (s_in64 * s_w64)
+    whole = np.rint(units)
+    return whole.astype(np.int64), units - whole
+
+
+def fraction_offset(fraction: Any, b: Any) -> np.ndarray:
+    """The :func:`requantize` ``offset`` of an accumulator fraction requantized by multiplier ``b``."""
+    return np.rint(np.asarray(fraction, dtype=np.float64) * np.asarray(b, dtype=np.float64)).astype(np.int64)
 
 
 def _check_dyadic_pair(b: Any, c: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -140,11 +219,12 @@ def _check_dyadic_pair(b: Any, c: Any) -> tuple[np.ndarray, np.ndarray]:
     return b64, c64
 
 
-def _check_no_overflow(acc_abs_max: int, b_max: int, c_max: int) -> None:
-    if acc_abs_max * b_max + (1 << (c_max - 1)) > INT64_MAX:
+def _check_no_overflow(acc_abs_max: int, b_max: int, c_max: int, offset_max: int = 0) -> None:
+    room = INT64_MAX - (1 << (c_max - 1)) - offset_max
+    if acc_abs_max * b_max > room:
         raise ValueError(
             f"requantize: accumulator magnitude {acc_abs_max} times b={b_max} overflows the int64 "
-            f"product; |acc| must be at most {(INT64_MAX - (1 << (c_max - 1))) // max(b_max, 1)}"
+            f"product; |acc| must be at most {room // max(b_max, 1)}"
         )
 
 
@@ -190,6 +270,6 @@ def self_check(n_cases: int = 20_000, seed: int = 0) -> int:
         pass
     else:
         got.append(requantize(torch.from_numpy(acc), b, c, lo, hi).numpy())
-    exact = np.array([min(max(math.floor(Fraction(int(a) * int(bb), 2 ** int(cc)) + Fraction(1, 2)), lo), hi)
+    exact = np.array([min(max(round(Fraction(int(a) * int(bb), 2 ** int(cc))), lo), hi)  # round(): half to even
                       for a, bb, cc in zip(acc, b, c)])
     return int(sum(np.count_nonzero(g != exact) for g in got))

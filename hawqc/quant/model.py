@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
 from hawqc.quant.capture import Node, capture
-from hawqc.quant.dyadic import dyadic
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
-from hawqc.reference.graph import IntegerGraph, IntOp, execute, rescale_op
+from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, execute, rescale_op
 
 MODES = ("int", "fake", "float")
 _RESCALING = {"add", "concat", "output"}
@@ -125,8 +126,10 @@ class QuantModel(nn.Module):
         assert isinstance(found, list), f"no node {name!r}"
         return found
 
-    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool,
-                       stop_at: str | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool, stop_at: str | None = None,
+                       world: distributed.World | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """The float or fake-quantized forward; ``observe`` feeds the activation quantizers' observers
+        (with ``world``, the ranks calibrating together)."""
         values: dict[str, torch.Tensor] = {}
         for node in self.nodes:
             ins = [values[i] for i in node.inputs]
@@ -144,10 +147,7 @@ class QuantModel(nn.Module):
                 else:
                     y = layer.float_forward(ins[0])
             elif kind == "add":
-                if fake:  # the integer add rounds each input to the output grid, then sums
-                    grid = self.acts[node.name].scale
-                    ins = [x + (torch.round(x / grid) * grid - x).detach() for x in ins]
-                y = ins[0] + ins[1]
+                y = ins[0] + ins[1]  # the integer add rounds the sum once, as the output's quantizer does
             elif kind == "concat":
                 y = torch.cat(ins, dim=1)
             elif kind == "maxpool":
@@ -165,7 +165,7 @@ class QuantModel(nn.Module):
             if node.name in self.acts:
                 quantizer = self.acts[node.name]
                 if observe:
-                    quantizer.observe(y)
+                    quantizer.observe(y, world)
                 if fake:
                     y = quantizer.fake(y)
             elif fake and kind in ("avgpool", "gap"):  # integer pooling rounds to the input's grid
@@ -175,7 +175,12 @@ class QuantModel(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Any]) -> int:
-        """Observe activation ranges on float batches, then fix the scales. Returns the batch count."""
+        """Observe activation ranges on float batches, then fix the scales. Returns the batch count.
+
+        Under ``torchrun`` every rank calibrates together, batch by batch (each rank gives the same
+        number of batches: its shards of the global batches, or the same batches): the ranges are
+        those of the global batches on every rank."""
+        world = distributed.setup()
         count, shape = 0, None
         for batch in batches:
             x = _as_input(batch)
@@ -184,7 +189,7 @@ class QuantModel(nn.Module):
                                  f"{(-1, *shape)}")
             shape = x.shape[1:]
             try:
-                self._float_forward(x, fake=False, observe=True)
+                self._float_forward(x, fake=False, observe=True, world=world)
             except RuntimeError as err:
                 raise ValueError(f"calibration batch of shape {tuple(x.shape)} does not fit the model: "
                                  f"{str(err).splitlines()[0]}") from None
@@ -207,17 +212,32 @@ class QuantModel(nn.Module):
     @torch.no_grad()
     def _build_integer_graph(self) -> IntegerGraph:
         ops: list[IntOp] = []
-        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, lo,
-        # float upper bound of a fused ReLU6 or None)
+        # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, bias
+        # fraction, lo, float upper bound of a fused ReLU6 or None)
         qint: dict[str, tuple[np.float32, int, int]] = {}
-        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, int, float | None]] = {}
+        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, np.ndarray, int, float | None]] = {}
 
         def rescale(src: str, dst: str, scale_out: np.float32, lo: int, hi: int) -> None:
             if src in acc:
-                s_in, s_w, _, acc_lo, acc_max = acc[src]
-                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), _upper(acc_max, scale_out, hi)))
+                s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
+                ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), _upper(acc_max, scale_out, hi),
+                                      fraction=fraction))
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
+
+        def add_input(src: str, dst: str) -> AddInput:
+            """An input of the add ``dst``: a QInt tensor, or an accumulator (its ReLU a clip at 0)."""
+            if src not in acc:
+                s, lo, hi = qint[src]
+                return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
+            s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
+            if acc_max is not None:
+                raise ValueError(f"{src}: a bounded ReLU between a conv and an add is not supported")
+            scale = np.float64(s_in) * np.asarray(s_w, np.float64)
+            if acc_lo == 0:
+                ops.append(IntOp("clip", [src], f"{dst}:{src}:relu", {"qmin": 0, "qmax": INT32_MAX}))
+                src = ops[-1].output
+            return AddInput(src, scale, 0, 2**31, fraction)
 
         output = None
         for node in self.nodes:
@@ -241,20 +261,21 @@ class QuantModel(nn.Module):
                     conv = layer.layer
                     op_attrs.update(stride=list(conv.stride), padding=list(layer.padding),
                                     dilation=list(conv.dilation), groups=conv.groups)
+                # the export's bias means p["bias"] * float32(acc_scale): its fraction on the exact grid is kept
+                bias, fraction = bias_in_accumulator(p["bias"], p["acc_scale"], s_in, p["w_scale"])
                 ops.append(IntOp("conv2d" if kind == "conv" else "dense", node.inputs, target, op_attrs,
-                                 {"weight": p["weight"], "bias": p["bias"]}))
-                acc[target] = (s_in, p["w_scale"], p["acc_scale"], 0 if node.relu else INT32_MIN, node.relu_max)
+                                 {"weight": p["weight"], "bias": bias.astype(np.int32)}))
+                acc[target] = (s_in, p["w_scale"], p["acc_scale"], fraction, 0 if node.relu else INT32_MIN,
+                               node.relu_max)
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
-            elif kind in ("add", "concat"):
-                parts = []
-                for j, src in enumerate(node.inputs):
-                    parts.append(f"{name}:in{j}")
-                    if kind == "add":
-                        rescale(src, parts[-1], scale, INT32_MIN, INT32_MAX)
-                    else:
-                        rescale(src, parts[-1], scale, qmin, qmax)
-                ops.append(IntOp(kind, parts, name, {"qmin": qmin, "qmax": qmax} if kind == "add" else {}))
+            elif kind == "add":  # the real sum, rounded once
+                ops.append(aligned_add_op([add_input(src, name) for src in node.inputs], name, scale, qmin, qmax))
+            elif kind == "concat":
+                parts = [f"{name}:in{j}" for j in range(len(node.inputs))]
+                for src, part in zip(node.inputs, parts):
+                    rescale(src, part, scale, qmin, qmax)
+                ops.append(IntOp(kind, parts, name))
             elif kind == "output":
                 src = node.inputs[0]
                 out_scale = acc[src][2] if src in acc else np.array(qint[src][0], dtype=np.float32)
@@ -294,7 +315,7 @@ def _relu(x: torch.Tensor, upper: float | None) -> torch.Tensor:
 def _upper(bound: float | None, scale: np.float32, qmax: int) -> int:
     """``qmax`` narrowed to a ReLU's float upper bound on the integer grid of ``scale`` (rounded as
     the quantizer rounds: ``relu6(x)`` then quantize is ``min(quantize(x), rint(6 / scale))``)."""
-    return qmax if bound is None else min(qmax, int(np.rint(np.float32(bound) / np.float32(scale))))
+    return qmax if bound is None else min(qmax, int(np.rint(np.float64(np.float32(bound)) / np.float64(scale))))
 
 
 def _torch_kernels() -> Mapping[str, Any]:

@@ -30,8 +30,8 @@ def _pad(x: torch.Tensor, pads: list[int], value: float) -> torch.Tensor:
 
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    x = torch.as_tensor(inputs[0]).to(torch.float32)
-    q = torch.round(x / _t(consts["scale"], torch.float32)) + attrs.get("zero_point", 0)
+    x = torch.as_tensor(inputs[0]).to(torch.float32).to(torch.float64)
+    q = torch.round(x / _t(consts["scale"].astype(np.float32))) + attrs.get("zero_point", 0)
     return q.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
 
 
@@ -65,12 +65,20 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     per_channel = consts["b"].ndim == 1
     return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
-                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0),
+                      offset=consts.get("offset", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    total = sum(x.to(torch.int64) for x in inputs) + attrs.get("zero_point", 0)
-    return total.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
+    if "m" not in consts:  # inputs already on the output grid
+        total = sum(x.to(torch.int64) for x in inputs) + attrs.get("zero_point", 0)
+        return total.clamp(attrs["qmin"], attrs["qmax"]).to(torch.int32)
+    zero_points = attrs.get("input_zero_points", [0] * len(inputs))
+    total = sum((x.to(torch.int64) - z) * _t(m.reshape([1, -1] + [1] * (x.dim() - 2)) if m.ndim else m, torch.int64)
+                for x, z, m in zip(inputs, zero_points, consts["m"]))
+    offset = consts.get("offset", np.int64(0))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if offset.ndim == 1 else None,
+                      zero_point=attrs.get("zero_point", 0), offset=offset)
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:

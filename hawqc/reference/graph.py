@@ -8,13 +8,17 @@ integer simulation); both walk it with :func:`execute`.
 Operations (inputs -> output; ``attrs`` are JSON values, ``consts`` numpy arrays):
 
 ================  ==============================================================================
-quantize          float -> int: ``clip(rint(float32(x) / scale) + zero_point, qmin, qmax)``
+quantize          float -> int: ``clip(rint(float64(float32(x)) / scale) + zero_point, qmin, qmax)``
 conv2d            int x int -> int32 accumulator, + int32 bias (consts: weight OIHW, bias;
                   attrs: stride, padding [top, left, bottom, right], dilation, groups, pad_value)
 dense             int x int -> int32 accumulator, + int32 bias (consts: weight [out, in], bias)
-requantize        dyadic rescale and clip (consts: b, c, scalar or per channel; attrs: qmin, qmax,
-                  input_zero_point, zero_point)
-add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax)
+requantize        dyadic rescale and clip (consts: b, c, scalar or per channel, optional offset;
+                  attrs: qmin, qmax, input_zero_point, zero_point)
+add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax); with
+                  consts ``m`` (int64, a row per input, per channel or scalar) and ``c``: inputs of
+                  different scales, ``requantize(sum((x_i - z_i) * m_i), 1, c)`` rounded once
+                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points;
+                  consts: offset, as for requantize)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
@@ -121,15 +125,52 @@ class IntegerGraph:
 
 
 def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, qmax: int,
-               input_zero_point: int = 0, zero_point: int = 0) -> IntOp:
+               input_zero_point: int = 0, zero_point: int = 0, fraction: Any = None) -> IntOp:
     """A ``requantize`` from scale ``s_in * s_w`` (``s_w`` per channel for an accumulator, 1 for a
-    tensor) to ``s_out``, its dyadic numbers from :mod:`hawqc.quant.dyadic`."""
-    from hawqc.quant.dyadic import dyadic_per_channel, scale_ratio
+    tensor) to ``s_out``, its dyadic numbers from :mod:`hawqc.quant.dyadic`; ``fraction``: what the
+    accumulator holds below its integer grid (per channel, see :func:`~hawqc.quant.dyadic.bias_in_accumulator`)."""
+    from hawqc.quant.dyadic import dyadic_per_channel, fraction_offset, scale_ratio
 
     b, c = dyadic_per_channel(scale_ratio(s_in, s_w, s_out))
     attrs = {"qmin": qmin, "qmax": qmax}
     attrs.update({k: v for k, v in (("input_zero_point", input_zero_point), ("zero_point", zero_point)) if v})
-    return IntOp("requantize", [src], dst, attrs, {"b": b, "c": c})
+    consts = {"b": b, "c": c}
+    if fraction is not None and np.any(fraction_offset(fraction, b)):
+        consts["offset"] = np.broadcast_to(fraction_offset(fraction, b), b.shape).copy()
+    return IntOp("requantize", [src], dst, attrs, consts)
+
+
+@dataclass(frozen=True)
+class AddInput:
+    """An input of an :func:`aligned_add_op`: a tensor, its scale (exact in float64: a float32 scale or
+    the product of two, per channel for an accumulator), zero point and largest ``|x - zero_point|``."""
+
+    name: str
+    scale: Any
+    zero_point: int
+    magnitude: int
+    fraction: Any = None
+    """What an accumulator holds below its integer grid, per channel (its bias's fraction)."""
+
+
+def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> IntOp:
+    """An ``add`` that rounds the real sum of its inputs once onto the grid of ``s_out``: the inputs meet
+    on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`)."""
+    from hawqc.quant.dyadic import aligned_multipliers, fraction_offset
+
+    multipliers, c = aligned_multipliers([p.scale for p in parts], s_out, [p.magnitude for p in parts])
+    channels = max(m.size for m in multipliers)
+    attrs: dict[str, Any] = {"qmin": qmin, "qmax": qmax}
+    if zero_point:
+        attrs["zero_point"] = zero_point
+    if any(p.zero_point for p in parts):
+        attrs["input_zero_points"] = [p.zero_point for p in parts]
+    m = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
+    consts = {"m": m, "c": np.array(c, np.int32)}
+    offset = sum(fraction_offset(p.fraction, v) for p, v in zip(parts, multipliers) if p.fraction is not None)
+    if np.any(offset):
+        consts["offset"] = np.broadcast_to(offset, (channels,)).copy() if channels > 1 else np.asarray(offset)
+    return IntOp("add", [p.name for p in parts], dst, attrs, consts)
 
 
 def conv_output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],

@@ -45,8 +45,8 @@ def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: tupl
 
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x = np.asarray(inputs[0], dtype=np.float32)
-    q = np.rint(x / consts["scale"].astype(np.float32)) + attrs.get("zero_point", 0)
+    x = np.asarray(inputs[0], dtype=np.float32).astype(np.float64)  # x / scale as QuantizeLinear means it
+    q = np.rint(x / consts["scale"].astype(np.float32).astype(np.float64)) + attrs.get("zero_point", 0)
     return np.clip(q, attrs["qmin"], attrs["qmax"]).astype(np.int32)
 
 
@@ -87,12 +87,19 @@ def dense(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.n
 def requantize_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     per_channel = consts["b"].ndim == 1
     return requantize(inputs[0], consts["b"], consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if per_channel else None,
-                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0))
+                      input_zero_point=attrs.get("input_zero_point", 0), zero_point=attrs.get("zero_point", 0),
+                      offset=consts.get("offset", 0))
 
 
 def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
-    return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+    if "m" not in consts:  # inputs already on the output grid
+        total = sum(x.astype(np.int64) for x in inputs) + attrs.get("zero_point", 0)
+        return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
+    zero_points = attrs.get("input_zero_points", [0] * len(inputs))
+    total = sum((x.astype(np.int64) - z) * _per_channel(m, x.ndim) for x, z, m in zip(inputs, zero_points, consts["m"]))
+    offset = consts.get("offset", np.int64(0))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], axis=1 if offset.ndim == 1 else None,
+                      zero_point=attrs.get("zero_point", 0), offset=offset)
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:

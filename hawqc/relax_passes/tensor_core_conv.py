@@ -3,7 +3,8 @@ Core kernel, and keep the 4-bit activations those kernels read packed 8 per int3
 
 The pattern is the NHWC lowering of :mod:`hawqc.frontend.integer_graph`: ``conv2d`` (constant weights,
 groups 1) or ``matmul`` (constant weights: a dense layer, run as a 1x1 conv on ``[N, 1, 1, K]``), an
-optional constant bias, ``astype(int64) * b + 2^(c-1) >> c``, ``clip`` and ``astype``. A dense layer
+optional constant bias, ``round_shift(astype(int64) * b [+ offset], c)`` (half to even, as
+:func:`hawqc.quant.dyadic.round_shift` writes it), ``clip`` and ``astype``. A dense layer
 without requantize (the final fc, read by the output dequantize) keeps TVM's lowering and dlight's
 GEMV schedule: it has no requantization to fuse, and at batch ``N`` it is an ``N``-row GEMM that a
 64-row Tensor Core tile would mostly waste.
@@ -33,6 +34,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from hawqc.quant.dyadic import rounding_bias
 from hawqc.topi_int4.cuda.conv2d import (
     PACK,
     ConvSpec,
@@ -59,13 +61,16 @@ class TensorCoreConv:
     def __init__(self, arch: str, tensor_cores: bool = True, pack: bool = True, int4: str = "auto") -> None:
         self.int4, self.tensor_cores, self.pack = int4_tensor_cores(arch, int4), tensor_cores, pack
         self.input, self.weight, self.bias = wildcard(), is_const(), is_const()
-        self.multiplier, self.rounding, self.shift = is_const(), is_const(), is_const()
+        self.multiplier, self.offset, self.rounding, self.shift = is_const(), is_const(), is_const(), is_const()
         self.conv = is_op("relax.nn.conv2d")(self.input, self.weight)
         self.dense = is_op("relax.matmul")(self.input, self.weight)
         product = self.conv | self.dense
         accumulator = product | is_op("relax.add")(product, self.bias)
-        scaled = is_op("relax.multiply")(is_op("relax.astype")(accumulator), self.multiplier)
-        shifted = is_op("relax.right_shift")(is_op("relax.add")(scaled, self.rounding), self.shift)
+        product_b = is_op("relax.multiply")(is_op("relax.astype")(accumulator), self.multiplier)
+        scaled = product_b | is_op("relax.add")(product_b, self.offset)
+        parity = is_op("relax.bitwise_and")(is_op("relax.right_shift")(scaled, self.shift), is_const())
+        shifted = is_op("relax.right_shift")(is_op("relax.add")(is_op("relax.add")(scaled, self.rounding), parity),
+                                             self.shift)
         self.clip = is_op("relax.clip")(shifted, wildcard(), wildcard())
         self.pattern = is_op("relax.astype")(self.clip)
 
@@ -111,7 +116,7 @@ class TensorCoreConv:
         multiplier, shift = (_per_channel(matches[p], out_channels) for p in (self.multiplier, self.shift))
         rounding = _per_channel(matches[self.rounding], out_channels)
         if (multiplier is None or shift is None or rounding is None or x not in ranges
-                or not np.array_equal(rounding, np.left_shift(1, shift - 1))):
+                or not np.array_equal(rounding, rounding_bias(shift))):
             return None
         bits = operand_bits((int(weight.min()), int(weight.max())), ranges[x], self.int4)
         geometry = _dense_geometry(x) if self.dense in matches else _conv_geometry(matches[self.conv], x)
@@ -121,9 +126,13 @@ class TensorCoreConv:
         spec = ConvSpec(*geometry[:4], out_channels, tuple(weight.shape[2:]), *geometry[4:], bits,
                         ranges[x][0] < 0, str(x.ty.dtype), str(expr.ty.dtype), int(clip.args[1].value),
                         int(clip.args[2].value))
-        bias = matches[self.bias].value.numpy().reshape(-1) if self.bias in matches else np.zeros(1, np.int32)
-        constants = [(pack_weight(weight, spec), "int32"), (np.broadcast_to(bias, out_channels), "int32"),
-                     (multiplier, "int64"), (shift, "int64")]
+        bias = matches[self.bias].value.numpy().reshape(-1) if self.bias in matches else np.zeros(1, np.int64)
+        offset = _per_channel(matches[self.offset], out_channels) if self.offset in matches else 0
+        if offset is None:
+            return None
+        scaled_bias = np.broadcast_to(bias, out_channels).astype(np.int64) * multiplier + offset
+        constants = [(pack_weight(weight, spec), "int32"), (scaled_bias, "int64"), (multiplier, "int64"),
+                     (shift, "int64")]
         return spec, [x] + [relax.const(np.ascontiguousarray(a).astype(dtype), dtype) for a, dtype in constants]
 
 

@@ -6,8 +6,9 @@ output channel and ``k = (kh, kw, c)`` (channel fastest). Both operands are int3
 activation tile is loaded packed (a packed input) or packed while it is staged in shared memory. A block of 4 warps computes a 64x64
 tile; each warp issues ``mma.sync.aligned.m8n8k32`` (s4/u4 x s4) or ``m8n8k16`` (s8/u8 x s8) on
 fragments of one word per lane: lane ``l`` holds row ``l // 4``, word ``l % 4`` of A and B and the
-accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue adds the bias, applies
-``clip((acc * b + 2^(c-1)) >> c)`` in int64 (:func:`hawqc.quant.dyadic.requantize`), stages the tile
+accumulators of row ``l // 4``, columns ``2 * (l % 4) + {0, 1}``. The epilogue applies
+``clip(round_shift(acc * b + bias, c))`` in int64 (:func:`hawqc.quant.dyadic.requantize`, half to even; the bias
+scaled by ``b`` at compile time, with the requantization's offset), stages the tile
 in shared memory and stores it NHWC, each thread a run of channels (coalesced).
 
 Activations are NHWC. A *packed* activation (4-bit values only) is an int32 tensor
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import ShiftOps, round_shift
 from hawqc.reference.graph import conv_output_size
 
 BLOCK_M, BLOCK_N = 64, 64
@@ -185,7 +187,8 @@ def pack_words(values: np.ndarray, bits: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
-    """The PrimFunc ``(X, packed W, bias int32[O], b int64[O], c int64[O]) -> Y`` of ``spec``."""
+    """The PrimFunc ``(X, packed W, bias int64[O], b int64[O], c int64[O]) -> Y`` of ``spec``; ``bias`` is the
+    accumulator's bias times ``b`` plus the requantization's offset (:func:`_requantize`)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -283,7 +286,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((batch, *x_shape[1:]), x_dtype), W: T.Buffer((spec.padded_out_channels, spec.k_words), "int32"),
-               bias: T.Buffer((out_channels,), "int32"), mult: T.Buffer((out_channels,), "int64"),
+               bias: T.Buffer((out_channels,), "int64"), mult: T.Buffer((out_channels,), "int64"),
                shift: T.Buffer((out_channels,), "int64"), Y: T.Buffer((batch, *y_shape[1:]), y_dtype)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "hawqc.packed_input": spec.packed_input,
                      "hawqc.packed_output": spec.packed_output})
@@ -329,7 +332,7 @@ def conv2d_kernel(spec: ConvSpec, tensor_cores: bool = True) -> Any:
                                 if o < out_channels:
                                     out_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4,
                                              warp % WARPS_N * warp_n + fn * FRAG + (lane % 4) * 2 + i] = T.Cast(
-                                        "int32", _requantize(acc[warp, lane, fm, fn, i] + bias[o], mult[o],
+                                        "int32", _requantize(acc[warp, lane, fm, fn, i], mult[o], bias[o],
                                                              shift[o], spec.qmin, spec.qmax))
                                 else:  # channels past O: zeros (a packed output's padding)
                                     out_tile[warp // WARPS_N * warp_m + fm * FRAG + lane // 4,
@@ -356,12 +359,14 @@ def _unpack(word: Any, e: Any, bits: int, signed: bool) -> Any:
     return tirx.bitwise_and(tirx.shift_right(word, bits * e), (1 << bits) - 1)
 
 
-def _requantize(acc: Any, b: Any, c: Any, qmin: int, qmax: int) -> Any:
-    """``clip((acc * b + 2^(c-1)) >> c, qmin, qmax)`` in int64: :func:`hawqc.quant.dyadic.requantize` in TIR."""
+def _requantize(acc: Any, b: Any, bias: Any, c: Any, qmin: int, qmax: int) -> Any:
+    """``clip(round_shift(acc * b + bias, c), qmin, qmax)`` in int64, rounding half to even, ``bias``
+    already scaled by ``b``: :func:`hawqc.quant.dyadic.requantize` in TIR."""
     from tvm import tirx
 
-    scaled = tirx.Cast("int64", acc) * b + tirx.shift_left(tirx.const(1, "int64"), c - 1)
-    return tirx.max(tirx.min(tirx.shift_right(scaled, c), tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
+    one = tirx.const(1, "int64")
+    scaled = round_shift(tirx.Cast("int64", acc) * b + bias, c, tirx.shift_left(one, c - 1) - one, ShiftOps(one=one))
+    return tirx.max(tirx.min(scaled, tirx.const(qmax, "int64")), tirx.const(qmin, "int64"))
 
 
 def _pixel_position(k: Any, e: int, word_in_pixel: bool) -> Any:

@@ -3,7 +3,8 @@
 Compute (one PrimFunc): an optional copy of the input (spatial padding, input channels up to a
 multiple of 4 with zeros, and int8 activations offset by 128 into uint8 for VNNI), the int32 accumulation against weights packed
 ``[OC/16, KH, KW, IC/4, 16, 4]`` (see :func:`pack_weight`), then per output channel
-``clip(((acc + bias) * b + 2^(c-1)) >> c + zero_point, qmin, qmax)`` in int64, cast to the output
+``clip(round_shift(acc * b + bias, c) + zero_point, qmin, qmax)`` in int64 (a shift rounding half to even; ``bias``
+already multiplied by ``b``, with the requantization's offset), cast to the output
 type: the rule of :func:`hawqc.quant.dyadic.requantize`, with the input zero point and the VNNI
 offset compensation folded into ``bias``. Without requantization the epilogue writes ``acc + bias``.
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.quant.dyadic import round_shift
 from hawqc.reference.graph import conv_output_size
 from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, unpack_nibble
 
@@ -192,7 +194,9 @@ def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: in
 def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant: Requant | None) -> Any:
     """The PrimFunc ``(x, weight, bias[, b, round, shift]) -> out`` writing the int32 accumulator ``acc``
     (NHWC, rows and channels padded) cut to ``shape``, plus ``bias`` or, with ``requant``, per output channel
-    ``clip(((acc + bias) * b + round) >> shift + zero_point)``: :func:`hawqc.quant.dyadic.requantize`."""
+    ``clip(round_shift(acc * b + bias, shift, round) + zero_point)``: :func:`hawqc.quant.dyadic.requantize`,
+    ``bias`` being the accumulator's bias times ``b`` plus the requantization's offset and ``round``
+    :func:`hawqc.quant.dyadic.rounding_bias` of ``shift``."""
     from tvm import te, tirx
 
     ocp = acc.shape[-1]
@@ -204,7 +208,7 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
     b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
 
     def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
-        v = ((acc[i, y, z, o].astype("int64") + bias[o]) * b[o] + rnd[o]) >> shift[o]
+        v = round_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], rnd[o])
         if requant.zero_point:
             v = v + requant.zero_point
         return tirx.max(tirx.min(v, requant.qmax), requant.qmin).astype(requant.dtype)

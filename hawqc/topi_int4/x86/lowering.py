@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.frontend.integer_graph import Context, is_static
+from hawqc.quant.dyadic import rounding_bias
 from hawqc.reference.graph import IntOp
 from hawqc.topi_int4.x86 import depthwise
 from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
@@ -75,7 +76,8 @@ def _requant(ctx: Context, op: IntOp | None) -> Requant | None:
 
 def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None, vnni: bool) -> list[Any]:
     """Packed weights, the bias with the VNNI activation offset (and input zero point of the requantize)
-    folded in, then per-channel ``b``, ``2^(c-1)`` and ``c``, all padded to whole 16-channel blocks."""
+    folded in (with a requantize: times ``b``, plus its offset), then per-channel ``b``, ``2^(c-1) - 1`` (the
+    rounding bias) and ``c``, all padded to whole 16-channel blocks."""
     from tvm import relax
 
     oc, ocp = wl.out_channels, wl.packed_out
@@ -92,6 +94,6 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
         consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits, wl.groups), "int8")]
     if requant is None:
         return [*consts, padded(bias)]
-    c = np.asarray(requant.consts["c"], dtype=np.int64)
-    bias = bias - requant.attrs.get("input_zero_point", 0)
-    return [*consts, padded(bias), padded(requant.consts["b"], 1), padded(np.left_shift(1, c - 1)), padded(c, 1)]
+    b, c = (np.asarray(requant.consts[k], dtype=np.int64) for k in ("b", "c"))
+    bias = (bias - requant.attrs.get("input_zero_point", 0)) * b + np.asarray(requant.consts.get("offset", 0), np.int64)
+    return [*consts, padded(bias), padded(b, 1), padded(rounding_bias(c)), padded(c, 1)]
