@@ -29,6 +29,8 @@ from typing import Any
 from hawqc.fileio import write_atomic
 
 SCHEMA_VERSION = 1
+JSON_FIELDS = frozenset({"schema_version", "layers", "default", "first_last"})
+"""The fields of a bit config's JSON form."""
 SUPPORTED_BITS = (4, 8)
 """Bit widths the compiler accepts today; widening this tuple is all 2- or 16-bit needs here."""
 
@@ -94,7 +96,7 @@ class BitConfig:
         if version != SCHEMA_VERSION:
             raise ValueError(f"bit config schema_version {version!r} is not supported (this hawqc reads "
                              f"version {SCHEMA_VERSION})")
-        unknown = set(data) - {"schema_version", "layers", "default", "first_last"}
+        unknown = set(data) - JSON_FIELDS
         if unknown:
             raise ValueError(f"bit config has unknown fields: {', '.join(sorted(unknown))}")
         return cls(layers=data.get("layers", {}), default=data.get("default"),
@@ -116,11 +118,14 @@ class BitConfig:
 
     @classmethod
     def from_any(cls, spec: BitConfig | Mapping[str, Any] | str | os.PathLike[str]) -> BitConfig:
-        """A ``BitConfig``, its JSON dict, a ``{layer: bits}`` dict, a JSON path or a preset name."""
+        """A ``BitConfig``, its JSON dict (recognised by any of its fields: ``schema_version``,
+        ``layers``, ``default``, ``first_last``; a dict without ``schema_version`` is read as this
+        release's), a ``{layer: bits}`` dict, a JSON path or a preset name."""
         if isinstance(spec, BitConfig):
             return spec
         if isinstance(spec, Mapping):
-            return cls.from_dict(spec) if "schema_version" in spec else cls(layers=spec)
+            return cls.from_dict({"schema_version": SCHEMA_VERSION, **spec}) if set(spec) & JSON_FIELDS \
+                else cls(layers=spec)
         if isinstance(spec, str) and spec in PRESETS:
             return PRESETS[spec]
         if Path(spec).is_file():

@@ -141,3 +141,11 @@ def test_hawq_keys_outside_resnet_naming_are_listed() -> None:
     preset["features.stage1.unit1.branches.branch1.q_input_act"] = 8
     with pytest.raises(ValueError, match=r"outside HAWQ's ResNet naming \(1\): features.stage1"):
         BitConfig.from_hawq(preset)
+
+
+def test_a_dict_in_the_json_form_without_schema_version_is_read_as_such() -> None:
+    config = BitConfig.from_any({"default": 4, "first_last": (8, 8), "layers": {"fc": 8}})
+    assert config == BitConfig(default=LayerBits(4, 4), first_last=LayerBits(8, 8), layers={"fc": LayerBits(8, 8)})
+    assert BitConfig.from_any({"conv1": (4, 8)}).layers == {"conv1": LayerBits(4, 8)}  # a {layer: bits} dict
+    with pytest.raises(ValueError, match="unknown fields: conv1"):  # the two forms mixed: refused, not misread
+        BitConfig.from_any({"default": 4, "conv1": 8})

@@ -154,7 +154,7 @@ def test_user_ties_and_free_ends() -> None:
                             pin_first_last=None)
     solution = solve(problem, [Budget.parse("size", 0.3)])
     assert solution.bits["layer1.0.conv1"] == solution.bits["layer1.0.conv2"] == LayerBits(8, 8)
-    assert solution.bits["conv1"] == LayerBits(4, 4)
+    assert solution.bits["conv1"].w_bits == 4  # W4A4 or W4A8: without activation Ω they tie on size
 
 
 def _latency_table(path, layers, ms_per_bit: float = 0.25) -> None:

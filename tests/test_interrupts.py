@@ -118,10 +118,10 @@ def test_ctrl_c_while_tune_searches(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_while_compiling_leaves_no_artifact(tmp_path: Path) -> None:
+    import torch
+
     from hawqc import models, quantize
     from hawqc.quant.export import to_onnx
-
-    import torch
 
     torch.manual_seed(0)
     to_onnx(quantize(models.get("tiny_resnet"), "uniform8", [torch.randn(2, 1, 28, 28)]), tmp_path / "tiny.onnx")

@@ -43,6 +43,8 @@ def test_distilled_data_matches_batchnorm_statistics_and_is_cached(tmp_path: Pat
         assert float(bn_statistics_loss(model, x)) < 0.3 * float(bn_statistics_loss(model, noise))
     assert len(list(tmp_path.glob("distilled-*.pt"))) == 1
     assert torch.equal(distill(model, (3, 8, 8), samples=16, batch_size=16, steps=60, lr=0.2, cache_dir=tmp_path), x)
+    bounded = distill(model, (3, 8, 8), samples=4, steps=5, input_range=(-0.5, 0.5), cache_dir=tmp_path)
+    assert float(bounded.abs().max()) <= 0.5
     with pytest.raises(ValueError, match="needs a model with BatchNorm"):
         distill(nn.Sequential(nn.Conv2d(3, 4, 1)), (3, 4, 4), steps=1, cache_dir=tmp_path)
 

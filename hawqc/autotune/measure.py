@@ -133,7 +133,7 @@ def measure(module: Any, inputs: list[np.ndarray], expected: list[np.ndarray], s
     x = tvm.runtime.tensor(inputs[0], device)
     # one repeat per call: Python runs between repeats, so Ctrl-C needs at most one repeat to land
     seconds = np.asarray([timer(x).results[0] for _ in range(timing.repeat)]) * 1e3
-    load = os.getloadavg()[0] if isinstance(session, rpc.LocalSession) else None
+    load = round(os.getloadavg()[0], 2) if isinstance(session, rpc.LocalSession) else None
     return Measurement(float(np.median(seconds)), float(np.std(seconds)), len(seconds),
                        float(seconds.max() / max(seconds.min(), 1e-12)), load)
 

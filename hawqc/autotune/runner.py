@@ -4,9 +4,9 @@ A workload is measured at all its bit widths back to back, so its INT4 and INT8 
 machine, and its rows enter the table together: a rerun of the same command skips workloads whose
 rows are all there (and not marked noisy) and measures the others at every width again. A
 measurement that is noisy (spread or load above :class:`~hawqc.autotune.measure.Timing`'s limits)
-is taken again, up to three times (the fastest kept if none is steady). The tuned schedule replaces the default only if it is
-bit-exact and faster. Failures and rejected candidates are logged to ``<table>.tuning/tune.log``
-and reported at the end; they do not stop the run. Ctrl-C does (:mod:`hawqc.interrupts`): the
+is taken again, up to three times (the fastest kept if none is steady). The tuned schedule
+replaces the default only if it is bit-exact and faster. Failures and rejected candidates are
+logged to ``<table>.tuning/tune.log`` and reported at the end; they do not stop the run. Ctrl-C does (:mod:`hawqc.interrupts`): the
 workload being measured is left out of the table.
 """
 

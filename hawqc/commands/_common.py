@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,15 @@ def positive_list(text: str) -> list[int]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ONNX QDQ model (.onnx) or hawqc integer graph (.int.npz)")
-    parser.add_argument("--bit-config", help="check the model's bits against this bit config (JSON or preset)")
+    parser.add_argument("model", help="quantized model: ONNX QDQ (.onnx) or hawqc integer graph (.int.npz); or a "
+                                      "float model (.pt2, float .onnx, built-in name, package.module:factory), "
+                                      "quantized here first")
+    parser.add_argument("--bit-config", help="check a quantized model's bits against this bit config (JSON or "
+                                             "preset); quantize a float model with it (default: uniform8)")
     parser.add_argument("--input-shape", type=input_shape,
                         help="static input shape, e.g. 1,3,224,224 (default: the model's; an open batch stays open)")
     add_target_arguments(parser)
+    add_float_source_arguments(parser)
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, threads: bool = True) -> None:
@@ -225,3 +230,79 @@ def load_data_for(args: argparse.Namespace, model: Any, split: str, size: int, s
                      labels=args.labels, seed=seed)
     model.input_shape = tuple(data.inputs.shape[1:])
     return data
+
+
+CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE = 4, 16
+
+
+def add_float_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """compile / verify: what a float model (rather than a quantized one) is quantized with first."""
+    parser.add_argument("--checkpoint", help="float weights (a state_dict) for a built-in model or a factory")
+    add_data_arguments(parser, "for a float model: calibration data (it is quantized first with --bit-config, "
+                               "default uniform8)")
+
+
+def is_quantized_file(model: str) -> bool:
+    """A hawqc integer graph (``.int.npz``) or a quantized ONNX model: compiled as it is."""
+    from pathlib import Path
+
+    if model.endswith(".npz"):
+        return True
+    if Path(model).suffix.lower() == ".onnx":
+        from hawqc.models import onnx_float
+
+        try:
+            return onnx_float.is_quantized(onnx_float.read(model))
+        except ValueError:  # missing or unreadable: the QDQ reader says what is wrong
+            return True
+    return False
+
+
+@dataclass
+class ModelSource:
+    """compile / verify: a quantized model's integer graph, or a float model and its calibration data."""
+
+    graph: Any = None
+    float_model: Any = None
+    """A :class:`~hawqc.models.loading.LoadedModel`, quantized by :meth:`integer_graph`."""
+    data: Any = None
+    bit_config: Any = None
+
+    def integer_graph(self) -> Any:
+        """The graph; a float model is quantized here (``--bit-config`` on :data:`CALIBRATION_BATCHES`
+        batches of :data:`CALIBRATION_BATCH_SIZE` of ``--data``; random weights get BatchNorm statistics
+        recalibrated on them)."""
+        if self.graph is not None:
+            return self.graph
+        import torch
+        from torch.utils.data import DataLoader
+
+        from hawqc import models, quantize
+
+        loader = DataLoader(self.data, batch_size=CALIBRATION_BATCH_SIZE, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        calib = [x for (x, _), _ in zip(loader, range(CALIBRATION_BATCHES))]
+        model = self.float_model
+        if model.random_weights:
+            print(f"note: {model.name} has random weights (no --checkpoint); BatchNorm statistics recalibrated")
+            models.recalibrate_bn(model.module, calib)
+        self.graph = quantize(model.module, self.bit_config, calib).integer_graph()
+        return self.graph
+
+
+def model_source(args: argparse.Namespace, input_shape: tuple[int, ...] | None = None) -> ModelSource:
+    """compile / verify: ``args.model`` read and checked without quantizing anything yet. A quantized model
+    (QDQ ``.onnx``, ``.int.npz``) is read as it is (``--bit-config`` checks its bits); a float model spec is
+    loaded with ``--data`` and ``--bit-config`` (default uniform8), checked against each other."""
+    from hawqc import BitConfig, api
+
+    if is_quantized_file(args.model):
+        if getattr(args, "checkpoint", None) or args.data != "random":
+            raise ValueError("--checkpoint and --data go with a float model; this one is quantized (verify takes "
+                             "its inputs from --input)")
+        return ModelSource(graph=api.integer_graph_of(args.model, args.bit_config, input_shape=input_shape))
+    loaded = load_float_model(args, tuple(input_shape[1:]) if input_shape else None)
+    config = BitConfig.from_any(args.bit_config or "uniform8")
+    config.resolve(loaded.module)
+    data = load_data_for(args, loaded, "train", size=CALIBRATION_BATCHES * CALIBRATION_BATCH_SIZE)
+    return ModelSource(float_model=loaded, data=data, bit_config=config)

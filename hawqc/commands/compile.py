@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from hawqc.commands._common import Problems, add_int4_argument, add_model_arguments, free_output, kernels_of, target_of
+from hawqc.commands._common import (
+    Problems,
+    add_int4_argument,
+    add_model_arguments,
+    free_output,
+    kernels_of,
+    model_source,
+    target_of,
+)
 
-HELP = "compile a quantized model to an integer-only TVM module (artifact folder)"
+HELP = "compile a quantized model (or a float one, quantized first) to an integer-only TVM module (artifact folder)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +44,12 @@ def run(args: argparse.Namespace) -> int:
         problems.check(check_int4, args.int4, target)
         if args.emit_source and target.get("kind") != "cuda":
             problems.add("--emit-source writes CUDA source: it needs --target cuda")
-    graph = problems.check(api.integer_graph_of, args.model, args.bit_config, input_shape=args.input_shape)
-    shape = problems.check(api.input_shape_of, graph, args.input_shape) if graph is not None else None
+    source = problems.check(model_source, args, args.input_shape)
+    if source is not None and source.graph is not None:  # a quantized model's shape, checked now
+        problems.check(api.input_shape_of, source.graph, args.input_shape)
     problems.raise_any()
+    graph = source.integer_graph()
+    shape = api.input_shape_of(graph, args.input_shape)
     console = Console()
     start = time.perf_counter()
     module = compile_graph(graph, shape, target, kernels=kernels_of(args), threads=args.threads, int4=args.int4)

@@ -19,20 +19,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, "calibration data (also the evaluation data, where labelled: digits and "
                                "fashion-mnist use their test split)")
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: 4)")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="batch size, the global one under torchrun (default: 16)")
     parser.add_argument("--observer", default="minmax", choices=("minmax", "ema", "percentile"))
     parser.add_argument("--ptq", default="nearest", choices=("nearest", "learned"),
                         help="weight rounding: nearest, or learned on the calibration data (AdaRound per layer, "
                              "MSE activation ranges, bias correction; minutes on a CPU) (default: nearest)")
     parser.add_argument("--ptq-iters", type=int, default=500, help="learned PTQ: fit steps per layer (default: 500)")
     parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps after PTQ (needs labelled data)")
+    parser.add_argument("--qat-checkpoint", type=Path,
+                        help="QAT checkpoint: continued if it exists, written every 100 steps (by rank 0 under torchrun)")
     parser.add_argument("--lr", type=float, default=0.005, help="QAT learning rate (default: 0.005)")
     parser.add_argument("-o", "--out", default="hawqc-out", help="output folder (default: hawqc-out)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
 
+    from hawqc import distributed
     from hawqc.commands._common import load_data_for, load_float_model
     from hawqc.quant.adaround import LearnedOptions
 
@@ -40,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--calib-batches and --batch-size must be at least 1")
     if args.ptq_iters < 1:
         raise ValueError("--ptq-iters must be at least 1")
-    console = Console()
+    console = Console(quiet=not distributed.setup().main)  # under torchrun, rank 0 reports
+    torch.manual_seed(0)  # random weights (no checkpoint) are the same model on every rank and every run
     loaded = load_float_model(args, args.input_shape)
     train = load_data_for(args, loaded, "train", size=args.batch_size * args.calib_batches)
     test = train if args.data == "distilled" else load_data_for(args, loaded, "test", size=args.batch_size)
@@ -49,20 +55,24 @@ def run(args: argparse.Namespace) -> int:
     report = quantize_and_export(loaded.module, loaded.name, args.bit_config, train, test, Path(args.out),
                                  args.batch_size, args.calib_batches, args.observer, args.qat_steps, args.lr,
                                  recalibrate_bn=loaded.random_weights, labelled=train.labelled, console=console,
-                                 ptq=args.ptq, learned=LearnedOptions(iters=args.ptq_iters))
-    return 0 if report["bit_exact"] else 1
+                                 ptq=args.ptq, learned=LearnedOptions(iters=args.ptq_iters),
+                                 qat_checkpoint=args.qat_checkpoint)
+    return 0 if report is None or report["bit_exact"] else 1
 
 
 def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test: Any, out: Path, batch_size: int,
                         calib_batches: int, observer: str, qat_steps: int, lr: float, *, recalibrate_bn: bool,
-                        labelled: bool, console: Any, ptq: str = "nearest", learned: Any = None) -> dict[str, Any]:
-    """Quantize, optionally fine-tune, check reference == simulation, write the artifacts; print a report."""
+                        labelled: bool, console: Any, ptq: str = "nearest", learned: Any = None,
+                        qat_checkpoint: Path | None = None) -> dict[str, Any] | None:
+    """Quantize, optionally fine-tune, check reference == simulation, write the artifacts; print a report.
+    Under ``torchrun`` every rank quantizes and trains (data-parallel), then rank 0 checks and writes
+    the artifacts and the others return None."""
     import numpy as np
     import onnxruntime
     import torch
     from torch.utils.data import DataLoader
 
-    from hawqc import BitConfig, models, quantize
+    from hawqc import BitConfig, distributed, models, quantize
     from hawqc.quant.export import to_onnx
     from hawqc.quant.qat import accuracy
     from hawqc.quant.qat import train as qat_train
@@ -77,7 +87,9 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
         models.recalibrate_bn(model, calib)
     qmodel = quantize(model, bit_config, calib, observer=observer, ptq=ptq, learned=learned, log=console.print)
     if qat_steps:
-        qat_train(qmodel, loader, steps=qat_steps, lr=lr, freeze_bn_step=qat_steps // 2)
+        qat_train(qmodel, loader, steps=qat_steps, lr=lr, freeze_bn_step=qat_steps // 2, checkpoint=qat_checkpoint)
+    if not distributed.setup().main:
+        return None
     console.print(bits_table(model, qmodel.bits, f"{name}: per-layer bits ({bit_config})"))
 
     test_loader = DataLoader(test, batch_size=max(batch_size, 256))

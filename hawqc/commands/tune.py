@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hawqc.commands._common import add_target_arguments, input_shape, kernels_of, target_of
+from hawqc.commands._common import Problems, add_target_arguments, input_shape, kernels_of, target_of
 
 SUPPORTED_BITS = (4, 8)
 """Bit widths the compiler builds kernels for (weights = activations in a table row)."""
@@ -98,12 +98,18 @@ def _tune(args: argparse.Namespace, console: Any) -> int:
     from hawqc.autotune.measure import Device, Timing
     from hawqc.autotune.table import LatencyTable
 
-    device = Device(args.rpc_tracker, args.rpc_key)
+    problems = Problems()  # every input mistake in one message, before any work
+    device = problems.check(Device, args.rpc_tracker, args.rpc_key)
+    target = problems.check(target_of, args)
+    table = problems.check(LatencyTable.open, args.out)
+    groups = problems.check(workloads.extract, args.layers, args.input_shape)
+    if None not in (device, target, table, groups):  # the table takes this machine's rows at this shape only
+        problems.check(table.check_same_place, device.machine(runner.target_text(target)),
+                       list(groups[0].workload.input_shape))
+    problems.raise_any()
     timing = Timing(args.repeat, args.min_repeat_ms, args.max_spread, args.max_load)
-    options = runner.RunOptions(target_of(args), args.bits, args.trials, timing, device, args.limit,
-                                kernels=kernels_of(args), threads=args.threads)
-    table = LatencyTable.open(args.out)
-    groups = workloads.extract(args.layers, args.input_shape)
+    options = runner.RunOptions(target, args.bits, args.trials, timing, device, args.limit, kernels=kernels_of(args),
+                                threads=args.threads)
     layers = sum(len(g.layers) for g in groups)
     console.print(f"{args.layers}: {layers} layers, {len(groups)} distinct workloads x bits {args.bits}; "
                   f"{args.trials} trials each on {device.name}; table {args.out}")

@@ -10,6 +10,7 @@ from hawqc.commands._common import (
     add_model_arguments,
     kernels_of,
     load_input,
+    model_source,
     target_of,
 )
 
@@ -18,7 +19,8 @@ HELP = "compile a quantized model and compare it with the integer reference on e
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--input", help="input batch (.npy); default: random normal inputs")
+    parser.add_argument("--input", help="input batch (.npy); default: a float model's --data (up to 16 samples), "
+                                        "else random normal inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     add_int4_argument(parser)
 
@@ -36,10 +38,15 @@ def run(args: argparse.Namespace) -> int:
         problems.check(check_int4, args.int4, target)
     x = problems.check(load_input, args.input) if args.input else None
     given_shape = x.shape if x is not None else args.input_shape
-    graph = problems.check(api.integer_graph_of, args.model, args.bit_config, input_shape=given_shape)
-    if graph is not None and (x is not None or not args.input):  # (an unreadable --input has no shape to check)
-        shape = problems.check(api.input_shape_of, graph, given_shape)
+    source = problems.check(model_source, args, given_shape)
+    if source is not None and source.graph is not None and (x is not None or not args.input):  # a quantized model's shape, checked now
+        problems.check(api.input_shape_of, source.graph, given_shape)
     problems.raise_any()
+    graph = source.integer_graph()
+    if x is None and source.data is not None and args.data != "random":  # a float model's own inputs
+        x = source.data.inputs[:given_shape[0] if given_shape else 16].numpy()
+        given_shape = x.shape
+    shape = api.input_shape_of(graph, given_shape)
     if x is None:
         x = np.random.default_rng(args.seed).standard_normal(api.example_shape(shape)).astype(np.float32)
     kernels = kernels_of(args)

@@ -12,7 +12,8 @@ from hawqc.ilp.solver import UNITS
 
 
 def write_report(result: SearchResult, folder: str | os.PathLike[str], title: str = "hawqc search") -> Path:
-    """Write ``report.md``, ``pareto.png`` (when swept) and ``layers.png`` into ``folder``; returns the page."""
+    """Write ``report.md``, ``pareto.png`` (when the sweep found two configurations or more) and
+    ``layers.png`` into ``folder``; returns the page."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +33,11 @@ def write_report(result: SearchResult, folder: str | os.PathLike[str], title: st
                   "|---:|---:|---:|"]
         lines += [f"| {p.metrics[metric]:.6g} | {p.omega:.6g} | {sum(b.w_bits == 4 for b in p.bits.values())} |"
                   for p in result.front]
-        lines += ["", "![Pareto front](pareto.png)", ""]
-        _save_figure(_pareto_figure(result), out / "pareto.png")
+        if len(result.front) > 1:
+            lines += ["", "![Pareto front](pareto.png)", ""]
+            _save_figure(_pareto_figure(result), out / "pareto.png")
+        else:
+            lines += ["", f"Every {metric} budget of the sweep gives this one configuration: no trade-off to plot.", ""]
     page = out / "report.md"
     write_atomic(page, "\n".join(lines))
     return page
@@ -49,7 +53,10 @@ def _pareto_figure(result: SearchResult) -> Any:
         ax.plot([result.solution.metrics[metric]], [result.solution.omega], "r*", markersize=14, label="chosen")
     ax.set_xlabel(f"{metric} ({UNITS[metric]})")
     ax.set_ylabel("Σ Ω (second-order perturbation)")
-    ax.set_yscale("symlog", linthresh=1e-6)
+    omegas = [p.omega for p in result.front]
+    if max(omegas) > 100 * max(min(omegas), 1e-12):  # a log scale only where Ω spans decades
+        ax.set_yscale("symlog", linthresh=max(min(omegas), 1e-12))
+    ax.margins(x=0.08, y=0.1)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc import distributed
 from hawqc.fileio import write_atomic
 
 CACHE_VERSION = 2
@@ -106,16 +107,35 @@ def quantization_error(weight: torch.Tensor, bits: int) -> float:
     return float(((q - weight) ** 2).sum())
 
 
+MICRO_BATCH_ELEMENTS = 2**19
+"""Default micro-batch: this many input elements (e.g. 3 images of 3x224x224, 668 of 1x28x28)."""
+BLOCK = 4
+"""Hutchinson iterations run on one micro-batch's graph before the next micro-batch is built."""
+
+Progress = Callable[[int, int, "torch.Tensor", "torch.Tensor"], None]
+"""``progress(iteration, max_iters, running trace estimates, their standard errors)``."""
+
+
 def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                    fold: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, tol: float = 1e-2,
-                   max_iters: int = 100, seed: int = 0, activations: bool = False,
+                   max_iters: int = 100, seed: int = 0, activations: bool = False, micro_batch: int | None = None,
+                   progress: Progress | None = None,
                    ) -> tuple[dict[str, float], int] | tuple[dict[str, float], dict[str, float], int]:
     """Hutchinson estimates of ``Tr(H_i)`` w.r.t. each folded weight in ``fold``; returns them and the
     iteration count. ``batches`` are ``(inputs, labels)``; the loss is their summed mean cross-entropy.
 
     With ``activations``, also the traces w.r.t. each layer's input activation (all batches' elements),
     returned between the two. Iterations stop when every trace's standard error is at most ``tol`` times
-    its magnitude (after at least 10 iterations) or after ``max_iters``."""
+    its magnitude (after at least 10 iterations) or after ``max_iters``.
+
+    Hessian-vector products run on micro-batches of at most ``micro_batch`` samples (default: about
+    :data:`MICRO_BATCH_ELEMENTS` input elements) and are summed, so memory is bounded by one micro-batch's
+    double-backward graph whatever the batch size. With one micro-batch its graph serves every iteration;
+    with more, each is rebuilt for every :data:`BLOCK` iterations. A weight probe depends only on ``seed`` and
+    the iteration, so the weight traces do not depend on ``micro_batch``.
+
+    Under ``torchrun`` the ranks (each given the same model and batches) share out the iterations and sum
+    their samples: the same traces and iteration count as one process with the same seed."""
     if max_iters < 1 or tol <= 0:
         raise ValueError(f"need max_iters >= 1 and tol > 0, got {max_iters} and {tol}")
     modules = dict(model.named_modules())
@@ -123,43 +143,37 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     params = [modules[n].weight for n in names]
     saved = [p.requires_grad for p in params]
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    chunks = _micro_batches(batches, micro_batch)
     totals = torch.zeros(len(names) * (2 if activations else 1), dtype=torch.float64)
     squares = torch.zeros_like(totals)
     iters = 0
-    handles = []
     try:
         for p in params:
             p.requires_grad_(True)
-        grads = []
-        for x, y in batches:
-            shifts = _input_shifts(model, names, x) if activations else []
-            handles = [modules[n].register_forward_pre_hook(lambda m, a, d=d: (a[0] + d,)) for n, d in zip(names, shifts)]
-            loss = F.cross_entropy(model(x), y) / len(batches)
-            for handle in handles:
-                handle.remove()
-            grads.append((shifts, torch.autograd.grad(loss, [*params, *shifts], create_graph=True)))
-        for iters in range(1, max_iters + 1):
-            vs = [torch.randint(0, 2, p.shape, generator=generator).float() * 2 - 1 for p in params]
-            us = [v / fold[n][1] for v, n in zip(vs, names)]
-            sample = torch.zeros_like(totals)
-            for shifts, g in grads:
-                inputs = [*params, *shifts]
-                sample[:len(names)] += _quadratic_forms(g, inputs, us + [torch.zeros_like(d) for d in shifts])[:len(names)]
-                if shifts:  # probed apart from the weights: the mixed weight-activation second derivatives are
-                    # large (they carry the loss gradient), and as cross terms they would swamp these estimates
-                    rs = [torch.randint(0, 2, d.shape, generator=generator).float() * 2 - 1 for d in shifts]
-                    sample[len(names):] += _quadratic_forms(g, inputs, [torch.zeros_like(p) for p in params] + rs)[len(names):]
-            totals += sample
-            squares += sample**2
-            mean = totals / iters
-            if iters >= 10:
-                stderr = ((squares / iters - mean**2).clamp_min(0) / (iters - 1)).sqrt()
-                if bool((stderr <= tol * mean.abs()).all()):
+        kept = _probe_graph(model, names, params, chunks[0], activations) if len(chunks) == 1 else None
+        world = distributed.setup()
+        done = False
+        while not done and iters < max_iters:
+            block = range(iters + 1, min(iters + (1 if kept else BLOCK) * world.size, max_iters) + 1)
+            mine = [(row, k) for row, k in enumerate(block) if row % world.size == world.rank]
+            samples = torch.zeros(len(block), len(totals), dtype=torch.float64)
+            for c, chunk in enumerate(chunks if mine else []):
+                graph = kept or _probe_graph(model, names, params, chunk, activations)
+                for row, k in mine:
+                    samples[row] += _sample(graph, params, [fold[n][1] for n in names], seed, k, c)
+                del graph
+            for sample in world.sum(samples.to(world.device or samples.device)).cpu():
+                iters += 1
+                totals += sample
+                squares += sample**2
+                mean = totals / iters
+                stderr = ((squares / iters - mean**2).clamp_min(0) / max(iters - 1, 1)).sqrt()
+                if progress is not None:
+                    progress(iters, max_iters, mean, stderr)
+                if iters >= 10 and bool((stderr <= tol * mean.abs()).all()):
+                    done = True
                     break
     finally:
-        for handle in handles:
-            handle.remove()
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
     traces = [float(t) / iters for t in totals]
@@ -169,6 +183,64 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     return weights, dict(zip(names, traces[len(names):])), iters
 
 
+def _micro_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int | None,
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(inputs, labels, loss weight)`` slices of at most ``size`` samples; a slice's summed cross-entropy
+    times its weight adds up to the batches' summed mean cross-entropy divided by their count."""
+    if size is None:
+        size = max(1, MICRO_BATCH_ELEMENTS // max(1, batches[0][0][0].numel()))
+    if size < 1:
+        raise ValueError(f"micro-batch size must be at least 1, got {size}")
+    return [(x[i:i + size], y[i:i + size], 1.0 / (len(x) * len(batches)))
+            for x, y in batches for i in range(0, len(x), size)]
+
+
+def _probe_graph(model: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor],
+                 chunk: tuple[torch.Tensor, torch.Tensor, float], activations: bool,
+                 ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The first derivatives of one micro-batch's loss w.r.t. the weights (and each layer's input, through a
+    zero shift added by a pre-hook), with their graph kept for Hessian-vector products."""
+    modules = dict(model.named_modules())
+    shifts: list[torch.Tensor] = []
+
+    def shift(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        shifts.append(torch.zeros_like(args[0], requires_grad=True))
+        return (args[0] + shifts[-1], *args[1:])
+
+    handles = [modules[n].register_forward_pre_hook(shift) for n in names] if activations else []
+    try:
+        x, y, weight = chunk
+        loss = F.cross_entropy(model(x), y, reduction="sum") * weight
+    finally:
+        for handle in handles:
+            handle.remove()
+    if activations and len(shifts) != len(names):
+        raise ValueError("a quantizable layer is called more than once per forward: activation traces need one call")
+    return shifts, torch.autograd.grad(loss, [*params, *shifts], create_graph=True)
+
+
+def _sample(graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]], params: Sequence[torch.Tensor],
+            factors: Sequence[torch.Tensor], seed: int, iteration: int, chunk: int) -> torch.Tensor:
+    """One micro-batch's ``vᵀHv`` per weight (and per activation), for the probes of ``iteration``."""
+    shifts, grads = graph
+    n = len(params)
+    weights = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    us = [_rademacher(p.shape, weights) / d for p, d in zip(params, factors)]
+    inputs = [*params, *shifts]
+    sample = torch.zeros(n + len(shifts), dtype=torch.float64)
+    sample[:n] = _quadratic_forms(grads, inputs, us + [torch.zeros_like(d) for d in shifts])[:n]
+    if shifts:  # probed apart from the weights: the mixed weight-activation second derivatives are
+        # large (they carry the loss gradient), and as cross terms they would swamp these estimates
+        acts = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 65_537 + chunk + 1)
+        rs = [_rademacher(d.shape, acts) for d in shifts]
+        sample[n:] = _quadratic_forms(grads, inputs, [torch.zeros_like(p) for p in params] + rs)[n:]
+    return sample
+
+
+def _rademacher(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+
 def _quadratic_forms(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                      probes: Sequence[torch.Tensor]) -> torch.Tensor:
     """``probe_i · (H probe)_i`` for each input, ``H`` the Hessian whose first derivatives are ``grads``."""
@@ -176,75 +248,88 @@ def _quadratic_forms(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tenso
     return torch.tensor([float((v * hv).sum()) for v, hv in zip(probes, products)], dtype=torch.float64)
 
 
-def _input_shifts(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-    """A zero tensor, requiring grad, shaped like each layer's input on ``x`` (added to it by a pre-hook)."""
-    modules = dict(model.named_modules())
-    shapes: dict[str, torch.Size] = {}
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, a[0].shape))
-               for n in names]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [torch.zeros(shapes[n], requires_grad=True) for n in names]
+def activation_errors(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      bits: Sequence[int], micro_batch: int | None = None,
+                      ) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+    """``‖Q_b(A) − A‖²`` of each layer's input ``A`` over all batches, with hawqc's static per-tensor activation
+    quantizer calibrated on ``A`` (non-negative 4-bit inputs unsigned, as
+    :class:`~hawqc.quant.model.QuantModel` makes them; an all-zero input has no error), and the element
+    counts. Two forward passes over micro-batches (the range, then the error) hold no more than one
+    micro-batch's activations."""
+    from hawqc.quant.quantizers import ActQuantizer
+
+    quantizers = {n: {b: ActQuantizer(b, signed=True, relu=False) for b in bits} for n in names}
+    def observe(name: str, a: torch.Tensor) -> None:
+        for quantizer in quantizers[name].values():
+            quantizer.observe(a)
+
+    _each_layer_input(model, names, batches, micro_batch, observe)
+    frozen: dict[str, dict[int, ActQuantizer]] = {n: {} for n in names}
+    for n, by_bits in quantizers.items():
+        for b, quantizer in by_bits.items():
+            quantizer.signed = not (b == 4 and float(quantizer.lo) >= 0)
+            try:
+                quantizer.freeze(n)
+                frozen[n][b] = quantizer
+            except ValueError:  # an all-zero input quantizes without error
+                pass
+    errors = {n: {b: 0.0 for b in bits} for n in names}
+    counts = dict.fromkeys(names, 0)
+
+    def measure(name: str, a: torch.Tensor) -> None:
+        counts[name] += a.numel()
+        for b, quantizer in frozen[name].items():
+            errors[name][b] += float(((quantizer.fake(a) - a) ** 2).sum())
+
+    _each_layer_input(model, names, batches, micro_batch, measure)
+    return errors, counts
 
 
-def layer_inputs(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 ) -> dict[str, torch.Tensor]:
-    """Each layer's input activations over ``batches``, flattened and concatenated."""
+def _each_layer_input(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      micro_batch: int | None, visit: Callable[[str, torch.Tensor], Any]) -> None:
+    """Call ``visit(layer, input)`` for each layer's input on every micro-batch (no gradients)."""
     modules = dict(model.named_modules())
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().flatten()))
-               for n in names]
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        return lambda module, args: visit(name, args[0].detach()) and None  # None: the input stays as it is
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            for x, _ in batches:
+            for x, _, _ in _micro_batches(batches, micro_batch):
                 model.eval()(x)
     finally:
         for handle in handles:
             handle.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
-
-
-def activation_error(x: torch.Tensor, bits: int) -> float:
-    """``‖Q_b(x) − x‖²`` with hawqc's static per-tensor activation quantizer calibrated on ``x``
-    (non-negative 4-bit inputs unsigned, as :class:`~hawqc.quant.model.QuantModel` makes them)."""
-    from hawqc.quant.quantizers import ActQuantizer
-
-    quantizer = ActQuantizer(bits, signed=not (bits == 4 and bool((x >= 0).all())), relu=False)
-    quantizer.observe(x)
-    try:
-        quantizer.freeze("input")
-    except ValueError:  # an all-zero input quantizes without error
-        return 0.0
-    return float(((quantizer.fake(x) - x) ** 2).sum())
 
 
 def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = (4, 8), tol: float = 1e-2,
-                max_iters: int = 100, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Sensitivity:
+                max_iters: int = 100, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
+                micro_batch: int | None = None, progress: Progress | None = None) -> Sensitivity:
     """Ω of every quantizable layer's weight and input activation for each width in ``bits``, on ``data``
     (``(inputs, labels)`` batches; unlabelled input batches use the float model's own predictions as labels).
 
     Results are cached in ``cache_dir`` (default ``$HAWQC_CACHE`` or ``~/.cache/hawqc``) under a hash
-    of the weights, the data and these settings; a second call with the same inputs reads the file."""
+    of the weights, the data and these settings; a second call with the same inputs reads the file.
+    ``micro_batch`` and ``progress``: see :func:`hessian_traces`."""
     batches = _labelled(model, data)
-    settings = {"bits": sorted(set(bits)), "tol": tol, "max_iters": max_iters, "seed": seed}
+    settings = {"bits": sorted(set(bits)), "tol": tol, "max_iters": max_iters, "seed": seed,
+                "micro_batch": micro_batch}
     path = _cache_folder(cache_dir) / f"sensitivity-{_fingerprint(model, batches, settings)}.json"
-    if path.is_file():
+    world = distributed.setup()
+    if world.total(float(not path.is_file())) == 0:  # under torchrun: computed unless every rank has it
         return Sensitivity.load(path)
     fold = folded_weights(model)
     traces, act_traces, iters = hessian_traces(model, batches, fold, tol=tol, max_iters=max_iters, seed=seed,
-                                               activations=True)
+                                               activations=True, micro_batch=micro_batch, progress=progress)
     params = {n: int(w.numel()) for n, (w, _) in fold.items()}
     omega = {n: {b: max(traces[n], 0.0) / params[n] * quantization_error(w, b) for b in settings["bits"]}
              for n, (w, _) in fold.items()}
-    inputs = layer_inputs(model, list(fold), batches)
-    act_omega = {n: {b: max(act_traces[n], 0.0) / x.numel() * activation_error(x, b) for b in settings["bits"]}
-                 for n, x in inputs.items()}
+    errors, counts = activation_errors(model, list(fold), batches, settings["bits"], micro_batch)
+    act_omega = {n: {b: max(act_traces[n], 0.0) / counts[n] * errors[n][b] for b in settings["bits"]} for n in fold}
     result = Sensitivity(traces, params, omega, iters, settings, act_traces, act_omega)
-    result.save(path)
+    if world.main:
+        result.save(path)
     return result
 
 

@@ -29,8 +29,13 @@ from hawqc.bitconfig import BitConfig, LayerBits
 
 METRICS = ("size", "bops", "latency")
 UNITS = {"size": "bytes", "bops": "BOPS", "latency": "ms"}
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "kb": 1e3, "mb": 1e6, "gb": 1e9,
-           "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30, "b": 1.0, "ms": 1.0, "us": 1e-3, "s": 1e3}
+_COUNT = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_SUFFIX = {"size": {**_COUNT, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2.0**10, "mib": 2.0**20,
+                    "gib": 2.0**30},
+           "bops": {**_COUNT, "bops": 1.0, "kbops": 1e3, "mbops": 1e6, "gbops": 1e9, "tbops": 1e12},
+           "latency": {"ms": 1.0, "us": 1e-3, "s": 1e3}}
+"""Units of absolute budgets per metric (case-insensitive); a bare number is a fraction in [0, 1]."""
+_EXAMPLE = {"size": "4MB", "bops": "3G", "latency": "1.5ms"}
 DEFAULT_OPTIONS = (LayerBits(4, 4), LayerBits(4, 8), LayerBits(8, 8))
 """W4A4, W4A8 (4-bit weights on int8 kernels: most 4-bit deployments) and W8A8."""
 EIGHT_BIT = LayerBits(8, 8)
@@ -46,23 +51,28 @@ class Budget:
 
     @classmethod
     def parse(cls, metric: str, spec: float | str) -> Budget:
-        """``0.5`` (a bare number in [0, 1]) is a fraction; a bare number above 1 or one with a unit
-        (``4MB``, ``2.5MiB``, ``3.1G``, ``1.2ms``) is absolute, in bytes, BOPS or milliseconds."""
+        """Text: ``0.5`` (a bare number, in [0, 1]) is a fraction; a value with its unit (``4MB``,
+        ``2.5MiB``, ``1500000B``, ``3.1G``, ``1.2ms``) is absolute, in bytes, BOPS or milliseconds; a bare
+        number above 1 is refused (``--size 1.5`` would be 1.5 bytes). A Python number above 1 is
+        absolute, in the metric's unit (:data:`UNITS`)."""
         if metric not in METRICS:
             raise ValueError(f"unknown budget {metric!r}; choose one of {', '.join(METRICS)}")
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-            number, unit = float(spec), ""
-        else:
-            match = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", str(spec))
-            if not match or match.group(2).lower() not in _SUFFIX:
-                raise ValueError(f"{metric} budget {spec!r}: give a fraction in [0, 1] or a value such as "
-                                 f"{'4MB' if metric == 'size' else '3G' if metric == 'bops' else '1.5ms'}")
-            number, unit = float(match.group(1)), match.group(2).lower()
-        if number < 0:
-            raise ValueError(f"{metric} budget must not be negative, got {spec!r}")
-        if unit == "" and number <= 1.0:
-            return cls(metric, number, True)
-        return cls(metric, number * _SUFFIX[unit], False)
+            if spec < 0:
+                raise ValueError(f"{metric} budget must not be negative, got {spec!r}")
+            return cls(metric, float(spec), spec <= 1.0)
+        match = re.fullmatch(r"\s*(\d+\.?\d*(?:e[+-]?\d+)?|\.\d+)\s*([a-zA-Z]*)\s*", str(spec))
+        unit = match.group(2).lower() if match else ""
+        if not match or (unit and unit not in _SUFFIX[metric]):
+            raise ValueError(f"{metric} budget {spec!r}: give a fraction in [0, 1] or a value with its unit, "
+                             f"such as {_EXAMPLE[metric]}")
+        number = float(match.group(1))
+        if unit:
+            return cls(metric, number * _SUFFIX[metric][unit], False)
+        if number > 1.0:
+            raise ValueError(f"{metric} budget {spec!r}: a bare number is a fraction in [0, 1]; give an "
+                             f"absolute budget with its unit, such as {_EXAMPLE[metric]}")
+        return cls(metric, number, True)
 
 
 @dataclass
@@ -140,16 +150,19 @@ def solve(problem: Problem, budgets: Sequence[Budget]) -> Solution:
 
 
 def pareto(problem: Problem, metric: str, points: int, others: Sequence[Budget] = ()) -> list[Solution]:
-    """``points`` solutions at budgets evenly spaced from the cheapest to the dearest config of ``metric``
-    (other budgets held); budgets that cannot be met are left out."""
+    """The distinct solutions at ``points`` budgets evenly spaced from the cheapest to the dearest
+    config of ``metric`` (other budgets held); budgets that cannot be met, and budgets whose solution
+    repeats an earlier one's bits, are left out."""
     if points < 2:
         raise ValueError(f"a Pareto sweep needs at least 2 points, got {points}")
-    front = []
+    front: list[Solution] = []
     for i in range(points):
         try:
-            front.append(solve(problem, [*others, Budget(metric, i / (points - 1), True)]))
+            solution = solve(problem, [*others, Budget(metric, i / (points - 1), True)])
         except ValueError:
             continue
+        if all(solution.bits != earlier.bits for earlier in front):
+            front.append(solution)
     if not front:
         raise ValueError(f"no {metric} budget of the sweep can be met with the other budgets")
     return front

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ def load(spec: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None
     if text in models.MODELS:
         module = models.get(text, **kwargs)
         shape = models.spec(text).input_shape
-    elif ":" in text and not suffix:
+    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
         module, shape = _factory(text, **kwargs), None
     else:
         raise ValueError(f"unknown model {text!r}: give a built-in name ({', '.join(models.MODELS)}), a .pt2 "

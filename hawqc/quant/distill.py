@@ -50,16 +50,20 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, batch_size: int = 32,
-            steps: int = 200, lr: float = 0.5, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
-            log: Callable[[str], None] | None = None) -> torch.Tensor:
+            steps: int = 200, lr: float = 0.5, seed: int = 0, input_range: tuple[float, float] | None = None,
+            cache_dir: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None) -> torch.Tensor:
     """``samples`` synthetic inputs of ``input_shape`` (no batch dim) whose BatchNorm input statistics
     match ``model``'s running statistics, optimised in batches of ``batch_size`` for ``steps`` Adam steps
-    each (learning rate ``lr``, reduced on plateaus). Deterministic for a ``seed``; cached."""
+    each (learning rate ``lr``, reduced on plateaus). ``input_range`` ``(lo, hi)``: the domain the model's
+    preprocessing gives its inputs (e.g. ``(-1, 1)``), kept after every step; without it the inputs may
+    spread wider than real ones, and the input's calibrated range with them. Deterministic for a
+    ``seed``; cached."""
     if samples < 1 or batch_size < 1 or steps < 1 or not lr > 0:
         raise ValueError(f"distilled data needs samples, batch_size, steps >= 1 and lr > 0, got {samples}, "
                          f"{batch_size}, {steps}, {lr}")
     shape = tuple(int(d) for d in input_shape)
-    settings = {"shape": shape, "samples": samples, "batch_size": batch_size, "steps": steps, "lr": lr, "seed": seed}
+    settings = {"shape": shape, "samples": samples, "batch_size": batch_size, "steps": steps, "lr": lr, "seed": seed,
+                "input_range": list(input_range) if input_range is not None else None}
     path = _cache_folder(cache_dir) / f"distilled-{_fingerprint(model, settings)}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -70,7 +74,10 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
         for p in model.parameters():
             p.requires_grad_(False)
         for start in range(0, samples, batch_size):
-            x = torch.randn(min(batch_size, samples - start), *shape, generator=generator).requires_grad_(True)
+            x = torch.randn(min(batch_size, samples - start), *shape, generator=generator)
+            if input_range is not None:
+                x.clamp_(*input_range)
+            x.requires_grad_(True)
             optimizer = torch.optim.Adam([x], lr=lr)
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(steps // 10, 5),
                                                                    min_lr=1e-4)
@@ -79,6 +86,9 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
                 loss = bn_statistics_loss(model, x)
                 loss.backward()
                 optimizer.step()
+                if input_range is not None:
+                    with torch.no_grad():
+                        x.clamp_(*input_range)
                 value = float(loss.detach())
                 scheduler.step(value)
                 if log is not None and (step + 1) % max(steps // 5, 1) == 0:

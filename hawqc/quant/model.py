@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
 from hawqc.quant.capture import Node, capture
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic
@@ -125,8 +126,10 @@ class QuantModel(nn.Module):
         assert isinstance(found, list), f"no node {name!r}"
         return found
 
-    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool,
-                       stop_at: str | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool, stop_at: str | None = None,
+                       world: distributed.World | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """The float or fake-quantized forward; ``observe`` feeds the activation quantizers' observers
+        (with ``world``, the ranks calibrating together)."""
         values: dict[str, torch.Tensor] = {}
         for node in self.nodes:
             ins = [values[i] for i in node.inputs]
@@ -162,7 +165,7 @@ class QuantModel(nn.Module):
             if node.name in self.acts:
                 quantizer = self.acts[node.name]
                 if observe:
-                    quantizer.observe(y)
+                    quantizer.observe(y, world)
                 if fake:
                     y = quantizer.fake(y)
             elif fake and kind in ("avgpool", "gap"):  # integer pooling rounds to the input's grid
@@ -172,7 +175,12 @@ class QuantModel(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Any]) -> int:
-        """Observe activation ranges on float batches, then fix the scales. Returns the batch count."""
+        """Observe activation ranges on float batches, then fix the scales. Returns the batch count.
+
+        Under ``torchrun`` every rank calibrates together, batch by batch (each rank gives the same
+        number of batches: its shards of the global batches, or the same batches): the ranges are
+        those of the global batches on every rank."""
+        world = distributed.setup()
         count, shape = 0, None
         for batch in batches:
             x = _as_input(batch)
@@ -181,7 +189,7 @@ class QuantModel(nn.Module):
                                  f"{(-1, *shape)}")
             shape = x.shape[1:]
             try:
-                self._float_forward(x, fake=False, observe=True)
+                self._float_forward(x, fake=False, observe=True, world=world)
             except RuntimeError as err:
                 raise ValueError(f"calibration batch of shape {tuple(x.shape)} does not fit the model: "
                                  f"{str(err).splitlines()[0]}") from None

@@ -5,7 +5,10 @@ Three ways to run one layer:
 - ``float_forward``: the folded float layer (calibration);
 - ``fake_forward``: QAT. Folded weights and the bias are fake-quantized (straight-through). While
   training with BatchNorm not yet frozen, the fold uses the batch statistics (and updates the
-  running ones), as in HAWQ-V3's recipe; after ``freeze_bn`` it uses the running statistics;
+  running ones), as in HAWQ-V3's recipe; after ``freeze_bn`` it uses the running statistics. Under
+  data-parallel QAT (``world`` set to more than one rank) the batch statistics are those of the
+  global batch, all ranks' shards together (SyncBatchNorm's rule, differentiable), so every rank
+  folds the same weights and updates the same running statistics as one process would;
 - ``integer_params``: the integer weights, int32 bias (scale ``S_in * S_w``, formed in float32)
   and scales that the integer graph runs with.
 
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc.distributed import World
 from hawqc.quant.quantizers import fake_quant, quantize_weight, weight_qmax, weight_scale
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -39,6 +43,7 @@ class _QuantLayer(nn.Module):
         self.w_bits = w_bits
         self.weight_percentile = weight_percentile
         self.freeze_bn = False
+        self.world = World()
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -54,9 +59,8 @@ class _QuantLayer(nn.Module):
             return w, b
         if batch_input is not None:
             y = self._op(batch_input, w, b)
-            mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+            mean, var, n = _channel_moments(y, self.world)
             with torch.no_grad():
-                n = y.numel() / y.shape[1]
                 m = self.bn.momentum if self.bn.momentum is not None else 0.1
                 self.bn.running_mean.mul_(1 - m).add_(m * mean)
                 self.bn.running_var.mul_(1 - m).add_(m * var * n / max(n - 1, 1))
@@ -94,6 +98,17 @@ class _QuantLayer(nn.Module):
         bias = np.clip(np.rint(b.double().numpy() / acc_scale.astype(np.float64)), INT32_MIN, INT32_MAX)
         return {"weight": quantize_weight(w, s_w, self.w_bits).numpy(), "bias": bias.astype(np.int32),
                 "w_scale": s_w.numpy(), "acc_scale": acc_scale}
+
+
+def _channel_moments(y: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-channel mean and (biased) variance of an NCHW batch over all ranks, and the sample count."""
+    n = y.numel() / y.shape[1]
+    if world.size == 1:
+        return y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False), n
+    n = float(world.sum(torch.tensor(n, dtype=torch.float64, device=y.device)))
+    mean = world.sum(y.sum(dim=(0, 2, 3))) / n
+    var = world.sum(((y - mean.reshape(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))) / n
+    return mean, var, n
 
 
 class QuantConv2d(_QuantLayer):

@@ -2,7 +2,8 @@
 
 Weights: ``scale = max|w| / (2^(b-1) - 1)`` per output channel (or a percentile of |w|), integers
 in [-(2^(b-1) - 1), 2^(b-1) - 1]. Activations: a static range observed on calibration data (min/max,
-EMA of batch min/max, or a percentile); signed symmetric ``[-2^(b-1), 2^(b-1) - 1]`` with
+EMA of batch min/max, or a percentile; under data-parallel calibration each batch's range is taken
+over all ranks' shards: min of minima and max of maxima, the mean of the percentiles); signed symmetric ``[-2^(b-1), 2^(b-1) - 1]`` with
 ``scale = max|x| / (2^(b-1) - 1)``, except 4-bit activations that follow a ReLU, which are unsigned
 [0, 15] with ``scale = max x / 15``. No zero points anywhere.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from hawqc.distributed import World
 
 OBSERVERS = ("minmax", "ema", "percentile")
 _MAX_PERCENTILE_SAMPLES = 1 << 20
@@ -73,7 +76,11 @@ class ActQuantizer(nn.Module):
         return (max(qmin, 0), qmax) if self.relu else (qmin, qmax)
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, world: World | None = None) -> None:
+        """Accumulate the range of batch ``x``; with ``world``, of the batch all its ranks observe
+        together (a collective: every rank calls it). Min/max and EMA ranges are then those of one
+        process on the combined batch; percentile bounds are the mean of the ranks' (exact when the
+        ranks observe the same batch)."""
         x = x.detach().float()
         if self.observer == "percentile":
             flat = x.reshape(-1)
@@ -83,6 +90,12 @@ class ActQuantizer(nn.Module):
             lo, hi = q[0], q[1]
         else:
             lo, hi = x.min(), x.max()
+        if world is not None and world.size > 1:
+            if self.observer == "percentile":
+                lo, hi = world.sum(torch.stack([lo, hi])) / world.size
+            else:
+                neg_lo, hi = world.reduce(torch.stack([-lo, hi]), "max")
+                lo = -neg_lo
         n = int(self.batches)
         if n == 0:
             self.lo.copy_(lo), self.hi.copy_(hi)
