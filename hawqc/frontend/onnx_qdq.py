@@ -211,10 +211,12 @@ class _Reader:
     def aligned_add(self, node: Any, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
         parts = []
-        for value in pending.parts:
+        for j, value in enumerate(pending.parts):
+            if isinstance(value, _Acc) and (value.hi != np.inf or value.lo not in (-np.inf, 0.0)):
+                # a clip bound on no integer grid of the accumulator: rounded to the output grid first
+                lo_j, hi_j = self.rescale(value, f"{out}:in{j}", scale, INT32_MIN, INT32_MAX)
+                value = _View(f"{out}:in{j}", scale, lo_j, hi_j)
             if isinstance(value, _Acc):
-                if value.hi != np.inf or value.lo not in (-np.inf, 0.0):
-                    self.fail(node, "only a ReLU may clip an accumulator that an Add reads")
                 name = value.name
                 if value.lo == 0.0:
                     name = self.emit("clip", [value.name], f"{value.name}:relu", {"qmin": 0, "qmax": INT32_MAX})
