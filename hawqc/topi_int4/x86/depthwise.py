@@ -20,6 +20,7 @@ from hawqc.topi_int4.x86.conv2d import (
     batch_extent,
     finish_schedule,
     input_copy,
+    parallel_rows,
     with_epilogue,
 )
 from hawqc.topi_int4.x86.intrin import LANES
@@ -69,7 +70,7 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     oo, oi = sch.split(o, [None, LANES])
     sch.reorder(n, y, zo, oo, ry, rx, zi, oi)
     sch.reverse_compute_at(sch.get_sblock("out"), oo)
-    sch.parallel(sch.fuse(n, y))
+    parallel_rows(sch, wl, n, y)
     sch.unroll(ry)
     sch.unroll(rx)
     sch.unroll(zi)
@@ -77,7 +78,7 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.set_scope(init, 0, "local")
-    return finish_schedule(sch, copies_input(wl))
+    return finish_schedule(sch, wl, copies_input(wl))
 
 
 def copies_input(wl: Conv2dWorkload) -> bool:
