@@ -9,6 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from hawqc import data, models, quantize
 
 STEPS, STOP, TRACE_ITERS = 6, 4, 5
+# 8-bit, distillation, batch statistics for the first step only: fake-quantized training with batch statistics
+# amplifies float rounding (a 1e-7 relative nudge after one step moves one process's weights by 1e-3 five steps
+# on), so the comparison with one process is made where rounding noise stays at float level
 QAT = {"lr": 0.05, "freeze_bn_step": 1, "checkpoint_every": 2}
 _TRAIN = data.digits("train")
 X, Y = _TRAIN.tensors[0][:99], _TRAIN.tensors[1][:99]
