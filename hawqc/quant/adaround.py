@@ -23,6 +23,7 @@ exported and compiled as any other (the learned integer weights are just differe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedO
     if options.search_ranges:
         search_activation_ranges(qmodel, batches, options.range_grid)
     generator = torch.Generator().manual_seed(options.seed)
+    reference = copy.deepcopy(qmodel)  # the float model as calibrated: every layer's target, untouched by the fits
     layers = [n for n in qmodel.nodes if n.kind in ("conv", "dense")]
     for i, node in enumerate(layers):
         learned = qmodel.layer(node).w_bits in options.rounding_bits
@@ -89,13 +91,13 @@ def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedO
             continue
         with torch.no_grad():
             x_q = torch.cat([qmodel.node_inputs(x, node.name, fake=True)[0] for x in batches])
-            x_fp = torch.cat([qmodel.node_inputs(x, node.name, fake=False)[0] for x in batches])
+            x_fp = torch.cat([reference.node_inputs(x, node.name, fake=False)[0] for x in batches])
         if learned:
             error = reconstruct_rounding(qmodel, node, x_q, x_fp, options, generator)
             if log is not None:
                 log(f"[{i + 1}/{len(layers)}] {node.layer}: output error {error[0]:.4g} nearest -> {error[1]:.4g} learned")
         if options.bias_correction:
-            correct_bias(qmodel, node, x_q, x_fp)
+            correct_bias(qmodel, node, x_q, x_fp, reference.layer(node))
     qmodel.mode = "int"
     return qmodel
 
@@ -244,17 +246,18 @@ def _set_folded_weight(layer: QuantConv2d | QuantLinear, folded: torch.Tensor) -
 
 # ---- bias correction --------------------------------------------------------------------------------
 @torch.no_grad()
-def correct_bias(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp: torch.Tensor) -> torch.Tensor:
+def correct_bias(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp: torch.Tensor,
+                 float_layer: QuantConv2d | QuantLinear) -> torch.Tensor:
     """Subtract from the layer's folded bias the mean per-channel shift between its quantized output (on
-    ``x_q``, weights as they will be rounded) and its float output (on ``x_fp``), before activation.
-    Returns the shift."""
+    ``x_q``, weights as they will be rounded) and the float layer's output (``float_layer``, the layer
+    before any fitting, on ``x_fp``), before activation. Returns the shift."""
     layer = qmodel.layer(node)
     w, b = layer.folded()
     s = _scale(qmodel, node, w, b)
     n = weight_qmax(layer.w_bits)
     w_q = torch.clamp(torch.round(w / s), -n, n) * s
     dims = [0, 2, 3] if x_q.dim() == 4 else [0]
-    shift = (layer._op(x_q, w_q, b) - layer._op(x_fp, w, b)).mean(dim=dims)
+    shift = (layer._op(x_q, w_q, b) - float_layer._op(x_fp, *float_layer.folded())).mean(dim=dims)
     factor = _fold_factor(layer)
     if factor is None:
         if layer.layer.bias is None:
