@@ -162,7 +162,7 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
                 for row, k in mine:
                     samples[row] += _sample(graph, params, [fold[n][1] for n in names], seed, k, c)
                 del graph
-            for sample in world.sum(samples.to(world.device or samples.device)).cpu():
+            for sample in world.sum(samples):
                 iters += 1
                 totals += sample
                 squares += sample**2

@@ -225,14 +225,17 @@ class QuantModel(nn.Module):
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
-        def add_input(src: str, dst: str) -> AddInput:
-            """An input of the add ``dst``: a QInt tensor, or an accumulator (its ReLU a clip at 0)."""
+        def add_input(src: str, dst: str, j: int, scale_out: np.float32) -> AddInput:
+            """Input ``j`` of the add ``dst``: a QInt tensor, or an accumulator (its ReLU a clip at 0; a
+            bounded ReLU, whose bound is on no integer grid of the accumulator, is first rounded to the add's
+            grid and clipped there)."""
             if src not in acc:
                 s, lo, hi = qint[src]
                 return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
             s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
             if acc_max is not None:
-                raise ValueError(f"{src}: a bounded ReLU between a conv and an add is not supported")
+                rescale(src, f"{dst}:in{j}", scale_out, INT32_MIN, INT32_MAX)
+                return AddInput(f"{dst}:in{j}", np.float64(scale_out), 0, max(-acc_lo, _upper(acc_max, scale_out, INT32_MAX)))
             scale = np.float64(s_in) * np.asarray(s_w, np.float64)
             if acc_lo == 0:
                 ops.append(IntOp("clip", [src], f"{dst}:{src}:relu", {"qmin": 0, "qmax": INT32_MAX}))
@@ -270,7 +273,8 @@ class QuantModel(nn.Module):
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
             elif kind == "add":  # the real sum, rounded once
-                ops.append(aligned_add_op([add_input(src, name) for src in node.inputs], name, scale, qmin, qmax))
+                ops.append(aligned_add_op([add_input(src, name, j, scale) for j, src in enumerate(node.inputs)], name,
+                                          scale, qmin, qmax))
             elif kind == "concat":
                 parts = [f"{name}:in{j}" for j in range(len(node.inputs))]
                 for src, part in zip(node.inputs, parts):

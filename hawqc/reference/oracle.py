@@ -147,7 +147,7 @@ def layer_by_layer(graph: IntegerGraph, values: Mapping[str, Any], x: np.ndarray
     (hawqc's numpy reference by default) from the oracle's quantized tensors it depends on."""
     if kernels is None:
         from hawqc.reference.kernels import KERNELS as kernels  # noqa: N811
-    oracle = {n: np.asarray(v) for n, v in values.items() if np.asarray(v).dtype.kind in "iu"}
+    oracle = {n: np.asarray(v).astype(np.int64) for n, v in values.items() if _is_integer(np.asarray(v))}
     producer = {op.output: op for op in graph.ops}
     order = {op.output: i for i, op in enumerate(graph.ops)}
     results = []
@@ -169,3 +169,8 @@ def layer_by_layer(graph: IntegerGraph, values: Mapping[str, Any], x: np.ndarray
         got, want = np.asarray(trace[target]), oracle[target]
         results.append(LayerMismatch(target, int(np.count_nonzero(got != want.reshape(got.shape))), int(got.size)))
     return results
+
+
+def _is_integer(value: np.ndarray) -> bool:
+    """An integer tensor: numpy's kinds, and the 4-bit types (``ml_dtypes``) of int4/uint4 tensors."""
+    return value.dtype.kind in "iu" or str(value.dtype) in ("int4", "uint4")
