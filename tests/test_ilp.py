@@ -57,7 +57,7 @@ def test_hutchinson_matches_exact_hessian_trace_of_folded_weights(one_thread) ->
     model.eval()
     x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 4, (16,))
     fold = folded_weights(model)
-    iters = 200
+    iters = 1000
     estimate, act_estimate, done = hessian_traces(model, [(x, y)], fold, tol=1e-9, max_iters=iters, seed=1,
                                                   activations=True)
     assert done == iters
@@ -72,14 +72,46 @@ def test_hutchinson_matches_exact_hessian_trace_of_folded_weights(one_thread) ->
         assert abs(estimated - exact) <= 4 * stderr + 1e-6, (name, estimated, exact, stderr)
         assert stderr < 0.1 * abs(exact), "the check must be tight enough to catch a wrong scaling"
 
-    for name, (folded, factor) in fold.items():
-        def weight_loss(w_folded: torch.Tensor, name: str = name, factor: torch.Tensor = factor) -> torch.Tensor:
-            return F.cross_entropy(functional_call(model, {f"{name}.weight": w_folded / factor}, (x,)), y)
+    # the weights: one Hessian over all folded weights, since each layer's estimate also carries zero-mean
+    # cross terms with the other layers' probes: Var = 2 Σ_{j≠k in i} H_jk² + Σ_{j in i, k not in i} H_jk²
+    names = list(fold)
+    sizes = [fold[n][0].numel() for n in names]
 
-        check(name, weight_loss, folded, estimate[name])
+    def weight_loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = flat.split(sizes)
+        weights = {f"{n}.weight": w.reshape(fold[n][0].shape) / fold[n][1] for n, w in zip(names, parts)}
+        return F.cross_entropy(functional_call(model, weights, (x,)), y)
+
+    hessian = torch.autograd.functional.hessian(weight_loss, torch.cat([fold[n][0].flatten() for n in names]))
+    hessian = hessian.double()
+    start = 0
+    for name, size in zip(names, sizes):
+        rows = hessian[start:start + size]
+        block = rows[:, start:start + size]
+        exact = block.diagonal().sum().item()
+        within = 2 * (block.square().sum() - block.diagonal().square().sum())
+        stderr = (within + rows.square().sum() - block.square().sum()).sqrt().item() / iters**0.5
+        assert abs(estimate[name] - exact) <= 4 * stderr + 1e-6, (name, estimate[name], exact, stderr)
+        assert stderr < 0.1 * abs(exact), "the check must be tight enough to catch a wrong scaling"
+        start += size
     hidden = torch.relu(model.bn(model.conv(x))).flatten(1).detach()
     check("fc input", lambda h: F.cross_entropy(model.fc(h), y), hidden, act_estimate["fc"])
     check("conv input", lambda i: F.cross_entropy(model(i), y), x, act_estimate["conv"])
+
+
+def test_micro_batches_give_the_same_weight_traces(one_thread) -> None:
+    """Hessian-vector products summed over micro-batches: the same weight traces as one batch."""
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    x, y = torch.randn(12, 1, 6, 6), torch.randint(0, 4, (12,))
+    fold = folded_weights(model)
+    seen: list[int] = []
+    whole, _ = hessian_traces(model, [(x, y)], fold, tol=1e-9, max_iters=6, seed=3)
+    parts, iters = hessian_traces(model, [(x, y)], fold, tol=1e-9, max_iters=6, seed=3, micro_batch=5,
+                                  progress=lambda k, total, mean, stderr: seen.append(k))
+    assert iters == 6 and seen == [1, 2, 3, 4, 5, 6]
+    for name in fold:
+        assert parts[name] == pytest.approx(whole[name], rel=1e-5)
 
 
 def test_sensitivity_is_cached_and_orders_bits(tmp_path, monkeypatch) -> None:
