@@ -168,11 +168,11 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
                 squares += sample**2
                 mean = totals / iters
                 stderr = ((squares / iters - mean**2).clamp_min(0) / max(iters - 1, 1)).sqrt()
-                if progress is not None:
-                    progress(iters, max_iters, mean, stderr)
                 if iters >= 10 and bool((stderr <= tol * mean.abs()).all()):
                     done = True
                     break
+            if progress is not None:  # once per block: its iterations finish together
+                progress(iters, max_iters, mean, stderr)
     finally:
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
