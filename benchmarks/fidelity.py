@@ -15,8 +15,8 @@
    W4A4 and W4A8 with nearest and learned PTQ calibrated on 512 training images, accuracy on the full
    10,000-image test set (compiled integer-only module), bit-exactness against the reference on 500 of them.
 
-Writes ``fidelity.{md,json}`` (``fidelity_quick`` with ``--quick``) under ``--out``, rewritten after every
-row. The learned rows are sized for a shared CPU (``--ptq-iters``, ``--distill-steps``): scale them up
+Writes ``fidelity.{md,json}`` (``fidelity_quick`` with ``--quick``, ``_<only>`` with ``--only``) under
+``--out``, rewritten after every row. The learned rows are sized for a shared CPU (``--ptq-iters``, ``--distill-steps``): scale them up
 for better figures.
 """
 
@@ -262,7 +262,7 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch}
     started = time.perf_counter()
     out = Path(args.out)
-    stem = "fidelity_quick" if args.quick else "fidelity"
+    stem = ("fidelity_quick" if args.quick else "fidelity") + (f"_{args.only}" if args.only else "")
     report: dict[str, Any] = {"command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads",
                               "settings": ", ".join(f"{k}={v}" for k, v in settings.items()), "settings_dict": settings}

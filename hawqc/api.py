@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+
 def load_model(spec: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
     """The float ``nn.Module`` a model spec names: a built-in name, a ``.pt2`` ``torch.export`` program, a
     float ``.onnx`` model or ``package.module:factory`` (see :mod:`hawqc.models.loading`). ``checkpoint``

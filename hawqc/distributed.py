@@ -52,8 +52,10 @@ class World:
         return slice(start, start + base + (self.rank < extra))
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` summed over the ranks (a new tensor; gradients flow back to every rank's input)."""
-        return value if self.size == 1 else _SumOverRanks.apply(value)
+        """``value`` summed over the ranks, on ``value``'s device; gradients flow back to every rank's input."""
+        if self.size == 1:
+            return value
+        return _SumOverRanks.apply(value.to(self.device or value.device)).to(value.device)
 
     def total(self, value: float) -> float:
         """A number summed over the ranks."""
@@ -67,9 +69,9 @@ class World:
         """``value`` reduced over the ranks with ``op`` ("max" or "min"), no gradient."""
         if self.size == 1:
             return value
-        out = value.detach().clone()
+        out = value.detach().to(self.device or value.device, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
-        return out
+        return out.to(value.device)
 
     def check_same(self, value: float, message: str) -> None:
         """Raise ``ValueError(message)`` on every rank unless all ranks hold the same ``value``."""

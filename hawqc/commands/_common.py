@@ -243,7 +243,8 @@ def add_float_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def is_quantized_file(model: str) -> bool:
-    """A hawqc integer graph (``.int.npz``) or a quantized ONNX model: compiled as it is."""
+    """A hawqc integer graph (``.int.npz``) or an ONNX model that is no float network (a quantized one, or
+    one the QDQ reader explains): compiled as it is."""
     from pathlib import Path
 
     if model.endswith(".npz"):
@@ -252,7 +253,7 @@ def is_quantized_file(model: str) -> bool:
         from hawqc.models import onnx_float
 
         try:
-            return onnx_float.is_quantized(onnx_float.read(model))
+            return not onnx_float.is_float_model(onnx_float.read(model))
         except ValueError:  # missing or unreadable: the QDQ reader says what is wrong
             return True
     return False

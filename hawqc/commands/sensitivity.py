@@ -15,12 +15,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_float_model_arguments(parser)
     add_data_arguments(parser, "data for the Hessian (unlabelled data: the model's own predictions are the labels)")
     parser.add_argument("--batches", type=int, default=1, help="batches for the Hessian (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
     parser.add_argument("--input-shape", type=input_shape,
                         help="input shape without batch, e.g. 3,224,224 (default: the data's, or the model's)")
     parser.add_argument("--max-iters", type=int, default=20,
                         help="Hutchinson iterations at most (default: 20; more for tighter traces: each costs about "
-                             "nine forward passes per sample)")
+                             "17 forward passes per sample)")
     parser.add_argument("--tol", type=float, default=1e-2, help="stop when every trace's standard error is below this fraction of it (default: 0.01)")
     parser.add_argument("--micro-batch", type=int,
                         help="samples per Hessian-vector product; bounds memory whatever --batch-size (default: "

@@ -208,7 +208,8 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     if op.attrs.get("zero_point", 0):
         q = R.add(q, _const(op.attrs["zero_point"], "float64"))
     q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
-    return ctx.to_internal(ctx.bb.emit(R.astype(q, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))))
+    q = R.astype(q, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
+    return q if op.attrs.get("internal") else ctx.to_internal(ctx.bb.emit(q))
 
 
 def _dequantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -439,8 +440,67 @@ def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     return taps(rows, op.consts["ix"], op.consts.get("wx"), w)
 
 
+def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """One ONNX operator in float32, computed in NCHW (its operands transposed out of and back into the
+    module's layout)."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    from hawqc.reference.float_kernels import node_inputs
+
+    a, kind = op.attrs["onnx_attrs"], op.attrs["onnx_op"]
+    consts = {k: (_const(v, str(v.dtype)) if v.dtype != np.float64 else _const(v, "float32"))
+              for k, v in op.consts.items()}
+    x, *rest = node_inputs([ctx.bb.emit(ctx.to_external(i)) for i in ins], op.attrs, consts)
+    if kind == "Conv":
+        pads = a.get("pads", [0, 0, 0, 0])
+        y = R.nn.conv2d(x, rest[0], strides=a.get("strides", [1, 1]), padding=[pads[0], pads[1], pads[2], pads[3]],
+                        dilation=a.get("dilations", [1, 1]), groups=a.get("group", 1))
+        y = R.add(y, R.reshape(rest[1], [1, -1, 1, 1])) if len(rest) > 1 else y
+    elif kind in ("Gemm", "MatMul"):
+        w = R.permute_dims(rest[0]) if a.get("transB", 0) else rest[0]
+        y = R.multiply(R.matmul(x, w), relax.const(np.float32(a.get("alpha", 1.0))))
+        y = R.add(y, R.multiply(rest[1], relax.const(np.float32(a.get("beta", 1.0))))) if len(rest) > 1 else y
+    elif kind in ("Mul", "Add", "Sub", "Div"):
+        y = {"Mul": R.multiply, "Add": R.add, "Sub": R.subtract, "Div": R.divide}[kind](x, rest[0])
+    elif kind in ("GlobalAveragePool", "ReduceMean"):
+        axes = [int(v) for v in (a.get("axes") or (rest[0].data.numpy() if rest else [2, 3]))]
+        y = R.mean(x, axis=axes, keepdims=bool(a.get("keepdims", 1)))
+    elif kind == "Flatten":
+        y = R.reshape(x, [int(np.prod([int(d) for d in x.ty.shape[:a.get("axis", 1)]])), -1])
+    elif kind == "Softmax":
+        y = R.nn.softmax(x, axis=a.get("axis", -1))
+    elif kind == "ArgMax":
+        y = R.argmax(x, axis=a.get("axis", 0), keepdims=bool(a.get("keepdims", 1)))
+    else:  # element-wise
+        y = _float_elementwise(x, kind, a, rest)
+    return ctx.to_internal(ctx.bb.emit(y))
+
+
+def _float_elementwise(x: Any, kind: str, a: Mapping[str, Any], rest: list[Any]) -> Any:
+    from tvm import relax
+    from tvm.relax import op as R
+
+    def clip(v: Any, lo: float, hi: float) -> Any:
+        return R.clip(v, relax.prim_value(float(lo)), relax.prim_value(float(hi)))
+
+    if kind == "Relu":
+        return R.nn.relu(x)
+    if kind == "Clip":
+        bounds = [float(r.data.numpy()) for r in rest] + [-np.inf, np.inf][len(rest):]
+        return clip(x, *bounds)
+    if kind == "Sigmoid":
+        return R.sigmoid(x)
+    if kind == "Tanh":
+        return R.tanh(x)
+    gate = clip(R.add(R.multiply(x, relax.const(np.float32(a.get("alpha", 0.2 if kind == "HardSigmoid" else 1 / 6)))),
+                      relax.const(np.float32(a.get("beta", 0.5)))), 0, 1)
+    return gate if kind == "HardSigmoid" else R.multiply(x, gate)  # HardSwish
+
+
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
     "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
     "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
     "global_avgpool": _global_avgpool, "lut": _lut, "mul": _mul, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
-    "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "dequantize": _dequantize}
+    "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "float_op": _float_op,
+    "dequantize": _dequantize}

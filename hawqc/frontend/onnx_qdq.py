@@ -35,11 +35,16 @@ import numpy as np
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
+from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import ACCUMULATOR_GRID_BITS, AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT16_MAX = 2**15 - 1
 ADD_BITS = 8
 """Extra fractional bits of the accumulator of a per-channel affine map (:meth:`_Reader.affine`)."""
+FINE_STEPS, FINE_RANGE, FINE_ENTRIES = 16, 16.0, 2**16
+"""An activation applied to an accumulator (no QuantizeLinear in between) is a table over a grid 16
+times finer than its output's, covering at least [-16, 16], of at most 2^16 entries."""
 
 
 @dataclass
@@ -73,6 +78,13 @@ class _Acc:
 
 
 @dataclass
+class _Float:
+    """A float tensor: the output of an operator computed in float (a float island or tail)."""
+
+    name: str
+
+
+@dataclass
 class _Pending:
     """An add, concat or average pool of views/accumulators, resolved by the QuantizeLinear that
     follows (whose scale it is rescaled to in one rounding)."""
@@ -95,6 +107,8 @@ class _Reader:
     input: str = ""
     trace: dict[str, Any] = field(default_factory=dict)
     """The integer graph read so far run on zeros, for shapes that shape inference leaves open."""
+    float_nodes: list[str] = field(default_factory=list)
+    """The ONNX nodes computed in float, as ``name (op)``."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
 
     def fail(self, node: Any, why: str) -> None:
@@ -139,18 +153,19 @@ class _Reader:
         zp = self.zero_point(node)
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if scale.size > 1:
-            self.fail(node, f"quantizes the tensor {node.input[0]!r}, computed from the input, per channel (axis "
-                            f"{_attr(node, 'axis', 1)}): hawqc needs activations quantized per tensor")
+            return self.quantize_per_channel(node, scale)
         scale = np.float32(scale.reshape(()))
-        qmin, qmax = _qrange(self.model, node)
+        qmin, qmax = _qrange(self.model, node, self.inits)
         src, out = self.values[node.input[0]], node.output[0]
-        if isinstance(src, str):  # the float graph input
+        if isinstance(src, (str, _Float)):  # the float graph input, or a float op's output (in the module's layout)
             attrs = {"qmin": qmin, "qmax": qmax, **({"zero_point": zp} if zp else {})}
-            self.emit("quantize", [src], out, attrs, {"scale": np.array(scale)})
+            attrs.update({"internal": True} if isinstance(src, _Float) else {})
+            self.emit("quantize", [src if isinstance(src, str) else src.name], out, attrs, {"scale": np.array(scale)})
         elif isinstance(src, _Acc):
             qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
         elif isinstance(src, _View):
-            if src.scale == scale and src.zero_point == zp and qmin <= src.qmin and src.qmax <= qmax:
+            if np.size(src.scale) == 1 and src.scale == scale and src.zero_point == zp and qmin <= src.qmin \
+                    and src.qmax <= qmax:
                 self.values[out] = src  # already on this grid
                 return
             qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
@@ -174,6 +189,25 @@ class _Reader:
         else:
             self.fail(node, "cannot quantize a constant")
         self.values[out] = _View(out, scale, qmin, qmax, zp)
+
+    def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
+        """An activation quantized per channel (NNCF, on depthwise inputs): first per tensor onto an int16
+        grid finer than every channel's, then requantized per channel; only depthwise convs read it."""
+        from onnx import helper
+
+        out = node.output[0]
+        shape = self.shapes.get(node.input[0]) or self.shapes.get(out)
+        axis = _axis(_attr(node, "axis", 1), len(shape) if shape else 4)
+        if axis != 1 or self.zero_point(node) != 0:
+            self.fail(node, f"quantizes the tensor {node.input[0]!r}, computed from the input, per channel (axis "
+                            f"{axis}) with zero points: hawqc reads per-channel activations on axis 1 with zero points 0")
+        fine = np.float32(max(scales.min() / FINE_STEPS, scales.max() * 128 / INT16_MAX))
+        self.inits[f"{out}:fine_scale"], self.inits[f"{out}:fine_zero"] = np.array(fine), np.array(0, np.int16)
+        self.quantize_linear(helper.make_node("QuantizeLinear", [node.input[0], f"{out}:fine_scale", f"{out}:fine_zero"],
+                                              [f"{out}:fine"], name=node.name))
+        qmin, qmax = _qrange(self.model, node, self.inits)
+        self.rescale(self.values[f"{out}:fine"], out, scales, qmin, qmax)
+        self.values[out] = _View(out, scales, qmin, qmax)
 
     def aligned_add(self, node: Any, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
@@ -205,8 +239,12 @@ class _Reader:
         if reshape:
             self.emit("reshape", [pooled], out, {"shape": reshape})
 
-    def view(self, node: Any, value: Any) -> _View:
-        """``value`` as an integer tensor; a pool not followed by a QuantizeLinear keeps its input scale."""
+    def view(self, node: Any, value: Any, per_channel: bool = False) -> _View:
+        """``value`` as an integer tensor; a pool not followed by a QuantizeLinear keeps its input scale.
+        Tensors quantized per channel are refused unless ``per_channel`` (a depthwise conv reads them)."""
+        if isinstance(value, _View) and np.size(value.scale) > 1 and not per_channel:
+            self.fail(node, "reads an activation quantized per channel: hawqc reads those only into depthwise "
+                            "convolutions")
         if isinstance(value, _Pending) and value.kind in ("avgpool", "global_avgpool"):
             (src,) = value.parts
             name = f"{node.input[0]}:pooled"
@@ -220,9 +258,37 @@ class _Reader:
             first = value.parts[0]
             return _View(name, first.scale, min(p.qmin for p in value.parts), max(p.qmax for p in value.parts),
                          first.zero_point)
+        if isinstance(value, _Pending) and value.kind in ("add", "concat") and all(
+                isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
+            return self.common_grid(node.input[0], value)
         if not isinstance(value, _View):
             self.fail(node, "input must be a dequantized tensor")
         return value
+
+    def common_grid(self, tensor: str, pending: _Pending) -> _View:
+        """An add or concat of integer tensors or accumulators on different grids that no QuantizeLinear
+        rounds (NNCF): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
+        input's, then summed or concatenated there (int32)."""
+        scales = [np.min(np.float32(p.s_in) * p.s_w) if isinstance(p, _Acc) else p.scale for p in pending.parts]
+        fine = np.float32(min(scales) / FINE_STEPS)
+        name = f"{tensor}:{pending.kind}"
+        parts, lows, highs = [], [], []
+        for j, p in enumerate(pending.parts):
+            if isinstance(p, _Acc):
+                lo, hi = INT32_MIN // len(pending.parts), INT32_MAX // len(pending.parts)
+            else:
+                lo = int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1
+                hi = int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1
+            lows.append(lo)
+            highs.append(hi)
+            parts.append(f"{name}:in{j}")
+            self.rescale(p, parts[-1], fine, lo, hi)
+        if pending.kind == "concat":
+            self.emit("concat", parts, name, dict(pending.attrs))
+            return _View(name, fine, min(lows), max(highs))
+        lo, hi = max(sum(lows), INT32_MIN), min(sum(highs), INT32_MAX)
+        self.emit("add", parts, name, {"qmin": lo, "qmax": hi})
+        return _View(name, fine, lo, hi)
 
     def dequantize_linear(self, node: Any) -> None:
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
@@ -238,14 +304,18 @@ class _Reader:
         src = self.values.get(node.input[0])
         if not isinstance(src, _View):
             self.fail(node, "dequantizes a tensor that is not the output of a QuantizeLinear")
-        if self.zero_point(node) != src.zero_point or scale.ndim or scale != src.scale:
+        if self.zero_point(node) != src.zero_point or scale.size != np.size(src.scale) or np.any(scale != src.scale):
             self.fail(node, "dequantizes with another scale or zero point than its QuantizeLinear")
         self.values[node.output[0]] = src
 
     def conv_or_dense(self, node: Any) -> None:
-        x, w = self.view(node, self.values.get(node.input[0])), self.values.get(node.input[1])
+        w = self.values.get(node.input[1])
+        depthwise = isinstance(w, _Const) and node.op_type == "Conv" and w.values.shape[1] == 1 \
+            and _attr(node, "group", 1) == w.values.shape[0]
+        x = self.view(node, self.values.get(node.input[0]), per_channel=depthwise)
         if not isinstance(w, _Const):
-            self.fail(node, "needs dequantized constant weights")
+            self.fail(node, "has float weights (a float island, as NNCF leaves squeeze-excite blocks): hawqc needs "
+                            "quantized weights (a DequantizeLinear of integer constants) on every conv/gemm")
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB", 0))
         weight = w.values.T if transposed else w.values  # (out, ...) in every case
         w_scale = np.broadcast_to(w.scale, (weight.shape[0],))
@@ -256,9 +326,15 @@ class _Reader:
         bias, fraction = np.zeros(weight.shape[0], dtype=np.int64), None
         if len(node.input) > 2 and node.input[2]:
             b = self.values.get(node.input[2])
-            if not isinstance(b, _Const):
-                self.fail(node, "bias must be a dequantized constant")
-            bias, fraction = bias_in_accumulator(b.values, b.scale, x.scale, w_scale)
+            if isinstance(b, _Const):
+                bias, fraction = bias_in_accumulator(b.values, b.scale, x.scale, w_scale)
+            else:  # a float bias (NNCF) on the accumulator grid
+                real = self.float_const(node.input[2])
+                if real is None:
+                    self.fail(node, "bias must be a constant")
+                units = real / (np.asarray(np.float32(x.scale), np.float64) * w_scale.astype(np.float32).astype(np.float64))
+                bias = np.rint(units).astype(np.int64)
+                fraction = units - bias
         if x.zero_point:  # sum((x - z) * w) = sum(x * w) - z * sum(w); padding pads with z
             bias = bias - x.zero_point * weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
         if np.any(bias):
@@ -343,8 +419,10 @@ class _Reader:
         return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
 
     def elementwise(self, node: Any) -> None:
-        """A non-linearity on an integer tensor: an exact lookup table once its output scale is known."""
-        src = self.view(node, self.values.get(node.input[0]))
+        """A non-linearity on an integer tensor: an exact lookup table once its output scale is known. On
+        a conv's accumulator (NNCF quantizes only after the activation) the table reads a fine grid."""
+        value = self.values.get(node.input[0])
+        src = value if isinstance(value, _Acc) else self.view(node, value)
         fn = ELEMENTWISE[node.op_type]
         attrs = {a.name: _attr(node, a.name, None) for a in node.attribute}
         self.values[node.output[0]] = _Pending("lut", [src], attrs={"fn": lambda x: fn(x, **attrs)})
@@ -354,7 +432,7 @@ class _Reader:
         ``f`` not quantized in between (SiLU/Swish as exporters write it) becomes one lookup table."""
         a, b = (self.values.get(i) for i in node.input)
         for x, gate in ((a, b), (b, a)):
-            if isinstance(x, _View) and isinstance(gate, _Pending) and gate.kind == "lut" and gate.parts[0] is x:
+            if isinstance(x, (_View, _Acc)) and isinstance(gate, _Pending) and gate.kind == "lut" and gate.parts[0] is x:
                 fn = gate.attrs["fn"]
                 self.values[node.output[0]] = _Pending("lut", [x], attrs={"fn": lambda v, fn=fn: v * fn(v)})
                 return
@@ -368,8 +446,21 @@ class _Reader:
                                          ("zero_point", zp)) if v})
         self.emit("mul", [a.name, b.name], out, attrs, {"b": bb, "c": c})
 
+    def fine_grid(self, acc: _Acc, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> _View:
+        """An accumulator requantized onto a grid ``FINE_STEPS`` times finer than the output's, over the
+        output's real range widened to +-``FINE_RANGE`` (where sigmoid-like functions have saturated),
+        at most ``FINE_ENTRIES`` values: what a lookup table of an activation reads."""
+        reach = max(FINE_RANGE, float(max(abs(lo - zp), abs(hi - zp)) * scale))
+        fine = np.float32(max(scale / np.float32(FINE_STEPS), 2 * reach / FINE_ENTRIES))
+        bound = int(np.ceil(reach / fine))
+        name = f"{out}:fine"
+        qmin, qmax = self.rescale(acc, name, fine, -bound, bound)
+        return _View(name, fine, qmin, qmax)
+
     def lut(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         (src,) = pending.parts
+        if isinstance(src, _Acc):
+            src = self.fine_grid(src, out, scale, zp, lo, hi)
         q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
         real = (q - src.zero_point).astype(np.float64) * np.float64(src.scale)  # the exact input grid
         y = np.asarray(pending.attrs["fn"](real), dtype=np.float64)
@@ -396,16 +487,20 @@ class _Reader:
         shape = self.shapes.get(name)
         value = self.values.get(name)
         if shape is None and isinstance(value, (_View, _Acc)) and self.input in self.shapes:
-            from hawqc.reference.kernels import KERNELS
-
-            if not self.trace:
-                self.trace[self.input] = np.zeros(self.shapes[self.input], np.float32)
-            for op in self.ops[len(self.trace) - 1:]:
-                self.trace[op.output] = KERNELS[op.op]([self.trace[i] for i in op.inputs], op.attrs, op.consts)
-            shape = self.shapes[name] = list(self.trace[value.name].shape)
+            shape = self.shapes[name] = self.traced_shape(value.name)
         if shape is None:
             self.fail(node, f"needs the static shape of {name!r}: give the input shape (--input-shape)")
         return list(shape)
+
+    def traced_shape(self, name: str) -> list[int]:
+        """The shape of integer tensor ``name``, from the graph read so far run on zeros."""
+        from hawqc.reference.kernels import KERNELS
+
+        if not self.trace:
+            self.trace[self.input] = np.zeros(self.shapes[self.input], np.float32)
+        for op in self.ops[len(self.trace) - 1:]:
+            self.trace[op.output] = KERNELS[op.op]([self.trace[i] for i in op.inputs], op.attrs, op.consts)
+        return list(self.trace[name].shape)
 
     def output_shape(self, node: Any) -> list[int]:
         """The shape of a Reshape/Flatten/Squeeze/Unsqueeze/Resize output, by ONNX's rules."""
@@ -574,7 +669,7 @@ class _Reader:
         if consts[0] is not None and consts[1] is not None:
             self.fail(node, "operates on two constants that were not folded")
         k = 1 if consts[0] is None else 0
-        src = self.view(node, self.values.get(node.input[1 - k]))
+        src = self.values.get(node.input[1 - k])
         shape = self.shape_of(node, node.input[1 - k])
         c = self.per_channel(node, consts[k], shape)
         one, zero = np.ones_like(c), np.zeros_like(c)
@@ -584,23 +679,40 @@ class _Reader:
             gain, offset = 1.0 / c, zero
         else:
             gain, offset = {"Add": (one, c), "Mul": (c, zero), "Sub": (one, -c) if k == 1 else (-one, c)}[node.op_type]
-        self.affine(node, src, gain, offset)
+        self.values[node.output[0]] = self.affine(node, src, gain, offset, node.output[0])
 
     def batch_norm(self, node: Any) -> None:
         """A BatchNormalization that no conv absorbed (DenseNet's after a Concat): a per-channel affine map."""
-        src = self.view(node, self.values.get(node.input[0]))
+        src = self.values.get(node.input[0])
         params = [self.float_const(i) for i in node.input[1:5]]
         if any(p is None for p in params):
             self.fail(node, "needs constant scale, bias, mean and variance")
         gamma, beta, mean, var = params
         gain = gamma / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
-        self.affine(node, src, gain, beta - mean * gain)
+        self.values[node.output[0]] = self.affine(node, src, gain, beta - mean * gain, node.output[0])
 
-    def affine(self, node: Any, src: _View, gain: np.ndarray, offset: np.ndarray) -> None:
-        """``gain * x + offset`` per channel on a grid 2^ADD_BITS finer than ``|gain| * S_in``: an int32
-        accumulator ``(q - z) * sign * 2^ADD_BITS + round(offset / acc_scale)``, rescaled at the next
-        QuantizeLinear like a conv's."""
+    def affine(self, node: Any, value: Any, gain: np.ndarray, offset: np.ndarray, out: str) -> _Acc | _Pending:
+        """``gain * x + offset`` per channel as an int32 accumulator, rescaled at the next QuantizeLinear
+        like a conv's. On an integer tensor the grid is 2^ADD_BITS finer than ``|gain| * S_in``:
+        ``(q - z) * sign * 2^ADD_BITS + round(offset / acc_scale)``; on an accumulator (nothing quantized
+        in between, as NNCF leaves it) ``acc * sign + round(offset / acc_scale)``, its scale times
+        ``|gain|``; on a channel concatenation, each part with its channels' constants."""
         magnitude = np.where(gain == 0, 1.0, np.abs(gain)).astype(np.float32)
+        if isinstance(value, _Pending) and value.kind == "concat" and value.attrs.get("axis", 1) == 1:
+            bounds = np.cumsum([0] + [self.traced_shape(p.name)[1] for p in value.parts])
+            parts = [self.affine(node, p, gain[a:b], offset[a:b], f"{out}:part{j}")
+                     for j, (p, a, b) in enumerate(zip(value.parts, bounds, bounds[1:]))]
+            return _Pending("concat", parts, value.lo, value.hi, dict(value.attrs))
+        if isinstance(value, _Acc):
+            if np.isfinite(value.lo) or np.isfinite(value.hi):
+                self.fail(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
+            s_w = (np.asarray(value.s_w, np.float32) * magnitude).astype(np.float32)
+            bias = np.rint(offset / (np.float32(value.s_in) * s_w).astype(np.float64))
+            self.emit("affine", [value.name], out, {}, {"multiplier": np.sign(gain).astype(np.int32),
+                                                        "bias": np.clip(bias, INT32_MIN, INT32_MAX).astype(np.int32)})
+            fraction = None if value.fraction is None else value.fraction * np.sign(gain)
+            return _Acc(out, value.s_in, s_w, fraction=fraction)
+        src = self.view(node, value)
         fine = np.float32(src.scale / np.float32(2**ADD_BITS))
         acc_scale = (fine * magnitude).astype(np.float64)
         multiplier = (np.sign(gain) * 2**ADD_BITS).astype(np.int64)
@@ -608,11 +720,63 @@ class _Reader:
         bound = max(abs(src.qmin - src.zero_point), abs(src.qmax - src.zero_point)) * 2**ADD_BITS + np.abs(bias).max()
         if bound > INT32_MAX:
             self.fail(node, "its constant offset does not fit the int32 accumulator at this scale")
-        out = node.output[0]
         attrs = {"input_zero_point": src.zero_point} if src.zero_point else {}
         self.emit("affine", [src.name], out, attrs, {"multiplier": multiplier.astype(np.int32),
                                                        "bias": bias.astype(np.int32)})
-        self.values[out] = _Acc(out, fine, magnitude)
+        return _Acc(out, fine, magnitude)
+
+    # ---- operators left in float --------------------------------------------------------------
+    def computes_in_float(self, node: Any) -> bool:
+        """Whether a node reads a float op's output, or is a conv/gemm with float weights (a float island)."""
+        if node.op_type not in FLOAT_OPS:
+            return False
+        if any(isinstance(self.values.get(i), _Float) for i in node.input):
+            return True
+        return node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and \
+            not isinstance(self.values.get(node.input[1]), _Const) and self.float_const(node.input[1]) is not None
+
+    def float_op(self, node: Any) -> None:
+        """An ONNX operator computed in float, as the quantizer left it; recorded in ``float_nodes``."""
+        from onnx import helper
+
+        dynamic, consts = [], {}
+        for k, name in enumerate(node.input):
+            if not name:
+                self.fail(node, "computing it in float needs all its inputs")
+            value = self.float_const(name)
+            if value is not None:
+                raw = self.inits.get(name)
+                keep = raw is not None and np.asarray(raw).dtype.kind in "iu" and name not in self.values
+                consts[f"input{k}"] = np.asarray(raw) if keep else value.astype(np.float32)
+            else:
+                dynamic.append(self.as_float(node, name))
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else list(v) if isinstance(v, (list, tuple)) else v
+                 for k, v in attrs.items()}
+        out = node.output[0]
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.emit("float_op", dynamic, out, {"onnx_op": node.op_type, "onnx_attrs": attrs, "arity": len(node.input),
+                                             "opset": opset}, consts)
+        self.values[out] = _Float(out)
+        self.float_nodes.append(f"{node.name or out} ({node.op_type})")
+
+    def as_float(self, node: Any, name: str) -> str:
+        """Tensor ``name`` as float32 (a dequantize of an integer tensor or accumulator)."""
+        value = self.values.get(name)
+        if isinstance(value, _Float):
+            return value.name
+        if isinstance(value, _Pending):
+            value = self.view(node, value)
+        if isinstance(value, _Acc):
+            if np.isfinite(value.lo) or np.isfinite(value.hi):
+                self.fail(node, "reads a clipped accumulator that no QuantizeLinear rounded")
+            scale, attrs = np.float32(value.s_in) * np.asarray(value.s_w, np.float32), {}
+        elif isinstance(value, _View):
+            scale = np.asarray(value.scale, np.float32)
+            attrs = {"zero_point": value.zero_point} if value.zero_point else {}
+        else:
+            self.fail(node, f"input {name!r} is neither a tensor computed from the input nor a constant")
+        return self.emit("dequantize", [value.name], f"{name}:float", attrs, {"scale": scale})
 
     # ---- Resize ----------------------------------------------------------------------------------
     def resize(self, node: Any) -> None:
@@ -692,14 +856,28 @@ class _Reader:
             y_scale, y_zp = i[3], i[4] if len(i) > 4 else ""
         self.quantize_linear(helper.make_node("QuantizeLinear", [f"{out}:f", y_scale, y_zp], [out], name=node.name))
 
+    def rename(self, old: str, new: str) -> None:
+        """Rename integer-graph tensor ``old`` to ``new`` everywhere."""
+        for op in self.ops:
+            op.inputs = [new if i == old else i for i in op.inputs]
+            op.output = new if op.output == old else op.output
+
     def output(self, name: str) -> str:
         value = self.values.get(name)
+        if isinstance(value, _Float):  # a float tail: its last op writes the graph's output
+            self.rename(value.name, "output")
+            return "output"
+        if isinstance(value, _Pending) and value.kind in ("add", "concat"):  # a float sum or concat at the end
+            value = self.common_grid(name, value)
         if isinstance(value, _Acc):
             scale = np.float32(value.s_in) * value.s_w
         elif isinstance(value, _View):
             scale = np.array(value.scale, dtype=np.float32)
         else:
             raise ValueError(f"ONNX output {name!r} is not an integer tensor or a conv/dense output")
+        if value.name == "output":  # a float-output conv/dense written straight to the ONNX output
+            self.rename("output", "output:int")
+            value.name = "output:int"
         attrs = {"zero_point": value.zero_point} if isinstance(value, _View) and value.zero_point else {}
         return self.emit("dequantize", [value.name], "output", attrs, {"scale": scale})
 
@@ -749,14 +927,15 @@ def _bound(value: float, scale: np.float32, zero_point: int, side: str) -> int:
     return int(np.rint(np.float64(np.float32(value)) / np.float64(scale))) + zero_point
 
 
-def _qrange(model: Any, node: Any) -> tuple[int, int]:
-    from onnx import TensorProto
+def _qrange(model: Any, node: Any, inits: dict[str, np.ndarray]) -> tuple[int, int]:
+    from onnx import TensorProto, helper
 
     zp_type = TensorProto.UINT8
     if len(node.input) > 2 and node.input[2]:
-        zp_type = next(t.data_type for t in model.graph.initializer if t.name == node.input[2])
+        zp_type = next((t.data_type for t in model.graph.initializer if t.name == node.input[2]), None) or \
+            helper.np_dtype_to_tensor_dtype(np.asarray(inits[node.input[2]]).dtype)
     ranges = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT4: (-8, 7),
-              TensorProto.UINT4: (0, 15)}
+              TensorProto.UINT4: (0, 15), TensorProto.INT16: (-(2**15), 2**15 - 1)}
     if zp_type not in ranges:
         raise ValueError(f"ONNX node {node.name!r}: quantized type {TensorProto.DataType.Name(zp_type)} is not supported")
     return ranges[zp_type]
@@ -788,6 +967,8 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             reader.inits[node.output[0]] = np.asarray(reader.shape_of(node, node.input[0]), dtype=np.int64)
         elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in reader.inits or not i for i in node.input):
             evaluate_constant(node, reader.inits, model.opset_import)
+        elif reader.computes_in_float(node) or (node.op_type in FLOAT_OPS and node.op_type not in _HANDLERS):
+            reader.float_op(node)
         elif node.op_type in _HANDLERS:
             try:
                 _HANDLERS[node.op_type](reader, node)
@@ -802,6 +983,8 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             reader.fail(node, "operator has no integer lowering in hawqc")
     reader.output(graph.output[0].name)
     metadata = {"bit_config": json.loads(props["hawqc.bit_config"])} if "hawqc.bit_config" in props else {}
+    if reader.float_nodes:
+        metadata["float_ops"] = reader.float_nodes
     dims = graph.input[[i.name for i in graph.input].index(input_name)].type.tensor_type.shape.dim
     metadata["input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return IntegerGraph(input_name, "output", reader.ops, metadata)

@@ -162,7 +162,7 @@ def hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
                 for row, k in mine:
                     samples[row] += _sample(graph, params, [fold[n][1] for n in names], seed, k, c)
                 del graph
-            for sample in world.sum(samples.to(world.device or samples.device)).cpu():
+            for sample in world.sum(samples):
                 iters += 1
                 totals += sample
                 squares += sample**2
@@ -226,14 +226,12 @@ def _sample(graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]], params: 
     n = len(params)
     weights = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
     us = [_rademacher(p.shape, weights) / d for p, d in zip(params, factors)]
-    inputs = [*params, *shifts]
     sample = torch.zeros(n + len(shifts), dtype=torch.float64)
-    sample[:n] = _quadratic_forms(grads, inputs, us + [torch.zeros_like(d) for d in shifts])[:n]
+    sample[:n] = _quadratic_forms(grads[:n], params, us)
     if shifts:  # probed apart from the weights: the mixed weight-activation second derivatives are
         # large (they carry the loss gradient), and as cross terms they would swamp these estimates
         acts = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 65_537 + chunk + 1)
-        rs = [_rademacher(d.shape, acts) for d in shifts]
-        sample[n:] = _quadratic_forms(grads, inputs, [torch.zeros_like(p) for p in params] + rs)[n:]
+        sample[n:] = _quadratic_forms(grads[n:], shifts, [_rademacher(d.shape, acts) for d in shifts])
     return sample
 
 
@@ -243,7 +241,8 @@ def _rademacher(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
 
 def _quadratic_forms(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                      probes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``probe_i · (H probe)_i`` for each input, ``H`` the Hessian whose first derivatives are ``grads``."""
+    """``probe_i · (H probe)_i`` for each input, ``H`` the Hessian block of ``inputs`` whose first derivatives
+    are ``grads`` (one per input; the other inputs' probes are zero, so their products are not computed)."""
     products = torch.autograd.grad(grads, inputs, grad_outputs=probes, retain_graph=True)
     return torch.tensor([float((v * hv).sum()) for v, hv in zip(probes, products)], dtype=torch.float64)
 

@@ -81,7 +81,11 @@ def _convert(builder: GraphBuilder, node: torch.fx.Node, value: Any, weights: di
     target = node.target
     args = [value(a) for a in node.args]
     kwargs = {k: value(v) for k, v in node.kwargs.items()}
-    layer = lambda i: weights[node.args[i].name].rpartition(".")[0]  # noqa: E731: the source module's name
+
+    def layer(i: int) -> str:
+        """The source module's name, from the weight tensor that argument ``i`` reads."""
+        return weights[node.args[i].name].rpartition(".")[0]
+
     if target is aten.conv2d.default:
         x, w, b, stride, padding, dilation, groups = (args + [None, [1], [0], [1], 1][len(args) - 2:])[:7]
         return builder.layer(layer(1), conv2d(w, b, _pair(stride), _pair(padding), _pair(dilation), groups), x)

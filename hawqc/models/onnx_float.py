@@ -44,6 +44,12 @@ def is_quantized(model: Any) -> bool:
     return any(node.op_type in QUANTIZED_OPS for node in model.graph.node)
 
 
+def is_float_model(model: Any) -> bool:
+    """A float network to quantize: no quantization operators, and at least one Conv, Gemm or MatMul."""
+    ops = {node.op_type for node in model.graph.node}
+    return not ops & QUANTIZED_OPS and bool(ops & {"Conv", "Gemm", "MatMul"})
+
+
 def input_shape(model: Any) -> tuple[int | None, ...]:
     """The graph input's shape, None for a dynamic dimension."""
     initializers = {i.name for i in model.graph.initializer}

@@ -115,7 +115,7 @@ def _sampled_activations(qmodel: QuantModel, limit: int, seed: int = 0) -> Itera
         samples[name].append(flat)
 
     for name, quantizer in qmodel.acts.items():
-        quantizer.observe = lambda x, name=name: record(name, x)  # shadows the method while sampling
+        quantizer.observe = lambda x, world=None, name=name: record(name, x)  # shadows the method while sampling
     try:
         yield samples
     finally:

@@ -105,7 +105,7 @@ def _channel_moments(y: torch.Tensor, world: World) -> tuple[torch.Tensor, torch
     n = y.numel() / y.shape[1]
     if world.size == 1:
         return y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False), n
-    n = float(world.sum(torch.tensor(n, dtype=torch.float64, device=y.device)))
+    n = world.total(n)
     mean = world.sum(y.sum(dim=(0, 2, 3))) / n
     var = world.sum(((y - mean.reshape(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))) / n
     return mean, var, n

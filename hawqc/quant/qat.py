@@ -57,6 +57,7 @@ def train(qmodel: QuantModel, data: Iterable[Any], *, steps: int, lr: float = 1e
         raise ValueError(f"stop_at must be at least 1, got {stop_at}")
     world = distributed.setup()
     home = next(qmodel.parameters()).device
+    teacher_home = next(teacher.parameters()).device if teacher is not None else home
     device = world.device or home
     qmodel.to(device)
     if teacher is not None:
@@ -108,7 +109,7 @@ def train(qmodel: QuantModel, data: Iterable[Any], *, steps: int, lr: float = 1e
         qmodel.mode = "int"
         qmodel.to(home)
         if teacher is not None:
-            teacher.to(home)
+            teacher.to(teacher_home)
     return losses
 
 

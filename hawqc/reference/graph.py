@@ -39,6 +39,9 @@ affine            per-channel ``(x - input_zero_point) * multiplier + bias`` -> 
 resize            along H and W: nearest, ``x[:, :, iy[0]][..., ix[0]]``; linear (consts wy, wx),
                   ``sum_a sum_b wy[a, i] * wx[b, j] * (x[iy[a, i], ix[b, j]] - input_zero_point)`` -> int32
                   accumulator (consts: iy, ix (k, out) indices; wy, wx (2, out) integer weights)
+float_op          one ONNX operator computed in float, where a quantizer left it (attrs: onnx_op, onnx_attrs,
+                  arity; consts: input<k> for constant inputs); see :mod:`hawqc.reference.float_kernels`.
+                  A ``quantize`` after it has ``internal``: its input is already in the module's layout
 dequantize        int -> float32: ``float32(q - zero_point) * scale`` (consts: scale)
 ================  ==============================================================================
 
@@ -63,7 +66,7 @@ from hawqc.fileio import write_atomic
 FORMAT_VERSION = 1
 OPS = ("quantize", "conv2d", "dense", "requantize", "add", "concat", "clip", "maxpool", "avgpool",
        "global_avgpool", "lut", "mul", "pad", "flatten", "reshape", "transpose", "slice", "affine", "resize",
-       "dequantize")
+       "float_op", "dequantize")
 
 Kernel = Callable[[list[Any], Mapping[str, Any], Mapping[str, Any]], Any]
 

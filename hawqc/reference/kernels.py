@@ -14,6 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from hawqc.quant.dyadic import requantize
+from hawqc.reference.float_kernels import float_op
 from hawqc.reference.graph import pool_rescale
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -180,4 +181,5 @@ def resize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
            "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
-           "transpose": transpose, "slice": slice_op, "affine": affine, "resize": resize, "dequantize": dequantize}
+           "transpose": transpose, "slice": slice_op, "affine": affine, "resize": resize, "float_op": float_op,
+           "dequantize": dequantize}

@@ -1,0 +1,37 @@
+"""Operators an integer graph computes in float: what a quantizer left unquantized (NNCF's float
+squeeze-excite islands, a Softmax or ArgMax after the last DequantizeLinear).
+
+A ``float_op`` carries one ONNX node (operator, attributes, constant inputs); the reference runs it with
+ONNX's own reference evaluator, so its meaning is ONNX's. Every float op of a graph is listed in its
+metadata (``float_ops``) and reported by ``hawqc compile``; ``--strict`` refuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+FLOAT_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Mul", "Add",
+             "Sub", "Div", "GlobalAveragePool", "ReduceMean", "Flatten", "Softmax", "ArgMax")
+"""ONNX operators hawqc can compute in float."""
+
+
+def node_inputs(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> list[Any]:
+    """The node's inputs in order: tensors from ``inputs``, constants from ``consts["input<k>"]``."""
+    dynamic = iter(inputs)
+    return [consts[f"input{k}"] if f"input{k}" in consts else next(dynamic) for k in range(attrs["arity"])]
+
+
+def float_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    values = node_inputs(inputs, attrs, consts)
+    names = [f"i{k}" for k in range(len(values))]
+    node = helper.make_node(attrs["onnx_op"], names, ["y"], **attrs["onnx_attrs"])
+    graph = helper.make_graph([node], "float_op", [], [helper.make_tensor_value_info("y", 0, None)],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", attrs.get("opset", 17))])
+    return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
