@@ -277,8 +277,7 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         total = ctx.bb.emit(terms[0] if len(terms) == 1 else R.add(terms[0], terms[1]))
         for term in terms[2:]:
             total = ctx.bb.emit(R.add(total, term))
-        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0),
-                           op.consts.get("offset"))
+        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0))
     total = R.astype(ins[0], "int64")
     for x in ins[1:]:
         total = R.add(total, R.astype(x, "int64"))

@@ -8,8 +8,9 @@ fixes their integer form:
 - ``Conv``/``Gemm``/``MatMul`` of views and constants give an *accumulator* (int32, scale
   ``S_in * S_w``); ``Relu``/``Clip`` on it narrow the clip bounds of its requantization;
 - ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input of a Concat is
-  requantized to the output scale by its own dyadic number; the inputs of an Add meet exactly as
-  they are on an int64 grid about 2^50 times finer than the output and their sum is rounded once;
+  requantized to the output scale by its own dyadic number; the inputs of an Add meet on an int64
+  grid about 2^50 times finer than the output (exactly, for integer tensors; accumulators first
+  requantized onto a grid 2^20 times finer) and their sum is rounded once;
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
 - element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
   LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
@@ -35,7 +36,7 @@ from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
-from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
+from hawqc.reference.graph import ACCUMULATOR_GRID_BITS, AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
@@ -212,19 +213,12 @@ class _Reader:
         """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
         parts = []
         for j, value in enumerate(pending.parts):
-            if isinstance(value, _Acc) and (value.hi != np.inf or value.lo not in (-np.inf, 0.0)):
-                # a clip bound on no integer grid of the accumulator: rounded to the output grid first
-                lo_j, hi_j = self.rescale(value, f"{out}:in{j}", scale, INT32_MIN, INT32_MAX)
-                value = _View(f"{out}:in{j}", scale, lo_j, hi_j)
-            if isinstance(value, _Acc):
-                name = value.name
-                if value.lo == 0.0:
-                    name = self.emit("clip", [value.name], f"{value.name}:relu", {"qmin": 0, "qmax": INT32_MAX})
-                parts.append(AddInput(name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, 2**31,
-                                      value.fraction))
-            else:
-                parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
-                                      max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
+            if isinstance(value, _Acc):  # requantized (fused into its conv) onto a grid 2^20 times finer
+                fine = np.float32(scale / np.float32(2**ACCUMULATOR_GRID_BITS))
+                lo_j, hi_j = self.rescale(value, f"{out}:in{j}", fine, INT32_MIN, INT32_MAX)
+                value = _View(f"{out}:in{j}", fine, lo_j, hi_j)
+            parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
+                                  max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
         self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
 
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:

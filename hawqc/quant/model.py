@@ -33,7 +33,15 @@ from hawqc.quant.capture import Node, capture
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
-from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, aligned_add_op, execute, rescale_op
+from hawqc.reference.graph import (
+    ACCUMULATOR_GRID_BITS,
+    AddInput,
+    IntegerGraph,
+    IntOp,
+    aligned_add_op,
+    execute,
+    rescale_op,
+)
 
 MODES = ("int", "fake", "float")
 _RESCALING = {"add", "concat", "output"}
@@ -226,21 +234,14 @@ class QuantModel(nn.Module):
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
         def add_input(src: str, dst: str, j: int, scale_out: np.float32) -> AddInput:
-            """Input ``j`` of the add ``dst``: a QInt tensor, or an accumulator (its ReLU a clip at 0; a
-            bounded ReLU, whose bound is on no integer grid of the accumulator, is first rounded to the add's
-            grid and clipped there)."""
+            """Input ``j`` of the add ``dst``: a QInt tensor, or an accumulator requantized (with its ReLU)
+            onto a grid 2^ACCUMULATOR_GRID_BITS times finer than the add's output."""
             if src not in acc:
                 s, lo, hi = qint[src]
                 return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
-            s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
-            if acc_max is not None:
-                rescale(src, f"{dst}:in{j}", scale_out, INT32_MIN, INT32_MAX)
-                return AddInput(f"{dst}:in{j}", np.float64(scale_out), 0, max(-acc_lo, _upper(acc_max, scale_out, INT32_MAX)))
-            scale = np.float64(s_in) * np.asarray(s_w, np.float64)
-            if acc_lo == 0:
-                ops.append(IntOp("clip", [src], f"{dst}:{src}:relu", {"qmin": 0, "qmax": INT32_MAX}))
-                src = ops[-1].output
-            return AddInput(src, scale, 0, 2**31, fraction)
+            fine = np.float32(scale_out / np.float32(2**ACCUMULATOR_GRID_BITS))
+            rescale(src, f"{dst}:in{j}", fine, INT32_MIN, INT32_MAX)
+            return AddInput(f"{dst}:in{j}", np.float64(fine), 0, 2**31)
 
         output = None
         for node in self.nodes:

@@ -17,8 +17,7 @@ requantize        dyadic rescale and clip (consts: b, c, scalar or per channel, 
 add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax); with
                   consts ``m`` (int64, a row per input, per channel or scalar) and ``c``: inputs of
                   different scales, ``requantize(sum((x_i - z_i) * m_i), 1, c)`` rounded once
-                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points;
-                  consts: offset, as for requantize)
+                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
@@ -143,6 +142,11 @@ def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, q
     return IntOp("requantize", [src], dst, attrs, consts)
 
 
+ACCUMULATOR_GRID_BITS = 20
+"""An accumulator that an Add reads is first requantized (fused into its conv) onto a grid 2^20 times finer
+than the Add's output, in int32: the sum is then rounded once, off only within 2^-21 steps of a tie."""
+
+
 @dataclass(frozen=True)
 class AddInput:
     """An input of an :func:`aligned_add_op`: a tensor, its scale (exact in float64: a float32 scale or
@@ -152,14 +156,12 @@ class AddInput:
     scale: Any
     zero_point: int
     magnitude: int
-    fraction: Any = None
-    """What an accumulator holds below its integer grid, per channel (its bias's fraction)."""
 
 
 def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> IntOp:
     """An ``add`` that rounds the real sum of its inputs once onto the grid of ``s_out``: the inputs meet
     on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`)."""
-    from hawqc.quant.dyadic import aligned_multipliers, fraction_offset
+    from hawqc.quant.dyadic import aligned_multipliers
 
     multipliers, c = aligned_multipliers([p.scale for p in parts], s_out, [p.magnitude for p in parts])
     channels = max(m.size for m in multipliers)
@@ -169,11 +171,7 @@ def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax:
     if any(p.zero_point for p in parts):
         attrs["input_zero_points"] = [p.zero_point for p in parts]
     m = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
-    consts = {"m": m, "c": np.array(c, np.int32)}
-    offset = sum(fraction_offset(p.fraction, v) for p, v in zip(parts, multipliers) if p.fraction is not None)
-    if np.any(offset):
-        consts["offset"] = np.broadcast_to(offset, (channels,)).copy() if channels > 1 else np.asarray(offset)
-    return IntOp("add", [p.name for p in parts], dst, attrs, consts)
+    return IntOp("add", [p.name for p in parts], dst, attrs, {"m": m, "c": np.array(c, np.int32)})
 
 
 def conv_output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
