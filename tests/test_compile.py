@@ -103,17 +103,24 @@ def test_unknown_targets_are_one_error(spec: str) -> None:
 
 
 def test_weight_zero_points_and_unsupported_ops_are_named() -> None:
-    def one_node_model(node: onnx.NodeProto, inits: list[onnx.TensorProto]) -> onnx.ModelProto:
-        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    def model_of(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], shape: list[int]) -> onnx.ModelProto:
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
-    weights = [helper.make_tensor("w", TensorProto.INT8, [4], [1, 2, 3, 4]),
-               helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [3])]
-    with pytest.raises(ValueError, match="'dq_w' .*zero points of 0"):
-        from_onnx(one_node_model(helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], name="dq_w"), weights))
+    # a weight with a zero point is no integer weight: its conv runs in float and is reported as such
+    inits = [helper.make_tensor("w", TensorProto.INT8, [4, 4, 1, 1], list(range(16))),
+             helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [3]),
+             helper.make_tensor("sx", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("zx", TensorProto.INT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], name="dq_w"),
+             helper.make_node("Conv", ["xf", "wf"], ["yf"], name="conv"),
+             helper.make_node("QuantizeLinear", ["yf", "sx", "zx"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sx", "zx"], ["y"])]
+    assert from_onnx(model_of(nodes, inits, [1, 4, 2, 2])).metadata["float_ops"] == ["conv (Conv)"]
     with pytest.raises(ValueError, match="'act' \\(Erf\\): operator has no integer lowering"):
-        from_onnx(one_node_model(helper.make_node("Erf", ["x"], ["y"], name="act"), []))
+        from_onnx(model_of([helper.make_node("Erf", ["x"], ["y"], name="act")], [], [1, 4]))
 
 
 def test_four_bit_lookup_table_has_16_entries() -> None:
