@@ -123,12 +123,9 @@ class SoftmaxTail(Shuffle):
 
 NETS = {"shuffle": Shuffle, "dense": Dense, "segment": Segment, "moves": Moves, "excite": Excite,
         "softmax": SoftmaxTail}
-ALIGNED_ADD = ("the aligned Add of two asymmetric tensors (int64 multipliers) differs from the reference under "
-               "the x86 schedules (exact with kernels='generic'): a bug of main's Add, not of the reader")
 CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort-qdq-u8"),
          ("dense", "ort-weight-qdq"), ("dense", "ort-qoperator"), ("segment", "ort-qdq-s8"),
-         *[pytest.param("segment", q, marks=pytest.mark.xfail(reason=ALIGNED_ADD, strict=False))
-           for q in ("ort-qoperator", "ort-weight-qdq")], ("moves", "ort-qdq-u8"),
+         ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
          ("moves", "ort-qoperator"), ("moves", "ort-weight-qdq"),
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"),
          *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")]]

@@ -218,7 +218,7 @@ class _Reader:
                 lo_j, hi_j = self.rescale(value, f"{out}:in{j}", fine, INT32_MIN, INT32_MAX)
                 value = _View(f"{out}:in{j}", fine, lo_j, hi_j)
             parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
-                                  max(abs(value.qmin - value.zero_point), abs(value.qmax - value.zero_point))))
+                                  max(abs(value.qmin), abs(value.qmax)) + abs(value.zero_point)))
         self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
 
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:

@@ -150,7 +150,9 @@ than the Add's output, in int32: the sum is then rounded once, off only within 2
 @dataclass(frozen=True)
 class AddInput:
     """An input of an :func:`aligned_add_op`: a tensor, its scale (exact in float64: a float32 scale or
-    the product of two, per channel for an accumulator), zero point and largest ``|x - zero_point|``."""
+    the product of two, per channel for an accumulator), zero point and a bound on ``|x| + |zero_point|``
+    (not only ``|x - zero_point|``: the compiler may regroup ``(x - z) * m`` as ``x * m - z * m``, whose
+    int64 terms must not overflow either)."""
 
     name: str
     scale: Any
