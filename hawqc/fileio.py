@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,21 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_outputs(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a staging folder inside ``folder``; the files written there move into ``folder`` together
+    when the block succeeds. A failure or an interrupt inside the block leaves none of them."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=target, prefix=".staging-"))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, target / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:

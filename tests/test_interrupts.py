@@ -147,3 +147,16 @@ def test_an_interrupt_inside_a_command_is_one_line(capsys: pytest.CaptureFixture
     assert cli.main(["compile", "model.onnx"]) == interrupts.EXIT_STATUS
     assert capsys.readouterr().err == "hawqc compile: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is not interrupts._on_sigint  # the handler is put back
+
+
+def test_staged_outputs_appear_together_or_not_at_all(tmp_path: Path) -> None:
+    from hawqc.fileio import staged_outputs
+
+    with pytest.raises(KeyboardInterrupt), staged_outputs(tmp_path / "out") as stage:
+        (stage / "model.onnx").write_text("a")
+        raise KeyboardInterrupt  # Ctrl-C between quantize's writes
+    assert list((tmp_path / "out").iterdir()) == []
+    with staged_outputs(tmp_path / "out") as stage:
+        (stage / "model.onnx").write_text("a")
+        (stage / "bit_config.json").write_text("b")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bit_config.json", "model.onnx"]

@@ -73,6 +73,7 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
     from torch.utils.data import DataLoader
 
     from hawqc import BitConfig, distributed, models, quantize
+    from hawqc.fileio import staged_outputs
     from hawqc.quant.export import to_onnx
     from hawqc.quant.qat import accuracy
     from hawqc.quant.qat import train as qat_train
@@ -103,10 +104,11 @@ def quantize_and_export(model: Any, name: str, bit_config: str, train: Any, test
         report["quantized_accuracy"] = accuracy(qmodel, test_loader)
         console.print(f"top-1 on the test split: float {report['float_accuracy']:.2%}, "
                       f"integer {report['quantized_accuracy']:.2%}")
+    with staged_outputs(out) as stage:  # the three files appear together or not at all
+        to_onnx(qmodel, stage / f"{name}.onnx", x)
+        graph.save(stage / f"{name}.int.npz")
+        BitConfig(layers=qmodel.bits).save(stage / "bit_config.json")
     stem = out / name
-    to_onnx(qmodel, stem.with_suffix(".onnx"), x)
-    graph.save(stem.with_suffix(".int.npz"))
-    BitConfig(layers=qmodel.bits).save(out / "bit_config.json")
     options = onnxruntime.SessionOptions()
     four_bit = any(q.bits == 4 for q in qmodel.acts.values()) or any(b.w_bits == 4 for b in qmodel.bits.values())
     if four_bit:  # ONNX Runtime's QDQ fusions mis-type int4 activations (e.g. MaxPool on uint4)
