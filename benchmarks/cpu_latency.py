@@ -37,13 +37,13 @@ from typing import Any
 
 from hawqc import models
 from hawqc.fileio import write_atomic
+from hawqc.runtime import timing
 
 sys.path.insert(0, str(Path(__file__).parent))
 import vnni_peak  # noqa: E402  (beside this file)
 
 THREADS = 2
 LOADED = 0.5
-WORKER_TIMEOUT_S = 900
 PREPARE_TIMEOUT_S = 7200
 CALIB_IMAGES = 4
 EFFICIENTNET_LITE = "efficientnet_lite0"
@@ -280,15 +280,7 @@ def run_worker(engine: Engine, case: Case, runs: int, layers: bool = False) -> d
     command = [sys.executable, str(WORKER), engine.worker, str(case.path(engine)), ",".join(map(str, case.shape)),
                "--runs", str(runs)] + (["--layers"] if layers else [])
     env = {**os.environ, "TVM_NUM_THREADS": str(THREADS)}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    lines = done.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        return {"error": f"worker: {last_error(done)}"}
+    return timing.run_worker(command, env)
 
 
 def figure(engine: str, case: Case, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -353,7 +345,7 @@ def check_standalone(cases: list[Case], figures: list[dict[str, Any]], runs: int
         script = STANDALONE_TIMING.format(engine=STANDALONE[row["engine"]])
         load = os.getloadavg()[0]
         done = subprocess.run([sys.executable, "-c", script, str(case.path(engine)), ",".join(map(str, case.shape)),
-                               str(runs)], capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+                               str(runs)], capture_output=True, text=True, timeout=timing.WORKER_TIMEOUT_S)
         check = {"model": case.model, "batch": case.batch, "engine": row["engine"], "harness_ms": row["ms"],
                  "load": load}
         try:

@@ -8,7 +8,6 @@ from typing import Any
 from hawqc.commands._common import Problems, add_target_arguments, is_artifact, positive_list, target_of
 
 HELP = "time a compiled artifact (or a model) at batch sizes, beside ONNX Runtime and OpenVINO on an ONNX file"
-WORKER_TIMEOUT_S = 900
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,22 +106,13 @@ def time_in_process(engine: str, path: str, shape: tuple[int, ...], runs: int,
                     options: dict[str, Any]) -> dict[str, Any]:
     """One figure from ``python -m hawqc.runtime.timing`` in a fresh interpreter, with the worker
     ``options`` (threads, target, kernels) that are set; ``{"error": ...}`` on failure."""
-    import json
-    import subprocess
     import sys
+
+    from hawqc.runtime.timing import run_worker
 
     command = [sys.executable, "-m", "hawqc.runtime.timing", engine, path, ",".join(map(str, shape)),
                "--runs", str(runs)]
     for name, value in options.items():
         if value is not None:
             command += [f"--{name}", str(value)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    lines = done.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker exited {done.returncode}: {last}"}
+    return run_worker(command)

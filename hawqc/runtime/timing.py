@@ -19,14 +19,16 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 WARM_UP_S = 1.0
+WORKER_TIMEOUT_S = 900
 PEERS = ("onnxruntime", "openvino")
 """Engines that run the same ONNX file beside hawqc."""
 
@@ -113,6 +115,21 @@ def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs,
             "load_before": load_before, "load_after": os.getloadavg()[0],
             "other_cores": max(0.0, (busy_after - busy) - (own_after - own)) / wall}
+
+
+def run_worker(command: list[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run a timing worker in a fresh process: its last stdout line (one JSON object), or
+    ``{"error": ...}`` with the last unindented stderr line (a traceback's exception) when it has none."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        errors = [line for line in done.stderr.splitlines() if line.strip() and not line[0].isspace()]
+        return {"error": f"worker exited {done.returncode}: {errors[-1] if errors else 'no output'}"}
 
 
 def error_json(err: BaseException) -> str:
