@@ -1,11 +1,12 @@
 """hawqc and ONNX Runtime against the float64 oracle of the QDQ file they both run.
 
     nice -n 10 python benchmarks/oracle_agreement.py [--models resnet18,resnet50] \\
-        [--styles ort-u8,ort-s8,hawqc-w8a8,hawqc-w4a4] [--images 4] [--work benchmarks/.cache/oracle]
+        [--styles ort-u8,ort-s8,nncf,hawqc-w8a8,hawqc-w4a4] [--images 4] [--work benchmarks/.cache/oracle]
 
 For each model of the zoo (random weights, BatchNorm recalibrated: ``cpu_latency.py``'s preparation)
-and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default or symmetric int8; hawqc's own
-W8A8/W4A4 exports), on ``--images`` images of batch 1, compares with the oracle
+and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default or symmetric int8; NNCF's
+post-training quantization as ``tests/third_party_quantizers.py`` runs it; hawqc's own W8A8/W4A4
+exports, for the models with ResNet's layout), on ``--images`` images of batch 1, compares with the oracle
 (:mod:`hawqc.reference.oracle`, the file run in float64) the output of
 
 - hawqc (its numpy reference, which every compiled module equals bit for bit; ``--compile`` checks
@@ -30,20 +31,23 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import cpu_latency  # noqa: E402  (beside this file: the zoo's preparation)
+from third_party_quantizers import quantize_with  # noqa: E402  (shared with the tests: NNCF's recipe)
 
 from hawqc.fileio import write_atomic  # noqa: E402
 
-STYLES = ("ort-u8", "ort-s8", "hawqc-w8a8", "hawqc-w4a4")
+STYLES = ("ort-u8", "ort-s8", "nncf", "hawqc-w8a8", "hawqc-w4a4")
 OWN = {"hawqc-w8a8": "uniform8", "hawqc-w4a4": "uniform4"}
 RESULTS = Path(__file__).parent / "results"
 
 
-def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path], tuple[int, ...]]:
-    """The QDQ file of each style (made once, kept under ``work``) and the input shape (batch 1)."""
+def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path | str], tuple[int, ...]]:
+    """The QDQ file of each style (made once, kept under ``work``; or why it could not be made) and the input
+    shape (batch 1); hawqc's own styles only for models with ResNet's layout."""
     case = cpu_latency.new_case(name, 1, work)
-    files = {"ort-u8": case.folder / "qdq.onnx", "ort-s8": case.folder / "qdq-s8.onnx",
-             **{style: case.folder / f"{style}.onnx" for style in OWN}}
+    files: dict[str, Path | str] = {"ort-u8": case.folder / "qdq.onnx", "ort-s8": case.folder / "qdq-s8.onnx",
+             **{style: case.folder / f"{style}.onnx" for style in ("nncf", *OWN)}}
     missing = [s for s in styles if not files[s].exists()]
     if missing:
         from hawqc import quantize
@@ -52,11 +56,16 @@ def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path], 
         case.folder.mkdir(parents=True, exist_ok=True)
         model, calib = cpu_latency.float_model(name)
         for style in missing:
-            if style.startswith("ort"):
-                cpu_latency.export_onnx(model, calib, case, symmetric=style == "ort-s8")
-            else:
-                to_onnx(quantize(model, OWN[style], calib), files[style], example_input=calib[0][:1])
-    return {s: files[s] for s in styles}, tuple(case.shape)
+            try:
+                if style.startswith("ort"):
+                    cpu_latency.export_onnx(model, calib, case, symmetric=style == "ort-s8")
+                elif style == "nncf":
+                    quantize_with("nncf", model, tuple(case.shape), case.folder)
+                elif cpu_latency.own_configs(model):
+                    to_onnx(quantize(model, OWN[style], calib), files[style], example_input=calib[0][:1])
+            except Exception as err:  # one quantizer's failure is one line of the table
+                files[style] = cpu_latency.one_line(err)
+    return {s: f for s, f in files.items() if s in styles and (isinstance(f, str) or f.exists())}, tuple(case.shape)
 
 
 def ort_session(model: Any, optimized: bool) -> Any:
@@ -65,6 +74,7 @@ def ort_session(model: Any, optimized: bool) -> Any:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
+    options.log_severity_level = 3  # errors only
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
@@ -164,17 +174,17 @@ def markdown(rows: list[dict[str, Any]], images: int) -> str:
              "output of ONNX Runtime's files, the pooled features before the float fc of hawqc's), in its "
              "steps: exact / within one step / mean.",
              "", "| model | QDQ file | hawqc | ONNX Runtime | ONNX Runtime, opt. off | hawqc layer by layer: "
-             "mismatching elements (worst tensor) | ONNX Runtime opt. off vs hawqc |",
-             "|---|---|---|---|---|---|---|"]
+             "mismatching elements (worst tensor) | ONNX Runtime opt. off vs hawqc | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['style']} | {r['error']} | | | | |")
+            lines.append(f"| {r['model']} | {r['style']} | {r['error']} | | | | | {r['seconds']:.0f} |")
             continue
         layer = r["layers"]
         own = cell(r["ort-noopt vs hawqc"]) if r["style"] in OWN else ""
         lines.append(f"| {r['model']} | {r['style']} | {cell(r['hawqc vs oracle'])} | {cell(r['ort vs oracle'])} | "
                      f"{cell(r['ort-noopt vs oracle'])} | {layer['mismatches']} of {layer['elements']} "
-                     f"({layer['mismatch_rate']:.1e}; worst {layer['worst_rate']:.1e}) | {own} |")
+                     f"({layer['mismatch_rate']:.1e}; worst {layer['worst_rate']:.1e}) | {own} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,17 +206,21 @@ def main() -> None:
         for style, path in files.items():
             start = time.time()
             try:
-                row = {"model": name, "style": style, **measure(path, shape, args.images, args.compile)}
+                row = {"model": name, "style": style,
+                       **({"error": path} if isinstance(path, str) else measure(path, shape, args.images, args.compile))}
             except Exception as err:  # one file's failure is one line of the table
                 row = {"model": name, "style": style, "error": cpu_latency.one_line(err)}
             row["seconds"] = round(time.time() - start, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = markdown(rows, args.images)
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps({"images": args.images, "rows": rows}, indent=2) + "\n")
-    write_atomic(args.out.with_suffix(".md"), report)
+        save(rows, args.images, args.out)  # after each model: a long run's partial table
+    print(markdown(rows, args.images))
+
+
+def save(rows: list[dict[str, Any]], images: int, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out.with_suffix(".json"), json.dumps({"images": images, "rows": rows}, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown(rows, images))
 
 
 if __name__ == "__main__":

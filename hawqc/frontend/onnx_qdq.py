@@ -40,8 +40,6 @@ from hawqc.reference.graph import ACCUMULATOR_GRID_BITS, AddInput, IntegerGraph,
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
-ADD_BITS = 8
-"""Extra fractional bits of the accumulator of a per-channel affine map (:meth:`_Reader.affine`)."""
 FINE_STEPS, FINE_RANGE, FINE_ENTRIES = 16, 16.0, 2**16
 """An activation applied to an accumulator (no QuantizeLinear in between) is a table over a grid 16
 times finer than its output's, covering at least [-16, 16], of at most 2^16 entries."""
@@ -191,8 +189,12 @@ class _Reader:
         self.values[out] = _View(out, scale, qmin, qmax, zp)
 
     def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
-        """An activation quantized per channel (NNCF, on depthwise inputs): first per tensor onto an int16
-        grid finer than every channel's, then requantized per channel; only depthwise convs read it."""
+        """An activation quantized per channel (NNCF, on depthwise inputs), only read by depthwise convs: an
+        accumulator or integer tensor requantized per channel in one rounding, if its clip bounds give the
+        same integer bounds on every channel; else first per tensor onto an int16 grid finer than every
+        channel's, then per channel."""
+        from dataclasses import replace
+
         from onnx import helper
 
         out = node.output[0]
@@ -201,11 +203,21 @@ class _Reader:
         if axis != 1 or self.zero_point(node) != 0:
             self.fail(node, f"quantizes the tensor {node.input[0]!r}, computed from the input, per channel (axis "
                             f"{axis}) with zero points: hawqc reads per-channel activations on axis 1 with zero points 0")
+        qmin, qmax = _qrange(self.model, node, self.inits)
+        src = self.values[node.input[0]]
+        if isinstance(src, _Acc) or (isinstance(src, _View) and np.size(src.scale) == 1):
+            clip = (src.lo, src.hi) if isinstance(src, _Acc) else (-np.inf, np.inf)
+            lows = {max(qmin, _bound(clip[0], s, 0, "lo")) for s in scales}
+            highs = {min(qmax, _bound(clip[1], s, 0, "hi")) for s in scales}
+            if len(lows) == 1 and len(highs) == 1:
+                unclipped = replace(src, lo=-np.inf, hi=np.inf) if isinstance(src, _Acc) else src
+                lo, hi = self.rescale(unclipped, out, scales, lows.pop(), highs.pop())
+                self.values[out] = _View(out, scales, lo, hi)
+                return
         fine = np.float32(max(scales.min() / FINE_STEPS, scales.max() * 128 / INT16_MAX))
         self.inits[f"{out}:fine_scale"], self.inits[f"{out}:fine_zero"] = np.array(fine), np.array(0, np.int16)
         self.quantize_linear(helper.make_node("QuantizeLinear", [node.input[0], f"{out}:fine_scale", f"{out}:fine_zero"],
                                               [f"{out}:fine"], name=node.name))
-        qmin, qmax = _qrange(self.model, node, self.inits)
         self.rescale(self.values[f"{out}:fine"], out, scales, qmin, qmax)
         self.values[out] = _View(out, scales, qmin, qmax)
 
@@ -692,38 +704,36 @@ class _Reader:
         self.values[node.output[0]] = self.affine(node, src, gain, beta - mean * gain, node.output[0])
 
     def affine(self, node: Any, value: Any, gain: np.ndarray, offset: np.ndarray, out: str) -> _Acc | _Pending:
-        """``gain * x + offset`` per channel as an int32 accumulator, rescaled at the next QuantizeLinear
-        like a conv's. On an integer tensor the grid is 2^ADD_BITS finer than ``|gain| * S_in``:
-        ``(q - z) * sign * 2^ADD_BITS + round(offset / acc_scale)``; on an accumulator (nothing quantized
-        in between, as NNCF leaves it) ``acc * sign + round(offset / acc_scale)``, its scale times
-        ``|gain|``; on a channel concatenation, each part with its channels' constants."""
-        magnitude = np.where(gain == 0, 1.0, np.abs(gain)).astype(np.float32)
+        """``gain * x + offset`` per channel (float64) as an int32 accumulator of scale ``S * |gain|``, rounded
+        once at the next QuantizeLinear like a conv's: ``(q - z) * sign(gain) + whole`` on an integer tensor
+        of scale ``S``, ``acc * sign(gain) + whole`` on an accumulator (nothing quantized in between, as NNCF
+        leaves it), where ``offset / (S * |gain|) = whole + fraction`` and the fraction is carried below the
+        grid like a conv bias's (:func:`bias_in_accumulator`); on a channel concatenation, each part with
+        its channels' constants."""
+        magnitude = np.where(gain == 0, 1.0, np.abs(gain)).astype(np.float64)
+        sign = np.sign(gain).astype(np.int32)
         if isinstance(value, _Pending) and value.kind == "concat" and value.attrs.get("axis", 1) == 1:
             bounds = np.cumsum([0] + [self.traced_shape(p.name)[1] for p in value.parts])
             parts = [self.affine(node, p, gain[a:b], offset[a:b], f"{out}:part{j}")
                      for j, (p, a, b) in enumerate(zip(value.parts, bounds, bounds[1:]))]
             return _Pending("concat", parts, value.lo, value.hi, dict(value.attrs))
+        attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
                 self.fail(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
-            s_w = (np.asarray(value.s_w, np.float32) * magnitude).astype(np.float32)
-            bias = np.rint(offset / (np.float32(value.s_in) * s_w).astype(np.float64))
-            self.emit("affine", [value.name], out, {}, {"multiplier": np.sign(gain).astype(np.int32),
-                                                        "bias": np.clip(bias, INT32_MIN, INT32_MAX).astype(np.int32)})
-            fraction = None if value.fraction is None else value.fraction * np.sign(gain)
-            return _Acc(out, value.s_in, s_w, fraction=fraction)
-        src = self.view(node, value)
-        fine = np.float32(src.scale / np.float32(2**ADD_BITS))
-        acc_scale = (fine * magnitude).astype(np.float64)
-        multiplier = (np.sign(gain) * 2**ADD_BITS).astype(np.int64)
-        bias = np.rint(offset / acc_scale)
-        bound = max(abs(src.qmin - src.zero_point), abs(src.qmax - src.zero_point)) * 2**ADD_BITS + np.abs(bias).max()
-        if bound > INT32_MAX:
+            name, s_in, s_w, reach = value.name, value.s_in, np.asarray(value.s_w, np.float64) * magnitude, 0
+            below = 0.0 if value.fraction is None else value.fraction * sign
+        else:
+            src = self.view(node, value)
+            name, s_in, s_w, below = src.name, np.float32(src.scale), magnitude, 0.0
+            reach = max(abs(src.qmin - src.zero_point), abs(src.qmax - src.zero_point))
+            attrs = {"input_zero_point": src.zero_point} if src.zero_point else {}
+        units = offset / (np.float64(s_in) * s_w)
+        whole = np.rint(units)
+        if reach + np.abs(whole).max() > INT32_MAX:
             self.fail(node, "its constant offset does not fit the int32 accumulator at this scale")
-        attrs = {"input_zero_point": src.zero_point} if src.zero_point else {}
-        self.emit("affine", [src.name], out, attrs, {"multiplier": multiplier.astype(np.int32),
-                                                       "bias": bias.astype(np.int32)})
-        return _Acc(out, fine, magnitude)
+        self.emit("affine", [name], out, attrs, {"multiplier": sign, "bias": whole.astype(np.int32)})
+        return _Acc(out, s_in, s_w, fraction=units - whole + below)
 
     # ---- operators left in float --------------------------------------------------------------
     def computes_in_float(self, node: Any) -> bool:
@@ -809,7 +819,7 @@ class _Reader:
             return
         attrs_out = {"input_zero_point": src.zero_point} if src.zero_point else {}
         self.emit("resize", [src.name], out, attrs_out, {"iy": iy, "ix": ix, "wy": wy, "wx": wx})
-        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(np.float32(1.0 / (dy * dx))))
+        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(1.0 / (dy * dx), np.float64))
 
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul,

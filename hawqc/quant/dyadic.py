@@ -66,9 +66,12 @@ def scale_ratio(s_in: Any, s_w: Any, s_out: Any) -> np.ndarray:
     """The requantization ratio ``S_in*S_w / S_out`` of float32 scales, formed in float64.
 
     ``float64(S_in) * float64(S_w) / float64(S_out)`` (the product is exact); broadcasts, so a
-    per-channel ``s_w`` gives per-channel ratios.
+    per-channel ``s_w`` gives per-channel ratios. A scale given as a float64 array is taken as it is,
+    not rounded to float32: the exact gain of a per-channel affine map (a BatchNormalization no conv
+    absorbs) or a resize's weight denominator, folded into ``s_w``.
     """
-    f64 = [np.asarray(np.asarray(s, dtype=np.float32), dtype=np.float64) for s in (s_in, s_w, s_out)]
+    f64 = [s if isinstance(s, np.ndarray) and s.dtype == np.float64 else
+           np.asarray(np.asarray(s, dtype=np.float32), dtype=np.float64) for s in (s_in, s_w, s_out)]
     return f64[0] * f64[1] / f64[2]
 
 
