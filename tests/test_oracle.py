@@ -116,15 +116,16 @@ def batchnorm(g: _Graph) -> str:
 
 
 def per_channel_activation(g: _Graph) -> str:
-    """NNCF's depthwise input: a conv's ReLU6 quantized per channel (uint8, zero points 0)."""
+    """NNCF's depthwise input: a conv's ReLU6 quantized per channel (uint8, zero points 0), padded."""
     c = 8
     clip = g.node("Clip", [g.conv(g.q("input", 0.0123), 0.0123, c, "conv"), g.init("zero", np.array(0, np.float32)),
                            g.init("six", np.array(6, np.float32))], "relu6")
     scales = g.rng.uniform(0.004, 0.02, c).astype(np.float32)
     args = [g.init("relu6.scale", scales), g.init("relu6.zp", np.zeros(c, np.uint8))]
     dq = g.node("DequantizeLinear", [g.node("QuantizeLinear", [clip, *args], "relu6.q", axis=1), *args], "relu6.dq", axis=1)
-    g.channels[dq] = c
-    return g.q(g.conv(dq, scales, c, "dw", groups=c), 0.031)
+    padded = g.node("Pad", [dq, g.init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], "pad")
+    g.channels[padded] = c
+    return g.q(g.conv(padded, scales, c, "dw", groups=c), 0.031)
 
 
 GRAPHS: dict[str, Callable[[_Graph], str]] = {"conv_relu": conv_relu, "residual_add": residual_add,
@@ -200,8 +201,9 @@ def test_oracle_dequantizes_int32_without_float32() -> None:
     assert got.dtype == np.float64 and got.tolist() == big.tolist()
 
 
-def test_compiled_module_equals_the_oracle_on_a_residual_add() -> None:
-    model = qdq_model("residual_add", unsigned=True)
+@pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation"])
+def test_compiled_module_equals_the_oracle(name: str) -> None:
+    model = qdq_model(name, unsigned=True)
     module = hawqc.compile_integer_only(model, input_shape=SHAPE)
     x = images(1)
     got = module(x)

@@ -480,15 +480,16 @@ class _Reader:
         self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
 
     def pad(self, node: Any) -> None:
-        """Constant Pad of the spatial dimensions of an integer tensor (the value on its grid)."""
-        src = self.view(node, self.values.get(node.input[0]))
+        """Constant Pad of the spatial dimensions of an integer tensor (the value on its grid; zeros also on a
+        tensor quantized per channel, as NNCF leaves a depthwise conv's input before its padding)."""
+        value = float(self.const_array(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
+        src = self.view(node, self.values.get(node.input[0]), per_channel=value == 0.0)
         out = node.output[0]
         pads = [int(p) for p in self.const_array(node.input[1])]
-        value = float(self.const_array(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
         if _attr(node, "mode", b"constant") not in (b"constant", "constant") or len(pads) != 8 or any(pads[:2] + pads[4:6]):
             self.fail(node, "only constant padding of the spatial dimensions is supported")
-        self.emit("pad", [src.name], out, {"pads": [pads[2], pads[3], pads[6], pads[7]],
-                                           "pad_value": _bound(value, src.scale, src.zero_point, "lo")})
+        pad_value = src.zero_point if value == 0.0 else _bound(value, src.scale, src.zero_point, "lo")
+        self.emit("pad", [src.name], out, {"pads": [pads[2], pads[3], pads[6], pads[7]], "pad_value": pad_value})
         self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     # ---- data movement: an integer tensor keeps its grid ---------------------------------------
