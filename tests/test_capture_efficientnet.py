@@ -16,7 +16,7 @@ from hawqc import BitConfig, LayerBits, quantize
 from hawqc.frontend.onnx_qdq import from_onnx
 from hawqc.quant.capture import capture
 from hawqc.quant.export import to_onnx
-from hawqc.reference.graph import ACCUMULATOR_GRID_BITS, execute
+from hawqc.reference.graph import accumulator_grid_bits, execute
 from hawqc.reference.kernels import KERNELS
 
 
@@ -98,7 +98,7 @@ def test_relu6_is_an_integer_upper_clip() -> None:
         model.project.weight.mul_(20)  # the branch's pre-activation goes well past 6
     qmodel = quantize(model, "uniform8", CALIB)
     graph = qmodel.integer_graph()
-    fine = np.float32(qmodel.acts["add"].scale.item()) / np.float32(2**ACCUMULATOR_GRID_BITS)
+    fine = np.float32(qmodel.acts["add"].scale.item()) / np.float32(2 ** accumulator_grid_bits(*qmodel.acts["add"].qrange))
     six = int(np.rint(np.float64(6.0) / np.float64(fine)))
     (branch,) = [op for op in graph.ops if op.output == "add:in0"]  # the project conv's ReLU6, on the add's fine grid
     assert branch.attrs["qmax"] == six < 2**31 - 1

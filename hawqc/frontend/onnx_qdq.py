@@ -36,7 +36,7 @@ from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
-from hawqc.reference.graph import ACCUMULATOR_GRID_BITS, AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
+from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, accumulator_grid_bits, aligned_add_op, rescale_op
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
@@ -225,8 +225,8 @@ class _Reader:
         """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
         parts = []
         for j, value in enumerate(pending.parts):
-            if isinstance(value, _Acc):  # requantized (fused into its conv) onto a grid 2^20 times finer
-                fine = np.float32(scale / np.float32(2**ACCUMULATOR_GRID_BITS))
+            if isinstance(value, _Acc):  # requantized (fused into its conv) onto a grid 2^20 (2^24) times finer
+                fine = np.float32(scale / np.float32(2 ** accumulator_grid_bits(lo, hi, zp)))
                 lo_j, hi_j = self.rescale(value, f"{out}:in{j}", fine, INT32_MIN, INT32_MAX)
                 value = _View(f"{out}:in{j}", fine, lo_j, hi_j)
             parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,

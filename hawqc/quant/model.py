@@ -34,10 +34,10 @@ from hawqc.quant.dyadic import bias_in_accumulator, dyadic
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
 from hawqc.reference.graph import (
-    ACCUMULATOR_GRID_BITS,
     AddInput,
     IntegerGraph,
     IntOp,
+    accumulator_grid_bits,
     aligned_add_op,
     execute,
     rescale_op,
@@ -233,13 +233,13 @@ class QuantModel(nn.Module):
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
-        def add_input(src: str, dst: str, j: int, scale_out: np.float32) -> AddInput:
-            """Input ``j`` of the add ``dst``: a QInt tensor, or an accumulator requantized (with its ReLU)
-            onto a grid 2^ACCUMULATOR_GRID_BITS times finer than the add's output."""
+        def add_input(src: str, dst: str, j: int, scale_out: np.float32, qmin: int, qmax: int) -> AddInput:
+            """Input ``j`` of the add ``dst`` (output bounds ``qmin``, ``qmax``): a QInt tensor, or an accumulator
+            requantized (with its ReLU) onto a grid ``2^accumulator_grid_bits`` times finer than the add's output."""
             if src not in acc:
                 s, lo, hi = qint[src]
                 return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
-            fine = np.float32(scale_out / np.float32(2**ACCUMULATOR_GRID_BITS))
+            fine = np.float32(scale_out / np.float32(2 ** accumulator_grid_bits(qmin, qmax)))
             rescale(src, f"{dst}:in{j}", fine, INT32_MIN, INT32_MAX)
             return AddInput(f"{dst}:in{j}", np.float64(fine), 0, 2**31)
 
@@ -274,7 +274,7 @@ class QuantModel(nn.Module):
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
             elif kind == "add":  # the real sum, rounded once
-                ops.append(aligned_add_op([add_input(src, name, j, scale) for j, src in enumerate(node.inputs)], name,
+                ops.append(aligned_add_op([add_input(src, name, j, scale, qmin, qmax) for j, src in enumerate(node.inputs)], name,
                                           scale, qmin, qmax))
             elif kind == "concat":
                 parts = [f"{name}:in{j}" for j in range(len(node.inputs))]

@@ -142,9 +142,17 @@ def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, q
     return IntOp("requantize", [src], dst, attrs, consts)
 
 
-ACCUMULATOR_GRID_BITS = 20
-"""An accumulator that an Add reads is first requantized (fused into its conv) onto a grid 2^20 times finer
-than the Add's output, in int32: the sum is then rounded once, off only within 2^-21 steps of a tie."""
+ACCUMULATOR_HEADROOM = 8
+"""How far past the Add's output range an accumulator it reads is kept (beyond, it saturates)."""
+
+
+def accumulator_grid_bits(qmin: int, qmax: int, zero_point: int = 0) -> int:
+    """An accumulator that an Add reads is first requantized (fused into its conv) onto a grid ``2^k`` times
+    finer than the Add's output, in int32, with ``k`` the largest for which ``ACCUMULATOR_HEADROOM`` times
+    the output's range fits: 20 at 8 bits, 24 at 4 bits. The sum is then rounded once, off
+    only within ``2^-(k+1)`` steps of a tie."""
+    reach = ACCUMULATOR_HEADROOM * max(abs(qmin - zero_point), abs(qmax - zero_point), 1)
+    return ((2**31 - 1) // reach).bit_length() - 1
 
 
 @dataclass(frozen=True)
