@@ -178,6 +178,32 @@ def test_rescales_the_old_reader_rounded_twice_equal_the_oracle_on_more_images(n
     assert len(mismatches) >= 3 and {k: v for k, v in mismatches.items() if v} == {}
 
 
+def test_an_accumulator_added_at_4_bits_keeps_a_bias_fraction_of_2_to_the_minus_24_steps() -> None:
+    """A 1x1 conv (a channel permutation) added to its input, rounded to uint4: the sums lie on ties of the
+    output grid, moved up by 2^-24 output steps by a bias whose float32 scale is one ulp above the
+    accumulator's. The accumulator must meet the add on a grid at least 2^24 times finer than the output's
+    (it was 2^20: every tie then rounded to even)."""
+    g = _Graph(unsigned=True, seed=0)
+    c = SHAPE[1]
+    x = g.q("input", 2.0**-4)
+    w = np.roll(np.eye(c, dtype=np.int8), 1, axis=1).reshape(c, c, 1, 1)
+    bias_scale = np.full(c, np.nextafter(np.float32(2.0**-4), np.float32(1)), np.float32)
+    wdq = g.node("DequantizeLinear", [g.init("w", w), g.init("ws", np.ones(c, np.float32))], "wdq", axis=0)
+    bdq = g.node("DequantizeLinear", [g.init("b", np.ones(c, np.int32)), g.init("bs", bias_scale)], "bdq", axis=0)
+    add = g.node("Add", [g.node("Conv", [x, wdq, bdq], "conv"), x], "add")
+    g.inits.append(helper.make_tensor("add.zp", TensorProto.UINT4, [], [0]))
+    args = [g.init("add.scale", np.array(2.0**-3, np.float32)), "add.zp"]
+    out = g.node("DequantizeLinear", [g.node("QuantizeLinear", [add, *args], "add.q"), *args], "add.dq")
+    model = g.model(out)
+    model.opset_import[0].version = 21
+    graph = from_onnx(model)
+    x = images()
+    values = oracle.oracle_run(model, x, intermediate=True)
+    real = values["add"] / 2.0**-3
+    assert np.count_nonzero((np.abs(real - np.floor(real) - 0.5) < 1e-6) & (real > 0) & (real < 15)) > 100
+    assert [(layer.name, layer.mismatches) for layer in oracle.layer_by_layer(graph, values, x) if layer.mismatches] == []
+
+
 def test_the_layer_comparison_sees_a_rounding_rule_that_is_not_the_file_s(monkeypatch: pytest.MonkeyPatch) -> None:
     """Average pools rounded half up (hawqc's old rule) differ from the oracle layer by layer."""
     from hawqc.reference import kernels
