@@ -10,7 +10,7 @@ fixes their integer form:
 - ``Add``/``Concat`` collect their inputs; at the ``QuantizeLinear`` each input of a Concat is
   requantized to the output scale by its own dyadic number; the inputs of an Add meet on an int64
   grid about 2^50 times finer than the output (exactly, for integer tensors; accumulators first
-  requantized onto a grid 2^20 times finer) and their sum is rounded once;
+  requantized onto a grid 2^20 times finer, 2^24 at 4 bits) and their sum is rounded once;
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
 - element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
   LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
