@@ -181,3 +181,23 @@ def test_both_epilogue_forms_are_exact(ties: bool, kernels: str) -> None:
     x = np.random.default_rng(5).integers(-128, 128, (2, 16, 15, 15)).astype("int8")
     module = compile_graph(graph, x.shape, TARGET, input_dtype="int8", kernels=kernels)
     np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_both_aligned_add_forms_are_exact(ties: bool) -> None:
+    """An Add of two 8-bit tensors of different scales in the cheaper high-word form where no pair of inputs
+    lands on a rounding tie, in the full form where one can (an input scale half the output's)."""
+    from hawqc.reference.graph import AddInput, aligned_add_op
+
+    s_in, s_out = np.float32(0.1), np.float32(0.13)
+    s_half = np.float32(s_out / 2) if ties else np.float32(0.0371)
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127}, {"scale": np.array(s_in)}),
+           IntOp("clip", ["q"], "relu", {"qmin": 0, "qmax": 127}),
+           aligned_add_op([AddInput("q", s_half, 0, 128), AddInput("relu", s_in, 0, 128)], "sum", s_out, -128, 127, 3),
+           IntOp("dequantize", ["sum"], "output", {}, {"scale": np.array(s_out)})]
+    graph = IntegerGraph("input", "output", ops)
+    _, built = _build(_lower(graph, (2, 8, 9, 9), TARGET, "vnni"), TARGET, "vnni")
+    assert any("bitwise_and" in gv.name_hint for gv in built.functions) == ties  # half-to-even's parity bit
+    x = np.random.default_rng(6).standard_normal((2, 8, 9, 9)).astype(np.float32) * 8
+    module = compile_graph(graph, x.shape, TARGET, kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))

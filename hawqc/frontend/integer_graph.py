@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import ShiftOps, round_shift, rounding_bias
+from hawqc.quant.dyadic import ShiftOps, high_word_sum_form, round_shift, rounding_bias
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
 
 
@@ -267,6 +267,8 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
+    if "m" in op.consts and (cheaper := _high_word_add(ctx, ins, op)) is not None:
+        return cheaper
     if "m" in op.consts:  # inputs of different scales on a common fine grid, rounded once
         zero_points = a.get("input_zero_points", [0] * len(ins))
         terms = []
@@ -285,6 +287,30 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         total = R.add(total, _const(a["zero_point"], "int64"))
     total = R.clip(total, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
     return R.astype(total, ctx.storage(a["qmin"], a["qmax"]))
+
+
+def _high_word_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """The aligned Add in the cheaper, equal form of :func:`hawqc.quant.dyadic.high_word_sum_form`
+    (inputs of 8 bits, per-tensor multipliers), or None where that form is not exact."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    a, m, c = op.attrs, op.consts["m"], int(op.consts["c"])
+    dtypes = [str(x.ty.dtype) for x in ins]
+    if m.ndim != 1 or any(d not in ("int8", "uint8") for d in dtypes):
+        return None
+    multipliers = [int(v) for v in m]
+    ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
+    d = high_word_sum_form(multipliers, a.get("input_zero_points", [0] * len(ins)), c, a.get("zero_point", 0),
+                           ranges)
+    if d is None:
+        return None
+    total = _const(d, "int64")
+    for x, mult in zip(ins, multipliers):
+        total = R.add(total, R.multiply(R.astype(x, "int64"), _const(mult, "int64")))
+    high = R.right_shift(R.astype(R.right_shift(total, _const(32, "int64")), "int32"), _const(c - 32, "int32"))
+    clipped = R.clip(high, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
+    return R.astype(clipped, ctx.storage(a["qmin"], a["qmax"]))
 
 
 def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:

@@ -40,6 +40,13 @@ def _schedule_block(sch: Any, block: Any, kinds: str) -> None:
     reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
     if not spatial or len(spatial) + len(reduce) != len(loops):
         return
+    if int(sch.get(spatial[-1]).extent) % LANES and not reduce:
+        # a few channels innermost (an NCHW input transposed to NHWC): vectorize the innermost loop that
+        # has whole vectors instead, reading it contiguously
+        whole = [loop for loop in spatial if int(sch.get(loop).extent) % LANES == 0]
+        if whole:
+            spatial.remove(whole[-1])
+            spatial.append(whole[-1])
     *outer, last = spatial
     sch.reorder(*outer, *reduce, last)  # channels innermost, reductions around them
     lanes = None
