@@ -73,6 +73,8 @@ class _Acc:
     hi: float = np.inf
     fraction: np.ndarray | None = None
     """The bias below the accumulator's integer grid, per channel (see ``bias_in_accumulator``)."""
+    exact_w: bool = False
+    """``s_w`` is exact in float64 (an affine map's gain), not a float32 scale."""
 
 
 @dataclass
@@ -139,7 +141,7 @@ class _Reader:
             lo = max(lo, _bound(value.lo, scale_out, zero_point, "lo"))
             hi = min(hi, _bound(value.hi, scale_out, zero_point, "hi"))
             op = rescale_op(value.name, dst, value.s_in, value.s_w, scale_out, lo, hi, zero_point=zero_point,
-                            fraction=value.fraction)
+                            fraction=value.fraction, exact_w=value.exact_w)
         else:
             op = rescale_op(value.name, dst, value.scale, np.float32(1.0), scale_out, lo, hi, value.zero_point,
                             zero_point)
@@ -734,7 +736,7 @@ class _Reader:
         if reach + np.abs(whole).max() > INT32_MAX:
             self.fail(node, "its constant offset does not fit the int32 accumulator at this scale")
         self.emit("affine", [name], out, attrs, {"multiplier": sign, "bias": whole.astype(np.int32)})
-        return _Acc(out, s_in, s_w, fraction=units - whole + below)
+        return _Acc(out, s_in, s_w, fraction=units - whole + below, exact_w=True)
 
     # ---- operators left in float --------------------------------------------------------------
     def computes_in_float(self, node: Any) -> bool:
@@ -820,7 +822,7 @@ class _Reader:
             return
         attrs_out = {"input_zero_point": src.zero_point} if src.zero_point else {}
         self.emit("resize", [src.name], out, attrs_out, {"iy": iy, "ix": ix, "wy": wy, "wx": wx})
-        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(1.0 / (dy * dx), np.float64))
+        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(1.0 / (dy * dx), np.float64), exact_w=True)
 
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul,

@@ -62,16 +62,17 @@ C_MIN, C_MAX = 1, 62
 INT64_MAX = 2**63 - 1
 
 
-def scale_ratio(s_in: Any, s_w: Any, s_out: Any) -> np.ndarray:
+def scale_ratio(s_in: Any, s_w: Any, s_out: Any, exact_w: bool = False) -> np.ndarray:
     """The requantization ratio ``S_in*S_w / S_out`` of float32 scales, formed in float64.
 
     ``float64(S_in) * float64(S_w) / float64(S_out)`` (the product is exact); broadcasts, so a
-    per-channel ``s_w`` gives per-channel ratios. A scale given as a float64 array is taken as it is,
-    not rounded to float32: the exact gain of a per-channel affine map (a BatchNormalization no conv
-    absorbs) or a resize's weight denominator, folded into ``s_w``.
+    per-channel ``s_w`` gives per-channel ratios. With ``exact_w``, ``s_w`` is taken in float64 as
+    given, not rounded to float32: the exact gain of a per-channel affine map (a BatchNormalization
+    that no conv absorbs) or a resize's weight denominator.
     """
-    f64 = [s if isinstance(s, np.ndarray) and s.dtype == np.float64 else
-           np.asarray(np.asarray(s, dtype=np.float32), dtype=np.float64) for s in (s_in, s_w, s_out)]
+    f64 = [np.asarray(np.asarray(s, dtype=np.float32), dtype=np.float64) for s in (s_in, s_w, s_out)]
+    if exact_w:
+        f64[1] = np.asarray(s_w, dtype=np.float64)
     return f64[0] * f64[1] / f64[2]
 
 

@@ -127,13 +127,14 @@ class IntegerGraph:
 
 
 def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, qmax: int,
-               input_zero_point: int = 0, zero_point: int = 0, fraction: Any = None) -> IntOp:
+               input_zero_point: int = 0, zero_point: int = 0, fraction: Any = None, exact_w: bool = False) -> IntOp:
     """A ``requantize`` from scale ``s_in * s_w`` (``s_w`` per channel for an accumulator, 1 for a
     tensor) to ``s_out``, its dyadic numbers from :mod:`hawqc.quant.dyadic`; ``fraction``: what the
-    accumulator holds below its integer grid (per channel, see :func:`~hawqc.quant.dyadic.bias_in_accumulator`)."""
+    accumulator holds below its integer grid (per channel, see :func:`~hawqc.quant.dyadic.bias_in_accumulator`);
+    ``exact_w``: ``s_w`` exact in float64 (:func:`~hawqc.quant.dyadic.scale_ratio`)."""
     from hawqc.quant.dyadic import dyadic_per_channel, fraction_offset, scale_ratio
 
-    b, c = dyadic_per_channel(scale_ratio(s_in, s_w, s_out))
+    b, c = dyadic_per_channel(scale_ratio(s_in, s_w, s_out, exact_w))
     attrs = {"qmin": qmin, "qmax": qmax}
     attrs.update({k: v for k, v in (("input_zero_point", input_zero_point), ("zero_point", zero_point)) if v})
     consts = {"b": b, "c": c}
