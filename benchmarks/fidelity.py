@@ -244,8 +244,8 @@ def main() -> None:
     parser.add_argument("--ptq", nargs="+", choices=["nearest", "learned"], default=["nearest", "learned"])
     parser.add_argument("--ptq-iters", type=int, help="learned PTQ steps per layer (default 300, quick 20)")
     parser.add_argument("--ptq-batch", type=int, default=8, help="learned PTQ samples per step (default 8)")
-    parser.add_argument("--qat-steps", type=int, help="Fashion-MNIST W4A4 QAT steps after PTQ, 0: none (default 300, quick 10)")
-    parser.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (default 1e-3, a tenth after half)")
+    parser.add_argument("--qat-steps", type=int, help="Fashion-MNIST W4A4 QAT steps after PTQ, 0: none (default 1000, quick 10)")
+    parser.add_argument("--qat-lr", type=float, default=5e-3, help="QAT learning rate (default 5e-3, a tenth after half)")
     parser.add_argument("--distill-steps", type=int, help="Adam steps of the distilled inputs (default 150, quick 5)")
     parser.add_argument("--distill-samples", type=int, help="distilled inputs, in batches of 16 (default 16, quick 8)")
     parser.add_argument("--hessian-iters", type=int, help="Hutchinson iterations (default 20, quick 2)")
@@ -261,7 +261,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     full = {"ptq_iters": 300, "distill_steps": 150, "distill_samples": 16, "hessian_samples": 6,
-            "hessian_iters": 20, "inputs": 400, "train_images": 60000, "test_images": 10000, "epochs": 3, "qat_steps": 300}
+            "hessian_iters": 20, "inputs": 400, "train_images": 60000, "test_images": 10000, "epochs": 3, "qat_steps": 1000}
     quick = {"ptq_iters": 20, "distill_steps": 5, "distill_samples": 8, "hessian_samples": 2, "hessian_iters": 2,
              "inputs": 40, "train_images": 2048, "test_images": 1000, "epochs": 1, "qat_steps": 10}
     settings = quick if args.quick else full
