@@ -4,8 +4,9 @@ An artifact folder holds ``model.so`` (the TVM executable), ``graph.int.npz`` (t
 was compiled from: the reference and every scale) and ``manifest.json`` (shapes, bits, target,
 versions). An open-batch CPU module also holds ``model.b1.so``: the same model compiled for batch 1,
 which runs batch-1 calls and, a sample at a time, other batches (listed under ``specialised_batches``;
-artifacts without it load as before, and readers that ignore it still run every batch on ``model.so``). It is written to a temporary folder
-and renamed into place, so a failed export leaves nothing behind.
+artifacts without it load as before, and readers that ignore it still run every batch on
+``model.so``). It is written to a temporary folder and renamed into place, so a failed export leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int | None, ...], targ
 
 def _batch_leads(ir: Any) -> bool:
     """Whether the output of ``ir``'s main is one tensor whose first dimension is the input's batch: then
-    its samples are independent and a batch runs as slices."""
+    a batch runs as slices (integer graph ops act per sample; one mixing the batch fixes it at 1)."""
     from tvm import relax
 
     main = ir["main"]
