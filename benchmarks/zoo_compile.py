@@ -35,7 +35,8 @@ from hawqc.fileio import write_atomic  # noqa: E402
 from hawqc.relax_passes.float_ops import float_ops  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
-                  "resnext50_32x4d", "vgg16", "inceptionv3", "lraspp_mobilenet_v3_large")
+                  "resnext50_32x4d", "wide_resnet50_2", "vgg16", "inceptionv3", "shufflenet_v2_x1_0", "densenet121",
+                  "squeezenet1_1", "googlenet", "mnasnet1_0", "lraspp_mobilenet_v3_large")
 
 
 def output_step(path: Path) -> float | None:

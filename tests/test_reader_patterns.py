@@ -128,7 +128,7 @@ CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort
          ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
          ("moves", "ort-qoperator"), ("moves", "ort-weight-qdq"),
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"),
-         *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")]]
+         *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86")]
 EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
                 "excite": {"lut", "mul"}, "softmax": {"float_op"}}
@@ -160,8 +160,8 @@ def output_step(path: Path) -> float | None:
 
 @pytest.mark.parametrize(("net", "quantizer"), CASES)
 def test_pattern_compiles_bit_exact(net: str, quantizer: str, tmp_path: Path) -> None:
-    if quantizer == "nncf":
-        pytest.importorskip("nncf")
+    for module_name in {"nncf": ["nncf"], "pt2e-x86": ["torchao", "onnxscript"]}.get(quantizer, []):
+        pytest.importorskip(module_name)
     path = quantize_with(quantizer, built(net), SHAPE, tmp_path)
     module = hawqc.compile_integer_only(path, input_shape=SHAPE)
     assert EXPECTED_OPS[net] <= {op.op for op in module.graph.ops} or quantizer == "nncf"
