@@ -34,7 +34,7 @@ import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
-from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import ACCUMULATOR_GRID_BITS, AddInput, IntegerGraph, IntOp, aligned_add_op, rescale_op
 
@@ -227,12 +227,14 @@ class _Reader:
         ratio = float(np.float64(src.scale) / np.float64(scale)) * pending.attrs.get("sum_of", 1)
         reshape = pending.attrs.get("reshape")
         pooled = f"{out}:pooled" if reshape else out
-        attrs = {**{k: v for k, v in pending.attrs.items() if k not in ("sum_of", "reshape")}, "qmin": lo, "qmax": hi}
+        attrs = {**{k: v for k, v in pending.attrs.items() if k not in ("sum_of", "reshape", "divisor")},
+                 "qmin": lo, "qmax": hi}
         attrs.update({k: v for k, v in (("input_zero_point", src.zero_point), ("zero_point", zp)) if v})
         consts = {}
-        if pending.kind == "avgpool":
-            b, c = dyadic(ratio / (attrs["kernel"][0] * attrs["kernel"][1]))
-            consts = {"b": np.array(b, np.int32), "c": np.array(c, np.int32)}
+        if pending.kind == "avgpool":  # one divisor, or one per output position (H, W)
+            divisor = pending.attrs.get("divisor", attrs["kernel"][0] * attrs["kernel"][1])
+            b, c = dyadic_per_channel(ratio / np.asarray(divisor, np.float64))
+            consts = {"b": b, "c": c}
         elif ratio != 1.0:
             attrs["scale_ratio"] = ratio
         self.emit(pending.kind, [src.name], pooled, attrs, consts)
@@ -381,19 +383,20 @@ class _Reader:
         src = self.view(node, self.values.get(node.input[0]))
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
-            pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+            explicit = list(_attr(node, "pads", [0, 0, 0, 0]))
             if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or \
                     any(d != 1 for d in _attr(node, "dilations", [1, 1])):
                 self.fail(node, "auto_pad and dilated pooling are not supported: export with explicit pads")
-            if _attr(node, "ceil_mode", 0):
-                pads = self.ceil_mode_pads(node, pads)
+            pads = self.ceil_mode_pads(node, explicit) if _attr(node, "ceil_mode", 0) else explicit
             attrs = {"kernel": list(_attr(node, "kernel_shape", None)), "stride": list(_attr(node, "strides", [1, 1])),
                      "padding": [pads[0], pads[1], pads[2], pads[3]]}
         if node.op_type == "MaxPool":
             self.emit("maxpool", [src.name], out, attrs)
         elif node.op_type == "AveragePool":
-            if not _attr(node, "count_include_pad", 0) and any(attrs["padding"]):
-                self.fail(node, "padded average pooling must count the padding (count_include_pad=1)")
+            counts = _window_counts(self.shape_of(node, node.input[0])[2:], attrs, explicit,
+                                    bool(_attr(node, "count_include_pad", 0)))
+            if np.any(counts != attrs["kernel"][0] * attrs["kernel"][1]):
+                attrs["divisor"] = counts
             self.values[out] = _Pending("avgpool", [src], attrs=attrs)
             return
         else:  # GlobalAveragePool
@@ -405,7 +408,7 @@ class _Reader:
         """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
         ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would start in the padding
         (PyTorch's and ONNX Runtime's rule). A max pool pads with the smallest integer; an average pool
-        must not need the extra rows (its divisor would change)."""
+        divides by the cells of each window inside the input and the explicit padding (``_window_counts``)."""
         shape = self.shape_of(node, node.input[0])
         kernel, strides = list(_attr(node, "kernel_shape", None)), list(_attr(node, "strides", [1, 1]))
         extra = []
@@ -414,8 +417,6 @@ class _Reader:
             if (out - 1) * s >= n + lo:
                 out -= 1
             extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
-        if node.op_type == "AveragePool" and any(extra):
-            self.fail(node, "average pooling with ceil_mode=1 whose last window overhangs is not supported")
         return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
 
     def elementwise(self, node: Any) -> None:
@@ -898,6 +899,20 @@ _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Rea
              "BatchNormalization": _Reader.batch_norm, "Resize": _Reader.resize,
              **{op: _Reader.elementwise for op in ELEMENTWISE}}
 
+
+
+def _window_counts(sizes: list[int], attrs: dict[str, Any], explicit: list[int], include_pad: bool) -> np.ndarray:
+    """An average pool's divisor at each output position (H, W): the cells of its window inside the input,
+    and inside the explicit padding with ``count_include_pad`` (never the extra rows of ``ceil_mode``).
+    Padded cells hold the input's zero point, so the window sum minus ``kernel * zero_point`` is the sum
+    over exactly these cells."""
+    per_axis = []
+    for axis, (n, k, s) in enumerate(zip(sizes, attrs["kernel"], attrs["stride"])):
+        lo, hi = attrs["padding"][axis], attrs["padding"][axis + 2]
+        starts = np.arange((n + lo + hi - k) // s + 1) * s - lo
+        first, last = (-explicit[axis], n + explicit[axis + 2]) if include_pad else (0, n)
+        per_axis.append(np.minimum(starts + k, last) - np.maximum(starts, first))
+    return np.outer(*per_axis).astype(np.int64)
 
 
 def _axis(axis: int, ndim: int) -> int:
