@@ -278,3 +278,22 @@ def test_a_float_tail_compiles_and_is_reported() -> None:
     x = np.random.default_rng(0).standard_normal((1, 4, 2, 2)).astype(np.float32)
     np.testing.assert_array_equal(module(x), module.reference(x))
     np.testing.assert_array_equal(module(x), np.clip(np.rint(x / np.float32(0.05)), -128, 127).argmax(axis=1))
+
+
+def test_a_dequantized_constant_quantized_again_is_a_constant() -> None:
+    """The exporter shares equal BatchNorm weights through Identity, and ONNX Runtime quantizes the shared
+    (already dequantized) weight again for the next BatchNormalization (DenseNet-121): folded to a constant."""
+    gamma = np.array([40, -70], np.int8)
+    chain = [helper.make_node("DequantizeLinear", ["gq", "gs"], ["g0"]), helper.make_node("Identity", ["g0"], ["g1"]),
+             helper.make_node("QuantizeLinear", ["g1", "gs2", "gz2"], ["g2"], name="again"),
+             helper.make_node("DequantizeLinear", ["g2", "gs2", "gz2"], ["gamma"]),
+             helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["y"])]
+    consts = {"gq": gamma, "gs": np.array(0.013, np.float32), "gs2": np.array(0.0071, np.float32),
+              "gz2": np.array(0, np.int8), "beta": np.array([0.1, -0.2], np.float32),
+              "mean": np.array([0.3, 0.0], np.float32), "var": np.array([1.5, 0.7], np.float32)}
+    model = qdq_model(chain, [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    graph = from_onnx(model)
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(graph.run(x) - theirs).max() <= 0.05 + 1e-6  # within one output step (0.05)
+    assert np.abs(graph.run(x) - theirs).mean() < 0.01

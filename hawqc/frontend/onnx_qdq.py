@@ -150,6 +150,10 @@ class _Reader:
 
     # ---- node handlers ------------------------------------------------------------------------
     def quantize_linear(self, node: Any) -> None:
+        constant = self.float_const(node.input[0])
+        if constant is not None:  # a dequantized constant quantized again (exporters share equal weights)
+            self.inits[node.output[0]] = self.quantized_constant(node, constant)
+            return
         zp = self.zero_point(node)
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if scale.size > 1:
@@ -189,6 +193,19 @@ class _Reader:
         else:
             self.fail(node, "cannot quantize a constant")
         self.values[out] = _View(out, scale, qmin, qmax, zp)
+
+    def quantized_constant(self, node: Any, value: np.ndarray) -> np.ndarray:
+        """QuantizeLinear of a constant as ONNX computes it: float32 ``value / scale``, rounded half to even,
+        plus the zero point, saturated; per-channel scales along ``axis``."""
+        scale = np.asarray(self.const_array(node.input[1]), np.float32)
+        zp = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+        if scale.ndim == 1 and value.ndim > 1:
+            shape = [1] * value.ndim
+            shape[_axis(_attr(node, "axis", 1), value.ndim)] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        qmin, qmax = _qrange(self.model, node, self.inits)
+        q = np.rint(value.astype(np.float32) / scale).astype(np.int64) + zp.astype(np.int64)
+        return np.clip(q, qmin, qmax).astype(zp.dtype)
 
     def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
         """An activation quantized per channel (NNCF, on depthwise inputs): first per tensor onto an int16
