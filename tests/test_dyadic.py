@@ -9,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawqc.quant.dyadic import (
+    _tie_in_range,
+    high_word_form,
+    high_word_shift,
     bias_in_accumulator,
     dyadic,
     dyadic_per_channel,
@@ -173,3 +176,63 @@ def test_bias_fraction_is_what_a_float32_bias_scale_means() -> None:
     assert whole.tolist() == [round(e) for e in exact]
     assert all(abs(Fraction(float(f)) - (e - round(e))) < Fraction(1, 10**9) for f, e in zip(fraction, exact))
     assert fraction[0] != 0  # float32(S_in * S_w) is not S_in * S_w
+
+
+def _high_word_requantize(acc: np.ndarray, form: tuple[np.ndarray, np.ndarray], b: np.ndarray, qmin: int,
+                          qmax: int) -> np.ndarray:
+    d, s = form
+    return np.clip(high_word_shift(acc * b + d, s, lambda v: v.astype(np.int32)), qmin, qmax)
+
+
+def test_high_word_form_equals_requantize_where_it_is_offered() -> None:
+    rng = np.random.default_rng(4)
+    offered = 0
+    for trial in range(300):
+        b, c = dyadic_per_channel(np.exp2(rng.uniform(-16, -1, 3)))
+        zeros = rng.integers(0, 12, 3)  # trailing zero bits in b: ties more frequent
+        b = b.astype(np.int64) >> zeros << zeros if trial % 2 else b.astype(np.int64)
+        offset, zero_point = rng.integers(-(2**40), 2**40, 3), int(rng.integers(-3, 4))
+        lo, hi = -rng.integers(0, 2**14, 3), rng.integers(0, 2**14, 3)
+        form = high_word_form(b, c, offset, zero_point, lo, hi)
+        if form is None:
+            continue
+        offered += 1
+        acc = np.concatenate([np.stack([lo, hi]), rng.integers(lo, hi + 1, (500, 3))])
+        expected = requantize(acc, b, c, -128, 127, axis=1, zero_point=zero_point, offset=offset)
+        np.testing.assert_array_equal(_high_word_requantize(acc, form, b, -128, 127), expected)
+    assert offered > 250
+
+
+def test_high_word_form_is_refused_where_a_tie_lies_in_range() -> None:
+    b, c = np.array([3 << 28]), np.array([40])  # b = 3 * 2^28: ties every 2^12 accumulator values
+    offset = np.array([0])
+    acc = np.arange(-(2**13), 2**13)
+    ties = (acc * int(b[0]) + int(offset[0])) % 2**40 == 2**39
+    assert ties.any()
+    assert high_word_form(b, c, offset, 0, [-(2**13)], [2**13 - 1]) is None
+    half_up = high_word_form(b, c, offset, 0, [0], [0])  # acc = 0 is no tie: offered
+    assert half_up is not None
+    # forced on the whole range, the cheaper form rounds ties half up: wrong at every tie above an even step
+    forced = (np.array([2**39]), np.array([8], np.int32))
+    wrong = _high_word_requantize(acc[:, None], forced, b, -(2**31), 2**31 - 1)[:, 0] != requantize(
+        acc, b, c, -(2**31), 2**31 - 1)
+    assert wrong[ties].any() and not wrong[~ties].any()
+
+
+@pytest.mark.parametrize("b", [1, 6, 7, 40, 96, 1 << 9])
+def test_tie_search_agrees_with_brute_force(b: int) -> None:
+    c = 10
+    for offset in range(-40, 40, 7):
+        for lo in range(-30, 30, 11):
+            for hi in (lo - 1, lo, lo + 5, lo + 600):
+                brute = any((x * b + offset) % 2**c == 2 ** (c - 1) for x in range(lo, hi + 1))
+                assert _tie_in_range(b, c, offset, lo, hi) == brute, (b, offset, lo, hi)
+
+
+def test_high_word_form_is_refused_for_small_shifts_and_overflow() -> None:
+    b, c = dyadic_per_channel(np.array([0.3]))  # c = 32: offered on a small range
+    assert high_word_form(b, c, [0], 0, [-100], [100]) is not None
+    b, c = dyadic_per_channel(np.array([3.0]))  # c = 29 < 32
+    assert high_word_form(b, c, [0], 0, [-100], [100]) is None
+    b, c = dyadic_per_channel(np.array([2.0**-20]))
+    assert high_word_form(b, c, [0], 0, [-(2**33)], [2**33]) is None  # |acc| * b beyond int64

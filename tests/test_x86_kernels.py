@@ -164,3 +164,20 @@ def test_4_bit_weights_pack_two_per_byte() -> None:
     assert (low, high) == (w[16 + 3, 4 + 1, 2, 0], 0 if 16 + 11 >= 20 else w[16 + 11, 4 + 1, 2, 0])
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         pack_weight(w * 2, weight_bits=4)
+
+
+@pytest.mark.parametrize("kernels", ["vnni", "avx2"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_both_epilogue_forms_are_exact(ties: bool, kernels: str) -> None:
+    """The cheaper high-word epilogue where no accumulator can fall on a rounding tie, the full half-to-even
+    one where one can (b = 3 * 2^28: a tie every 2^12 accumulator values); each equal to the reference."""
+    graph = layer_graph("conv2d", 16, 32, 3, 1, 1, 1, 0, requant=True)
+    if ties:
+        graph.ops[-1].consts.update(b=np.full(32, 3 << 28, np.int32), c=np.full(32, 40, np.int32),
+                                    offset=np.zeros(32, np.int64))
+    lowered = _lower(graph, (2, 16, 15, 15), TARGET, kernels, input_dtype="int8")
+    params = [[str(p) for p in f.params] for f in lowered.functions.values() if type(f).__name__ == "PrimFunc"]
+    assert any(("round" in names) == ties and "shift" in names for names in params)
+    x = np.random.default_rng(5).integers(-128, 128, (2, 16, 15, 15)).astype("int8")
+    module = compile_graph(graph, x.shape, TARGET, input_dtype="int8", kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))

@@ -191,6 +191,50 @@ def requantize(
     return y.astype(np.int32) if torch_mod is None else y.to(torch_mod.int32)
 
 
+def high_word_form(b: Any, c: Any, offset: Any, zero_point: int, lo: Any, hi: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Constants ``(d, s)`` of a cheaper form of :func:`requantize` for accumulators known to lie in
+    ``[lo, hi]`` (per channel, like ``b``, ``c`` and ``offset``), or None where it would differ.
+
+    The form is :func:`high_word_shift` ``(acc * b + d, s)`` then the clip: ``d = offset + 2^(c-1) +
+    zero_point * 2^c`` rounds half up and adds the zero point before one flooring shift by ``c``,
+    taken as the high 32 bits of the int64 sum shifted by ``s = c - 32`` in int32. It equals
+    ``requantize`` exactly when, for every channel, ``c >= 32``, the int64 sum cannot overflow,
+    and no ``acc`` in ``[lo, hi]`` puts ``acc * b + offset`` exactly halfway between two steps (there
+    half up and half to even differ). Ties are rare: with ``b = b' * 2^k`` (``b'`` odd) they occur
+    at most once every ``2^(c-k)`` accumulator values, ``2^c`` being far wider than any
+    accumulator's range; found exactly (modular inverse of ``b'``), not sampled.
+    """
+    b, c, offset, lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.int64), np.shape(b)).ravel()
+                            for v in (b, c, offset, lo, hi))
+    d = [int(o) + (1 << (int(k) - 1)) + zero_point * (1 << int(k)) for o, k in zip(offset, c)]
+    for bb, k, o, dd, a, z in zip(b.tolist(), c.tolist(), offset.tolist(), d, lo.tolist(), hi.tolist()):
+        if k < 32 or max(abs(a), abs(z)) * bb + abs(dd) > INT64_MAX or _tie_in_range(bb, k, o, a, z):
+            return None
+    return np.array(d, dtype=np.int64), (c - 32).astype(np.int32)
+
+
+def _tie_in_range(b: int, c: int, offset: int, lo: int, hi: int) -> bool:
+    """Whether some integer ``x`` in ``[lo, hi]`` has ``x*b + offset == 2^(c-1) (mod 2^c)``."""
+    if b == 0:
+        return (offset - (1 << (c - 1))) % (1 << c) == 0 and lo <= hi
+    k = (b & -b).bit_length() - 1
+    target = ((1 << (c - 1)) - offset) % (1 << c)
+    if target % (1 << k):
+        return False
+    modulus = 1 << max(c - k, 0)
+    if modulus == 1:
+        return lo <= hi
+    x0 = (target >> k) * pow(b >> k, -1, modulus) % modulus
+    first = lo + (x0 - lo) % modulus
+    return first <= hi
+
+
+def high_word_shift(v: Any, s: Any, to_int32: Callable[[Any], Any]) -> Any:
+    """``v >> (32 + s)`` for an int64 ``v`` and ``s >= 0``: the high 32 bits of ``v`` (``to_int32``
+    narrows them) shifted by ``s`` in int32, the flooring shift of :func:`high_word_form`."""
+    return to_int32(v >> 32) >> s
+
+
 def bias_in_accumulator(bias: Any, bias_scale: Any, s_in: Any, s_w: Any) -> tuple[np.ndarray, np.ndarray]:
     """An int32 bias of scale ``bias_scale`` (a file's float32 ``S_in * S_w``, or the exact product) on the
     grid of the accumulator ``S_in * S_w`` (exact, float64): ``(integer part, fraction)``, per channel. The

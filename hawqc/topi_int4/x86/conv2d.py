@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import round_shift
+from hawqc.quant.dyadic import high_word_shift, round_shift
 from hawqc.reference.graph import conv_output_size
 from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, unpack_nibble
 
@@ -31,12 +31,15 @@ OPAQUE = 8
 
 @dataclass(frozen=True)
 class Requant:
-    """The epilogue's clip bounds, output zero point and storage type."""
+    """The epilogue's clip bounds, output zero point and storage type; ``high_word``: the kernel takes
+    the constants of :func:`hawqc.quant.dyadic.high_word_form` (``bias`` = its ``d``, ``shift`` = its
+    ``s``) and computes that cheaper, equal form."""
 
     qmin: int
     qmax: int
     zero_point: int
     dtype: str
+    high_word: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,9 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
     (NHWC, rows and channels padded) cut to ``shape``, plus ``bias`` or, with ``requant``, per output channel
     ``clip(round_shift(acc * b + bias, shift, round) + zero_point)``: :func:`hawqc.quant.dyadic.requantize`,
     ``bias`` being the accumulator's bias times ``b`` plus the requantization's offset and ``round``
-    :func:`hawqc.quant.dyadic.rounding_bias` of ``shift``."""
+    :func:`hawqc.quant.dyadic.rounding_bias` of ``shift``. With ``requant.high_word`` the PrimFunc is
+    ``(x, weight, d, b, s) -> out`` computing ``clip(high_word_shift(acc * b + d, s))``, the same numbers
+    (:func:`hawqc.quant.dyadic.high_word_form`) in half the int64 operations."""
     from tvm import te, tirx
 
     ocp = acc.shape[-1]
@@ -205,13 +210,20 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
         out = te.compute(shape, lambda i, y, z, o: (acc[i, y, z, o].astype("int64") + bias[o]).astype("int32"),
                          name="out")
         return te.create_prim_func([x, weight, bias, out])
+
+    def clip(v: Any) -> Any:
+        return tirx.max(tirx.min(v, requant.qmax), requant.qmin).astype(requant.dtype)
+
+    if requant.high_word:
+        b, shift = te.placeholder((ocp,), "int64", name="b"), te.placeholder((ocp,), "int32", name="shift")
+        out = te.compute(shape, lambda i, y, z, o: clip(high_word_shift(
+            acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], lambda v: v.astype("int32"))), name="out")
+        return te.create_prim_func([x, weight, bias, b, shift, out])
     b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
 
     def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
         v = round_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], rnd[o])
-        if requant.zero_point:
-            v = v + requant.zero_point
-        return tirx.max(tirx.min(v, requant.qmax), requant.qmin).astype(requant.dtype)
+        return clip(v + requant.zero_point if requant.zero_point else v)
 
     out = te.compute(shape, epilogue, name="out")
     return te.create_prim_func([x, weight, bias, b, rnd, shift, out])

