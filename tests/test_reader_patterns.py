@@ -127,6 +127,20 @@ class Pools(nn.Module):
         return self.fc(torch.flatten(F.avg_pool2d(x, 3, 2, ceil_mode=True), 1))
 
 
+class PoolAfterReLU(nn.Module):
+    """GoogLeNet's stem (conv, BatchNorm, in-place functional ReLU, ceil-mode max pool): PT2E quantizes only
+    after the pool, so the max pool reads the conv's accumulator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), cbr(8, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.stem(x)), inplace=True), 3, 2, ceil_mode=True)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
 class SoftmaxTail(Shuffle):
     """A Softmax after the classifier: ONNX Runtime quantizes its output, computes it in float."""
 
@@ -135,16 +149,18 @@ class SoftmaxTail(Shuffle):
 
 
 NETS = {"shuffle": Shuffle, "dense": Dense, "segment": Segment, "moves": Moves, "excite": Excite,
-        "softmax": SoftmaxTail, "pools": Pools}
+        "softmax": SoftmaxTail, "pools": Pools, "pool_after_relu": PoolAfterReLU}
 CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort-qdq-u8"),
          ("dense", "ort-weight-qdq"), ("dense", "ort-qoperator"), ("segment", "ort-qdq-s8"),
          ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
          ("moves", "ort-qoperator"), ("moves", "ort-weight-qdq"),
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"), ("pools", "ort-qdq-s8"), ("pools", "ort-qdq-u8"),
-         *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86")]
+         *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86"),
+         ("pool_after_relu", "pt2e-x86")]
 EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
-                "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"}}
+                "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"},
+                "pool_after_relu": {"maxpool"}}
 FLOAT_OPS = {("excite", "nncf"): {"Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"}, ("softmax", "ort-qdq-s8"): {"Softmax"}}
 """ONNX operators the quantizer left in float (reported in the graph's metadata); none elsewhere."""
 

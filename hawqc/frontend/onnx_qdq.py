@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -397,7 +397,10 @@ class _Reader:
         self.values[node.output[0]] = _Pending("add" if node.op_type == "Add" else "concat", parts, attrs=attrs)
 
     def pool_or_flatten(self, node: Any) -> None:
-        src = self.view(node, self.values.get(node.input[0]))
+        """Pooling and Flatten on an integer tensor. A max pool may also read a conv's accumulator (PT2E
+        quantizes after the pool): the maximum commutes with its positive per-channel rescale and clip."""
+        value = self.values.get(node.input[0])
+        src = value if node.op_type == "MaxPool" and isinstance(value, _Acc) else self.view(node, value)
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
             explicit = list(_attr(node, "pads", [0, 0, 0, 0]))
@@ -419,7 +422,8 @@ class _Reader:
         else:  # GlobalAveragePool
             self.values[out] = _Pending("global_avgpool", [src])
             return
-        self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
+        self.values[out] = replace(src, name=out) if isinstance(src, _Acc) else \
+            _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     def ceil_mode_pads(self, node: Any, pads: list[int]) -> list[int]:
         """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
