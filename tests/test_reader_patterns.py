@@ -252,6 +252,11 @@ def test_unsupported_input_gets_one_line_naming_the_node() -> None:
     with pytest.raises(ValueError, match=r"^ONNX node 'orphan' \(Relu\): .*KeyError") as err:
         from_onnx(dangling)
     assert "\n" not in str(err.value)
+    coarse = qdq_model([helper.make_node("QuantizeLinear", ["x", "huge", "z"], ["t"], name="coarse"),
+                        helper.make_node("DequantizeLinear", ["t", "huge", "z"], ["y"])],
+                       [numpy_helper.from_array(np.array(1e12, np.float32), "huge")])
+    with pytest.raises(ValueError, match=r"^ONNX node 'coarse' \(QuantizeLinear\): dyadic: scale ratio .* outside"):
+        from_onnx(coarse)
     divide = qdq_model([helper.make_node("Div", ["x", "x"], ["y"], name="ratio")], [])
     with pytest.raises(ValueError, match=r"'ratio' \(Div\): Div of two tensors has no integer lowering"):
         from_onnx(divide)

@@ -1011,6 +1011,10 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             except (KeyError, IndexError, TypeError, AttributeError) as err:  # a form hawqc does not read
                 reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
                                   "hawqc reads the forms ONNX Runtime, NNCF and hawqc's export write")
+            except ValueError as err:  # e.g. a rescale no dyadic number represents: name the node
+                if str(err).startswith("ONNX "):
+                    raise
+                reader.fail(node, str(err))
         elif node.op_type == "Shape":  # left unfolded: the input shape is not static
             dims = [d.dim_value if d.HasField("dim_value") else "?" for d in model.graph.input[0].type.tensor_type.shape.dim]
             raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "
