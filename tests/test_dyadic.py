@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawqc.quant.dyadic import (
+    aligned_multipliers,
+    high_word_sum_form,
     _tie_in_range,
     high_word_form,
     high_word_shift,
@@ -236,3 +238,27 @@ def test_high_word_form_is_refused_for_small_shifts_and_overflow() -> None:
     assert high_word_form(b, c, [0], 0, [-100], [100]) is None
     b, c = dyadic_per_channel(np.array([2.0**-20]))
     assert high_word_form(b, c, [0], 0, [-(2**33)], [2**33]) is None  # |acc| * b beyond int64
+
+
+def test_high_word_sum_form_equals_requantize_of_the_sum() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        (m1, m2), c = aligned_multipliers([np.float32(rng.uniform(0.01, 0.2)), np.float32(rng.uniform(0.01, 0.2))],
+                                          np.float32(rng.uniform(0.05, 0.3)), [256, 256])
+        zero_points, zero_point = [int(rng.integers(-5, 6)), 0], int(rng.integers(-3, 4))
+        d = high_word_sum_form([int(m1), int(m2)], zero_points, c, zero_point, [(-128, 127), (0, 255)])
+        assert d is not None
+        x1, x2 = np.meshgrid(np.arange(-128, 128), np.arange(0, 256))
+        expected = requantize((x1 - zero_points[0]) * int(m1) + (x2 - zero_points[1]) * int(m2), 1, c, -128, 127,
+                              zero_point=zero_point)
+        got = np.clip(high_word_shift(x1 * int(m1) + x2 * int(m2) + d, c - 32, lambda v: v.astype(np.int32)), -128, 127)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_high_word_sum_form_is_refused_on_ties_and_many_combinations() -> None:
+    c = 50
+    half, unit = 1 << (c - 1), 1 << c  # an input at half the output's scale: odd values are ties
+    assert high_word_sum_form([half, unit], [0, 0], c, 0, [(-128, 127), (-128, 127)]) is None
+    assert high_word_sum_form([unit + 12345, unit], [0, 0], c, 0, [(-128, 127), (-128, 127)]) is not None
+    three = [(-128, 127)] * 3  # 65536 combinations of the first two inputs: not searched
+    assert high_word_sum_form([unit + 12345, unit, unit], [0, 0, 0], c, 0, three) is None

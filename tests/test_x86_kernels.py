@@ -181,3 +181,42 @@ def test_both_epilogue_forms_are_exact(ties: bool, kernels: str) -> None:
     x = np.random.default_rng(5).integers(-128, 128, (2, 16, 15, 15)).astype("int8")
     module = compile_graph(graph, x.shape, TARGET, input_dtype="int8", kernels=kernels)
     np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_both_aligned_add_forms_are_exact(ties: bool) -> None:
+    """An Add of two 8-bit tensors of different scales in the cheaper high-word form where no pair of inputs
+    lands on a rounding tie, in the full form where one can (an input scale half the output's)."""
+    from hawqc.reference.graph import AddInput, aligned_add_op
+
+    s_in, s_out = np.float32(0.1), np.float32(0.13)
+    s_half = np.float32(s_out / 2) if ties else np.float32(0.0371)
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127}, {"scale": np.array(s_in)}),
+           IntOp("clip", ["q"], "relu", {"qmin": 0, "qmax": 127}),
+           aligned_add_op([AddInput("q", s_half, 0, 128), AddInput("relu", s_in, 0, 128)], "sum", s_out, -128, 127, 3),
+           IntOp("dequantize", ["sum"], "output", {}, {"scale": np.array(s_out)})]
+    graph = IntegerGraph("input", "output", ops)
+    _, built = _build(_lower(graph, (2, 8, 9, 9), TARGET, "vnni"), TARGET, "vnni")
+    assert any("bitwise_and" in gv.name_hint for gv in built.functions) == ties  # half-to-even's parity bit
+    x = np.random.default_rng(6).standard_normal((2, 8, 9, 9)).astype(np.float32) * 8
+    module = compile_graph(graph, x.shape, TARGET, kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:
+    """An activation's lookup table on an int8 (or, after a ReLU, uint8) tensor runs as the VBMI byte lookup:
+    whole 64-byte vectors and a tail, any batch, equal to the reference."""
+    table = np.random.default_rng(8).integers(-128, 128, 256).astype(np.int32)  # one entry per int8 value
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127}, {"scale": np.array(0.05, np.float32)}),
+           IntOp("clip", ["q"], "r", {"qmin": 0 if relu else -128, "qmax": 127}),
+           IntOp("lut", ["r"], "t", {"offset": -128}, {"table": table}),
+           IntOp("dequantize", ["t"], "output", {}, {"scale": np.array(0.1, np.float32)})]
+    graph = IntegerGraph("input", "output", ops)
+    _, built = _build(_lower(graph, shape, TARGET, "vnni"), TARGET, "vnni")
+    assert any(gv.name_hint.startswith("byte_lookup") for gv in built.functions)
+    module = compile_graph(graph, shape, TARGET, kernels="vnni")
+    for batch in (1, 3) if shape[0] is None else (shape[0],):
+        x = np.random.default_rng(batch).standard_normal((batch, *shape[1:])).astype(np.float32) * 4
+        np.testing.assert_array_equal(module(x), graph.run(x))

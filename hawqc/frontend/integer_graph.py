@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import ShiftOps, round_shift, rounding_bias
+from hawqc.quant.dyadic import ShiftOps, high_word_sum_form, round_shift, rounding_bias
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
 
 
@@ -40,6 +40,7 @@ class Context:
     layout: str = "NCHW"
     kernels: ConvKernels | None = None
     unsigned_first: bool = False
+    lookup: TableKernel | None = None
 
     def storage(self, qmin: int, qmax: int) -> str:
         """The type a tensor with values in [qmin, qmax] is stored in."""
@@ -80,10 +81,14 @@ ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
 """A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None) -> expr``, with the
 requantization fused in when given; ``None`` where it has no kernel (the generic lowering is used)."""
 
+TableKernel = Callable[[Context, Any, np.ndarray, int, str], Any]
+"""A target's table lookup: ``(ctx, x, table, offset, out_dtype) -> expr`` computing ``table[x - offset]``
+(clipped to the table) into ``out_dtype``; ``None`` where it has no kernel for ``x`` (``take`` is used)."""
+
 
 def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: list[str] | None = None,
              input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None,
-             unsigned_first: bool = False) -> Any:
+             unsigned_first: bool = False, lookup: TableKernel | None = None) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
     debugging, to the tuple of the named intermediate tensors). A batch (first dimension) given as ``None``
     stays symbolic (a ``tirx.Var``): the module runs any batch size. Whole models take and give float32;
@@ -92,12 +97,12 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
     ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
     quantize, the outputs once at the end. ``kernels`` lowers conv/dense layers, each fused with the
     requantize that follows it when nothing else reads the accumulator. ``unsigned_first``: see
-    :class:`Context`.
+    :class:`Context`. ``lookup`` applies the lookup tables of activation functions.
     """
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    ctx = Context(bb, layout, kernels, unsigned_first)
+    ctx = Context(bb, layout, kernels, unsigned_first, lookup)
     x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
     fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
     with bb.function("main", [x]):
@@ -267,6 +272,8 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
+    if "m" in op.consts and (cheaper := _high_word_add(ctx, ins, op)) is not None:
+        return cheaper
     if "m" in op.consts:  # inputs of different scales on a common fine grid, rounded once
         zero_points = a.get("input_zero_points", [0] * len(ins))
         terms = []
@@ -285,6 +292,30 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         total = R.add(total, _const(a["zero_point"], "int64"))
     total = R.clip(total, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
     return R.astype(total, ctx.storage(a["qmin"], a["qmax"]))
+
+
+def _high_word_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """The aligned Add in the cheaper, equal form of :func:`hawqc.quant.dyadic.high_word_sum_form`
+    (inputs of 8 bits, per-tensor multipliers), or None where that form is not exact."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    a, m, c = op.attrs, op.consts["m"], int(op.consts["c"])
+    dtypes = [str(x.ty.dtype) for x in ins]
+    if m.ndim != 1 or any(d not in ("int8", "uint8") for d in dtypes):
+        return None
+    multipliers = [int(v) for v in m]
+    ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
+    d = high_word_sum_form(multipliers, a.get("input_zero_points", [0] * len(ins)), c, a.get("zero_point", 0),
+                           ranges)
+    if d is None:
+        return None
+    total = _const(d, "int64")
+    for x, mult in zip(ins, multipliers):
+        total = R.add(total, R.multiply(R.astype(x, "int64"), _const(mult, "int64")))
+    high = R.right_shift(R.astype(R.right_shift(total, _const(32, "int64")), "int32"), _const(c - 32, "int32"))
+    clipped = R.clip(high, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
+    return R.astype(clipped, ctx.storage(a["qmin"], a["qmax"]))
 
 
 def _concat(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -343,9 +374,11 @@ def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
-    table = op.consts["table"]
+    table, offset = op.consts["table"], op.attrs["offset"]
     out_dtype = ctx.storage(int(table.min()), int(table.max()))
-    index = R.subtract(R.astype(ins[0], "int32"), _const(op.attrs["offset"], "int32"))
+    if ctx.lookup is not None and (expr := ctx.lookup(ctx, ins[0], table, offset, out_dtype)) is not None:
+        return expr
+    index = R.subtract(R.astype(ins[0], "int32"), _const(offset, "int32"))
     return R.take(_const(table, out_dtype), index, axis=0, mode="clip")
 
 

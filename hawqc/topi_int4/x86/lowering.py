@@ -17,7 +17,7 @@ import numpy as np
 from hawqc.frontend.integer_graph import Context, is_static
 from hawqc.quant.dyadic import high_word_form, rounding_bias
 from hawqc.reference.graph import IntOp
-from hawqc.topi_int4.x86 import depthwise
+from hawqc.topi_int4.x86 import depthwise, lookup
 from hawqc.topi_int4.x86.conv2d import Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
 
 
@@ -65,6 +65,30 @@ class X86Kernels:
         if op.op == "dense":
             y = R.reshape(ctx.bb.emit(y), [batch, wl.out_channels])
         return y
+
+
+def table_lookup(ctx: Context, x: Any, table: np.ndarray, offset: int, out_dtype: str) -> Any:
+    """``table[x - offset]`` for an 8-bit ``x`` with the VBMI kernel of :mod:`.lookup` (the tensor read
+    flat), or None for wider inputs. For targets with AVX-512 VBMI."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    dtype = str(x.ty.dtype)
+    if dtype not in ("int8", "uint8") or out_dtype not in ("int8", "uint8"):
+        return None
+    shape = list(x.ty.shape)
+    gv = ctx.bb.add_func(lookup.byte_lookup(dtype, out_dtype), "byte_lookup")
+    flat = ctx.bb.emit(R.reshape(x, [_product(shape)]))
+    full = relax.const(lookup.byte_table(table, offset, dtype).astype(out_dtype), out_dtype)
+    out = ctx.bb.emit(R.call_tir(gv, [flat, full], relax.TensorType(flat.ty.shape, out_dtype)))
+    return R.reshape(out, shape)
+
+
+def _product(dims: list[Any]) -> Any:
+    total = dims[0]
+    for d in dims[1:]:
+        total = total * d
+    return total
 
 
 def _requant(ctx: Context, op: IntOp | None, high_word: bool) -> Requant | None:

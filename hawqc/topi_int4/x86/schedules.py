@@ -40,10 +40,17 @@ def _schedule_block(sch: Any, block: Any, kinds: str) -> None:
     reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
     if not spatial or len(spatial) + len(reduce) != len(loops):
         return
+    if _extent(sch, spatial[-1]) % LANES and not reduce:
+        # a few channels innermost (an NCHW input transposed to NHWC): vectorize the innermost loop that
+        # has whole vectors instead, reading it contiguously
+        whole = [loop for loop in spatial if _extent(sch, loop) % LANES == 0]
+        if whole:
+            spatial.remove(whole[-1])
+            spatial.append(whole[-1])
     *outer, last = spatial
     sch.reorder(*outer, *reduce, last)  # channels innermost, reductions around them
     lanes = None
-    if int(sch.get(last).extent) % LANES == 0:
+    if _extent(sch, last) % LANES == 0:
         last, lanes = sch.split(last, [None, LANES])
     if not reduce:
         outer.append(last)
@@ -54,3 +61,11 @@ def _schedule_block(sch: Any, block: Any, kinds: str) -> None:
             sch.vectorize(lanes)
         except Exception:  # noqa: BLE001 - TVM refuses some vectorizations under reductions: keep it scalar
             pass
+
+
+def _extent(sch: Any, loop: Any) -> int:
+    """A loop's extent, 1 where it is symbolic (it holds the open batch: never vectorized)."""
+    from tvm import tirx
+
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else 1
