@@ -11,9 +11,11 @@
    images resized to 256 and 288, cropped to 224 at the centre and the four corners, and mirrored),
    computed by the compiled integer-only module (llvm); and whether it is bit-exact with the numpy
    reference on the first 4 of those inputs.
-2. Fashion-MNIST: the ResNet of ``benchmarks/reproduce.py`` (trained here, cached), PTQ only, no QAT:
-   W4A4 and W4A8 with nearest and learned PTQ calibrated on 512 training images, accuracy on the full
-   10,000-image test set (compiled integer-only module), bit-exactness against the reference on 500 of them.
+2. Fashion-MNIST: the ResNet of ``benchmarks/reproduce.py`` (trained here, cached): W4A4 and W4A8 with
+   nearest and learned PTQ calibrated on 512 training images (no QAT), then W4A4 with ``--qat-steps`` QAT
+   steps after the last PTQ method (batches of 128 training images, distilled from the FP32 model);
+   accuracy on the full 10,000-image test set (compiled integer-only module), bit-exactness against the
+   reference on 500 of them.
 
 Writes ``fidelity.{md,json}`` (``fidelity_quick`` with ``--quick``, ``_<only>`` with ``--only``) under
 ``--out``, rewritten after every row. The learned rows are sized for a shared CPU (``--ptq-iters``, ``--distill-steps``): scale them up
@@ -45,6 +47,7 @@ from hawqc.ilp.sensitivity import sensitivity
 from hawqc.models.resnet import BasicBlock, ResNet
 from hawqc.quant.adaround import LearnedOptions
 from hawqc.quant.distill import distill
+from hawqc.quant.qat import train as qat_train
 from hawqc.quant.qat import train_float
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -96,15 +99,24 @@ def compiled_outputs(qmodel: Any, x: torch.Tensor, batch: int) -> tuple[torch.Te
 
 
 def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torch.Tensor], args: argparse.Namespace,
-                  score: Callable[[torch.Tensor], dict[str, float]], x: torch.Tensor, batch: int) -> dict[str, Any]:
-    """Quantize with ``ptq``, compile, run ``x`` through the compiled module and ``score`` its outputs."""
+                  score: Callable[[torch.Tensor], dict[str, float]], x: torch.Tensor, batch: int,
+                  qat: DataLoader | None = None) -> dict[str, Any]:
+    """Quantize with ``ptq`` (then, given ``qat`` data, fine-tune ``args.qat_steps`` QAT steps distilled from
+    the float ``model``), compile, run ``x`` through the compiled module and ``score`` its outputs."""
     start = time.perf_counter()
     learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)
     ptq_s = time.perf_counter() - start
+    extra: dict[str, Any] = {}
+    if qat is not None:
+        qat_start = time.perf_counter()
+        # BatchNorm frozen from the start: the fold the PTQ fitted its rounding and biases to stays
+        qat_train(qmodel, qat, steps=args.qat_steps, lr=args.qat_lr, lr_step_size=args.qat_steps // 2,
+                  freeze_bn_step=0, teacher=model, progress=False)
+        extra = {"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "qat_s": round(time.perf_counter() - qat_start, 1)}
     logits, exact = compiled_outputs(qmodel, x, batch)
-    row = {"model": name, "ptq": ptq, **score(logits),
+    row = {"model": name, "ptq": ptq, **extra, **score(logits),
            "four_bit_weights": sum(b.w_bits == 4 for b in qmodel.bits.values()),
            "four_bit_inputs": sum(b.a_bits == 4 for b in qmodel.bits.values()),
            "bit_exact": exact, "ptq_s": round(ptq_s, 1), "seconds": round(time.perf_counter() - start, 1)}
@@ -127,7 +139,7 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
     table["distill_s"] = round(time.perf_counter() - start, 1)
     calib = list(synthetic.split(8))
     configs = {"W8A8": BitConfig(default=LayerBits(8, 8)), "W4A8": "w4a8", "ILP": None, "W4A4": "uniform4"}
-    for key in args.rows:
+    for key in [r for r in args.rows if r in configs]:
         config = configs[key]
         if key == "ILP":  # Hessian on (some of) the same distilled inputs
             start = time.perf_counter()
@@ -177,9 +189,13 @@ def fashion_table(args: argparse.Namespace, record: Callable[[dict[str, Any]], N
     table: dict[str, Any] = {"test_images": len(labels), "rows": [{"model": "FP32", "ptq": None,
                                                                    **accuracy(outputs(model, images, 1000))}]}
     for name, config in (("W4A4", "uniform4"), ("W4A8", "w4a8")):
-        for ptq in args.ptq:
+        for ptq in args.ptq if name in args.rows else ():
             table["rows"].append(quantized_row(name, ptq, model, config, calib, args, accuracy, images, 500))
             record(table)
+    if "QAT" in args.rows and args.qat_steps:  # QAT from the last PTQ method given, distilled from the FP32 model
+        table["rows"].append(quantized_row("W4A4 + QAT", args.ptq[-1], model, "uniform4", calib, args, accuracy,
+                                           images, 500, qat=train))
+        record(table)
     return table
 
 
@@ -206,14 +222,15 @@ def markdown(report: dict[str, Any]) -> str:
                        f"{report['settings_dict']['distill_samples']} distilled inputs ({eff.get('distill_s')} s to "
                        "synthesise, or read from the cache).")]
     fm = report.get("fashion_mnist", {"skipped": "not run"})
-    lines += ["", "## Fashion-MNIST ResNet (PTQ only, no QAT)", ""]
+    lines += ["", "## Fashion-MNIST ResNet (PTQ, and QAT after it)", ""]
     if "skipped" in fm:
         lines.append(f"Skipped: {fm['skipped']}")
     else:
         lines += ["| model | PTQ | test accuracy (%) | bit-exact | PTQ time (s) |", "|---|---|---:|---|---:|"]
         for r in fm["rows"]:
             exact = "-" if r["ptq"] is None else ("yes" if r["bit_exact"] else "NO")
-            lines.append(f"| {r['model']} | {r['ptq'] or '-'} | {100 * r['accuracy']:.2f} | {exact} | "
+            model = r["model"] + (f" ({r['qat_steps']} steps, lr {r['qat_lr']}, {r['qat_s']} s)" if "qat_steps" in r else "")
+            lines.append(f"| {model} | {r['ptq'] or '-'} | {100 * r['accuracy']:.2f} | {exact} | "
                          f"{r.get('ptq_s', '-')} |")
         lines += ["", f"Accuracy of the compiled integer-only module on {fm['test_images']} test images; calibration on 512 "
                   "training images; first and last layer 8-bit."]
@@ -227,11 +244,15 @@ def main() -> None:
     parser.add_argument("--ptq", nargs="+", choices=["nearest", "learned"], default=["nearest", "learned"])
     parser.add_argument("--ptq-iters", type=int, help="learned PTQ steps per layer (default 300, quick 20)")
     parser.add_argument("--ptq-batch", type=int, default=8, help="learned PTQ samples per step (default 8)")
+    parser.add_argument("--qat-steps", type=int, help="Fashion-MNIST W4A4 QAT steps after PTQ, 0: none (default 1000, quick 10)")
+    parser.add_argument("--qat-lr", type=float, default=5e-3, help="QAT learning rate (default 5e-3, a tenth after half)")
     parser.add_argument("--distill-steps", type=int, help="Adam steps of the distilled inputs (default 150, quick 5)")
     parser.add_argument("--distill-samples", type=int, help="distilled inputs, in batches of 16 (default 16, quick 8)")
     parser.add_argument("--hessian-iters", type=int, help="Hutchinson iterations (default 20, quick 2)")
-    parser.add_argument("--rows", nargs="+", choices=["W8A8", "W4A8", "ILP", "W4A4"], default=["W8A8", "W4A8", "ILP", "W4A4"],
-                        help="EfficientNet-Lite0 rows to run (default: all)")
+    rows = ["W8A8", "W4A8", "ILP", "W4A4", "QAT"]
+    parser.add_argument("--rows", nargs="+", choices=rows, default=rows,
+                        help="rows to run (default: all); EfficientNet-Lite0 has W8A8, W4A8, ILP, W4A4, "
+                             "Fashion-MNIST W4A4, W4A8, QAT")
     parser.add_argument("--hessian-samples", type=int,
                         help="distilled inputs the Hessian is taken on, in one batch (default 6: ~3 GB of memory)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -240,14 +261,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     full = {"ptq_iters": 300, "distill_steps": 150, "distill_samples": 16, "hessian_samples": 6,
-            "hessian_iters": 20, "inputs": 400, "train_images": 60000, "test_images": 10000, "epochs": 3}
+            "hessian_iters": 20, "inputs": 400, "train_images": 60000, "test_images": 10000, "epochs": 3, "qat_steps": 1000}
     quick = {"ptq_iters": 20, "distill_steps": 5, "distill_samples": 8, "hessian_samples": 2, "hessian_iters": 2,
-             "inputs": 40, "train_images": 2048, "test_images": 1000, "epochs": 1}
+             "inputs": 40, "train_images": 2048, "test_images": 1000, "epochs": 1, "qat_steps": 10}
     settings = quick if args.quick else full
     for key, value in settings.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch}
+    settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "qat_lr": args.qat_lr}
     started = time.perf_counter()
     out = Path(args.out)
     stem = ("fidelity_quick" if args.quick else "fidelity") + (f"_{args.only}" if args.only else "")

@@ -35,7 +35,8 @@ from hawqc.fileio import write_atomic  # noqa: E402
 from hawqc.relax_passes.float_ops import float_ops  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
-                  "resnext50_32x4d", "vgg16", "inceptionv3", "lraspp_mobilenet_v3_large")
+                  "resnext50_32x4d", "wide_resnet50_2", "vgg16", "inceptionv3", "shufflenet_v2_x1_0", "densenet121",
+                  "squeezenet1_1", "googlenet", "mnasnet1_0", "lraspp_mobilenet_v3_large")
 
 
 def output_step(path: Path) -> float | None:
@@ -98,6 +99,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
              "(`--strict` refuses them). `vs ORT`: largest difference from ONNX Runtime running the same file, and the share of argmax "
              "(per image, or per pixel for segmentation) that agree with it; random weights make deep nets amplify "
              "one-step rounding differences.", "",
+             matrix(rows), "",
              "| model | quantizer | compiled | bit-exact | float ops | vs ORT | argmax = ORT | compile s | error |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -105,6 +107,23 @@ def markdown(rows: list[dict[str, object]]) -> str:
         lines.append(f"| {r['model']} | {r['quantizer']} | {r['compiled']} | {r.get('bit_exact', '')} | {floats} | "
                      f"{r.get('vs_onnxruntime', '')} | {r.get('argmax_agree', '')} | {r.get('compile_s', '')} | "
                      f"{str(r.get('error', '')).replace('|', '/')[:140]} |")
+    return "\n".join(lines) + "\n"
+
+
+def matrix(rows: list[dict[str, object]]) -> str:
+    """One line per model, one column per quantizer: ``exact`` (compiled, bit-exact, integer-only),
+    ``exact, N float`` (N ONNX ops left in float by the quantizer), ``NOT exact``, ``fails``, ``quantizer
+    fails``, blank where not run."""
+    names = list(dict.fromkeys(str(r["model"]) for r in rows))
+    styles = [q for q in QUANTIZERS if any(r["quantizer"] == q for r in rows)]
+    cells = {}
+    for r in rows:
+        floats = sum(int(f.rsplit(" x", 1)[1]) if " x" in f else 1 for f in r.get("float_ops", []))
+        cells[r["model"], r["quantizer"]] = (
+            "quantizer fails" if r["compiled"] == "quantizer failed" else "fails" if r["compiled"] != "yes"
+            else "NOT exact" if not r["bit_exact"] else f"exact, {floats} float" if floats else "exact")
+    lines = ["| model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(cells.get((n, q), "") for q in styles) + " |" for n in names]
     return "\n".join(lines) + "\n"
 
 

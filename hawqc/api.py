@@ -121,9 +121,11 @@ def compile_integer_only(graph: Any, bit_config: Any = None, target: Any = "llvm
 
     ``graph``: path to a QDQ ``.onnx`` | ``onnx.ModelProto`` | ``.int.npz`` | quantized or float
     ``nn.Module`` (see :func:`integer_graph_of`). ``input_shape``: default the model's own, an open batch
-    left open (the module runs any batch size; see :func:`input_shape_of`). ``target``: ``"llvm"`` (host
+    left open (the module runs any batch size; see :func:`input_shape_of`; on the CPU also compiled for
+    batch 1, which batch-1 calls run and other batches a sample at a time). ``target``: ``"llvm"`` (host
     CPU), a string such as ``"llvm -mcpu=znver4"`` or a TVM target dict. ``kernels`` (CPU): ``auto`` (VNNI where the target has
-    it, else AVX2), ``vnni``, ``avx2`` or ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
+    it, else AVX2), ``vnni``, ``vnni-w4`` (4-bit weights packed two per byte: smaller, slower), ``avx2`` or
+    ``generic`` (TVM's lowering, unscheduled). ``threads``: CPU
     worker threads a call uses (default: one per physical core; idle workers soon sleep after a call, so
     other work in the process is not slowed down). ``int4`` (cuda):
     ``auto`` (INT4 Tensor Cores where the arch has them, else int8 kernels for 4-bit layers) or ``emulated``

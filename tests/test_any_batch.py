@@ -114,3 +114,26 @@ def test_cli_compiles_verifies_and_runs_any_batch_without_input_shape(exported: 
         np.save(tmp_path / "x.npy", np.random.default_rng(batch).standard_normal((batch, 1, 28, 28)).astype(np.float32))
         assert cli_main(["run", str(out), "--input", str(tmp_path / "x.npy")]) == 0
         assert f"output ({batch}, 10)" in capsys.readouterr().out
+
+
+def test_an_open_batch_runs_batch_1_on_its_static_specialisation(module: object, tmp_path: Path) -> None:
+    assert set(module.specialised) == {1} and module.executable_for(1) == (module.specialised[1], 1)
+    assert module.executable_for(3) == (module.specialised[1], 1)  # three runs of one sample each
+    module.export(tmp_path / "art")
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["specialised_batches"] == [1]
+    loaded = hawqc.load(tmp_path / "art")
+    assert set(loaded.specialised) == {1}
+    for batch in (1, 2, 3):
+        x = np.random.default_rng(10 + batch).standard_normal((batch, 1, 28, 28)).astype(np.float32)
+        expected = module.reference(x)
+        np.testing.assert_array_equal(module(x), expected)
+        np.testing.assert_array_equal(loaded(x), expected)
+    assert set(loaded._specialised_vms) == {1} and loaded._vm is None  # every batch ran on batch 1's executable
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())  # an artifact from before: no model.b1.so
+    del manifest["specialised_batches"]
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "art" / "model.b1.so").unlink()
+    older = hawqc.load(tmp_path / "art")
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    assert older.specialised == {} and older.executable_for(1) == (older.executable, 1)
+    np.testing.assert_array_equal(older(x), module.reference(x))

@@ -66,6 +66,31 @@ ZOO = {
                                 "features.28.bias": [512],
                                 "classifier.0.weight": [4096, 25088],
                                 "classifier.6.weight": [1000, 4096]}),
+    "shufflenet_v2_x1_0": (2_278_604, 338, {"conv1.0.weight": [24, 3, 3, 3],
+                                            "stage2.0.branch1.0.weight": [24, 1, 3, 3],
+                                            "stage2.0.branch1.2.weight": [58, 24, 1, 1],
+                                            "stage2.1.branch2.0.weight": [58, 58, 1, 1],
+                                            "stage4.3.branch2.6.running_var": [232],
+                                            "conv5.0.weight": [1024, 464, 1, 1], "fc.weight": [1000, 1024]}),
+    "densenet121": (7_978_856, 727, {"features.conv0.weight": [64, 3, 7, 7],
+                                     "features.denseblock1.denselayer1.norm1.weight": [64],
+                                     "features.denseblock1.denselayer1.conv1.weight": [128, 64, 1, 1],
+                                     "features.denseblock1.denselayer6.conv2.weight": [32, 128, 3, 3],
+                                     "features.transition1.conv.weight": [128, 256, 1, 1],
+                                     "features.denseblock4.denselayer16.norm1.running_mean": [992],
+                                     "features.norm5.weight": [1024], "classifier.weight": [1000, 1024]}),
+    "squeezenet1_1": (1_235_496, 52, {"features.0.weight": [64, 3, 3, 3], "features.3.squeeze.weight": [16, 64, 1, 1],
+                                      "features.3.expand3x3.weight": [64, 16, 3, 3],
+                                      "features.12.expand1x1.bias": [256], "classifier.1.weight": [1000, 512, 1, 1]}),
+    "googlenet": (6_624_904, 344, {"conv1.conv.weight": [64, 3, 7, 7], "conv3.bn.running_var": [192],
+                                   "inception3a.branch1.conv.weight": [64, 192, 1, 1],
+                                   "inception3a.branch3.1.conv.weight": [32, 16, 3, 3],
+                                   "inception4e.branch4.1.conv.weight": [128, 528, 1, 1],
+                                   "inception5b.branch2.1.conv.weight": [384, 192, 3, 3], "fc.weight": [1000, 1024]}),
+    "mnasnet1_0": (4_383_312, 314, {"layers.0.weight": [32, 3, 3, 3], "layers.3.weight": [32, 1, 3, 3],
+                                    "layers.6.weight": [16, 32, 1, 1], "layers.8.0.layers.0.weight": [48, 16, 1, 1],
+                                    "layers.9.2.layers.3.weight": [120, 1, 5, 5], "layers.13.0.layers.6.weight": [320, 1152, 1, 1],
+                                    "layers.14.weight": [1280, 320, 1, 1], "classifier.1.weight": [1000, 1280]}),
 }
 """torchvision's published parameter count (ImageNet), state-dict size and some of its keys with their shapes."""
 
@@ -97,7 +122,7 @@ def test_zoo_classifies_a_small_image_and_traces(zoo_model: tuple[str, torch.nn.
 
 
 @pytest.mark.parametrize("name", ["resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-                                  "regnet_y_400mf"])
+                                  "regnet_y_400mf", "shufflenet_v2_x1_0", "densenet121", "googlenet", "mnasnet1_0"])
 def test_zoo_takes_num_classes(name: str) -> None:
     model = models.get(name, num_classes=7)
     assert model.get_submodule(models.quantizable_layers(model)[-1]).out_features == 7
@@ -119,6 +144,16 @@ def test_inception_returns_aux_logits_only_in_training() -> None:
         assert logits.shape == aux.shape == (2, 5)
         assert model.eval()(x[:1]).shape == (1, 5)
     assert "AuxLogits.fc.weight" not in models.get("inceptionv3", aux_logits=False).state_dict()
+
+
+def test_googlenet_aux_heads_take_torchvision_checkpoints_and_train() -> None:
+    """torchvision's GoogLeNet checkpoint holds the auxiliary heads ``aux1``/``aux2``."""
+    model = models.get("googlenet", aux_logits=True, num_classes=5)
+    assert model.state_dict()["aux1.fc1.weight"].shape == (1024, 2048)
+    assert model.state_dict()["aux2.conv.conv.weight"].shape == (128, 528, 1, 1)
+    with torch.no_grad():
+        assert [t.shape for t in model.train()(torch.randn(2, 3, 96, 96))] == [(2, 5)] * 3
+        assert model.eval()(torch.randn(1, 3, 96, 96)).shape == (1, 5)
 
 
 def test_tiny_resnet_learns() -> None:

@@ -11,7 +11,7 @@ import hawqc
 from hawqc import BitConfig, LayerBits, models, quantize
 from hawqc.cli import main
 from hawqc.ilp.solver import Budget, build_problem, solve
-from hawqc.quant.adaround import LearnedOptions, reconstruct_rounding, search_activation_ranges
+from hawqc.quant.adaround import LearnedOptions, clip_weight_ranges, reconstruct_rounding, search_activation_ranges
 from hawqc.quant.distill import bn_statistics_loss, distill
 from hawqc.quant.model import QuantModel
 
@@ -67,6 +67,31 @@ def test_learned_rounding_lowers_the_layer_reconstruction_error() -> None:
     diff = after["weight"].astype(int) - before["weight"].astype(int)
     assert np.abs(diff).max() == 1 and (diff != 0).any()  # each weight rounded down or up, some not to nearest
     np.testing.assert_allclose(after["w_scale"], before["w_scale"], rtol=1e-6)  # the scales stay
+
+
+def test_weight_range_search_clips_heavy_tailed_channels_and_lowers_the_weight_error() -> None:
+    model = bn_net()
+    qmodel = QuantModel(model, BitConfig(default=LayerBits(4, 4)).resolve(model))
+    qmodel.calibrate([torch.randn(16, 3, 8, 8) * 3 + 1])
+    node = [n for n in qmodel.nodes if n.kind == "conv"][1]
+    layer = qmodel.layer(node)
+    with torch.no_grad():  # channel 0: heavy-tailed weights, whose best 4-bit range clips the largest
+        layer.layer.weight[0] = torch.distributions.StudentT(1.5).sample(layer.layer.weight[0].shape) * 0.1
+    w = layer.folded()[0].detach().clone()
+    s_in = qmodel.input_scale(node)
+
+    def weight_error() -> float:
+        p = layer.integer_params(s_in)
+        return float(((torch.from_numpy(p["weight"].astype(np.float32)) * torch.from_numpy(p["w_scale"]).reshape(-1, 1, 1, 1)
+                       - w) ** 2).sum())
+
+    before = weight_error()
+    fractions = clip_weight_ranges(qmodel, node)
+    assert float(fractions[0]) < 1.0 and bool(((fractions > 0) & (fractions <= 1)).all())
+    assert weight_error() < 0.9 * before
+    clipped = layer.folded()[0].detach().reshape(len(w), -1).abs().amax(dim=1)
+    torch.testing.assert_close(clipped, fractions * w.reshape(len(w), -1).abs().amax(dim=1))
+    assert np.abs(layer.integer_params(s_in)["weight"]).reshape(len(w), -1).max(axis=1).tolist() == [7] * len(w)
 
 
 def test_activation_range_search_clips_4_bit_ranges() -> None:

@@ -166,6 +166,33 @@ def test_4_bit_weights_pack_two_per_byte() -> None:
         pack_weight(w * 2, weight_bits=4)
 
 
+def test_4_bit_and_mixed_configs_run_the_8_bit_kernels() -> None:
+    """By default 4-bit layers run the kernels of 8-bit ones (weights one per byte: packed two per byte
+    is slower at every ResNet layer measured, ``benchmarks/int4_packing.py``), so W4A4 and mixed cost
+    what W8A8 costs; ``vnni-w4`` packs them."""
+    import tvm
+    from tvm import relax
+
+    from hawqc import BitConfig, LayerBits
+
+    def kernels(config: object, choice: str = "auto") -> list[tuple[str, list[str]]]:
+        """Each kernel call of the lowered model: the kernel and the types of its operands."""
+        torch.manual_seed(0)
+        model = models.get("resnet18")
+        graph = quantize(model, config, [torch.randn(1, 3, 32, 32)]).integer_graph()
+        main = _lower(graph, (1, 3, 32, 32), TARGET, choice)["main"]
+        calls = [b.value for block in main.body.blocks for b in block.bindings
+                 if isinstance(b.value, relax.Call) and b.value.op.same_as(tvm.ir.Op.get("relax.call_tir"))]
+        return [(call.args[0].name_hint, [str(a.ty) for a in call.args[1].fields]) for call in calls]
+
+    w8a8 = kernels("uniform8")
+    layer1 = {n: LayerBits(8, 8) for n in models.quantizable_layers(models.get("resnet18")) if n.startswith("layer1")}
+    mixed = BitConfig(default=LayerBits(4, 4), first_last=LayerBits(8, 8), layers=layer1)
+    assert len(w8a8) >= 20 and kernels("uniform4") == w8a8 and kernels(mixed) == w8a8
+    if any("vnni" in name for name, _ in w8a8):
+        assert any("vnni_w4" in name for name, _ in kernels("uniform4", "vnni-w4"))
+
+
 @pytest.mark.parametrize("kernels", ["vnni", "avx2"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_both_epilogue_forms_are_exact(ties: bool, kernels: str) -> None:

@@ -4,7 +4,9 @@
 Quantizers: ONNX Runtime ``quantize_static`` in QDQ form with symmetric int8 or asymmetric uint8
 activations, in operator form (QLinearConv ...), and in QDQ form with float weights followed by a
 QuantizeLinear -> DequantizeLinear pair (``AddQDQPairToWeight``, the TensorRT/ModelOpt style); Intel
-NNCF's ONNX post-training quantization (when ``nncf`` imports); hawqc's own QDQ export.
+NNCF's ONNX post-training quantization (when ``nncf`` imports); PyTorch's PT2E path (torchao's
+``prepare_pt2e``/``convert_pt2e`` with the ``X86InductorQuantizer``, exported by ``torch.onnx.export(dynamo=True)``;
+when ``torchao`` and ``onnxscript`` import); hawqc's own QDQ export.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ ORT_STYLES = {"ort-qdq-s8": ("QDQ", "QInt8", True, False), "ort-qdq-u8": ("QDQ",
               "ort-qoperator": ("QOperator", "QUInt8", False, False),
               "ort-weight-qdq": ("QDQ", "QUInt8", False, True)}
 """name -> (format, activation type, symmetric activations, weights as float + Q/DQ pair)."""
-QUANTIZERS = (*ORT_STYLES, "nncf", "hawqc")
+QUANTIZERS = (*ORT_STYLES, "nncf", "pt2e-x86", "hawqc")
 
 
 def calibration(shape: tuple[int, ...], batches: int = 4) -> list[np.ndarray]:
@@ -36,6 +38,27 @@ def export_float(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> 
     return path
 
 
+def quantize_pt2e(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path:
+    """``model`` quantized by PT2E (torchao, X86InductorQuantizer: uint8 activations, int8 per-channel
+    weights, BatchNorm folded) on random batches, exported to ONNX by the dynamo exporter."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    example = (torch.from_numpy(calibration(shape, 1)[0]),)
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model.eval(), example).module(), quantizer)
+    with torch.no_grad():
+        for x in calibration(shape):
+            prepared(torch.from_numpy(x))
+    converted = allow_exported_model_train_eval(convert_pt2e(prepared))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(converted, example, str(path), dynamo=True, input_names=["input"], output_names=["output"],
+                          verbose=False)
+    return path
+
+
 def quantize_with(quantizer: str, model: torch.nn.Module, shape: tuple[int, ...], folder: Path) -> Path:
     """The QDQ (or operator-form) ONNX file of ``model`` quantized by ``quantizer`` on random batches."""
     path = folder / f"{quantizer}.onnx"
@@ -45,6 +68,8 @@ def quantize_with(quantizer: str, model: torch.nn.Module, shape: tuple[int, ...]
 
         to_onnx(quantize(model, "uniform8", [torch.from_numpy(x) for x in calibration(shape)]), path)
         return path
+    if quantizer == "pt2e-x86":
+        return quantize_pt2e(model, shape, path)
     float_path = export_float(model, shape, folder / "float.onnx")
     if quantizer == "nncf":
         os.environ.setdefault("NNCF_CI", "1")  # no telemetry

@@ -69,14 +69,13 @@ def run(args: argparse.Namespace) -> int:
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     source = module.source() if target.get("kind") == "cuda" else None
-    module.export(args.out, force=args.force, extra={"model.cu": source} if args.emit_source else None)
+    out = module.export(args.out, force=args.force, extra={"model.cu": source} if args.emit_source else None)
     if source is not None:
         console.print(tensor_core_summary(source, target["arch"], args.int4))
     fused, kernels = module.fused
-    source_file = ", model.cu" if args.emit_source else ""
     console.print(f"requantization fused into {fused} of {kernels} distinct conv/dense kernels (one ending in the "
                   f"output dequantize has none); compiled in {seconds:.1f} s; "
-                  f"wrote {args.out}/ (model.so, graph.int.npz, manifest.json{source_file})")
+                  f"wrote {args.out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 

@@ -355,6 +355,8 @@ def _window_sum(ctx: Context, x: Any, kernel: list[int], stride: list[int], padd
 def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
     b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
+    if np.ndim(b) == 2:  # a divisor per output position: broadcast over N and C
+        b, c = (np.reshape(v, (1, *np.shape(v), 1) if ctx.layout == "NHWC" else (1, 1, *np.shape(v))) for v in (b, c))
     x, padding = _padded(ctx, ins[0], a["padding"], a.get("input_zero_point", 0))
     sums = ctx.bb.emit(_window_sum(ctx, x, a["kernel"], a["stride"], padding))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
-from hawqc.quant.dyadic import bias_in_accumulator, dyadic, dyadic_per_channel, scale_ratio
+from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, accumulator_grid_bits, aligned_add_op, rescale_op
 
@@ -150,6 +150,10 @@ class _Reader:
 
     # ---- node handlers ------------------------------------------------------------------------
     def quantize_linear(self, node: Any) -> None:
+        constant = self.float_const(node.input[0])
+        if constant is not None:  # a dequantized constant quantized again (exporters share equal weights)
+            self.inits[node.output[0]] = self.quantized_constant(node, constant)
+            return
         zp = self.zero_point(node)
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if scale.size > 1:
@@ -189,6 +193,19 @@ class _Reader:
         else:
             self.fail(node, "cannot quantize a constant")
         self.values[out] = _View(out, scale, qmin, qmax, zp)
+
+    def quantized_constant(self, node: Any, value: np.ndarray) -> np.ndarray:
+        """QuantizeLinear of a constant as ONNX computes it: float32 ``value / scale``, rounded half to even,
+        plus the zero point, saturated; per-channel scales along ``axis``."""
+        scale = np.asarray(self.const_array(node.input[1]), np.float32)
+        zp = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+        if scale.ndim == 1 and value.ndim > 1:
+            shape = [1] * value.ndim
+            shape[_axis(_attr(node, "axis", 1), value.ndim)] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        qmin, qmax = _qrange(self.model, node, self.inits)
+        q = np.rint(value.astype(np.float32) / scale).astype(np.int64) + zp.astype(np.int64)
+        return np.clip(q, qmin, qmax).astype(zp.dtype)
 
     def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
         """An activation quantized per channel (NNCF, on depthwise inputs), only read by depthwise convs: an
@@ -241,12 +258,14 @@ class _Reader:
         ratio = float(np.float64(src.scale) / np.float64(scale)) * pending.attrs.get("sum_of", 1)
         reshape = pending.attrs.get("reshape")
         pooled = f"{out}:pooled" if reshape else out
-        attrs = {**{k: v for k, v in pending.attrs.items() if k not in ("sum_of", "reshape")}, "qmin": lo, "qmax": hi}
+        attrs = {**{k: v for k, v in pending.attrs.items() if k not in ("sum_of", "reshape", "divisor")},
+                 "qmin": lo, "qmax": hi}
         attrs.update({k: v for k, v in (("input_zero_point", src.zero_point), ("zero_point", zp)) if v})
         consts = {}
-        if pending.kind == "avgpool":
-            b, c = dyadic(ratio / (attrs["kernel"][0] * attrs["kernel"][1]))
-            consts = {"b": np.array(b, np.int32), "c": np.array(c, np.int32)}
+        if pending.kind == "avgpool":  # one divisor, or one per output position (H, W)
+            divisor = pending.attrs.get("divisor", attrs["kernel"][0] * attrs["kernel"][1])
+            b, c = dyadic_per_channel(ratio / np.asarray(divisor, np.float64))
+            consts = {"b": b, "c": c}
         elif ratio != 1.0:
             attrs["scale_ratio"] = ratio
         self.emit(pending.kind, [src.name], pooled, attrs, consts)
@@ -392,34 +411,39 @@ class _Reader:
         self.values[node.output[0]] = _Pending("add" if node.op_type == "Add" else "concat", parts, attrs=attrs)
 
     def pool_or_flatten(self, node: Any) -> None:
-        src = self.view(node, self.values.get(node.input[0]))
+        """Pooling and Flatten on an integer tensor. A max pool may also read a conv's accumulator (PT2E
+        quantizes after the pool): the maximum commutes with its positive per-channel rescale and clip."""
+        value = self.values.get(node.input[0])
+        src = value if node.op_type == "MaxPool" and isinstance(value, _Acc) else self.view(node, value)
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
-            pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+            explicit = list(_attr(node, "pads", [0, 0, 0, 0]))
             if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or \
                     any(d != 1 for d in _attr(node, "dilations", [1, 1])):
                 self.fail(node, "auto_pad and dilated pooling are not supported: export with explicit pads")
-            if _attr(node, "ceil_mode", 0):
-                pads = self.ceil_mode_pads(node, pads)
+            pads = self.ceil_mode_pads(node, explicit) if _attr(node, "ceil_mode", 0) else explicit
             attrs = {"kernel": list(_attr(node, "kernel_shape", None)), "stride": list(_attr(node, "strides", [1, 1])),
                      "padding": [pads[0], pads[1], pads[2], pads[3]]}
         if node.op_type == "MaxPool":
             self.emit("maxpool", [src.name], out, attrs)
         elif node.op_type == "AveragePool":
-            if not _attr(node, "count_include_pad", 0) and any(attrs["padding"]):
-                self.fail(node, "padded average pooling must count the padding (count_include_pad=1)")
+            counts = _window_counts(self.shape_of(node, node.input[0])[2:], attrs, explicit,
+                                    bool(_attr(node, "count_include_pad", 0)))
+            if np.any(counts != attrs["kernel"][0] * attrs["kernel"][1]):
+                attrs["divisor"] = counts
             self.values[out] = _Pending("avgpool", [src], attrs=attrs)
             return
         else:  # GlobalAveragePool
             self.values[out] = _Pending("global_avgpool", [src])
             return
-        self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
+        self.values[out] = replace(src, name=out) if isinstance(src, _Acc) else \
+            _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     def ceil_mode_pads(self, node: Any, pads: list[int]) -> list[int]:
         """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
         ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would start in the padding
         (PyTorch's and ONNX Runtime's rule). A max pool pads with the smallest integer; an average pool
-        must not need the extra rows (its divisor would change)."""
+        divides by the cells of each window inside the input and the explicit padding (``_window_counts``)."""
         shape = self.shape_of(node, node.input[0])
         kernel, strides = list(_attr(node, "kernel_shape", None)), list(_attr(node, "strides", [1, 1]))
         extra = []
@@ -428,8 +452,6 @@ class _Reader:
             if (out - 1) * s >= n + lo:
                 out -= 1
             extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
-        if node.op_type == "AveragePool" and any(extra):
-            self.fail(node, "average pooling with ceil_mode=1 whose last window overhangs is not supported")
         return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
 
     def elementwise(self, node: Any) -> None:
@@ -913,6 +935,20 @@ _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Rea
 
 
 
+def _window_counts(sizes: list[int], attrs: dict[str, Any], explicit: list[int], include_pad: bool) -> np.ndarray:
+    """An average pool's divisor at each output position (H, W): the cells of its window inside the input,
+    and inside the explicit padding with ``count_include_pad`` (never the extra rows of ``ceil_mode``).
+    Padded cells hold the input's zero point, so the window sum minus ``kernel * zero_point`` is the sum
+    over exactly these cells."""
+    per_axis = []
+    for axis, (n, k, s) in enumerate(zip(sizes, attrs["kernel"], attrs["stride"])):
+        lo, hi = attrs["padding"][axis], attrs["padding"][axis + 2]
+        starts = np.arange((n + lo + hi - k) // s + 1) * s - lo
+        first, last = (-explicit[axis], n + explicit[axis + 2]) if include_pad else (0, n)
+        per_axis.append(np.minimum(starts + k, last) - np.maximum(starts, first))
+    return np.outer(*per_axis).astype(np.int64)
+
+
 def _axis(axis: int, ndim: int) -> int:
     return int(axis) + ndim if int(axis) < 0 else int(axis)
 
@@ -988,6 +1024,10 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
             except (KeyError, IndexError, TypeError, AttributeError) as err:  # a form hawqc does not read
                 reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
                                   "hawqc reads the forms ONNX Runtime, NNCF and hawqc's export write")
+            except ValueError as err:  # e.g. a rescale no dyadic number represents: name the node
+                if str(err).startswith("ONNX "):
+                    raise
+                reader.fail(node, str(err))
         elif node.op_type == "Shape":  # left unfolded: the input shape is not static
             dims = [d.dim_value if d.HasField("dim_value") else "?" for d in model.graph.input[0].type.tensor_type.shape.dim]
             raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "

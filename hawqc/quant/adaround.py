@@ -5,14 +5,21 @@ After the usual calibration (:meth:`QuantModel.calibrate`), three steps, each on
 1. **Activation ranges**: every activation quantizer's clipping range is searched on a grid of fractions
    of the observed range for the least mean squared quantization error of the values it sees
    (MSE-optimal clipping; at 4 bits it usually clips well inside the min/max range).
-2. **Weight rounding** (AdaRound, Nagel et al., ICML 2020), layer by layer in graph order, for layers
+2. **Weight ranges**: each output channel of a layer whose weights have a width in ``rounding_bits`` is
+   clipped to the fraction of its max |w| (on a grid) that quantizes its weights with the least squared
+   error, where that also lowers the channel's output error (nearest rounding, calibration data); the
+   clipped weights are the layer's new float weights, so the per-channel scale (max |w| / qmax) shrinks
+   with them and the largest weights sit at ±qmax.
+3. **Weight rounding** (AdaRound, Nagel et al., ICML 2020), layer by layer in graph order, for layers
    whose weights have a width in ``rounding_bits``: each weight is ``s · clamp(⌊w/s⌋ + h(V))`` with
    ``h`` the rectified sigmoid, ``V`` fitted by Adam to reconstruct the layer's float output (its
    activation included) from its *quantized* input, i.e. the output of the layers before it as already
    quantized (BRECQ's asymmetric reconstruction), plus the regulariser ``λ Σ 1 − |2h(V) − 1|^β`` with
    ``β`` falling linearly from 20 to 2 after a warm-up, which drives every ``h`` to 0 or 1. The weight of largest
-   magnitude in each channel keeps its nearest rounding (±qmax), so the per-channel scale is unchanged.
-3. **Bias correction**: the mean per-channel shift of the quantized layer's output (from its quantized
+   magnitude in each channel keeps its nearest rounding (±qmax) throughout the fit, so the per-channel scale is
+   unchanged. Where the learned rounding reconstructs the whole calibration set worse than nearest
+   rounding (the fit sees random windows), the layer keeps nearest rounding.
+4. **Bias correction**: the mean per-channel shift of the quantized layer's output (from its quantized
    input) against the float layer's (from the float input) is subtracted from its bias.
 
 The results are written back into the quantized model's own float parameters (the folded weight becomes
@@ -62,14 +69,19 @@ class LearnedOptions:
     errors are 16 times smaller)."""
     search_ranges: bool = True
     range_grid: int = 80
+    clip_weights: bool = True
+    """MSE-optimal per-channel clipping of the weights whose rounding is learned (step 2)."""
+    weight_grid: tuple[float, int] = (0.5, 51)
+    """Clipping fractions tried: ``weight_grid[1]`` steps from ``weight_grid[0]`` to 1."""
     bias_correction: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.range_grid < 2 or (
-                self.crop is not None and self.crop < 1):
-            raise ValueError(f"learned PTQ needs iters, batch_size, crop >= 1, lr > 0 and range_grid >= 2, got "
-                             f"{self.iters}, {self.batch_size}, {self.crop}, {self.lr}, {self.range_grid}")
+                self.crop is not None and self.crop < 1) or not 0 < self.weight_grid[0] <= 1 or self.weight_grid[1] < 1:
+            raise ValueError(f"learned PTQ needs iters, batch_size, crop >= 1, lr > 0, range_grid >= 2 and a weight "
+                             f"grid in (0, 1], got {self.iters}, {self.batch_size}, {self.crop}, {self.lr}, "
+                             f"{self.range_grid}, {self.weight_grid}")
 
 
 def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedOptions = LearnedOptions(),
@@ -92,8 +104,10 @@ def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedO
         with torch.no_grad():
             x_q = torch.cat([qmodel.node_inputs(x, node.name, fake=True)[0] for x in batches])
             x_fp = torch.cat([reference.node_inputs(x, node.name, fake=False)[0] for x in batches])
+        if learned and options.clip_weights:
+            clip_weight_ranges(qmodel, node, *options.weight_grid, inputs=(x_q, x_fp))
         if learned:
-            error = reconstruct_rounding(qmodel, node, x_q, x_fp, options, generator)
+            error = reconstruct_rounding(qmodel, node, x_q, x_fp, options, generator, reference.layer(node))
             if log is not None:
                 log(f"[{i + 1}/{len(layers)}] {node.layer}: output error {error[0]:.4g} nearest -> {error[1]:.4g} learned")
         if options.bias_correction:
@@ -147,6 +161,40 @@ def search_activation_ranges(qmodel: QuantModel, batches: Sequence[torch.Tensor]
     return chosen
 
 
+# ---- weight ranges ----------------------------------------------------------------------------------
+@torch.no_grad()
+def clip_weight_ranges(qmodel: QuantModel, node: Node, lowest: float = 0.5, steps: int = 51,
+                       inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Clip each output channel of the layer's folded weight to the fraction of its max |w| (``steps``
+    fractions from ``lowest`` to 1) whose quantization has the least squared error, and make that the
+    layer's weight. With ``inputs`` (the layer's quantized and float inputs), a channel is clipped only
+    where that also lowers its output's squared error with nearest rounding. Returns the fractions (1
+    where the bias-overflow floor sets the scale instead, or the clip did not pay)."""
+    layer = qmodel.layer(node)
+    w, b = (t.detach().clone() for t in layer.folded())
+    s = _scale(qmodel, node, w, b).reshape(len(w), 1)
+    flat = w.reshape(len(w), -1)
+    n = weight_qmax(layer.w_bits)
+    amax = flat.abs().amax(dim=1, keepdim=True)
+    free = (s * n <= amax * (1 + 1e-6)).reshape(-1)  # channels whose scale is max|w| / qmax
+    fractions = torch.linspace(lowest, 1.0, steps)
+    errors = torch.stack([((torch.clamp(torch.round(flat / (s * f)), -n, n) * s * f - flat) ** 2).sum(dim=1)
+                          for f in fractions])
+    best = torch.where(free, fractions[errors.argmin(dim=0)], torch.ones(len(w)))
+    if inputs is not None:
+        x_q, x_fp = inputs
+        target = _layer_output(layer, node, x_fp, w, b)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        dims = [d for d in range(target.dim()) if d != 1]
+        out_errors = [((_layer_output(layer, node, x_q, torch.clamp(torch.round(w / t), -n, n) * t, b) - target) ** 2)
+                      .sum(dim=dims) for t in (s.reshape(shape), (s * best.reshape(-1, 1)).reshape(shape))]
+        best = torch.where(out_errors[1] < out_errors[0], best, torch.ones_like(best))
+    limit = (amax * best.reshape(-1, 1)).reshape((-1,) + (1,) * (w.dim() - 1))
+    if bool((best < 1).any()):
+        _set_folded_weight(layer, torch.maximum(torch.minimum(w, limit), -limit))
+    return best
+
+
 # ---- weight rounding --------------------------------------------------------------------------------
 def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
@@ -166,27 +214,34 @@ def _scale(qmodel: QuantModel, node: Node, w: torch.Tensor, b: torch.Tensor) -> 
 
 
 def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp: torch.Tensor,
-                         options: LearnedOptions, generator: torch.Generator) -> tuple[float, float]:
+                         options: LearnedOptions, generator: torch.Generator,
+                         float_layer: QuantConv2d | QuantLinear | None = None) -> tuple[float, float]:
     """Learn the rounding of one layer's weights (AdaRound, see the module docstring) from its quantized
-    input ``x_q`` against its float output on ``x_fp``, and write it into the layer. Returns the mean
-    squared output error with nearest and with learned rounding."""
+    input ``x_q`` against the float output on ``x_fp`` (of ``float_layer``, the layer before any fitting,
+    default the layer as it is), and write it into the layer. Returns the mean squared output error
+    with nearest and with learned rounding."""
     layer = qmodel.layer(node)
     x_q, x_fp = x_q.detach(), x_fp.detach()
     with torch.no_grad():
+        w_fp, b_fp = (t.detach().clone() for t in (float_layer or layer).folded())
         w, b = (t.detach().clone() for t in layer.folded())
         s = _scale(qmodel, node, w, b)
         n = weight_qmax(layer.w_bits)
         floor = torch.floor(w / s)
         rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
         v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(v) == rest
+        nearest = torch.clamp(torch.round(w / s), -n, n)
+        peak = w.abs().reshape(len(w), -1).argmax(dim=1)  # each channel's max |w| keeps ±qmax: same scale
+        fixed = torch.zeros_like(w, dtype=torch.bool)
+        fixed.reshape(len(w), -1)[torch.arange(len(w)), peak] = True
     optimizer = torch.optim.Adam([v], lr=options.lr)
     warmup = int(options.warmup * options.iters)
     for step in range(options.iters):
         inputs, reference = _window(x_q, x_fp, options, generator)
         with torch.no_grad():
-            target = _layer_output(layer, node, reference, w, b)
+            target = _layer_output(layer, node, reference, w_fp, b_fp)
         h = _rectified_sigmoid(v)
-        y = _layer_output(layer, node, inputs, s * torch.clamp(floor + h, -n, n), b)
+        y = _layer_output(layer, node, inputs, s * torch.where(fixed, nearest, torch.clamp(floor + h, -n, n)), b)
         loss = ((y - target) ** 2).flatten(1).sum(1).mean()
         if step >= warmup:
             beta = options.beta[0] + (options.beta[1] - options.beta[0]) * (step - warmup) / max(options.iters - warmup, 1)
@@ -195,12 +250,11 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        q = torch.clamp(floor + (v >= 0).float(), -n, n)
-        nearest = torch.clamp(torch.round(w / s), -n, n)
-        peak = w.abs().reshape(len(w), -1).argmax(dim=1)  # each channel's max |w| keeps ±qmax: same scale
-        q.reshape(len(w), -1)[torch.arange(len(w)), peak] = nearest.reshape(len(w), -1)[torch.arange(len(w)), peak]
-        target = _layer_output(layer, node, x_fp, w, b)
+        q = torch.where(fixed, nearest, torch.clamp(floor + (v >= 0).float(), -n, n))
+        target = _layer_output(layer, node, x_fp, w_fp, b_fp)
         errors = tuple(float(F.mse_loss(_layer_output(layer, node, x_q, s * r, b), target)) for r in (nearest, q))
+        if errors[1] > errors[0]:  # the fit (on random windows) lost on the whole calibration set: keep nearest
+            q, errors = nearest, (errors[0], errors[0])
         _set_folded_weight(layer, s * q)
         w_after, b_after = layer.folded()
         got = quantize_weight(w_after, layer.weight_scale(w_after, b_after, qmodel.acts[

@@ -22,7 +22,9 @@ concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
 avgpool           window sum (padding counts as the input zero point), then requantize by
-                  ratio/(kh*kw) (consts: b, c; attrs: qmin, qmax, input_zero_point, zero_point)
+                  ratio/(kh*kw), or ratio/divisor[h, w] with b, c of shape (OH, OW) where the divisor
+                  differs by position (count_include_pad=0, ceil_mode) (consts: b, c; attrs: qmin,
+                  qmax, input_zero_point, zero_point)
 global_avgpool    sum over H and W, then requantize by dyadic(scale_ratio/(H*W)); keeps dims
                   (N, C, 1, 1) (attrs: qmin, qmax, scale_ratio, input_zero_point, zero_point)
 lut               ``table[x - offset]``: an element-wise function on integers (consts: table, int32;

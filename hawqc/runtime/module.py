@@ -2,7 +2,10 @@
 
 An artifact folder holds ``model.so`` (the TVM executable), ``graph.int.npz`` (the integer graph it
 was compiled from: the reference and every scale) and ``manifest.json`` (shapes, bits, target,
-versions). It is written to a temporary folder and renamed into place, so a failed export leaves
+versions). An open-batch CPU module also holds ``model.b1.so``: the same model compiled for batch 1,
+which runs batch-1 calls and, a sample at a time, other batches (listed under ``specialised_batches``;
+artifacts without it load as before, and readers that ignore it still run every batch on
+``model.so``). It is written to a temporary folder and renamed into place, so a failed export leaves
 nothing behind.
 """
 
@@ -27,6 +30,16 @@ from hawqc.runtime.target import KERNELS
 
 FORMAT_VERSION = 1
 LIBRARY, GRAPH, MANIFEST = "model.so", "graph.int.npz", "manifest.json"
+SPECIALISED_BATCHES = (1,)
+"""Batch sizes an open-batch CPU module is also compiled for with a static batch. With the batch open,
+hawqc's kernels keep the batch loop serial outside their parallel rows and TIR loses static extents:
+measured ~3x slower per sample on ResNet-18 than a module compiled for batch 1, whose calls one sample
+at a time match a module compiled for batch 8 (hawqc's kernels parallelise rows within a sample)."""
+
+
+def specialised_library(batch: int) -> str:
+    """The file name of the executable compiled for ``batch`` beside an open-batch ``model.so``."""
+    return f"model.b{batch}.so"
 
 
 class CompiledModule:
@@ -51,9 +64,14 @@ class CompiledModule:
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
         self.note = ""
         """Why the module was compiled for a fixed batch although the model's is open (else empty)."""
+        self.specialised: dict[int, Any] = {}
+        """Executables compiled for a static batch beside an open-batch one, {batch: executable}: a call
+        at that batch runs its executable, other batches run batch 1's a sample at a time (see
+        :meth:`executable_for`; bit-exact like the open one, faster on the CPU)."""
         self._executable = executable
         self._vm: Any = None
         """Created on the first call: a CUDA module needs a GPU to load, not to be exported."""
+        self._specialised_vms: dict[int, Any] = {}
 
     def __call__(self, x: Any) -> np.ndarray:
         import tvm
@@ -62,18 +80,37 @@ class CompiledModule:
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         if len(x.shape) != len(self.input_shape) or any(d not in (None, n) for d, n in zip(self.input_shape, x.shape)):
             raise ValueError(f"input has shape {x.shape}, the module was compiled for {shape_text(self.input_shape)}")
-        if self._vm is None:
+        executable, size = self.executable_for(x.shape[0])
+        vm = self._vm if executable is self._executable else self._specialised_vms.get(size)
+        if vm is None:
             if not self.device.exist:
                 raise ValueError(f"this module was compiled for {self.target.get('kind')}: running it needs that device")
-            self._vm = relax.VirtualMachine(self._executable, self.device)
+            vm = relax.VirtualMachine(executable, self.device)
+            if executable is self._executable:
+                self._vm = vm
+            else:
+                self._specialised_vms[size] = vm
         if self.target.get("kind") != "cuda":
             thread_pool.configure(self.threads)
-        return self._vm["main"](tvm.runtime.tensor(x, device=self.device)).numpy()
+
+        def run(part: np.ndarray) -> np.ndarray:
+            return vm["main"](tvm.runtime.tensor(part, device=self.device)).numpy()
+
+        return run(x) if size == len(x) else np.concatenate([run(x[i:i + size]) for i in range(0, len(x), size)])
 
     @property
     def batch(self) -> int | str:
         """The batch size the module runs: ``"any"`` or a number."""
         return "any" if self.input_shape[0] is None else self.input_shape[0]
+
+    def executable_for(self, batch: int) -> tuple[Any, int]:
+        """The executable a call at ``batch`` runs and how many samples each of its runs takes: the one
+        compiled for ``batch``; else the one compiled for batch 1, a sample at a time; else the module's
+        own, the whole batch at once."""
+        for size in (batch, 1) if batch > 0 else ():
+            if size in self.specialised:
+                return self.specialised[size], size
+        return self._executable, batch
 
     @property
     def executable(self) -> Any:
@@ -118,11 +155,13 @@ class CompiledModule:
         try:
             with native_stderr_silenced():  # TVM logs an empty "Scope Saving" warning per function
                 self._executable.export_library(str(tmp / LIBRARY))
+                for batch, executable in self.specialised.items():
+                    executable.export_library(str(tmp / specialised_library(batch)))
             self.graph.save(tmp / GRAPH)
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape), "batch": self.batch,
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "kernels": self.kernels, "int4": self.int4,
+                        "kernels": self.kernels, "int4": self.int4, "specialised_batches": sorted(self.specialised),
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             for name, text in (extra or {}).items():
@@ -139,11 +178,14 @@ class CompiledModule:
 
 def compile_graph(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dict[str, Any],
                   input_dtype: str = "float32", kernels: str = "auto", database: Any = None,
-                  threads: int | None = None, int4: str = "auto") -> CompiledModule:
+                  threads: int | None = None, int4: str = "auto",
+                  specialise: tuple[int, ...] = SPECIALISED_BATCHES) -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` (TVM's default pipeline: fusion included).
     A ``None`` batch (first dimension of ``input_shape``) stays symbolic: the module runs any batch size;
     where the graph cannot keep it open (a reshape mixing the batch into other dimensions), the module is
-    compiled for batch 1 and :attr:`CompiledModule.note` says so.
+    compiled for batch 1 and :attr:`CompiledModule.note` says so. An open batch on the CPU (hawqc's
+    kernels) is also compiled for each batch of ``specialise``, which calls at that batch run
+    (:attr:`CompiledModule.specialised`; ``()``: none), other batches a sample at a time on batch 1's.
     ``input_dtype`` is float32 for models; an integer type for a graph without quantize (one layer).
     ``database``: a MetaSchedule database whose tuned schedules replace those of the kernels it knows.
     ``threads``: CPU worker threads a call uses (default: one per physical core).
@@ -169,7 +211,21 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int | None, ...], targ
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype, threads)
     module.kernels, module.int4, module.fused, module.lowered = kernels, int4, fused_requant(lowered), lowered
     module.note = note
+    if input_shape[0] is None and target["kind"] == "llvm" and kernels != "generic" and _batch_leads(ir):
+        for batch in specialise:
+            static = _lower(graph, (batch, *input_shape[1:]), target, kernels, input_dtype=input_dtype)
+            module.specialised[batch] = _build(static, target, kernels, database, int4)[0]
     return module
+
+
+def _batch_leads(ir: Any) -> bool:
+    """Whether the output of ``ir``'s main is one tensor whose first dimension is the input's batch: then
+    a batch runs as slices (integer graph ops act per sample; one mixing the batch fixes it at 1)."""
+    from tvm import relax
+
+    main = ir["main"]
+    out, batch = main.ret_ty, main.params[0].ty.shape[0]
+    return isinstance(out, relax.TensorType) and out.shape is not None and out.shape[0].same_as(batch)
 
 
 def shape_text(shape: tuple[int | None, ...]) -> str:
@@ -270,6 +326,9 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> Compiled
     graph = IntegerGraph.load(folder / GRAPH)
     module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable, threads=threads)
     module.kernels, module.int4 = manifest.get("kernels", "generic"), manifest.get("int4", "auto")
+    with native_stderr_silenced():
+        module.specialised = {batch: tvm.runtime.load_module(str(folder / specialised_library(batch)))
+                              for batch in manifest.get("specialised_batches", [])}
     return module
 
 

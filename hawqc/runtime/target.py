@@ -9,8 +9,8 @@ from typing import Any
 
 KERNELS = ("auto", "vnni", "vnni-w4", "avx2", "generic")
 """CPU kernel choices: ``auto`` picks ``vnni`` where the target has AVX-512 VNNI, else ``avx2``;
-``vnni-w4`` keeps 4-bit weights packed two per byte (half the weight memory, 1.6-2.4x slower end to
-end on Zen 4); ``generic`` is TVM's own lowering without hawqc schedules (a baseline)."""
+``vnni-w4`` keeps 4-bit weights packed two per byte (half the weight memory, but slower on Zen 4 at
+every ResNet-50 layer measured, batch-1 late layers included: ``benchmarks/int4_packing.py``); ``generic`` is TVM's own lowering without hawqc schedules (a baseline)."""
 
 
 def parse_target(spec: str | dict[str, Any] | None = None) -> dict[str, Any]:
