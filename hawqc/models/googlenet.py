@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawqc.models.inception import BasicConv2d
+from hawqc.models.layers import init_truncated_normal
 
 INCEPTIONS = {"inception3a": (192, 64, 96, 128, 16, 32, 32), "inception3b": (256, 128, 128, 192, 32, 96, 64),
               "maxpool3": (), "inception4a": (480, 192, 96, 208, 16, 48, 64),
@@ -71,12 +72,7 @@ class GoogLeNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(1024, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_truncated_normal(self, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.maxpool2(self.conv3(self.conv2(self.maxpool1(self.conv1(x)))))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc.models.layers import init_truncated_normal
+
 
 class BasicConv2d(nn.Module):
     """Conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU."""
@@ -157,12 +159,7 @@ class Inception3(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(2048, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.1, a=-2, b=2)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_truncated_normal(self, 0.1)
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

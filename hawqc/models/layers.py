@@ -59,18 +59,34 @@ class SqueezeExcitation(nn.Module):
         return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
 
 
-def init_weights(model: nn.Module, uniform_linear: bool = False) -> None:
-    """torchvision's initialisation: Kaiming-normal (fan-out) convs, unit BatchNorms, N(0, 0.01) linear
-    weights (``uniform_linear``: U(+-1/sqrt(out_features)), as EfficientNet), zero biases."""
+def init_weights(model: nn.Module, linear: str = "normal") -> None:
+    """torchvision's initialisation: Kaiming-normal (fan-out) convs, unit BatchNorms, zero biases, and linear
+    weights ``normal`` N(0, 0.01), ``uniform`` U(+-1/sqrt(out_features)) (EfficientNet), ``kaiming`` Kaiming-uniform
+    (fan-out, MNASNet) or ``default`` (PyTorch's own, biases too: ResNet)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
-        elif isinstance(m, nn.Linear) and uniform_linear:
+        elif isinstance(m, nn.Linear) and linear == "default":
+            continue
+        elif isinstance(m, nn.Linear) and linear == "uniform":
             bound = 1.0 / math.sqrt(m.out_features)
             nn.init.uniform_(m.weight, -bound, bound)
+        elif isinstance(m, nn.Linear) and linear == "kaiming":
+            nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="sigmoid")
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def init_truncated_normal(model: nn.Module, std: float) -> None:
+    """The initialisation of torchvision's Inception-V3 and GoogLeNet: conv and linear weights from a normal of
+    ``std`` truncated to [-2, 2], unit BatchNorms with zero bias."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, mean=0.0, std=std, a=-2, b=2)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

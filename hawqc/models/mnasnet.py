@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hawqc.models.layers import init_weights
+
 BN_MOMENTUM = 1 - 0.9997
 """torchvision's (TensorFlow's) BatchNorm momentum for MNASNet."""
 STACKS = ((24, 3, 2, 3, 3), (40, 5, 2, 3, 3), (80, 5, 2, 6, 3), (96, 3, 1, 6, 2), (192, 5, 2, 6, 4), (320, 3, 1, 6, 1))
@@ -49,15 +51,7 @@ class MNASNet(nn.Module):
                    nn.ReLU(inplace=True)]
         self.layers = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(1280, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="sigmoid")
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear="kaiming")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.layers(x).mean([2, 3]))
