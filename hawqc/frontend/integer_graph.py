@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import ShiftOps, high_word_sum_form, round_shift, rounding_bias
+from hawqc.quant.dyadic import ShiftOps, high_word_shift, high_word_sum_form, round_shift, rounding_bias
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
 
 
@@ -313,7 +313,8 @@ def _high_word_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     total = _const(d, "int64")
     for x, mult in zip(ins, multipliers):
         total = R.add(total, R.multiply(R.astype(x, "int64"), _const(mult, "int64")))
-    high = R.right_shift(R.astype(R.right_shift(total, _const(32, "int64")), "int32"), _const(c - 32, "int32"))
+    high = high_word_shift(total, _const(c - 32, "int32"), lambda v: R.astype(v, "int32"), R.right_shift,
+                           _const(32, "int64"))
     clipped = R.clip(high, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
     return R.astype(clipped, ctx.storage(a["qmin"], a["qmax"]))
 

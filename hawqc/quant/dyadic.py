@@ -256,10 +256,12 @@ def high_word_sum_form(multipliers: list[int], zero_points: list[int], c: int, z
     return d
 
 
-def high_word_shift(v: Any, s: Any, to_int32: Callable[[Any], Any]) -> Any:
+def high_word_shift(v: Any, s: Any, to_int32: Callable[[Any], Any],
+                    right_shift: Callable[[Any, Any], Any] = operator.rshift, word: Any = 32) -> Any:
     """``v >> (32 + s)`` for an int64 ``v`` and ``s >= 0``: the high 32 bits of ``v`` (``to_int32``
-    narrows them) shifted by ``s`` in int32, the flooring shift of :func:`high_word_form`."""
-    return to_int32(v >> 32) >> s
+    narrows them) shifted by ``s`` in int32, the flooring shift of :func:`high_word_form`. The defaults
+    serve numpy arrays and TIR expressions; Relax passes its ``right_shift`` and an int64 ``word`` of 32."""
+    return right_shift(to_int32(right_shift(v, word)), s)
 
 
 def bias_in_accumulator(bias: Any, bias_scale: Any, s_in: Any, s_w: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ block-diagonal weights; int32 inputs keep the generic lowering.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,17 +79,10 @@ def table_lookup(ctx: Context, x: Any, table: np.ndarray, offset: int, out_dtype
         return None
     shape = list(x.ty.shape)
     gv = ctx.bb.add_func(lookup.byte_lookup(dtype, out_dtype), "byte_lookup")
-    flat = ctx.bb.emit(R.reshape(x, [_product(shape)]))
+    flat = ctx.bb.emit(R.reshape(x, [math.prod(shape)]))
     full = relax.const(lookup.byte_table(table, offset, dtype).astype(out_dtype), out_dtype)
     out = ctx.bb.emit(R.call_tir(gv, [flat, full], relax.TensorType(flat.ty.shape, out_dtype)))
     return R.reshape(out, shape)
-
-
-def _product(dims: list[Any]) -> Any:
-    total = dims[0]
-    for d in dims[1:]:
-        total = total * d
-    return total
 
 
 def _requant(ctx: Context, op: IntOp | None, high_word: bool) -> Requant | None:
