@@ -1,5 +1,6 @@
 """Data-free calibration (distilled data), learned PTQ (AdaRound, ranges, bias correction) and W4A8."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ import hawqc
 from hawqc import BitConfig, LayerBits, models, quantize
 from hawqc.cli import main
 from hawqc.ilp.solver import Budget, build_problem, solve
-from hawqc.quant.adaround import LearnedOptions, clip_weight_ranges, reconstruct_rounding, search_activation_ranges
+from hawqc.quant.adaround import (
+    Block,
+    LearnedOptions,
+    blocks,
+    clip_weight_ranges,
+    reconstruct_block,
+    reconstruct_rounding,
+    search_activation_ranges,
+)
 from hawqc.quant.distill import bn_statistics_loss, distill
 from hawqc.quant.model import QuantModel
 
@@ -69,6 +78,37 @@ def test_learned_rounding_lowers_the_layer_reconstruction_error() -> None:
     np.testing.assert_allclose(after["w_scale"], before["w_scale"], rtol=1e-6)  # the scales stay
 
 
+def test_blocks_are_residual_blocks() -> None:
+    model = models.get("tiny_resnet")
+    found = blocks(QuantModel(model, BitConfig(default=LayerBits(4, 4)).resolve(model)))
+    assert [[n.layer for n in b.layers] for b in found] == [
+        ["conv1"], ["layer1.0.conv1", "layer1.0.conv2"], ["layer2.0.downsample.0", "layer2.0.conv1", "layer2.0.conv2"],
+        ["layer3.0.downsample.0", "layer3.0.conv1", "layer3.0.conv2"], ["fc"]]
+    assert [(b.after, b.last) for b in found][1:3] == [("conv1", "add"), ("add", "add_1")]
+
+
+def test_block_reconstruction_lowers_the_block_error_of_nearest_rounding() -> None:
+    model = bn_net()
+    calib = [torch.randn(16, 3, 8, 8) * 3 + 1]
+    bits = BitConfig(default=LayerBits(4, 8)).resolve(model)
+    qmodel = QuantModel(model, bits).eval()
+    qmodel.calibrate(calib)
+    reference = copy.deepcopy(qmodel)
+    convs = [n for n in qmodel.nodes if n.kind == "conv"]
+    block = Block(convs[0].inputs[0], convs[1].name, convs)  # both convs: one block, fitted jointly
+    before = [qmodel.layer(n).integer_params(qmodel.input_scale(n))["weight"] for n in convs]
+    nearest, learned = reconstruct_block(qmodel, block, convs, calib[0], calib[0], LearnedOptions(iters=300, drop=0.5),
+                                         torch.Generator().manual_seed(0), reference)
+    assert learned < 0.9 * nearest
+    with torch.no_grad():
+        got = qmodel.segment_forward(calib[0], block.after, block.last, fake=True)
+        target = reference.segment_forward(calib[0], block.after, block.last, fake=False)
+    assert float(((got - target) ** 2).mean()) == pytest.approx(learned, rel=1e-4)  # the written weights give it
+    for node, old in zip(convs, before):
+        diff = qmodel.layer(node).integer_params(qmodel.input_scale(node))["weight"].astype(int) - old
+        assert np.abs(diff).max() == 1
+
+
 def test_weight_range_search_clips_heavy_tailed_channels_and_lowers_the_weight_error() -> None:
     model = bn_net()
     qmodel = QuantModel(model, BitConfig(default=LayerBits(4, 4)).resolve(model))
@@ -117,12 +157,13 @@ def test_w4a8_preset_and_ilp_option() -> None:
     assert {solution.bits[n] for n in names[1:-1]} == {LayerBits(4, 8)}
 
 
-def test_learned_ptq_on_distilled_data_compiles_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [False, True])
+def test_learned_ptq_on_distilled_data_compiles_bit_exact(tmp_path: Path, blocks: bool) -> None:
     torch.manual_seed(0)
     model = models.get("tiny_resnet")
     models.recalibrate_bn(model, [torch.randn(16, 1, 28, 28)])
     calib = list(distill(model, (1, 28, 28), samples=8, batch_size=8, steps=5, cache_dir=tmp_path).split(4))
-    qmodel = quantize(model, "w4a8", calib, ptq="learned", learned=LearnedOptions(iters=10))
+    qmodel = quantize(model, "w4a8", calib, ptq="learned", learned=LearnedOptions(iters=10, blocks=blocks, drop=0.5))
     x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
     module = hawqc.compile_integer_only(qmodel, input_shape=x.shape)
     expected = qmodel.integer_graph().run(x)

@@ -74,14 +74,21 @@ class LearnedOptions:
     weight_grid: tuple[float, int] = (0.5, 51)
     """Clipping fractions tried: ``weight_grid[1]`` steps from ``weight_grid[0]`` to 1."""
     bias_correction: bool = True
+    blocks: bool = False
+    """Reconstruct each block's output (BRECQ, Li et al., ICLR 2021; blocks from :func:`blocks`), the
+    rounding of all its learned layers fitted jointly, instead of each layer's output alone."""
+    drop: float = 0.0
+    """With ``blocks``: the share of activation elements left unquantized in each step of a block's fit,
+    its input included (QDrop, Wei et al., ICLR 2022): rounding fitted to tolerate activation error."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.range_grid < 2 or (
-                self.crop is not None and self.crop < 1) or not 0 < self.weight_grid[0] <= 1 or self.weight_grid[1] < 1:
-            raise ValueError(f"learned PTQ needs iters, batch_size, crop >= 1, lr > 0, range_grid >= 2 and a weight "
-                             f"grid in (0, 1], got {self.iters}, {self.batch_size}, {self.crop}, {self.lr}, "
-                             f"{self.range_grid}, {self.weight_grid}")
+                self.crop is not None and self.crop < 1) or not 0 < self.weight_grid[0] <= 1 or self.weight_grid[1] < 1 \
+                or not 0 <= self.drop < 1:
+            raise ValueError(f"learned PTQ needs iters, batch_size, crop >= 1, lr > 0, range_grid >= 2, a weight "
+                             f"grid in (0, 1] and drop in [0, 1), got {self.iters}, {self.batch_size}, {self.crop}, "
+                             f"{self.lr}, {self.range_grid}, {self.weight_grid}, {self.drop}")
 
 
 def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedOptions = LearnedOptions(),
@@ -96,24 +103,74 @@ def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedO
         search_activation_ranges(qmodel, batches, options.range_grid)
     generator = torch.Generator().manual_seed(options.seed)
     reference = copy.deepcopy(qmodel)  # the float model as calibrated: every layer's target, untouched by the fits
-    layers = [n for n in qmodel.nodes if n.kind in ("conv", "dense")]
-    for i, node in enumerate(layers):
-        learned = qmodel.layer(node).w_bits in options.rounding_bits
-        if not learned and not options.bias_correction:
-            continue
-        with torch.no_grad():
-            x_q = torch.cat([qmodel.node_inputs(x, node.name, fake=True)[0] for x in batches])
-            x_fp = torch.cat([reference.node_inputs(x, node.name, fake=False)[0] for x in batches])
-        if learned and options.clip_weights:
-            clip_weight_ranges(qmodel, node, *options.weight_grid, inputs=(x_q, x_fp))
-        if learned:
-            error = reconstruct_rounding(qmodel, node, x_q, x_fp, options, generator, reference.layer(node))
+    groups = blocks(qmodel) if options.blocks else [Block(n.inputs[0], n.name, [n]) for n in qmodel.nodes
+                                                    if n.kind in ("conv", "dense")]
+    for i, block in enumerate(groups):
+        learned = [n for n in block.layers if qmodel.layer(n).w_bits in options.rounding_bits]
+        for node in block.layers:
+            if (node in learned and (options.clip_weights or not options.blocks)) or (
+                    options.bias_correction and not (options.blocks and learned)):
+                x_q, x_fp = _layer_inputs(qmodel, reference, node, batches)
+                if node in learned and options.clip_weights:
+                    clip_weight_ranges(qmodel, node, *options.weight_grid, inputs=(x_q, x_fp))
+                if not options.blocks and node in learned:
+                    error = reconstruct_rounding(qmodel, node, x_q, x_fp, options, generator, reference.layer(node))
+                    if log is not None:
+                        log(f"[{i + 1}/{len(groups)}] {node.layer}: output error {error[0]:.4g} nearest -> "
+                            f"{error[1]:.4g} learned")
+                if options.bias_correction and not (options.blocks and learned):  # a block fit sets its own output
+                    correct_bias(qmodel, node, x_q, x_fp, reference.layer(node))
+        if options.blocks and learned:
+            with torch.no_grad():
+                x_q, x_fp = _layer_inputs(qmodel, reference, block.layers[0], batches)
+            error = reconstruct_block(qmodel, block, learned, x_q, x_fp, options, generator, reference)
             if log is not None:
-                log(f"[{i + 1}/{len(layers)}] {node.layer}: output error {error[0]:.4g} nearest -> {error[1]:.4g} learned")
-        if options.bias_correction:
-            correct_bias(qmodel, node, x_q, x_fp, reference.layer(node))
+                log(f"[{i + 1}/{len(groups)}] block {block.layers[0].layer}..{block.layers[-1].layer}: output error "
+                    f"{error[0]:.4g} nearest -> {error[1]:.4g} learned")
     qmodel.mode = "int"
     return qmodel
+
+
+@torch.no_grad()
+def _layer_inputs(qmodel: QuantModel, reference: QuantModel, node: Node,
+                  batches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input on every batch: through the model as quantized so far, and through the float model."""
+    return (torch.cat([qmodel.node_inputs(x, node.name, fake=True)[0] for x in batches]),
+            torch.cat([reference.node_inputs(x, node.name, fake=False)[0] for x in batches]))
+
+
+# ---- blocks -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """A run of graph nodes that reads one tensor (node ``after``'s value) and ends at node ``last``,
+    whose value is the only one read after it; ``layers``: its conv/dense nodes."""
+
+    after: str
+    last: str
+    layers: list[Node]
+
+
+def blocks(qmodel: QuantModel) -> list[Block]:
+    """The model cut wherever a single tensor is live, the pieces merged while their layers share a
+    module (a layer ``a.b.conv1`` belongs to module ``a.b``; a piece without layers joins the one
+    before): for torchvision's ResNets a residual block each, for EfficientNets an inverted-residual
+    block each."""
+    nodes = qmodel.nodes
+    last_use = {n.name: i for i, n in enumerate(nodes)}
+    for i, node in enumerate(nodes):
+        for name in node.inputs:
+            last_use[name] = i
+    cuts = [i for i, node in enumerate(nodes)
+            if node.kind != "output" and all(last_use[n.name] <= i or n is node for n in nodes[:i + 1])]
+    found: list[Block] = []
+    for start, stop in zip(cuts, cuts[1:]):
+        layers = [n for n in nodes[start + 1:stop + 1] if n.kind in ("conv", "dense")]
+        modules = {n.layer.rpartition(".")[0] for n in layers}
+        if found and (not layers or modules & {n.layer.rpartition(".")[0] for n in found[-1].layers}):
+            found[-1] = Block(found[-1].after, nodes[stop].name, found[-1].layers + layers)
+        else:
+            found.append(Block(nodes[start].name, nodes[stop].name, layers))
+    return [b for b in found if b.layers]
 
 
 # ---- activation ranges ------------------------------------------------------------------------------
@@ -213,6 +270,61 @@ def _scale(qmodel: QuantModel, node: Node, w: torch.Tensor, b: torch.Tensor) -> 
     return layer.weight_scale(w, b, input_scale).reshape((-1,) + (1,) * (w.dim() - 1))
 
 
+class _SoftRounding:
+    """One layer's weights as ``s · clamp(⌊w/s⌋ + h(V))`` (AdaRound) with ``V`` the parameters to fit,
+    started where ``h(V)`` is the fractional part; each channel's weight of largest magnitude keeps its
+    nearest rounding (±qmax), so the per-channel scale stays."""
+
+    def __init__(self, qmodel: QuantModel, node: Node) -> None:
+        self.layer = layer = qmodel.layer(node)
+        self.qmodel, self.node = qmodel, node
+        with torch.no_grad():
+            w, self.bias = (t.detach().clone() for t in layer.folded())
+            self.s = _scale(qmodel, node, w, self.bias)
+            self.n = weight_qmax(layer.w_bits)
+            self.floor = torch.floor(w / self.s)
+            rest = (w / self.s - self.floor).clamp(1e-4, 1 - 1e-4)
+            self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(v) == rest
+            self.nearest = torch.clamp(torch.round(w / self.s), -self.n, self.n)
+            peak = w.abs().reshape(len(w), -1).argmax(dim=1)
+            self.fixed = torch.zeros_like(w, dtype=torch.bool)
+            self.fixed.reshape(len(w), -1)[torch.arange(len(w)), peak] = True
+
+    def soft(self) -> torch.Tensor:
+        """The relaxed rounding ``h(V)``."""
+        return _rectified_sigmoid(self.v)
+
+    def integers(self, kind: str = "learned") -> torch.Tensor:
+        """The integer weights: ``"soft"`` (relaxed, differentiable), ``"learned"`` (V rounded) or ``"nearest"``."""
+        if kind == "nearest":
+            return self.nearest
+        up = self.soft() if kind == "soft" else (self.v >= 0).float()
+        return torch.where(self.fixed, self.nearest, torch.clamp(self.floor + up, -self.n, self.n))
+
+    def output(self, x: torch.Tensor, kind: str = "soft") -> torch.Tensor:
+        return _layer_output(self.layer, self.node, x, self.s * self.integers(kind), self.bias)
+
+    @torch.no_grad()
+    def write(self, q: torch.Tensor) -> None:
+        """Make ``s · q`` the layer's folded weight; checks that its integers come back as ``q``."""
+        layer, qmodel = self.layer, self.qmodel
+        _set_folded_weight(layer, self.s * q)
+        w_after, b_after = layer.folded()
+        got = quantize_weight(w_after, layer.weight_scale(w_after, b_after, qmodel.acts[
+            qmodel.scale_source[self.node.inputs[0]]].scale), layer.w_bits)
+        if not torch.equal(got.float(), q):
+            raise AssertionError(f"{self.node.layer}: learned integer weights did not survive the write-back")
+
+
+def _regulariser(roundings: Sequence[_SoftRounding], step: int, options: LearnedOptions) -> torch.Tensor | float:
+    """AdaRound's ``λ Σ 1 − |2h(V) − 1|^β`` after the warm-up (``β`` falling linearly), 0 before."""
+    warmup = int(options.warmup * options.iters)
+    if step < warmup:
+        return 0.0
+    beta = options.beta[0] + (options.beta[1] - options.beta[0]) * (step - warmup) / max(options.iters - warmup, 1)
+    return options.reg_weight * sum((1 - (2 * r.soft() - 1).abs().pow(beta)).sum() for r in roundings)
+
+
 def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp: torch.Tensor,
                          options: LearnedOptions, generator: torch.Generator,
                          float_layer: QuantConv2d | QuantLinear | None = None) -> tuple[float, float]:
@@ -224,44 +336,86 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
     x_q, x_fp = x_q.detach(), x_fp.detach()
     with torch.no_grad():
         w_fp, b_fp = (t.detach().clone() for t in (float_layer or layer).folded())
-        w, b = (t.detach().clone() for t in layer.folded())
-        s = _scale(qmodel, node, w, b)
-        n = weight_qmax(layer.w_bits)
-        floor = torch.floor(w / s)
-        rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
-        v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(v) == rest
-        nearest = torch.clamp(torch.round(w / s), -n, n)
-        peak = w.abs().reshape(len(w), -1).argmax(dim=1)  # each channel's max |w| keeps ±qmax: same scale
-        fixed = torch.zeros_like(w, dtype=torch.bool)
-        fixed.reshape(len(w), -1)[torch.arange(len(w)), peak] = True
-    optimizer = torch.optim.Adam([v], lr=options.lr)
-    warmup = int(options.warmup * options.iters)
+    rounding = _SoftRounding(qmodel, node)
+    optimizer = torch.optim.Adam([rounding.v], lr=options.lr)
     for step in range(options.iters):
         inputs, reference = _window(x_q, x_fp, options, generator)
         with torch.no_grad():
             target = _layer_output(layer, node, reference, w_fp, b_fp)
-        h = _rectified_sigmoid(v)
-        y = _layer_output(layer, node, inputs, s * torch.where(fixed, nearest, torch.clamp(floor + h, -n, n)), b)
-        loss = ((y - target) ** 2).flatten(1).sum(1).mean()
-        if step >= warmup:
-            beta = options.beta[0] + (options.beta[1] - options.beta[0]) * (step - warmup) / max(options.iters - warmup, 1)
-            loss = loss + options.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        loss = ((rounding.output(inputs) - target) ** 2).flatten(1).sum(1).mean() + _regulariser([rounding], step, options)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        q = torch.where(fixed, nearest, torch.clamp(floor + (v >= 0).float(), -n, n))
         target = _layer_output(layer, node, x_fp, w_fp, b_fp)
-        errors = tuple(float(F.mse_loss(_layer_output(layer, node, x_q, s * r, b), target)) for r in (nearest, q))
-        if errors[1] > errors[0]:  # the fit (on random windows) lost on the whole calibration set: keep nearest
-            q, errors = nearest, (errors[0], errors[0])
-        _set_folded_weight(layer, s * q)
-        w_after, b_after = layer.folded()
-        got = quantize_weight(w_after, layer.weight_scale(w_after, b_after, qmodel.acts[
-            qmodel.scale_source[node.inputs[0]]].scale), layer.w_bits)
-        if not torch.equal(got.float(), q):
-            raise AssertionError(f"{node.layer}: learned integer weights did not survive the write-back")
-    return errors
+        errors = tuple(float(F.mse_loss(rounding.output(x_q, kind), target)) for kind in ("nearest", "learned"))
+        kind = "learned" if errors[1] <= errors[0] else "nearest"  # the fit saw random windows: keep the better
+        rounding.write(rounding.integers(kind))
+    return errors[0], min(errors)
+
+
+@contextmanager
+def _block_weights(qmodel: QuantModel, roundings: Sequence[_SoftRounding], kind: list[str], block: Block,
+                   drop: float, generator: torch.Generator) -> Iterator[None]:
+    """While active, the fake-quantized forward runs the learned layers with ``kind[0]`` rounding, and
+    (``drop`` > 0) leaves that share of the block's activation elements unquantized."""
+    for r in roundings:
+        r.layer.fake_forward = lambda x, input_scale, r=r: r.layer._op(x, r.s * r.integers(kind[0]), r.bias)
+    quantizers = [qmodel.acts[n] for n in _block_nodes(qmodel, block) if n in qmodel.acts] if drop > 0 else []
+    for quantizer in quantizers:
+        quantizer.fake = lambda x, q=quantizer: _dropped(x, type(q).fake(q, x), drop, generator)
+    try:
+        yield
+    finally:
+        for module in [r.layer for r in roundings] + quantizers:
+            del module.__dict__["fake_forward" if isinstance(module, (QuantConv2d, QuantLinear)) else "fake"]
+
+
+def _block_nodes(qmodel: QuantModel, block: Block) -> list[str]:
+    names = [n.name for n in qmodel.nodes]
+    return names[names.index(block.after) + 1:names.index(block.last) + 1]
+
+
+def _dropped(x: torch.Tensor, quantized: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """``quantized`` with a random ``drop`` share of its elements replaced by the unquantized ``x``."""
+    return torch.where(torch.rand(x.shape, generator=generator) < drop, x, quantized)
+
+
+def reconstruct_block(qmodel: QuantModel, block: Block, learned: Sequence[Node], x_q: torch.Tensor,
+                      x_fp: torch.Tensor, options: LearnedOptions, generator: torch.Generator,
+                      reference: QuantModel) -> tuple[float, float]:
+    """Learn the rounding of the ``learned`` layers of ``block`` jointly (BRECQ): the fake-quantized
+    block's output from its quantized input ``x_q`` against the float model ``reference``'s block output
+    from the float input ``x_fp``; written into the layers. Returns the mean squared block output error
+    with nearest and with learned rounding (nearest is kept where it is lower)."""
+    x_q, x_fp = x_q.detach(), x_fp.detach()
+    roundings = [_SoftRounding(qmodel, node) for node in learned]
+    optimizer = torch.optim.Adam([r.v for r in roundings], lr=options.lr)
+    kind = ["soft"]
+    with _block_weights(qmodel, roundings, kind, block, options.drop, generator):
+        for step in range(options.iters):
+            inputs, fp_inputs = _window(x_q, x_fp, options, generator)
+            if options.drop > 0:
+                inputs = _dropped(fp_inputs, inputs, options.drop, generator)
+            with torch.no_grad():
+                target = reference.segment_forward(fp_inputs, block.after, block.last, fake=False)
+            y = qmodel.segment_forward(inputs, block.after, block.last, fake=True)
+            loss = ((y - target) ** 2).flatten(1).sum(1).mean() + _regulariser(roundings, step, options)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    errors = []
+    with torch.no_grad():
+        for kind[0] in ("nearest", "learned"):
+            with _block_weights(qmodel, roundings, kind, block, 0.0, generator):
+                errors.append(sum(float(((qmodel.segment_forward(q, block.after, block.last, fake=True)
+                                          - reference.segment_forward(f, block.after, block.last, fake=False)) ** 2)
+                                         .sum()) for q, f in zip(x_q.split(8), x_fp.split(8))))
+        best = "learned" if errors[1] <= errors[0] else "nearest"
+        for r in roundings:
+            r.write(r.integers(best))
+    size = x_q.shape[0] * reference.segment_forward(x_fp[:1], block.after, block.last, fake=False).numel()
+    return errors[0] / size, min(errors) / size
 
 
 def _window(x_q: torch.Tensor, x_fp: torch.Tensor, options: LearnedOptions,

@@ -134,12 +134,30 @@ class QuantModel(nn.Module):
         assert isinstance(found, list), f"no node {name!r}"
         return found
 
+    def segment_forward(self, x: torch.Tensor, after: str, last: str, fake: bool) -> torch.Tensor:
+        """The value of node ``last`` (quantized if ``fake``) when node ``after``'s value is ``x``:
+        the nodes between them must read nothing from before ``after`` but its value."""
+        names = [n.name for n in self.nodes]
+        start, stop = names.index(after), names.index(last)
+        values = self._run(x, self.nodes[start + 1:stop + 1], {after: x}, fake, observe=False)
+        assert isinstance(values, dict)
+        return values[last]
+
     def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool, stop_at: str | None = None,
                        world: distributed.World | None = None) -> torch.Tensor | list[torch.Tensor]:
         """The float or fake-quantized forward; ``observe`` feeds the activation quantizers' observers
         (with ``world``, the ranks calibrating together)."""
-        values: dict[str, torch.Tensor] = {}
-        for node in self.nodes:
+        found = self._run(x, self.nodes, {}, fake, observe, stop_at, world)
+        if isinstance(found, dict):
+            raise AssertionError("captured graph has no output")
+        return found
+
+    def _run(self, x: torch.Tensor, nodes: list[Node], values: dict[str, torch.Tensor], fake: bool, observe: bool,
+             stop_at: str | None = None, world: distributed.World | None = None
+             ) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
+        """Run ``nodes`` on ``values`` (the values computed before them); the output, the inputs of
+        ``stop_at``, or (neither reached) every value."""
+        for node in nodes:
             ins = [values[i] for i in node.inputs]
             kind, attrs = node.kind, node.attrs
             if node.name == stop_at:
@@ -179,7 +197,7 @@ class QuantModel(nn.Module):
             elif fake and kind in ("avgpool", "gap"):  # integer pooling rounds to the input's grid
                 y = self.acts[self.scale_source[node.name]].fake(y)
             values[node.name] = y
-        raise AssertionError("captured graph has no output")
+        return values
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Any]) -> int:
