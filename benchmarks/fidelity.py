@@ -104,7 +104,7 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
     """Quantize with ``ptq`` (then, given ``qat`` data, fine-tune ``args.qat_steps`` QAT steps distilled from
     the float ``model``), compile, run ``x`` through the compiled module and ``score`` its outputs."""
     start = time.perf_counter()
-    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch)
+    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch, blocks=args.ptq_blocks, drop=args.ptq_drop)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)
     ptq_s = time.perf_counter() - start
@@ -145,7 +145,9 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
             start = time.perf_counter()
             sens = sensitivity(model, [synthetic[:args.hessian_samples]], max_iters=args.hessian_iters)
             table.update(sensitivity_s=round(time.perf_counter() - start, 1), hessian_iterations=sens.iterations)
-            config = hawqc.search_bit_config(model, sensitivity=sens, input_shape=(3, CROP, CROP), bops=0.5)
+            options = [LayerBits(int(o[1]), int(o[3])) for o in args.ilp_options]
+            config = hawqc.search_bit_config(model, sensitivity=sens, input_shape=(3, CROP, CROP), bops=0.5,
+                                             options=options)
         for ptq in args.ptq:
             table["rows"].append(quantized_row("ILP bops 0.5" if key == "ILP" else key, ptq, model, config, calib,
                                                args, lambda logits: fidelity(reference, logits), x, 4))
@@ -244,6 +246,11 @@ def main() -> None:
     parser.add_argument("--ptq", nargs="+", choices=["nearest", "learned"], default=["nearest", "learned"])
     parser.add_argument("--ptq-iters", type=int, help="learned PTQ steps per layer (default 300, quick 20)")
     parser.add_argument("--ptq-batch", type=int, default=8, help="learned PTQ samples per step (default 8)")
+    parser.add_argument("--ptq-blocks", action="store_true", help="learned PTQ: block reconstruction (BRECQ)")
+    parser.add_argument("--ptq-drop", type=float, default=0.0, help="learned PTQ with --ptq-blocks: QDrop share")
+    parser.add_argument("--ilp-options", nargs="+", choices=["W4A4", "W4A8", "W8A8"], default=["W4A4", "W4A8", "W8A8"],
+                        help="the ILP's per-layer choices (default: all three)")
+    parser.add_argument("--tag", help="suffix of the result files (runs in parallel write apart)")
     parser.add_argument("--qat-steps", type=int, help="Fashion-MNIST W4A4 QAT steps after PTQ, 0: none (default 1000, quick 10)")
     parser.add_argument("--qat-lr", type=float, default=5e-3, help="QAT learning rate (default 5e-3, a tenth after half)")
     parser.add_argument("--distill-steps", type=int, help="Adam steps of the distilled inputs (default 150, quick 5)")
@@ -268,10 +275,13 @@ def main() -> None:
     for key, value in settings.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "qat_lr": args.qat_lr}
+    settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
+                                                          "ptq_drop": args.ptq_drop, "qat_lr": args.qat_lr,
+                                                          "ilp_options": "/".join(args.ilp_options)}
     started = time.perf_counter()
     out = Path(args.out)
-    stem = ("fidelity_quick" if args.quick else "fidelity") + (f"_{args.only}" if args.only else "")
+    stem = ("fidelity_quick" if args.quick else "fidelity") + (f"_{args.only}" if args.only else "") + (
+        f"_{args.tag}" if args.tag else "")
     report: dict[str, Any] = {"command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:]),
                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads",
                               "settings": ", ".join(f"{k}={v}" for k, v in settings.items()), "settings_dict": settings}

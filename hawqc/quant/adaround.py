@@ -76,7 +76,8 @@ class LearnedOptions:
     bias_correction: bool = True
     blocks: bool = False
     """Reconstruct each block's output (BRECQ, Li et al., ICLR 2021; blocks from :func:`blocks`), the
-    rounding of all its learned layers fitted jointly, instead of each layer's output alone."""
+    rounding of all its learned layers fitted jointly, instead of each layer's output alone (bias
+    correction follows the fit, layer by layer)."""
     drop: float = 0.0
     """With ``blocks``: the share of activation elements left unquantized in each step of a block's fit,
     its input included (QDrop, Wei et al., ICLR 2022): rounding fitted to tolerate activation error."""
@@ -107,26 +108,23 @@ def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedO
                                                     if n.kind in ("conv", "dense")]
     for i, block in enumerate(groups):
         learned = [n for n in block.layers if qmodel.layer(n).w_bits in options.rounding_bits]
-        for node in block.layers:
-            if (node in learned and (options.clip_weights or not options.blocks)) or (
-                    options.bias_correction and not (options.blocks and learned)):
-                x_q, x_fp = _layer_inputs(qmodel, reference, node, batches)
-                if node in learned and options.clip_weights:
-                    clip_weight_ranges(qmodel, node, *options.weight_grid, inputs=(x_q, x_fp))
-                if not options.blocks and node in learned:
-                    error = reconstruct_rounding(qmodel, node, x_q, x_fp, options, generator, reference.layer(node))
-                    if log is not None:
-                        log(f"[{i + 1}/{len(groups)}] {node.layer}: output error {error[0]:.4g} nearest -> "
-                            f"{error[1]:.4g} learned")
-                if options.bias_correction and not (options.blocks and learned):  # a block fit sets its own output
-                    correct_bias(qmodel, node, x_q, x_fp, reference.layer(node))
-        if options.blocks and learned:
-            with torch.no_grad():
-                x_q, x_fp = _layer_inputs(qmodel, reference, block.layers[0], batches)
-            error = reconstruct_block(qmodel, block, learned, x_q, x_fp, options, generator, reference)
+        if not learned and not options.bias_correction:
+            continue
+        first = _layer_inputs(qmodel, reference, block.layers[0], batches)  # unchanged by the block's own fits
+
+        def inputs(node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+            return first if node is block.layers[0] else _layer_inputs(qmodel, reference, node, batches)
+
+        for node in learned if options.clip_weights else ():
+            clip_weight_ranges(qmodel, node, *options.weight_grid, inputs=inputs(node))
+        if learned:
+            error = (reconstruct_block(qmodel, block, learned, *first, options, generator, reference) if options.blocks
+                     else reconstruct_rounding(qmodel, learned[0], *first, options, generator, reference.layer(learned[0])))
             if log is not None:
-                log(f"[{i + 1}/{len(groups)}] block {block.layers[0].layer}..{block.layers[-1].layer}: output error "
-                    f"{error[0]:.4g} nearest -> {error[1]:.4g} learned")
+                names = block.layers[0].layer + (f"..{block.layers[-1].layer}" if len(block.layers) > 1 else "")
+                log(f"[{i + 1}/{len(groups)}] {names}: output error {error[0]:.4g} nearest -> {error[1]:.4g} learned")
+        for node in block.layers if options.bias_correction else ():  # after the fit: in order, each on its new input
+            correct_bias(qmodel, node, *inputs(node), reference.layer(node))
     qmodel.mode = "int"
     return qmodel
 
