@@ -139,6 +139,10 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
     table["distill_s"] = round(time.perf_counter() - start, 1)
     calib = list(synthetic.split(8))
     configs = {"W8A8": BitConfig(default=LayerBits(8, 8)), "W4A8": "w4a8", "ILP": None, "W4A4": "uniform4"}
+    if args.depthwise_8bit:  # the presets with every depthwise conv at W8A8
+        depthwise = {n: LayerBits(8, 8) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+        configs.update({k: BitConfig(layers=depthwise, default=BitConfig.preset(configs[k]).default,
+                                     first_last=LayerBits(8, 8)) for k in ("W4A8", "W4A4")})
     for key in [r for r in args.rows if r in configs]:
         config = configs[key]
         if key == "ILP":  # Hessian on (some of) the same distilled inputs
@@ -149,7 +153,8 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
             config = hawqc.search_bit_config(model, sensitivity=sens, input_shape=(3, CROP, CROP), bops=0.5,
                                              options=options)
         for ptq in args.ptq:
-            table["rows"].append(quantized_row("ILP bops 0.5" if key == "ILP" else key, ptq, model, config, calib,
+            label = "ILP bops 0.5" if key == "ILP" else key + (" (depthwise W8A8)" if args.depthwise_8bit and key != "W8A8" else "")
+            table["rows"].append(quantized_row(label, ptq, model, config, calib,
                                                args, lambda logits: fidelity(reference, logits), x, 4))
             record(table)
     return table
@@ -250,6 +255,8 @@ def main() -> None:
     parser.add_argument("--ptq-drop", type=float, default=0.0, help="learned PTQ with --ptq-blocks: QDrop share")
     parser.add_argument("--ilp-options", nargs="+", choices=["W4A4", "W4A8", "W8A8"], default=["W4A4", "W4A8", "W8A8"],
                         help="the ILP's per-layer choices (default: all three)")
+    parser.add_argument("--depthwise-8bit", action="store_true", help="EfficientNet-Lite0's W4A8 and W4A4 rows with "
+                        "every depthwise conv at W8A8")
     parser.add_argument("--tag", help="suffix of the result files (runs in parallel write apart)")
     parser.add_argument("--qat-steps", type=int, help="Fashion-MNIST W4A4 QAT steps after PTQ, 0: none (default 1000, quick 10)")
     parser.add_argument("--qat-lr", type=float, default=5e-3, help="QAT learning rate (default 5e-3, a tenth after half)")
@@ -277,7 +284,8 @@ def main() -> None:
             setattr(args, key, value)
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
                                                           "ptq_drop": args.ptq_drop, "qat_lr": args.qat_lr,
-                                                          "ilp_options": "/".join(args.ilp_options)}
+                                                          "ilp_options": "/".join(args.ilp_options),
+                                                          "depthwise_8bit": args.depthwise_8bit}
     started = time.perf_counter()
     out = Path(args.out)
     stem = ("fidelity_quick" if args.quick else "fidelity") + (f"_{args.only}" if args.only else "") + (

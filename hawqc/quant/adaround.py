@@ -19,8 +19,14 @@ After the usual calibration (:meth:`QuantModel.calibrate`), three steps, each on
    magnitude in each channel keeps its nearest rounding (±qmax) throughout the fit, so the per-channel scale is
    unchanged. Where the learned rounding reconstructs the whole calibration set worse than nearest
    rounding (the fit sees random windows), the layer keeps nearest rounding.
+   With ``blocks`` (BRECQ, Li et al., ICLR 2021) the unit of reconstruction is a block instead of a
+   layer (:func:`blocks`: a residual or inverted-residual block): the rounding of all its learned
+   layers is fitted jointly to reconstruct the block's float output from its quantized input, through
+   the block's fake-quantized activations (optionally with a random share of them left unquantized in
+   each step, QDrop); nearest rounding is kept where the fit loses on the whole calibration set.
 4. **Bias correction**: the mean per-channel shift of the quantized layer's output (from its quantized
-   input) against the float layer's (from the float input) is subtracted from its bias.
+   input) against the float layer's (from the float input) is subtracted from its bias (after the
+   layer's, or its block's, rounding fit).
 
 The results are written back into the quantized model's own float parameters (the folded weight becomes
 exactly ``s · q`` for the learned integers ``q``; the BatchNorm shift or the bias takes the correction),
