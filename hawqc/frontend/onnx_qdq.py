@@ -45,6 +45,18 @@ FINE_STEPS, FINE_RANGE, FINE_ENTRIES = 16, 16.0, 2**16
 times finer than its output's, covering at least [-16, 16], of at most 2^16 entries."""
 
 
+class Unquantized(ValueError):
+    """A node reads a float tensor that no QuantizeLinear rounded (a float region the quantizer left):
+    ``node`` is the ONNX node's name (its first output's where it has none)."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+CALIBRATE_HINT = "; give calibration inputs (--calib-data, calib_data=) and hawqc quantizes it"
+
+
 @dataclass
 class _View:
     """An integer tensor seen as float: ``name`` in the integer graph, times ``scale``."""
@@ -113,6 +125,11 @@ class _Reader:
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
+
+    def unquantized(self, node: Any, why: str) -> None:
+        """Fail at a node that reads a tensor no QuantizeLinear rounded."""
+        raise Unquantized(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}{CALIBRATE_HINT}",
+                          node.name or node.output[0])
 
     def const_array(self, name: str) -> np.ndarray:
         if name not in self.inits:
@@ -295,15 +312,18 @@ class _Reader:
                 isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
             return self.common_grid(node.input[0], value)
         if not isinstance(value, _View):
-            self.fail(node, "input must be a dequantized tensor")
+            self.unquantized(node, "input must be a dequantized tensor")
         return value
 
     def common_grid(self, tensor: str, pending: _Pending) -> _View:
         """An add or concat of integer tensors or accumulators on different grids that no QuantizeLinear
-        rounds (NNCF): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
-        input's, then summed or concatenated there (int32)."""
-        scales = [np.min(np.float32(p.s_in) * p.s_w) if isinstance(p, _Acc) else p.scale for p in pending.parts]
-        fine = np.float32(min(scales) / FINE_STEPS)
+        rounds (NNCF, PT2E): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
+        accumulator's, or the finest integer tensor's own, then summed or concatenated there (int32). An
+        integer tensor already on that grid (a concat read again, as ShuffleNet's units chain) is not made
+        finer again."""
+        scales = [np.min(np.float32(p.s_in) * p.s_w) / FINE_STEPS if isinstance(p, _Acc) else p.scale
+                  for p in pending.parts]
+        fine = np.float32(min(scales) if any(isinstance(p, _Acc) for p in pending.parts) else min(scales) / FINE_STEPS)
         name = f"{tensor}:{pending.kind}"
         parts, lows, highs = [], [], []
         for j, p in enumerate(pending.parts):
@@ -745,7 +765,7 @@ class _Reader:
         attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.fail(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
+                self.unquantized(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
             name, s_in, s_w, reach = value.name, value.s_in, np.asarray(value.s_w, np.float64) * magnitude, 0
             below = 0.0 if value.fraction is None else value.fraction * sign
         else:
@@ -804,7 +824,7 @@ class _Reader:
             value = self.view(node, value)
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.fail(node, "reads a clipped accumulator that no QuantizeLinear rounded")
+                self.unquantized(node, "reads a clipped accumulator that no QuantizeLinear rounded")
             scale, attrs = np.float32(value.s_in) * np.asarray(value.s_w, np.float32), {}
         elif isinstance(value, _View):
             scale = np.asarray(value.scale, np.float32)
