@@ -141,6 +141,49 @@ class PoolAfterReLU(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
 
 
+class ShuffleChain(nn.Module):
+    """ShuffleNet-V2's units one after another: PT2E quantizes neither the concat nor the shuffle, so each
+    unit's concat reads the previous one's on its own grid (which must not get finer unit by unit)."""
+
+    def __init__(self, units: int = 10) -> None:
+        super().__init__()
+        self.stem, self.fc = cbr(3, 8), nn.Linear(8, 5)
+        self.branches = nn.ModuleList(cbr(4, 4, 1) for _ in range(units))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for branch in self.branches:
+            a, b = x.chunk(2, dim=1)
+            x = torch.cat([a, branch(b)], 1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+class DenseTail(nn.Module):
+    """DenseNet's end: a standalone BatchNorm and ReLU pooled (ONNX Runtime's operator form quantizes neither:
+    the pool reads the ReLU'd affine map's accumulator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.fc = cbr(3, 8), nn.BatchNorm2d(11), nn.Linear(11, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.stem(x), x], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1))
+
+
+class MeanAfterReLU(nn.Module):
+    """MNASNet's end: the mean over H, W of a conv's ReLU output, which PT2E quantizes only after the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = cbr(3, 8), cbr(8, 16, 1), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(self.stem(x)).mean((2, 3)))
+
+
 class SoftmaxTail(Shuffle):
     """A Softmax after the classifier: ONNX Runtime quantizes its output, computes it in float."""
 
@@ -149,18 +192,21 @@ class SoftmaxTail(Shuffle):
 
 
 NETS = {"shuffle": Shuffle, "dense": Dense, "segment": Segment, "moves": Moves, "excite": Excite,
-        "softmax": SoftmaxTail, "pools": Pools, "pool_after_relu": PoolAfterReLU}
+        "softmax": SoftmaxTail, "pools": Pools, "pool_after_relu": PoolAfterReLU, "dense_tail": DenseTail,
+        "mean_after_relu": MeanAfterReLU, "shuffle_chain": ShuffleChain}
 CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort-qdq-u8"),
          ("dense", "ort-weight-qdq"), ("dense", "ort-qoperator"), ("segment", "ort-qdq-s8"),
          ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
          ("moves", "ort-qoperator"), ("moves", "ort-weight-qdq"),
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"), ("pools", "ort-qdq-s8"), ("pools", "ort-qdq-u8"),
          *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86"),
-         ("pool_after_relu", "pt2e-x86")]
+         ("pool_after_relu", "pt2e-x86"), ("dense_tail", "ort-qoperator"), ("mean_after_relu", "pt2e-x86"),
+         ("shuffle_chain", "pt2e-x86")]
 EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
                 "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"},
-                "pool_after_relu": {"maxpool"}}
+                "pool_after_relu": {"maxpool"}, "dense_tail": {"affine", "global_avgpool"},
+                "mean_after_relu": {"global_avgpool"}, "shuffle_chain": {"transpose", "slice", "concat"}}
 FLOAT_OPS = {("excite", "nncf"): {"Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"}, ("softmax", "ort-qdq-s8"): {"Softmax"}}
 """ONNX operators the quantizer left in float (reported in the graph's metadata); none elsewhere."""
 

@@ -368,7 +368,8 @@ def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
     axes = ctx.spatial_axes(4)
     b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
-    sums = ctx.bb.emit(R.sum(R.astype(ins[0], "int32"), axis=axes, keepdims=True))
+    wide = "int64" if str(ins[0].ty.dtype) == "int32" else "int32"  # an int32 tensor (a fine grid) sums in int64
+    sums = ctx.bb.emit(R.sum(R.astype(ins[0], wide), axis=axes, keepdims=True))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
 

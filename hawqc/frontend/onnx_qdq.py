@@ -122,6 +122,8 @@ class _Reader:
     float_nodes: list[str] = field(default_factory=list)
     """The ONNX nodes computed in float, as ``name (op)``."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
+    fine_views: dict[tuple[str, float, float], _View] = field(default_factory=dict)
+    """Accumulators read before any QuantizeLinear, on their fine grid (``accumulator_view``)."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -311,9 +313,24 @@ class _Reader:
         if isinstance(value, _Pending) and value.kind in ("add", "concat") and all(
                 isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
             return self.common_grid(node.input[0], value)
+        if isinstance(value, _Acc):
+            return self.accumulator_view(value)
         if not isinstance(value, _View):
             self.unquantized(node, "input must be a dequantized tensor")
         return value
+
+    def accumulator_view(self, acc: _Acc) -> _View:
+        """A conv's or affine map's output (clipped by a ReLU/Clip or not) that an operator reads before any
+        QuantizeLinear rounds it (PT2E's mean of a ReLU'd conv, ONNX Runtime's operator form pooling a
+        ReLU'd BatchNorm): requantized once onto a grid ``FINE_STEPS`` times finer than its finest
+        channel's, in int32, for every reader."""
+        key = (acc.name, acc.lo, acc.hi)
+        if key not in self.fine_views:
+            name = f"{acc.name}:fine{len(self.fine_views)}"
+            fine = np.float32(np.min(np.float32(acc.s_in) * np.asarray(acc.s_w, np.float32)) / FINE_STEPS)
+            lo, hi = self.rescale(acc, name, fine, INT32_MIN, INT32_MAX)
+            self.fine_views[key] = _View(name, fine, lo, hi)
+        return self.fine_views[key]
 
     def common_grid(self, tensor: str, pending: _Pending) -> _View:
         """An add or concat of integer tensors or accumulators on different grids that no QuantizeLinear
@@ -330,8 +347,8 @@ class _Reader:
             if isinstance(p, _Acc):
                 lo, hi = INT32_MIN // len(pending.parts), INT32_MAX // len(pending.parts)
             else:
-                lo = int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1
-                hi = int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1
+                lo = max(int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1, INT32_MIN)
+                hi = min(int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1, INT32_MAX)
             lows.append(lo)
             highs.append(hi)
             parts.append(f"{name}:in{j}")
@@ -822,9 +839,9 @@ class _Reader:
             return value.name
         if isinstance(value, _Pending):
             value = self.view(node, value)
+        if isinstance(value, _Acc) and (np.isfinite(value.lo) or np.isfinite(value.hi)):
+            value = self.accumulator_view(value)
         if isinstance(value, _Acc):
-            if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.unquantized(node, "reads a clipped accumulator that no QuantizeLinear rounded")
             scale, attrs = np.float32(value.s_in) * np.asarray(value.s_w, np.float32), {}
         elif isinstance(value, _View):
             scale = np.asarray(value.scale, np.float32)
