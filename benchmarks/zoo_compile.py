@@ -59,20 +59,23 @@ def output_step(path: Path) -> float | None:
 def oracle_agreement(path: Path, graphs: dict[str, object], shape: tuple[int, ...], count: int = 2) -> dict[str, object]:
     """Each integer graph (run by the reference, which its compiled module equals) against the file's float64
     meaning (:mod:`hawqc.reference.oracle`) on ``count`` inputs: the largest difference (in output steps where
-    the output is quantized) and the share of argmax that agree."""
+    the output is quantized; and as a share of the oracle's largest output) and the share of argmax that agree."""
     from hawqc.reference.oracle import evaluator, oracle_run
 
     session, step = evaluator(path), output_step(path)
     diffs: dict[str, list[float]] = {k: [] for k in graphs}
     agree: dict[str, list[bool]] = {k: [] for k in graphs}
+    peak = 0.0
     for seed in range(count):
         x = np.random.default_rng(100 + seed).standard_normal(shape).astype(np.float32)
         want = oracle_run(session, x)
+        peak = max(peak, float(np.abs(want).max()))
         for key, graph in graphs.items():
             got = graph.run(x)
             diffs[key].append(float(np.abs(got - want).max()))
             agree[key].append(bool(got.argmax() == want.argmax()))
-    return {key: {"vs_oracle": f"{max(diffs[key]) / step:.1f} steps" if step else f"{max(diffs[key]):.3g} abs",
+    return {key: {"vs_oracle": (f"{max(diffs[key]) / step:.1f} steps" if step else f"{max(diffs[key]):.3g} abs")
+                  + f" ({100 * max(diffs[key]) / max(peak, 1e-12):.1f}% of max)",
                   "argmax_oracle": round(float(np.mean(agree[key])), 2)} for key in graphs}
 
 
@@ -214,9 +217,9 @@ def main() -> None:
             if (name, quantizer, args.calib) in done:
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                rows.append(check(name, quantizer, Path(folder), args.calib))
-            rows.sort(key=order)
-            print({k: v for k, v in rows[-1].items() if k != "traceback"}, flush=True)
+                row = check(name, quantizer, Path(folder), args.calib)
+            print({k: v for k, v in row.items() if k != "traceback"}, flush=True)
+            rows = sorted([*rows, row], key=order)
             write_atomic(saved, json.dumps({"torch": torch.__version__, "rows": rows}, indent=1).encode())
             write_atomic(out / "zoo_compile.md", markdown(rows).encode())
     print(markdown(rows))

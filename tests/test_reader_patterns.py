@@ -184,6 +184,18 @@ class MeanAfterReLU(nn.Module):
         return self.fc(self.conv(self.stem(x)).mean((2, 3)))
 
 
+class CeilMean(nn.Module):
+    """SqueezeNet's ceil-mode max pools and MNASNet's mean over H, W, as hawqc's own quantizer captures them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = cbr(3, 8), cbr(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(F.max_pool2d(self.stem(x), 3, 2, ceil_mode=True))
+        return self.fc(F.max_pool2d(x, 2, 2, ceil_mode=True).mean([2, 3]))
+
+
 class SoftmaxTail(Shuffle):
     """A Softmax after the classifier: ONNX Runtime quantizes its output, computes it in float."""
 
@@ -193,7 +205,7 @@ class SoftmaxTail(Shuffle):
 
 NETS = {"shuffle": Shuffle, "dense": Dense, "segment": Segment, "moves": Moves, "excite": Excite,
         "softmax": SoftmaxTail, "pools": Pools, "pool_after_relu": PoolAfterReLU, "dense_tail": DenseTail,
-        "mean_after_relu": MeanAfterReLU, "shuffle_chain": ShuffleChain}
+        "mean_after_relu": MeanAfterReLU, "shuffle_chain": ShuffleChain, "ceil_mean": CeilMean}
 CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort-qdq-u8"),
          ("dense", "ort-weight-qdq"), ("dense", "ort-qoperator"), ("segment", "ort-qdq-s8"),
          ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
@@ -201,12 +213,13 @@ CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"), ("pools", "ort-qdq-s8"), ("pools", "ort-qdq-u8"),
          *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86"),
          ("pool_after_relu", "pt2e-x86"), ("dense_tail", "ort-qoperator"), ("mean_after_relu", "pt2e-x86"),
-         ("shuffle_chain", "pt2e-x86")]
+         ("shuffle_chain", "pt2e-x86"), ("ceil_mean", "hawqc")]
 EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
                 "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"},
                 "pool_after_relu": {"maxpool"}, "dense_tail": {"affine", "global_avgpool"},
-                "mean_after_relu": {"global_avgpool"}, "shuffle_chain": {"transpose", "slice", "concat"}}
+                "mean_after_relu": {"global_avgpool"}, "shuffle_chain": {"transpose", "slice", "concat"},
+                "ceil_mean": {"maxpool", "global_avgpool"}}
 FLOAT_OPS = {("excite", "nncf"): {"Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"}, ("softmax", "ort-qdq-s8"): {"Softmax"}}
 """ONNX operators the quantizer left in float (reported in the graph's metadata); none elsewhere."""
 

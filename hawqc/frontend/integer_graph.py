@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.quant.dyadic import ShiftOps, high_word_shift, high_word_sum_form, round_shift, rounding_bias
-from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
+from hawqc.reference.graph import IntegerGraph, IntOp, pool_padding, pool_rescale
 
 
 def storage_dtype(qmin: int, qmax: int) -> str:
@@ -340,7 +340,8 @@ def _maxpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
-    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=a["padding"],
+    size = [ins[0].ty.shape[axis] for axis in ctx.spatial_axes(4)]
+    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=pool_padding(a, size),
                            layout=ctx.layout)
 
 

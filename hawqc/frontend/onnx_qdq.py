@@ -36,7 +36,15 @@ from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
-from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, accumulator_grid_bits, aligned_add_op, rescale_op
+from hawqc.reference.graph import (
+    AddInput,
+    IntegerGraph,
+    IntOp,
+    accumulator_grid_bits,
+    aligned_add_op,
+    ceil_mode_padding,
+    rescale_op,
+)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
@@ -477,19 +485,11 @@ class _Reader:
             _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     def ceil_mode_pads(self, node: Any, pads: list[int]) -> list[int]:
-        """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
-        ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would start in the padding
-        (PyTorch's and ONNX Runtime's rule). A max pool pads with the smallest integer; an average pool
-        divides by the cells of each window inside the input and the explicit padding (``_window_counts``)."""
-        shape = self.shape_of(node, node.input[0])
+        """Pooling with ``ceil_mode=1`` as extra bottom/right padding (:func:`ceil_mode_padding`). A max pool
+        pads with the smallest integer; an average pool divides by the cells of each window inside the
+        input and the explicit padding (``_window_counts``)."""
         kernel, strides = list(_attr(node, "kernel_shape", None)), list(_attr(node, "strides", [1, 1]))
-        extra = []
-        for n, k, s, lo, hi in zip(shape[2:], kernel, strides, pads[:2], pads[2:]):
-            out = -(-(n + lo + hi - k) // s) + 1
-            if (out - 1) * s >= n + lo:
-                out -= 1
-            extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
-        return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
+        return ceil_mode_padding(self.shape_of(node, node.input[0])[2:], kernel, strides, pads)
 
     def elementwise(self, node: Any) -> None:
         """A non-linearity on an integer tensor: an exact lookup table once its output scale is known. On

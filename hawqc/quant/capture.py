@@ -5,6 +5,7 @@ become single nodes (ReLU6 and ``Hardtanh(0, m)`` are ReLUs with an upper bound)
 Identity vanish. A convolution is an ``nn.Conv2d`` module or ``F.conv2d`` called with a Conv2d
 module's own weight (as "same"-padding subclasses do); zero padding (``nn.ZeroPad2d``,
 ``F.pad``) whose readers are all convolutions folds into their (possibly asymmetric) padding.
+A mean over H and W is a global average pool (and a flatten without ``keepdim``).
 Shape values (``x.size(0)``, ``x.shape[0]``) are not tensors: they may only serve a reshape to
 ``(batch, -1)``, which is a flatten. Everything else the tracer finds must be one of the supported
 operations, or capture fails with one error that names the operation and where it is.
@@ -122,6 +123,11 @@ def capture(model: nn.Module) -> list[Node]:
             node = Node(n.name, "add", [src(a) for a in n.args])
             fuse_relu(node, n)
             nodes.append(node)
+        elif (mean := _spatial_mean(gm, n)) is not None:  # x.mean((2, 3)): a global average pool (and a flatten)
+            keepdim, x = mean
+            nodes.append(Node(n.name if keepdim else f"{n.name}_pool", "gap", [src(x)]))
+            if not keepdim:
+                nodes.append(Node(n.name, "flatten", [f"{n.name}_pool"]))
         elif n.op == "call_function" and n.target is torch.cat:
             kwargs = n.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
             if kwargs.get("dim", 0) != 1:
@@ -130,6 +136,19 @@ def capture(model: nn.Module) -> list[Node]:
         else:
             nodes.append(_pool_or_flatten(gm, n, module, src))
     return nodes
+
+
+def _spatial_mean(gm: torch.fx.GraphModule, n: torch.fx.Node) -> tuple[bool, torch.fx.Node] | None:
+    """``(keepdim, input)`` of a mean over H and W of an NCHW tensor (``x.mean((2, 3))``, ``torch.mean(x,
+    [-2, -1], keepdim=True)``); None for anything else."""
+    if not ((n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean)):
+        return None
+    x, *rest = n.args
+    dims = rest[0] if rest else n.kwargs.get("dim")
+    keepdim = rest[1] if len(rest) > 1 else n.kwargs.get("keepdim", False)
+    if not isinstance(dims, (list, tuple)) or sorted(int(d) % 4 for d in dims) != [2, 3]:
+        raise ValueError(f"{n.name}: only a mean over H and W (dims 2, 3) is supported")
+    return bool(keepdim), x
 
 
 def _finite(bound: float) -> float | None:
@@ -281,11 +300,12 @@ def _pool_attrs(name: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         if _pair(args["output_size"]) != [1, 1]:
             raise ValueError(f"{name}: only global average pooling (output size 1) is supported")
         return {}
-    if args.get("ceil_mode"):
-        raise ValueError(f"{name}: ceil_mode pooling is not supported")
+    if args.get("ceil_mode") and kind == "avgpool":
+        raise ValueError(f"{name}: ceil_mode average pooling is not supported (ceil_mode max pooling is)")
     kernel = _pair(args["kernel_size"])
     stride = _pair(args.get("stride") or kernel)
-    attrs = {"kernel": kernel, "stride": stride, "padding": _pair(args.get("padding", 0))}
+    attrs = {"kernel": kernel, "stride": stride, "padding": _pair(args.get("padding", 0)),
+             **({"ceil_mode": True} if args.get("ceil_mode") else {})}
     if kind == "maxpool" and _pair(args.get("dilation", 1)) != [1, 1]:
         raise ValueError(f"{name}: dilated max pooling is not supported")
     if kind == "avgpool" and (not args.get("count_include_pad", True) or args.get("divisor_override")):

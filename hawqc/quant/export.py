@@ -109,7 +109,7 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
             out = g.node("Concat", ins, name, axis=1)
         elif kind == "maxpool":
             out = g.node("MaxPool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
-                         pads=attrs["padding"] * 2)
+                         pads=attrs["padding"] * 2, ceil_mode=int(attrs.get("ceil_mode", False)))
         elif kind == "avgpool":
             out = g.node("AveragePool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
                          pads=attrs["padding"] * 2, count_include_pad=1)

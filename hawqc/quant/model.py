@@ -159,7 +159,8 @@ class QuantModel(nn.Module):
             elif kind == "concat":
                 y = torch.cat(ins, dim=1)
             elif kind == "maxpool":
-                y = F.max_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"])
+                y = F.max_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"],
+                                 ceil_mode=attrs.get("ceil_mode", False))
             elif kind == "avgpool":
                 y = F.avg_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"], count_include_pad=True)
             elif kind == "gap":
@@ -290,7 +291,8 @@ class QuantModel(nn.Module):
                 s, in_min, in_max = qint[node.inputs[0]]
                 if kind == "maxpool":
                     ops.append(IntOp("maxpool", node.inputs, name, {"kernel": attrs["kernel"], "stride": attrs["stride"],
-                                                                    "padding": _pads(attrs["padding"])}))
+                                                                    "padding": _pads(attrs["padding"]),
+                                                                    **({"ceil_mode": True} if attrs.get("ceil_mode") else {})}))
                 elif kind == "avgpool":
                     b, c = dyadic(1.0 / (attrs["kernel"][0] * attrs["kernel"][1]))
                     ops.append(IntOp("avgpool", node.inputs, name,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hawqc.quant.dyadic import requantize
-from hawqc.reference.graph import pool_rescale
+from hawqc.reference.graph import pool_padding, pool_rescale
 
 Consts = Mapping[str, np.ndarray]
 
@@ -88,7 +88,7 @@ def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.T
 
 
 def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    x = _pad(inputs[0].to(torch.float64), attrs["padding"], float("-inf"))
+    x = _pad(inputs[0].to(torch.float64), pool_padding(attrs, inputs[0].shape[2:]), float("-inf"))
     return F.max_pool2d(x, attrs["kernel"], attrs["stride"]).to(torch.int32)
 
 
