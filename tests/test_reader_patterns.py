@@ -142,8 +142,9 @@ class PoolAfterReLU(nn.Module):
 
 
 class ShuffleChain(nn.Module):
-    """ShuffleNet-V2's units one after another: PT2E quantizes neither the concat nor the shuffle, so each
-    unit's concat reads the previous one's on its own grid (which must not get finer unit by unit)."""
+    """ShuffleNet-V2's units one after another (``chunk``, concat, channel shuffle, a mean): PT2E quantizes
+    neither the concat nor the shuffle, so each unit's concat reads the previous one's on its own grid (which
+    must not get finer unit by unit); hawqc's own quantizer captures all of it."""
 
     def __init__(self, units: int = 10) -> None:
         super().__init__()
@@ -154,9 +155,7 @@ class ShuffleChain(nn.Module):
         x = self.stem(x)
         for branch in self.branches:
             a, b = x.chunk(2, dim=1)
-            x = torch.cat([a, branch(b)], 1)
-            n, c, h, w = x.shape
-            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            x = torch.cat([a, branch(b)], 1).unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
         return self.fc(x.mean((2, 3)))
 
 
@@ -213,7 +212,8 @@ CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"), ("pools", "ort-qdq-s8"), ("pools", "ort-qdq-u8"),
          *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86"),
          ("pool_after_relu", "pt2e-x86"), ("dense_tail", "ort-qoperator"), ("mean_after_relu", "pt2e-x86"),
-         ("shuffle_chain", "pt2e-x86"), ("ceil_mean", "hawqc")]
+         ("shuffle_chain", "pt2e-x86"), ("ceil_mean", "hawqc"),
+         ("shuffle_chain", "hawqc")]
 EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
                 "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"},

@@ -435,7 +435,7 @@ def _slice(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a, ndim = op.attrs, _ndim(ins[0])
-    axes = [ctx.internal_axis(i, ndim) for i in range(ndim)]
+    axes = [ctx.internal_axis(i, ndim) for i in a.get("axes", range(ndim))]
     return R.strided_slice(ins[0], axes, a["begin"], a["end"], a["strides"], assume_inbound=True)
 
 

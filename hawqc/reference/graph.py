@@ -36,7 +36,8 @@ pad               constant padding (attrs: pads [top, left, bottom, right], pad_
 flatten           (N, ...) -> (N, -1)
 reshape           attrs: shape
 transpose         attrs: perm
-slice             attrs: begin, end, strides (one entry per axis, normalised, strides > 0)
+slice             attrs: begin, end, strides (one entry per axis of ``axes``, default every axis;
+                  normalised, strides > 0)
 affine            per-channel ``(x - input_zero_point) * multiplier + bias`` -> int32 accumulator (consts:
                   multiplier, bias, int32, per channel or scalar): BatchNormalization, Mul/Add by constants
 resize            along H and W: nearest, ``x[:, :, iy[0]][..., ix[0]]``; linear (consts wy, wx),
@@ -199,6 +200,14 @@ def ceil_mode_padding(size: Any, kernel: list[int], stride: list[int], padding: 
             out -= 1
         extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
     return [padding[0], padding[1], padding[2] + extra[0], padding[3] + extra[1]]
+
+
+def slices(attrs: Mapping[str, Any], ndim: int) -> tuple[slice, ...]:
+    """A ``slice`` op's index: begin/end/strides on its ``axes`` (default every axis), the others whole."""
+    index = [slice(None)] * ndim
+    for axis, begin, end, stride in zip(attrs.get("axes", range(ndim)), attrs["begin"], attrs["end"], attrs["strides"]):
+        index[axis] = slice(begin, end, stride)
+    return tuple(index)
 
 
 def pool_padding(attrs: Mapping[str, Any], size: Any) -> list[int]:
