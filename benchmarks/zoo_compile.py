@@ -173,15 +173,16 @@ def markdown(rows: list[dict[str, object]]) -> str:
 def matrix(rows: list[dict[str, object]]) -> str:
     """One line per model, one column per quantizer: ``exact`` (compiled, bit-exact, integer-only),
     ``exact, N float`` (N ONNX ops left in float by the quantizer), ``NOT exact``, ``fails``, ``quantizer
-    fails``, blank where not run."""
+    fails``, blank where not run; ``; calibrated: ...`` the same with ``calib_data`` (``--calib``)."""
     names = list(dict.fromkeys(str(r["model"]) for r in rows))
     styles = [q for q in QUANTIZERS if any(r["quantizer"] == q for r in rows)]
-    cells = {}
-    for r in (r for r in rows if not r.get("calib")):
+    cells: dict[tuple[str, str], str] = {}
+    for r in sorted(rows, key=lambda r: bool(r.get("calib"))):
         floats = sum(int(f.rsplit(" x", 1)[1]) if " x" in f else 1 for f in r.get("float_ops", []))
-        cells[r["model"], r["quantizer"]] = (
-            "quantizer fails" if r["compiled"] == "quantizer failed" else "fails" if r["compiled"] != "yes"
-            else "NOT exact" if not r["bit_exact"] else f"exact, {floats} float" if floats else "exact")
+        cell = ("quantizer fails" if r["compiled"] == "quantizer failed" else "fails" if r["compiled"] != "yes"
+                else "NOT exact" if not r["bit_exact"] else f"exact, {floats} float" if floats else "exact")
+        key = (r["model"], r["quantizer"])
+        cells[key] = f"{cells.get(key, '')}; calibrated: {cell}" if r.get("calib") else cell
     lines = ["| model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((n, q), "") for q in styles) + " |" for n in names]
     return "\n".join(lines) + "\n"
