@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]note:[/] {module.note}")
     calibrated = module.graph.metadata.get("calibrated")
     if calibrated:
-        console.print(f"{Calibrated(**calibrated).summary()}: {', '.join(calibrated['nodes'])}")
+        console.print(Calibrated(**calibrated).summary())
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     source = module.source() if target.get("kind") == "cuda" else None

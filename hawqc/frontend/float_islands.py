@@ -50,8 +50,10 @@ class Calibrated:
     nodes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"quantized from {self.inputs} calibration inputs: {len(self.nodes)} float ops made integer, "
-                f"{len(self.tensors)} tensors given int8 scales, {len(self.weights)} weights made int8 per channel")
+        shown = ", ".join(self.nodes[:6]) + (f" and {len(self.nodes) - 6} more" if len(self.nodes) > 6 else "")
+        return (f"quantized from {self.inputs} calibration inputs: {len(self.nodes)} ops that computed or read float "
+                f"tensors ({shown}); {len(self.tensors)} tensors given int8 scales, {len(self.weights)} weights made "
+                "int8 per channel")
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "nodes": self.nodes, "weights": self.weights,
