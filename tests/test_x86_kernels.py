@@ -230,6 +230,28 @@ def test_both_aligned_add_forms_are_exact(ties: bool) -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
+@pytest.mark.parametrize("kernels", ["vnni", "avx2"])
+def test_average_pools_run_the_depthwise_kernel(kernels: str) -> None:
+    """Average pools of one divisor (a padded 3x3 with an input zero point, an unpadded 2x2 of stride 2 on
+    a grid of ties) are depthwise convs with a ones kernel and their requantize: the depthwise kernel,
+    equal to the reference."""
+    from hawqc.quant.dyadic import dyadic
+
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": 0, "qmax": 255, "zero_point": 77}, {"scale": np.array(0.1)}),
+           IntOp("avgpool", ["q"], "p3", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1], "qmin": -128,
+                                          "qmax": 127, "input_zero_point": 77, "zero_point": -5, "scale_ratio": 0.7}),
+           IntOp("avgpool", ["p3"], "p2", {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0], "qmin": -128,
+                                           "qmax": 127},
+                 {"b": np.array(dyadic(0.25)[0], np.int32), "c": np.array(dyadic(0.25)[1], np.int32)}),
+           IntOp("dequantize", ["p2"], "output", {}, {"scale": np.array(0.1)})]
+    graph = IntegerGraph("input", "output", ops)
+    lowered = _lower(graph, (2, 24, 10, 10), TARGET, kernels)
+    assert sum(gv.name_hint.startswith("depthwise_conv2d_requant") for gv in lowered.functions) == 2
+    x = np.random.default_rng(8).standard_normal((2, 24, 10, 10)).astype(np.float32) * 6
+    module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:

@@ -353,11 +353,31 @@ def _window_sum(ctx: Context, x: Any, kernel: list[int], stride: list[int], padd
                        kernel_layout="OIHW", out_dtype="int32")
 
 
+def _window_sum_ops(ctx: Context, x: Any, op: IntOp, rescale: tuple[Any, Any, int, int]) -> tuple[IntOp, IntOp]:
+    """An average pool of one divisor as a depthwise conv with a ones kernel (padding with the input zero
+    point) and the requantize of its ``rescale`` (:func:`~hawqc.reference.graph.pool_rescale`): what the
+    target's depthwise kernel computes."""
+    a, (b, c, offset, zp) = op.attrs, rescale
+    channels = int(x.ty.shape[ctx.channel_axis(4)])
+    conv = IntOp("conv2d", op.inputs, f"{op.output}:sum",
+                 {"stride": a["stride"], "padding": a["padding"], "dilation": [1, 1], "groups": channels,
+                  "pad_value": a.get("input_zero_point", 0)},
+                 {"weight": np.ones((channels, 1, *a["kernel"]), np.int8)})
+    requant = IntOp("requantize", [conv.output], op.output,
+                    {"qmin": a["qmin"], "qmax": a["qmax"], "input_zero_point": offset, "zero_point": zp},
+                    {"b": np.asarray(b), "c": np.asarray(c)})
+    return conv, requant
+
+
 def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
     b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
     if np.ndim(b) == 2:  # a divisor per output position: broadcast over N and C
         b, c = (np.reshape(v, (1, *np.shape(v), 1) if ctx.layout == "NHWC" else (1, 1, *np.shape(v))) for v in (b, c))
+    elif ctx.kernels is not None:
+        conv, requant = _window_sum_ops(ctx, ins[0], op, (b, c, offset, zp))
+        if (expr := ctx.kernels(ctx, ins[0], conv, requant)) is not None:
+            return expr
     x, padding = _padded(ctx, ins[0], a["padding"], a.get("input_zero_point", 0))
     sums = ctx.bb.emit(_window_sum(ctx, x, a["kernel"], a["stride"], padding))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)
