@@ -252,6 +252,20 @@ def test_average_pools_run_the_depthwise_kernel(kernels: str) -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
+@pytest.mark.parametrize("groups", [1, 16])
+def test_a_pad_before_a_conv_is_read_in_place(groups: int) -> None:
+    """An explicit Pad with the zero point ("same" padding of a stride-2 conv, asymmetric), before a conv
+    with padding of its own: folded into the conv (no pad kernel), equal to the reference."""
+    graph = layer_graph("conv2d", 16, 16, 3, 2, 1, 1, 9, requant=True, groups=groups)
+    graph.ops.insert(0, IntOp("pad", ["x"], "x_padded", {"pads": [0, 0, 1, 2], "pad_value": 9}))
+    graph.ops[1].inputs = ["x_padded"]
+    lowered = _lower(graph, (2, 16, 13, 13), TARGET, "vnni", input_dtype="uint8")
+    assert "nn.pad" not in lowered["main"].script()
+    x = np.random.default_rng(9).integers(0, 256, (2, 16, 13, 13)).astype("uint8")
+    module = compile_graph(graph, x.shape, TARGET, input_dtype="uint8", kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:

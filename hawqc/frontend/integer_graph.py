@@ -104,7 +104,9 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
     bb = relax.BlockBuilder()
     ctx = Context(bb, layout, kernels, unsigned_first, lookup)
     x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
-    fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
+    keep = outputs or [graph.output]
+    graph = _pads_folded(graph, keep)
+    fused = _fusable_requantize(graph, keep) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
             values: dict[str, Any] = {graph.input: x if "float" in input_dtype else bb.emit(ctx.to_internal(x))}
@@ -151,12 +153,45 @@ def _emitted(bb: Any, expr: Any) -> Any:
     return expr if isinstance(expr, relax.Var) else bb.emit(expr)
 
 
-def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp]:
-    """conv/dense output name -> the requantize that is its only reader (when it is not an output)."""
+def _readers(graph: IntegerGraph) -> dict[str, list[IntOp]]:
+    """Tensor name -> the ops that read it."""
     readers: dict[str, list[IntOp]] = {}
     for op in graph.ops:
         for name in op.inputs:
             readers.setdefault(name, []).append(op)
+    return readers
+
+
+def _pads_folded(graph: IntegerGraph, keep: list[str]) -> IntegerGraph:
+    """``graph`` with each spatial ``pad`` whose only reader is a conv folded into that conv's padding
+    (where the conv pads with the same value or not at all): the same numbers, no padded copy."""
+    readers = _readers(graph)
+    folded: dict[str, IntOp] = {}  # conv output -> the pad it absorbs
+    for op in graph.ops:
+        if op.op != "pad" or op.output in keep or len(readers.get(op.output, [])) != 1:
+            continue
+        conv, pads, value = readers[op.output][0], op.attrs["pads"], op.attrs.get("pad_value", 0)
+        if (conv.op == "conv2d" and len(pads) == 4 and min(pads) >= 0
+                and (not any(conv.attrs["padding"]) or conv.attrs.get("pad_value", 0) == value)):
+            folded[conv.output] = op
+    if not folded:
+        return graph
+    absorbed = {id(pad) for pad in folded.values()}
+    ops = []
+    for op in graph.ops:
+        if id(op) in absorbed:
+            continue
+        if (pad := folded.get(op.output)) is not None:
+            attrs = {**op.attrs, "padding": [a + b for a, b in zip(op.attrs["padding"], pad.attrs["pads"])],
+                     "pad_value": pad.attrs.get("pad_value", 0)}
+            op = IntOp(op.op, pad.inputs, op.output, attrs, op.consts)
+        ops.append(op)
+    return IntegerGraph(graph.input, graph.output, ops, graph.metadata)
+
+
+def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp]:
+    """conv/dense output name -> the requantize that is its only reader (when it is not an output)."""
+    readers = _readers(graph)
     return {op.output: readers[op.output][0] for op in graph.ops
             if op.op in ("conv2d", "dense") and op.output not in keep and len(readers.get(op.output, [])) == 1
             and readers[op.output][0].op == "requantize"}
