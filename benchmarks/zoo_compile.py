@@ -56,7 +56,8 @@ def output_step(path: Path) -> float | None:
     return float(scale) if scale is not None and scale.size == 1 else None
 
 
-def oracle_agreement(path: Path, graphs: dict[str, object], shape: tuple[int, ...], count: int = 2) -> dict[str, object]:
+def oracle_agreement(path: Path, graphs: dict[str, object], shape: tuple[int, ...],
+                     count: int = 2) -> dict[str, object]:
     """Each integer graph (run by the reference, which its compiled module equals) against the file's float64
     meaning (:mod:`hawqc.reference.oracle`) on ``count`` inputs: the largest difference (in output steps where
     the output is quantized; and as a share of the oracle's largest output) and the share of argmax that agree."""
@@ -191,7 +192,8 @@ def matrix(rows: list[dict[str, object]]) -> str:
 def order(row: dict[str, object]) -> tuple[int, int]:
     """Rows in the order of the built-in model list and of the quantizers."""
     models = list(DEFAULT_MODELS)
-    return (models.index(row["model"]) if row["model"] in models else len(models), list(QUANTIZERS).index(row["quantizer"]))
+    model = models.index(row["model"]) if row["model"] in models else len(models)
+    return model, list(QUANTIZERS).index(row["quantizer"])
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ def island_model(pt2e_gate: bool) -> onnx.ModelProto:
               numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b2"),
               numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 1, 1)).astype(np.float32), "w3"),
               numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b3")]
-    weights = [helper.make_node("DequantizeLinear", [f"{w}_int8", f"{w}_scale", f"{w}_zero"], [w], name=f"{w}_dq", axis=0)
-               for w in ("w1", "w4", "w5")]
+    weights = [helper.make_node("DequantizeLinear", [f"{w}_int8", f"{w}_scale", f"{w}_zero"], [w], name=f"{w}_dq",
+                                axis=0) for w in ("w1", "w4", "w5")]
     nodes = [*weights, *q_dq("input", "s_in", "x"),
              helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), *q_dq("r1", "s_a", "a"),
@@ -113,7 +113,8 @@ def test_cli_compile_with_calib_data(tmp_path: Path) -> None:
 
     done = compile_("--calib-data", str(tmp_path / "x.npy"))
     assert done.returncode == 0, done.stderr
-    assert "quantized from 4 calibration inputs: 5 ops that computed or read float tensors" in " ".join(done.stdout.split())
+    said = " ".join(done.stdout.split())
+    assert "quantized from 4 calibration inputs: 5 ops that computed or read float tensors" in said
     wrong = compile_("--calib-data", str(tmp_path / "bad.npy"), "--force")
     assert wrong.returncode != 0 and "calibration inputs of shape [4, 3, 6, 6]" in wrong.stderr
     assert "Traceback" not in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1

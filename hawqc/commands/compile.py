@@ -6,8 +6,8 @@ import argparse
 
 from hawqc.commands._common import (
     Problems,
-    add_int4_argument,
     add_calibration_argument,
+    add_int4_argument,
     add_model_arguments,
     free_output,
     kernels_of,

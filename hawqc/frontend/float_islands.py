@@ -109,7 +109,8 @@ def quantize_float_islands(model: Any, data: Any, read: Any) -> tuple[Any, Any, 
                 raise ValueError(f"cannot quantize the float ops {', '.join(floating[:3])} from calibration inputs")
             report.nodes.extend(floating)
         ranges = _ranges(model, sorted({t for t, _ in edges} - set(report.tensors)), inputs)
-        report.tensors.update({t: np.float32(r / ACTIVATION_QMAX) if r > 0 else np.float32(1.0) for t, r in ranges.items()})
+        report.tensors.update({t: np.float32(r / ACTIVATION_QMAX) if r > 0 else np.float32(1.0)
+                               for t, r in ranges.items()})
         current = _with_weights_quantized(_with_pairs(current, edges, report.tensors), weights)
         report.weights.extend(weights)
         done |= edges
@@ -126,7 +127,8 @@ def _producers(model: Any) -> dict[str, Any]:
 
 def _constants(model: Any) -> set[str]:
     """Initializers and what Constant nodes give."""
-    return {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    constant_nodes = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return {t.name for t in model.graph.initializer} | constant_nodes
 
 
 def _unrounded_inputs(model: Any, node: Any) -> list[str]:
@@ -272,7 +274,8 @@ def _with_weights_quantized(model: Any, weights: list[str]) -> Any:
     for name in weights:
         reader = next(n for n in model.graph.node if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] == name)
         value = _constant_value(model, name, inits, producers, ReferenceEvaluator)
-        column = reader.op_type == "MatMul" or (reader.op_type == "Gemm" and not _attr(reader, "transB", 0))
+        column = reader.op_type == "MatMul" or (
+            reader.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in reader.attribute))
         axis = 1 if column else 0
         peak = np.abs(np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)).max(axis=1).astype(np.float32)
         scale = np.where(peak > 0, peak / np.float32(ACTIVATION_QMAX), np.float32(1.0)).astype(np.float32)
@@ -280,7 +283,8 @@ def _with_weights_quantized(model: Any, weights: list[str]) -> Any:
         shape[axis] = -1
         q = np.clip(np.rint(value / scale.reshape(shape)), -ACTIVATION_QMAX, ACTIVATION_QMAX).astype(np.int8)
         base = f"{name}:hawqc_int8"
-        model.graph.initializer.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, f"{base}_scale"),
+        model.graph.initializer.extend([numpy_helper.from_array(q, base),
+                                        numpy_helper.from_array(scale, f"{base}_scale"),
                                         numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zero")])
         added.append(helper.make_node("DequantizeLinear", [base, f"{base}_scale", f"{base}_zero"], [f"{base}_dq"],
                                       name=f"{base}_dq", axis=axis))
@@ -293,7 +297,8 @@ def _with_weights_quantized(model: Any, weights: list[str]) -> Any:
     return model
 
 
-def _constant_value(model: Any, name: str, inits: dict[str, Any], producers: dict[str, Any], evaluator: Any) -> np.ndarray:
+def _constant_value(model: Any, name: str, inits: dict[str, Any], producers: dict[str, Any],
+                    evaluator: Any) -> np.ndarray:
     """A constant tensor's value: an initializer, or computed from constants only (an Identity of one)."""
     from onnx import helper, numpy_helper
 
@@ -308,13 +313,8 @@ def _constant_value(model: Any, name: str, inits: dict[str, Any], producers: dic
         stack.extend(producers[t].input)
     used = {i for n in chain for i in n.input}
     position = {n.output[0]: k for k, n in enumerate(model.graph.node)}
-    graph = helper.make_graph(sorted(chain, key=lambda n: position[n.output[0]]), "weight", [], [helper.make_tensor_value_info(name, 0, None)],
-                              [inits[i] for i in used if i in inits])
+    graph = helper.make_graph(sorted(chain, key=lambda n: position[n.output[0]]), "weight", [],
+                              [helper.make_tensor_value_info(name, 0, None)], [inits[i] for i in used if i in inits])
     sub = helper.make_model(graph, opset_imports=model.opset_import)
     return np.asarray(evaluator(sub).run(None, {})[0], np.float32)
 
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
-from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
+from hawqc.frontend.onnx_model import (
+    QLINEAR_OPS,
+    QUANTIZATION_OPS,
+    evaluate_constant,
+    fold_constants,
+    load_onnx,
+    static_shapes,
+    with_input_shape,
+)
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import (

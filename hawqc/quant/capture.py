@@ -132,7 +132,8 @@ def capture(model: nn.Module) -> list[Node]:
             if dim != 1 or not all(u.op == "call_function" and u.target is operator.getitem for u in users[n]):
                 raise ValueError(f"{n.name}: only x.chunk(k, dim=1) indexed by part is supported")
             for u in users[n]:  # each part a channel slice of the input
-                nodes.append(Node(u.name, "slice", [src(n.args[0])], attrs={"index": int(u.args[1]), "parts": int(parts)}))
+                attrs = {"index": int(u.args[1]), "parts": int(parts)}
+                nodes.append(Node(u.name, "slice", [src(n.args[0])], attrs=attrs))
                 absorbed.add(u.name)
         elif (groups := _channel_shuffle(n, users)) is not None:
             transpose, flatten = users[n][0], users[users[n][0]][0]

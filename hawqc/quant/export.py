@@ -61,7 +61,8 @@ class _Builder:
                           for k, v in (("starts", "begin"), ("ends", "end"), ("axes", "axes"), ("steps", "strides"))]
                 self.node("Slice", [x, *bounds], out)
             elif op.op == "reshape":
-                self.node("Reshape", [x, self.const(f"{out}.shape", TensorProto.INT64, np.asarray(op.attrs["shape"]))], out)
+                shape = self.const(f"{out}.shape", TensorProto.INT64, np.asarray(op.attrs["shape"]))
+                self.node("Reshape", [x, shape], out)
             else:
                 self.node("Transpose", [x], out, perm=op.attrs["perm"])
         return ops[-1].output

@@ -300,9 +300,9 @@ class QuantModel(nn.Module):
             else:
                 s, in_min, in_max = qint[node.inputs[0]]
                 if kind == "maxpool":
-                    ops.append(IntOp("maxpool", node.inputs, name, {"kernel": attrs["kernel"], "stride": attrs["stride"],
-                                                                    "padding": _pads(attrs["padding"]),
-                                                                    **({"ceil_mode": True} if attrs.get("ceil_mode") else {})}))
+                    pool = {"kernel": attrs["kernel"], "stride": attrs["stride"], "padding": _pads(attrs["padding"]),
+                            **({"ceil_mode": True} if attrs.get("ceil_mode") else {})}
+                    ops.append(IntOp("maxpool", node.inputs, name, pool))
                 elif kind == "avgpool":
                     b, c = dyadic(1.0 / (attrs["kernel"][0] * attrs["kernel"][1]))
                     ops.append(IntOp("avgpool", node.inputs, name,
