@@ -146,6 +146,9 @@ def markdown(rows: list[dict[str, object]]) -> str:
         lines.append(f"| {r['model']} | {r['quantizer']} | {r['compiled']} | {r.get('bit_exact', '')} | {floats} | "
                      f"{r.get('vs_onnxruntime', '')} | {r.get('argmax_agree', '')} | {r.get('compile_s', '')} | "
                      f"{str(r.get('error', '')).replace('|', '/')[:140]} |")
+    earlier = [f"{r['model']}/{r['quantizer']} ({r['note']})" for r in rows if r.get("note")]
+    if earlier:
+        lines += ["", f"Rows from earlier runs: {', '.join(earlier)}."]
     calibrated = [r for r in rows if r.get("calib")]
     if calibrated:
         lines += ["", "## Float regions quantized by hawqc from calibration inputs (`--calib-data`)", "",
