@@ -266,11 +266,12 @@ def test_a_pad_before_a_conv_is_read_in_place(groups: int) -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8)])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8), (1, 65, 64, 64)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:
     """An activation's lookup table on an int8 (or, after a ReLU, uint8) tensor runs as the VBMI byte lookup:
-    whole 64-byte vectors and a tail, any batch, equal to the reference."""
+    whole 64-byte vectors and a tail, any batch, on one thread and (from 256 KB) on all, equal to the
+    reference."""
     table = np.random.default_rng(8).integers(-128, 128, 256).astype(np.int32)  # one entry per int8 value
     ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127}, {"scale": np.array(0.05, np.float32)}),
            IntOp("clip", ["q"], "r", {"qmin": 0 if relu else -128, "qmax": 127}),
