@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     calibrated = module.graph.metadata.get("calibrated")
     if calibrated:
         console.print(Calibrated(**calibrated).summary())
+    elif getattr(args, "calib_data", None):
+        console.print("note: the model has no float regions; --calib-data was not needed")
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     source = module.source() if target.get("kind") == "cuda" else None
