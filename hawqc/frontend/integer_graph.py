@@ -384,9 +384,11 @@ def _window_sum(ctx: Context, x: Any, kernel: list[int], stride: list[int], padd
     from tvm.relax import op as R
 
     channels = int(x.ty.shape[ctx.channel_axis(4)])
-    ones = _const(np.ones((channels, 1, *kernel)), str(x.ty.dtype))
+    wide = str(x.ty.dtype) == "int32"  # an int32 tensor (a fine grid) sums in int64
+    x = R.astype(x, "int64") if wide else x
+    ones = _const(np.ones((channels, 1, *kernel)), "int64" if wide else str(x.ty.dtype))
     return R.nn.conv2d(x, ones, strides=stride, padding=padding, groups=channels, data_layout=ctx.layout,
-                       kernel_layout="OIHW", out_dtype="int32")
+                       kernel_layout="OIHW", out_dtype="int64" if wide else "int32")
 
 
 def _window_sum_ops(ctx: Context, x: Any, op: IntOp, rescale: tuple[Any, Any, int, int]) -> tuple[IntOp, IntOp]:
@@ -410,7 +412,7 @@ def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
     if np.ndim(b) == 2:  # a divisor per output position: broadcast over N and C
         b, c = (np.reshape(v, (1, *np.shape(v), 1) if ctx.layout == "NHWC" else (1, 1, *np.shape(v))) for v in (b, c))
-    elif ctx.kernels is not None:
+    elif ctx.kernels is not None and str(ins[0].ty.dtype) != "int32":
         conv, requant = _window_sum_ops(ctx, ins[0], op, (b, c, offset, zp))
         if (expr := ctx.kernels(ctx, ins[0], conv, requant)) is not None:
             return expr
