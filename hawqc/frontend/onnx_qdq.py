@@ -33,16 +33,44 @@ from typing import Any
 import numpy as np
 
 from hawqc.frontend.elementwise import ELEMENTWISE
-from hawqc.frontend.onnx_model import QLINEAR_OPS, QUANTIZATION_OPS, evaluate_constant, fold_constants, load_onnx, static_shapes, with_input_shape
+from hawqc.frontend.onnx_model import (
+    QLINEAR_OPS,
+    QUANTIZATION_OPS,
+    evaluate_constant,
+    fold_constants,
+    load_onnx,
+    static_shapes,
+    with_input_shape,
+)
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
 from hawqc.reference.float_kernels import FLOAT_OPS
-from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, accumulator_grid_bits, aligned_add_op, rescale_op
+from hawqc.reference.graph import (
+    AddInput,
+    IntegerGraph,
+    IntOp,
+    accumulator_grid_bits,
+    aligned_add_op,
+    ceil_mode_padding,
+    rescale_op,
+)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
 FINE_STEPS, FINE_RANGE, FINE_ENTRIES = 16, 16.0, 2**16
 """An activation applied to an accumulator (no QuantizeLinear in between) is a table over a grid 16
 times finer than its output's, covering at least [-16, 16], of at most 2^16 entries."""
+
+
+class Unquantized(ValueError):
+    """A node reads a float tensor that no QuantizeLinear rounded (a float region the quantizer left):
+    ``node`` is the ONNX node's name (its first output's where it has none)."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+CALIBRATE_HINT = "; give calibration inputs (--calib-data, calib_data=) and hawqc quantizes it"
 
 
 @dataclass
@@ -110,9 +138,16 @@ class _Reader:
     float_nodes: list[str] = field(default_factory=list)
     """The ONNX nodes computed in float, as ``name (op)``."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
+    fine_views: dict[tuple[str, float, float], _View] = field(default_factory=dict)
+    """Accumulators read before any QuantizeLinear, on their fine grid (``accumulator_view``)."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
+
+    def unquantized(self, node: Any, why: str) -> None:
+        """Fail at a node that reads a tensor no QuantizeLinear rounded."""
+        raise Unquantized(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}{CALIBRATE_HINT}",
+                          node.name or node.output[0])
 
     def const_array(self, name: str) -> np.ndarray:
         if name not in self.inits:
@@ -294,24 +329,42 @@ class _Reader:
         if isinstance(value, _Pending) and value.kind in ("add", "concat") and all(
                 isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
             return self.common_grid(node.input[0], value)
+        if isinstance(value, _Acc):
+            return self.accumulator_view(value)
         if not isinstance(value, _View):
-            self.fail(node, "input must be a dequantized tensor")
+            self.unquantized(node, "input must be a dequantized tensor")
         return value
+
+    def accumulator_view(self, acc: _Acc) -> _View:
+        """A conv's or affine map's output (clipped by a ReLU/Clip or not) that an operator reads before any
+        QuantizeLinear rounds it (PT2E's mean of a ReLU'd conv, ONNX Runtime's operator form pooling a
+        ReLU'd BatchNorm): requantized once onto a grid ``FINE_STEPS`` times finer than its finest
+        channel's, in int32, for every reader."""
+        key = (acc.name, acc.lo, acc.hi)
+        if key not in self.fine_views:
+            name = f"{acc.name}:fine{len(self.fine_views)}"
+            fine = np.float32(np.min(np.float32(acc.s_in) * np.asarray(acc.s_w, np.float32)) / FINE_STEPS)
+            lo, hi = self.rescale(acc, name, fine, INT32_MIN, INT32_MAX)
+            self.fine_views[key] = _View(name, fine, lo, hi)
+        return self.fine_views[key]
 
     def common_grid(self, tensor: str, pending: _Pending) -> _View:
         """An add or concat of integer tensors or accumulators on different grids that no QuantizeLinear
-        rounds (NNCF): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
-        input's, then summed or concatenated there (int32)."""
-        scales = [np.min(np.float32(p.s_in) * p.s_w) if isinstance(p, _Acc) else p.scale for p in pending.parts]
-        fine = np.float32(min(scales) / FINE_STEPS)
+        rounds (NNCF, PT2E): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
+        accumulator's, or the finest integer tensor's own, then summed or concatenated there (int32). An
+        integer tensor already on that grid (a concat read again, as ShuffleNet's units chain) is not made
+        finer again."""
+        scales = [np.min(np.float32(p.s_in) * p.s_w) / FINE_STEPS if isinstance(p, _Acc) else p.scale
+                  for p in pending.parts]
+        fine = np.float32(min(scales) if any(isinstance(p, _Acc) for p in pending.parts) else min(scales) / FINE_STEPS)
         name = f"{tensor}:{pending.kind}"
         parts, lows, highs = [], [], []
         for j, p in enumerate(pending.parts):
             if isinstance(p, _Acc):
                 lo, hi = INT32_MIN // len(pending.parts), INT32_MAX // len(pending.parts)
             else:
-                lo = int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1
-                hi = int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1
+                lo = max(int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1, INT32_MIN)
+                hi = min(int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1, INT32_MAX)
             lows.append(lo)
             highs.append(hi)
             parts.append(f"{name}:in{j}")
@@ -440,19 +493,11 @@ class _Reader:
             _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     def ceil_mode_pads(self, node: Any, pads: list[int]) -> list[int]:
-        """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
-        ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would start in the padding
-        (PyTorch's and ONNX Runtime's rule). A max pool pads with the smallest integer; an average pool
-        divides by the cells of each window inside the input and the explicit padding (``_window_counts``)."""
-        shape = self.shape_of(node, node.input[0])
+        """Pooling with ``ceil_mode=1`` as extra bottom/right padding (:func:`ceil_mode_padding`). A max pool
+        pads with the smallest integer; an average pool divides by the cells of each window inside the
+        input and the explicit padding (``_window_counts``)."""
         kernel, strides = list(_attr(node, "kernel_shape", None)), list(_attr(node, "strides", [1, 1]))
-        extra = []
-        for n, k, s, lo, hi in zip(shape[2:], kernel, strides, pads[:2], pads[2:]):
-            out = -(-(n + lo + hi - k) // s) + 1
-            if (out - 1) * s >= n + lo:
-                out -= 1
-            extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
-        return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
+        return ceil_mode_padding(self.shape_of(node, node.input[0])[2:], kernel, strides, pads)
 
     def elementwise(self, node: Any) -> None:
         """A non-linearity on an integer tensor: an exact lookup table once its output scale is known. On
@@ -745,7 +790,7 @@ class _Reader:
         attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.fail(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
+                self.unquantized(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
             name, s_in, s_w, reach = value.name, value.s_in, np.asarray(value.s_w, np.float64) * magnitude, 0
             below = 0.0 if value.fraction is None else value.fraction * sign
         else:
@@ -802,9 +847,9 @@ class _Reader:
             return value.name
         if isinstance(value, _Pending):
             value = self.view(node, value)
+        if isinstance(value, _Acc) and (np.isfinite(value.lo) or np.isfinite(value.hi)):
+            value = self.accumulator_view(value)
         if isinstance(value, _Acc):
-            if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.fail(node, "reads a clipped accumulator that no QuantizeLinear rounded")
             scale, attrs = np.float32(value.s_in) * np.asarray(value.s_w, np.float32), {}
         elif isinstance(value, _View):
             scale = np.asarray(value.scale, np.float32)
