@@ -158,11 +158,25 @@ def shared_concat(g: _Graph) -> str:
     return g.q(g.node("Add", [g.node("Add", convs[:2], "sum"), convs[2]], "sum3"), 0.047)
 
 
+def float_island(g: _Graph) -> str:
+    """NNCF's squeeze-excite: a GlobalAveragePool not quantized, convs with float weights and biases, a
+    HardSigmoid quantized, then the gate multiplied in; the oracle computes the island in float64."""
+    x = g.q(g.node("Relu", [g.conv(g.q("input", 0.0123), 0.0123, 8, "conv")], "relu"), 0.0213, zero_point=0)
+    w1, w2 = (g.init(f"fc{j}.w", g.rng.uniform(-4, 4, shape).astype(np.float32))
+              for j, shape in ((1, (4, 8, 1, 1)), (2, (8, 4, 1, 1))))
+    b1, b2 = (g.init(f"fc{j}.b", g.rng.uniform(-0.3, 0.3, n).astype(np.float32)) for j, n in ((1, 4), (2, 8)))
+    hidden = g.node("Relu", [g.node("Conv", [g.node("GlobalAveragePool", [x], "gap"), w1, b1], "fc1")], "fc1_relu")
+    gate = g.q(g.node("HardSigmoid", [g.node("Conv", [hidden, w2, b2], "fc2")], "gate", alpha=1 / 6), 1 / 255,
+               zero_point=0)
+    return g.q(g.node("Mul", [x, gate], "excite"), 0.0173, zero_point=0)
+
+
 GRAPHS: dict[str, Callable[[_Graph], str]] = {"conv_relu": conv_relu, "residual_add": residual_add,
                                                  "concat": concat, "avgpool": avgpool, "depthwise": depthwise,
                                                  "batchnorm": batchnorm,
                                                  "per_channel_activation": per_channel_activation,
-                                                 "activations": activations, "shared_concat": shared_concat}
+                                                 "activations": activations, "shared_concat": shared_concat,
+                                                 "float_island": float_island}
 
 
 def qdq_model(name: str, unsigned: bool) -> onnx.ModelProto:
@@ -263,7 +277,8 @@ def test_oracle_dequantizes_int32_without_float32() -> None:
     assert got.dtype == np.float64 and got.tolist() == big.tolist()
 
 
-@pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation", "activations"])
+@pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation", "activations",
+                                  "float_island"])
 def test_compiled_module_equals_the_oracle(name: str) -> None:
     model = qdq_model(name, unsigned=True)
     module = hawqc.compile_integer_only(model, input_shape=SHAPE)

@@ -161,7 +161,8 @@ EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, 
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
                 "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"},
                 "pool_after_relu": {"maxpool"}}
-FLOAT_OPS = {("excite", "nncf"): {"Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"}, ("softmax", "ort-qdq-s8"): {"Softmax"}}
+FLOAT_OPS = {("excite", "nncf"): {"GlobalAveragePool", "Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"},
+             ("softmax", "ort-qdq-s8"): {"Softmax"}}
 """ONNX operators the quantizer left in float (reported in the graph's metadata); none elsewhere."""
 
 

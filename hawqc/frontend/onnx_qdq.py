@@ -830,18 +830,30 @@ class _Reader:
         value = self.values.get(name)
         if isinstance(value, _Float):
             return value.name
+        if isinstance(value, _Pending) and value.kind == "global_avgpool":  # the exact mean, not rounded to a grid
+            (src,) = value.parts
+            if any(op.output == f"{name}:float" for op in self.ops):  # read by another float op already
+                return f"{name}:float"
+            opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+            attrs = {"onnx_op": "GlobalAveragePool", "onnx_attrs": {}, "arity": 1, "opset": opset}
+            self.float_nodes.append(f"{name} (GlobalAveragePool)")
+            return self.emit("float_op", [self.dequantized(src, f"{name}:input")], f"{name}:float", attrs)
         if isinstance(value, _Pending):
             value = self.view(node, value, tensor=name)
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
                 self.fail(node, "reads a clipped accumulator that no QuantizeLinear rounded")
-            scale, attrs = scale_ratio(value.s_in, value.s_w, np.float32(1.0), value.exact_w), {}
-        elif isinstance(value, _View):
-            scale = np.asarray(np.asarray(value.scale, np.float32), np.float64)
-            attrs = {"zero_point": value.zero_point} if value.zero_point else {}
-        else:
-            self.fail(node, f"input {name!r} is neither a tensor computed from the input nor a constant")
-        return self.emit("dequantize", [value.name], f"{name}:float", {**attrs, "float64": True}, {"scale": scale})
+            scale = scale_ratio(value.s_in, value.s_w, np.float32(1.0), value.exact_w)
+            return self.emit("dequantize", [value.name], f"{name}:float", {"float64": True}, {"scale": scale})
+        if isinstance(value, _View):
+            return self.dequantized(value, name)
+        self.fail(node, f"input {name!r} is neither a tensor computed from the input nor a constant")
+
+    def dequantized(self, value: _View, name: str) -> str:
+        """An integer tensor as float64, named ``{name}:float``."""
+        scale = np.asarray(np.asarray(value.scale, np.float32), np.float64)
+        attrs = {"zero_point": value.zero_point, "float64": True} if value.zero_point else {"float64": True}
+        return self.emit("dequantize", [value.name], f"{name}:float", attrs, {"scale": scale})
 
     # ---- Resize ----------------------------------------------------------------------------------
     def resize(self, node: Any) -> None:
