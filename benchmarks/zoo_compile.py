@@ -1,16 +1,19 @@
 """Does every common CNN, quantized by every tool, compile integer-only and bit-exact? (not in CI)
 
     python benchmarks/zoo_compile.py [--models resnet18,mobilenet_v2] [--quantizers ort-qdq-s8,nncf]
-                                     [--out benchmarks/results] [--resume]
+                                     [--out benchmarks/results] [--resume] [--calib]
 
 For each built-in model (random weights, BatchNorm statistics from a few random batches) and each
 quantizer of ``tests/third_party_quantizers.py`` (ONNX Runtime QDQ s8 / QDQ u8 / operator form /
 weights as float + Q/DQ pairs, Intel NNCF, hawqc's own export): quantize at the model's input size,
 ``hawqc.compile_integer_only`` for llvm, run one input, and record whether the compiled module equals
 the numpy reference on every element, which operations stayed float, and the largest difference from
-ONNX Runtime running the same file (in output steps where the output is quantized). A failure records
+ONNX Runtime running the same file (in output steps where the output is quantized). With ``--calib``
+the quantizer's calibration inputs go to ``calib_data`` (hawqc quantizes the float regions the
+quantizer left) and both the module with those regions in float and the calibrated one are compared
+with the file's float64 meaning (rows kept apart, in their own table). A failure records
 hawqc's one-line error. Rows are saved after each model (``zoo_compile.json`` and ``.md``), so
-``--resume`` continues an interrupted run.
+``--resume`` continues an interrupted run; ``--replace`` runs the asked rows again, keeping the others.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from third_party_quantizers import QUANTIZERS, quantize_with  # noqa: E402  (shared with the tests)
+from third_party_quantizers import QUANTIZERS, calibration, quantize_with  # noqa: E402  (shared with the tests)
 
 import hawqc  # noqa: E402
 from hawqc import models  # noqa: E402
@@ -53,8 +56,32 @@ def output_step(path: Path) -> float | None:
     return float(scale) if scale is not None and scale.size == 1 else None
 
 
-def check(name: str, quantizer: str, folder: Path) -> dict[str, object]:
-    row: dict[str, object] = {"model": name, "quantizer": quantizer}
+def oracle_agreement(path: Path, graphs: dict[str, object], shape: tuple[int, ...],
+                     count: int = 2) -> dict[str, object]:
+    """Each integer graph (run by the reference, which its compiled module equals) against the file's float64
+    meaning (:mod:`hawqc.reference.oracle`) on ``count`` inputs: the largest difference (in output steps where
+    the output is quantized; and as a share of the oracle's largest output) and the share of argmax that agree."""
+    from hawqc.reference.oracle import evaluator, oracle_run
+
+    session, step = evaluator(path), output_step(path)
+    diffs: dict[str, list[float]] = {k: [] for k in graphs}
+    agree: dict[str, list[bool]] = {k: [] for k in graphs}
+    peak = 0.0
+    for seed in range(count):
+        x = np.random.default_rng(100 + seed).standard_normal(shape).astype(np.float32)
+        want = oracle_run(session, x)
+        peak = max(peak, float(np.abs(want).max()))
+        for key, graph in graphs.items():
+            got = graph.run(x)
+            diffs[key].append(float(np.abs(got - want).max()))
+            agree[key].append(bool(got.argmax() == want.argmax()))
+    return {key: {"vs_oracle": (f"{max(diffs[key]) / step:.1f} steps" if step else f"{max(diffs[key]):.3g} abs")
+                  + f" ({100 * max(diffs[key]) / max(peak, 1e-12):.1f}% of max)",
+                  "argmax_oracle": round(float(np.mean(agree[key])), 2)} for key in graphs}
+
+
+def check(name: str, quantizer: str, folder: Path, calibrate: bool = False) -> dict[str, object]:
+    row: dict[str, object] = {"model": name, "quantizer": quantizer, **({"calib": True} if calibrate else {})}
     torch.manual_seed(0)
     spec = models.spec(name)
     shape = (1, *spec.input_shape)
@@ -65,8 +92,9 @@ def check(name: str, quantizer: str, folder: Path) -> dict[str, object]:
         row.update(compiled="quantizer failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
         return row
     start = time.perf_counter()
+    calib = {"calib_data": np.concatenate(calibration(shape))} if calibrate else {}  # the quantizer's own inputs
     try:
-        module = hawqc.compile_integer_only(path, input_shape=shape)
+        module = hawqc.compile_integer_only(path, input_shape=shape, **calib)
     except ValueError as err:
         row.update(compiled="no", error=str(err)[:300])
         return row
@@ -88,6 +116,17 @@ def check(name: str, quantizer: str, folder: Path) -> dict[str, object]:
     diff = float(np.abs(y - theirs).max())
     row["vs_onnxruntime"] = f"{diff / step:.1f} steps" if step else f"{diff:.3g} abs"
     row["argmax_agree"] = round(float((y.argmax(axis=1) == theirs.argmax(axis=1)).mean()), 4)
+    if calibrate:
+        from hawqc.api import integer_graph_of
+
+        calibrated = module.graph.metadata.get("calibrated", {})
+        row["calibrated_nodes"] = calibrated.get("nodes", [])
+        graphs: dict[str, object] = {"calibrated": module.graph}
+        try:
+            graphs["float_islands"] = integer_graph_of(path, input_shape=shape)
+        except ValueError as err:  # a region the reader cannot compute in float either
+            row["float_islands_error"] = str(err)[:200]
+        row["oracle"] = oracle_agreement(path, graphs, shape)
     return row
 
 
@@ -102,29 +141,62 @@ def markdown(rows: list[dict[str, object]]) -> str:
              matrix(rows), "",
              "| model | quantizer | compiled | bit-exact | float ops | vs ORT | argmax = ORT | compile s | error |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if not r.get("calib")):
         floats = ", ".join(r.get("float_ops", [])) or ("none" if r.get("compiled") == "yes" else "")
         lines.append(f"| {r['model']} | {r['quantizer']} | {r['compiled']} | {r.get('bit_exact', '')} | {floats} | "
                      f"{r.get('vs_onnxruntime', '')} | {r.get('argmax_agree', '')} | {r.get('compile_s', '')} | "
                      f"{str(r.get('error', '')).replace('|', '/')[:140]} |")
+    earlier = [f"{r['model']}/{r['quantizer']} ({r['note']})" for r in rows if r.get("note")]
+    if earlier:
+        lines += ["", f"Rows from earlier runs: {', '.join(earlier)}."]
+    calibrated = [r for r in rows if r.get("calib")]
+    if calibrated:
+        lines += ["", "## Float regions quantized by hawqc from calibration inputs (`--calib-data`)", "",
+                  "The quantizer's own 4 random calibration batches given as `calib_data`. `float ops`: ONNX ops left "
+                  "in float with calibration (without it: the row above). `vs oracle`: largest difference from the "
+                  "file's float64 meaning (`hawqc.reference.oracle`, float regions in float64) on 2 inputs, and the "
+                  "share of argmax that agree, for the module with the regions in float (where the reader computes "
+                  "them in float) and the calibrated one.", "",
+                  "| model | quantizer | compiled | bit-exact | float ops | quantized by calibration | vs oracle, "
+                  "float regions | vs oracle, calibrated | argmax = oracle (float / calibrated) | compile s | error |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in calibrated:
+            floats = ", ".join(r.get("float_ops", [])) or ("none" if r.get("compiled") == "yes" else "")
+            oracle = r.get("oracle", {})
+            island, calib = oracle.get("float_islands", {}), oracle.get("calibrated", {})
+            nodes = r.get("calibrated_nodes", [])
+            ops = sorted({n.rsplit(" (", 1)[1][:-1] for n in nodes})
+            lines.append(f"| {r['model']} | {r['quantizer']} | {r['compiled']} | {r.get('bit_exact', '')} | {floats} | "
+                         f"{len(nodes)} ops ({', '.join(ops)}) | {island.get('vs_oracle', 'fails' if oracle else '')} | "
+                         f"{calib.get('vs_oracle', '')} | {island.get('argmax_oracle', '-')} / "
+                         f"{calib.get('argmax_oracle', '')} | {r.get('compile_s', '')} | "
+                         f"{str(r.get('error', '')).replace('|', '/')[:140]} |")
     return "\n".join(lines) + "\n"
 
 
 def matrix(rows: list[dict[str, object]]) -> str:
     """One line per model, one column per quantizer: ``exact`` (compiled, bit-exact, integer-only),
     ``exact, N float`` (N ONNX ops left in float by the quantizer), ``NOT exact``, ``fails``, ``quantizer
-    fails``, blank where not run."""
+    fails``, blank where not run; ``; calibrated: ...`` the same with ``calib_data`` (``--calib``)."""
     names = list(dict.fromkeys(str(r["model"]) for r in rows))
     styles = [q for q in QUANTIZERS if any(r["quantizer"] == q for r in rows)]
-    cells = {}
-    for r in rows:
+    cells: dict[tuple[str, str], str] = {}
+    for r in sorted(rows, key=lambda r: bool(r.get("calib"))):
         floats = sum(int(f.rsplit(" x", 1)[1]) if " x" in f else 1 for f in r.get("float_ops", []))
-        cells[r["model"], r["quantizer"]] = (
-            "quantizer fails" if r["compiled"] == "quantizer failed" else "fails" if r["compiled"] != "yes"
-            else "NOT exact" if not r["bit_exact"] else f"exact, {floats} float" if floats else "exact")
+        cell = ("quantizer fails" if r["compiled"] == "quantizer failed" else "fails" if r["compiled"] != "yes"
+                else "NOT exact" if not r["bit_exact"] else f"exact, {floats} float" if floats else "exact")
+        key = (r["model"], r["quantizer"])
+        cells[key] = f"{cells.get(key, '')}; calibrated: {cell}" if r.get("calib") else cell
     lines = ["| model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((n, q), "") for q in styles) + " |" for n in names]
     return "\n".join(lines) + "\n"
+
+
+def order(row: dict[str, object]) -> tuple[int, int]:
+    """Rows in the order of the built-in model list and of the quantizers."""
+    models = list(DEFAULT_MODELS)
+    model = models.index(row["model"]) if row["model"] in models else len(models)
+    return model, list(QUANTIZERS).index(row["quantizer"])
 
 
 def main() -> None:
@@ -133,18 +205,27 @@ def main() -> None:
     parser.add_argument("--quantizers", default=",".join(QUANTIZERS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--resume", action="store_true", help="keep the rows already saved, run the others")
+    parser.add_argument("--replace", action="store_true",
+                        help="keep the rows already saved except those asked for, which run again")
+    parser.add_argument("--calib", action="store_true",
+                        help="compile with the quantizer's calibration inputs as calib_data (float regions quantized "
+                             "by hawqc) and compare with the file's float64 meaning; rows kept apart from the others")
     args = parser.parse_args()
     out = Path(args.out)
     saved = out / "zoo_compile.json"
-    rows = json.loads(saved.read_text())["rows"] if args.resume and saved.exists() else []
-    done = {(r["model"], r["quantizer"]) for r in rows}
+    rows = json.loads(saved.read_text())["rows"] if (args.resume or args.replace) and saved.exists() else []
+    asked = {(m, q, args.calib) for m in args.models.split(",") for q in args.quantizers.split(",")}
+    if args.replace:
+        rows = [r for r in rows if (r["model"], r["quantizer"], bool(r.get("calib"))) not in asked]
+    done = {(r["model"], r["quantizer"], bool(r.get("calib"))) for r in rows}
     for name in args.models.split(","):
         for quantizer in args.quantizers.split(","):
-            if (name, quantizer) in done:
+            if (name, quantizer, args.calib) in done:
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                rows.append(check(name, quantizer, Path(folder)))
-            print({k: v for k, v in rows[-1].items() if k != "traceback"}, flush=True)
+                row = check(name, quantizer, Path(folder), args.calib)
+            print({k: v for k, v in row.items() if k != "traceback"}, flush=True)
+            rows = sorted([*rows, row], key=order)
             write_atomic(saved, json.dumps({"torch": torch.__version__, "rows": rows}, indent=1).encode())
             write_atomic(out / "zoo_compile.md", markdown(rows).encode())
     print(markdown(rows))

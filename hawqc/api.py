@@ -31,7 +31,9 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
     saved integer graph (``.int.npz``), a quantized model, or a float ``nn.Module`` (quantized here
     with ``bit_config`` on ``calib_data``). A ``bit_config`` given with an already quantized graph
     must match the bits it was quantized with; ``input_shape`` fixes an ONNX model's dynamic dims
-    (without it a dynamic batch stays open)."""
+    (without it a dynamic batch stays open). For an ONNX model, ``calib_data`` (an array of inputs, a
+    ``.npy`` path or a list of batches) quantizes the float regions its quantizer left
+    (:mod:`hawqc.frontend.float_islands`; without it they are computed in float and reported)."""
     from pathlib import Path
 
     from hawqc.bitconfig import BitConfig
@@ -49,7 +51,13 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
             raise ValueError(f"{graph}: no such file")
         model = load_onnx(graph)
         folded_at = _batch_one_for_shape_arithmetic(model) if input_shape is None else None
-        result = from_onnx(model, tuple(input_shape) if input_shape is not None else folded_at)
+        shape = tuple(input_shape) if input_shape is not None else folded_at
+        if calib_data is None:
+            result = from_onnx(model, shape)
+        else:
+            from hawqc.frontend.float_islands import quantize_float_islands
+
+            _, result, _ = quantize_float_islands(model, calib_data, lambda m: from_onnx(m, shape))
         if folded_at is not None:
             result.metadata["batch_note"] = (
                 "the model's shape arithmetic reads the batch, so it is compiled for batch 1; choose another batch "

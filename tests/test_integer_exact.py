@@ -37,7 +37,9 @@ def assert_every_tensor_equal(qmodel: torch.nn.Module, x: torch.Tensor) -> None:
 CASES = [("tiny_resnet", (1, 28, 28), seed) for seed in (0, 1, 2)] + [
     ("resnet18", (3, 64, 64), seed) for seed in (0, 1)] + [
     ("resnet50", (3, 64, 64), seed) for seed in (0, 1)] + [
-    ("inceptionv3", (3, 96, 96), seed) for seed in (0, 1)]
+    ("inceptionv3", (3, 96, 96), seed) for seed in (0, 1)] + [
+    ("squeezenet1_1", (3, 61, 61), 0),  # ceil-mode max pools (at 61 their last windows overhang)
+    ("shufflenet_v2_x1_0", (3, 32, 32), 0)]  # chunk, channel shuffle, mean
 
 
 @pytest.mark.parametrize("config", ["uniform8", "uniform4", "mixed"])

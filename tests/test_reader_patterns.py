@@ -141,6 +141,74 @@ class PoolAfterReLU(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
 
 
+class ShuffleChain(nn.Module):
+    """ShuffleNet-V2's units one after another (``chunk``, concat, channel shuffle, a mean): PT2E quantizes
+    neither the concat nor the shuffle, so each unit's concat reads the previous one's on its own grid (which
+    must not get finer unit by unit); hawqc's own quantizer captures all of it."""
+
+    def __init__(self, units: int = 10) -> None:
+        super().__init__()
+        self.stem, self.fc = cbr(3, 8), nn.Linear(8, 5)
+        self.branches = nn.ModuleList(cbr(4, 4, 1) for _ in range(units))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for branch in self.branches:
+            a, b = x.chunk(2, dim=1)
+            x = torch.cat([a, branch(b)], 1).unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class DenseTail(nn.Module):
+    """DenseNet's end: a standalone BatchNorm and ReLU pooled (ONNX Runtime's operator form quantizes neither:
+    the pool reads the ReLU'd affine map's accumulator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.fc = cbr(3, 8), nn.BatchNorm2d(11), nn.Linear(11, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.stem(x), x], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1))
+
+
+class MeanAfterReLU(nn.Module):
+    """MNASNet's end: the mean over H, W of a conv's ReLU output, which PT2E quantizes only after the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = cbr(3, 8), cbr(8, 16, 1), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(self.stem(x)).mean((2, 3)))
+
+
+class CeilMean(nn.Module):
+    """SqueezeNet's ceil-mode max pools and MNASNet's mean over H, W, as hawqc's own quantizer captures them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = cbr(3, 8), cbr(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(F.max_pool2d(self.stem(x), 3, 2, ceil_mode=True))
+        return self.fc(F.max_pool2d(x, 2, 2, ceil_mode=True).mean([2, 3]))
+
+
+class PoolOfPool(nn.Module):
+    """Inception-V3's stem into its first block: an average pool of a max pool of a conv's ReLU, which PT2E
+    quantizes only after the average pool (both pools read the accumulator's fine grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), cbr(8, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(F.max_pool2d(F.relu(self.bn(self.stem(x)), inplace=True), 2), 3, 1, 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
 class SoftmaxTail(Shuffle):
     """A Softmax after the classifier: ONNX Runtime quantizes its output, computes it in float."""
 
@@ -149,18 +217,24 @@ class SoftmaxTail(Shuffle):
 
 
 NETS = {"shuffle": Shuffle, "dense": Dense, "segment": Segment, "moves": Moves, "excite": Excite,
-        "softmax": SoftmaxTail, "pools": Pools, "pool_after_relu": PoolAfterReLU}
+        "softmax": SoftmaxTail, "pools": Pools, "pool_after_relu": PoolAfterReLU, "dense_tail": DenseTail,
+        "mean_after_relu": MeanAfterReLU, "shuffle_chain": ShuffleChain, "ceil_mean": CeilMean,
+        "pool_of_pool": PoolOfPool}
 CASES = [("shuffle", "ort-qdq-s8"), ("shuffle", "ort-qoperator"), ("dense", "ort-qdq-u8"),
          ("dense", "ort-weight-qdq"), ("dense", "ort-qoperator"), ("segment", "ort-qdq-s8"),
          ("segment", "ort-qoperator"), ("segment", "ort-weight-qdq"), ("moves", "ort-qdq-u8"),
          ("moves", "ort-qoperator"), ("moves", "ort-weight-qdq"),
          ("excite", "ort-qdq-u8"), ("softmax", "ort-qdq-s8"), ("pools", "ort-qdq-s8"), ("pools", "ort-qdq-u8"),
          *[(net, "nncf") for net in ("shuffle", "dense", "segment", "moves", "excite")], ("shuffle", "pt2e-x86"),
-         ("pool_after_relu", "pt2e-x86")]
+         ("pool_after_relu", "pt2e-x86"), ("dense_tail", "ort-qoperator"), ("mean_after_relu", "pt2e-x86"),
+         ("shuffle_chain", "pt2e-x86"), ("ceil_mean", "hawqc"),
+         ("shuffle_chain", "hawqc"), ("pool_of_pool", "pt2e-x86")]
 EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, "dense": {"affine", "concat"},
                 "segment": {"resize", "mul", "lut"}, "moves": {"transpose", "affine", "maxpool", "pad"},
                 "excite": {"lut", "mul"}, "softmax": {"float_op"}, "pools": {"avgpool"},
-                "pool_after_relu": {"maxpool"}}
+                "pool_after_relu": {"maxpool"}, "dense_tail": {"affine", "global_avgpool"},
+                "mean_after_relu": {"global_avgpool"}, "shuffle_chain": {"transpose", "slice", "concat"},
+                "ceil_mean": {"maxpool", "global_avgpool"}, "pool_of_pool": {"maxpool", "avgpool"}}
 FLOAT_OPS = {("excite", "nncf"): {"GlobalAveragePool", "Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"},
              ("softmax", "ort-qdq-s8"): {"Softmax"}}
 """ONNX operators the quantizer left in float (reported in the graph's metadata); none elsewhere."""
@@ -319,3 +393,27 @@ def test_a_dequantized_constant_quantized_again_is_a_constant() -> None:
     theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert np.abs(graph.run(x) - theirs).max() <= 0.05 + 1e-6  # within one output step (0.05)
     assert np.abs(graph.run(x) - theirs).mean() < 0.01
+
+
+
+@pytest.mark.parametrize("pool", ["avgpool", "global_avgpool"])
+def test_pools_of_int32_tensors_sum_in_int64(pool: str) -> None:
+    """An accumulator read before any QuantizeLinear is an int32 tensor on a fine grid: a pool of it sums
+    past the int32 range, in the compiled module as in the reference."""
+    from hawqc.quant.dyadic import dyadic_per_channel
+    from hawqc.reference.graph import IntegerGraph, IntOp
+
+    ratio = 1e-9 / 0.05
+    b, c = dyadic_per_channel(np.asarray(ratio / 9))
+    pooled = IntOp("avgpool", ["fine"], "pooled", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1],
+                                                    "qmin": -128, "qmax": 127}, {"b": b, "c": c}) \
+        if pool == "avgpool" else IntOp("global_avgpool", ["fine"], "pooled", {"qmin": -128, "qmax": 127,
+                                                                             "scale_ratio": ratio})
+    ops = [IntOp("quantize", ["input"], "fine", {"qmin": -(2**31), "qmax": 2**31 - 1},
+                 {"scale": np.array(1e-9, np.float32)}), pooled,
+           IntOp("dequantize", ["pooled"], "output", {}, {"scale": np.array(0.05, np.float32)})]
+    module = hawqc.compile_integer_only(IntegerGraph("input", "output", ops), input_shape=(1, 2, 4, 4))
+    x = np.random.default_rng(0).uniform(0.3, 0.35, (1, 2, 4, 4)).astype(np.float32)  # ~3.2e8: 9 of them pass 2^31
+    y = module(x)
+    np.testing.assert_array_equal(y, module.reference(x))
+    assert y.min() > 0.12  # means of values in [0.3, 0.35] (a corner window: 4 of 9 cells inside), not wrapped

@@ -230,11 +230,48 @@ def test_both_aligned_add_forms_are_exact(ties: bool) -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8)])
+@pytest.mark.parametrize("kernels", ["vnni", "avx2"])
+def test_average_pools_run_the_depthwise_kernel(kernels: str) -> None:
+    """Average pools of one divisor (a padded 3x3 with an input zero point, an unpadded 2x2 of stride 2 on
+    a grid of ties) are depthwise convs with a ones kernel and their requantize: the depthwise kernel,
+    equal to the reference."""
+    from hawqc.quant.dyadic import dyadic
+
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": 0, "qmax": 255, "zero_point": 77}, {"scale": np.array(0.1)}),
+           IntOp("avgpool", ["q"], "p3", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1], "qmin": -128,
+                                          "qmax": 127, "input_zero_point": 77, "zero_point": -5, "scale_ratio": 0.7}),
+           IntOp("avgpool", ["p3"], "p2", {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0], "qmin": -128,
+                                           "qmax": 127},
+                 {"b": np.array(dyadic(0.25)[0], np.int32), "c": np.array(dyadic(0.25)[1], np.int32)}),
+           IntOp("dequantize", ["p2"], "output", {}, {"scale": np.array(0.1)})]
+    graph = IntegerGraph("input", "output", ops)
+    lowered = _lower(graph, (2, 24, 10, 10), TARGET, kernels)
+    assert sum(gv.name_hint.startswith("depthwise_conv2d_requant") for gv in lowered.functions) == 2
+    x = np.random.default_rng(8).standard_normal((2, 24, 10, 10)).astype(np.float32) * 6
+    module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_a_pad_before_a_conv_is_read_in_place(groups: int) -> None:
+    """An explicit Pad with the zero point ("same" padding of a stride-2 conv, asymmetric), before a conv
+    with padding of its own: folded into the conv (no pad kernel), equal to the reference."""
+    graph = layer_graph("conv2d", 16, 16, 3, 2, 1, 1, 9, requant=True, groups=groups)
+    graph.ops.insert(0, IntOp("pad", ["x"], "x_padded", {"pads": [0, 0, 1, 2], "pad_value": 9}))
+    graph.ops[1].inputs = ["x_padded"]
+    lowered = _lower(graph, (2, 16, 13, 13), TARGET, "vnni", input_dtype="uint8")
+    assert "nn.pad" not in lowered["main"].script()
+    x = np.random.default_rng(9).integers(0, 256, (2, 16, 13, 13)).astype("uint8")
+    module = compile_graph(graph, x.shape, TARGET, input_dtype="uint8", kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (None, 16, 8, 8), (1, 65, 64, 64)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:
     """An activation's lookup table on an int8 (or, after a ReLU, uint8) tensor runs as the VBMI byte lookup:
-    whole 64-byte vectors and a tail, any batch, equal to the reference."""
+    whole 64-byte vectors and a tail, any batch, on one thread and (from 256 KB) on all, equal to the
+    reference."""
     table = np.random.default_rng(8).integers(-128, 128, 256).astype(np.int32)  # one entry per int8 value
     ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127}, {"scale": np.array(0.05, np.float32)}),
            IntOp("clip", ["q"], "r", {"qmin": 0 if relu else -128, "qmax": 127}),

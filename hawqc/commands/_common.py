@@ -55,6 +55,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_float_source_arguments(parser)
 
 
+def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    """``--calib-data``: inputs that quantize the float regions a quantized ONNX model was left with."""
+    parser.add_argument("--calib-data", metavar="X.npy",
+                        help="for a quantized ONNX model with float regions (NNCF's squeeze-excite, PT2E's "
+                             "unquantized means and gates): calibration inputs (.npy, N x input shape) from which "
+                             "hawqc quantizes them, int8 per tensor (default: computed in float and reported)")
+
+
 def add_target_arguments(parser: argparse.ArgumentParser, threads: bool = True) -> None:
     """``--target``, ``-arch``, ``--kernels`` and (unless ``threads=False``) ``--threads``; read them
     back with :func:`target_of`. Defaults are ``None`` so a command can tell what the user gave."""
@@ -297,11 +305,17 @@ def model_source(args: argparse.Namespace, input_shape: tuple[int, ...] | None =
     loaded with ``--data`` and ``--bit-config`` (default uniform8), checked against each other."""
     from hawqc import BitConfig, api
 
+    calib_data = getattr(args, "calib_data", None)
     if is_quantized_file(args.model):
         if getattr(args, "checkpoint", None) or args.data != "random":
             raise ValueError("--checkpoint and --data go with a float model; this one is quantized (verify takes "
                              "its inputs from --input)")
-        return ModelSource(graph=api.integer_graph_of(args.model, args.bit_config, input_shape=input_shape))
+        if calib_data is not None and args.model.endswith(".npz"):
+            raise ValueError("--calib-data quantizes the float regions of an ONNX model; an integer graph has none")
+        return ModelSource(graph=api.integer_graph_of(args.model, args.bit_config, calib_data=calib_data,
+                                                      input_shape=input_shape))
+    if calib_data is not None:
+        raise ValueError("--calib-data goes with a quantized ONNX model; a float model is calibrated on --data")
     loaded = load_float_model(args, tuple(input_shape[1:]) if input_shape else None)
     config = BitConfig.from_any(args.bit_config or "uniform8")
     config.resolve(loaded.module)

@@ -6,6 +6,7 @@ import argparse
 
 from hawqc.commands._common import (
     Problems,
+    add_calibration_argument,
     add_int4_argument,
     add_model_arguments,
     free_output,
@@ -19,6 +20,7 @@ HELP = "compile a quantized model (or a float one, quantized first) to an intege
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_calibration_argument(parser)
     parser.add_argument("-o", "--out", default="hawqc-compiled", help="artifact folder (default: hawqc-compiled)")
     parser.add_argument("--force", action="store_true", help="replace the artifact folder if it exists")
     parser.add_argument("--strict", action="store_true", help="fail if any float op is left inside the graph")
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hawqc import api
+    from hawqc.frontend.float_islands import Calibrated
     from hawqc.relax_passes.float_ops import float_ops
     from hawqc.runtime.module import compile_graph, shape_text
     from hawqc.topi_int4.cuda.pipeline import check_int4
@@ -66,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     if module.note:
         console.print(f"[yellow]note:[/] {module.note}")
+    calibrated = module.graph.metadata.get("calibrated")
+    if calibrated:
+        console.print(Calibrated(**calibrated).summary())
+    elif getattr(args, "calib_data", None):
+        console.print("note: the model has no float regions; --calib-data was not needed")
     if leftovers:
         console.print(f"[yellow]{len(leftovers)} float ops inside the graph:[/] {', '.join(leftovers)}")
     source = module.source() if target.get("kind") == "cuda" else None

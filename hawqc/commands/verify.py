@@ -6,6 +6,7 @@ import argparse
 
 from hawqc.commands._common import (
     Problems,
+    add_calibration_argument,
     add_int4_argument,
     add_model_arguments,
     kernels_of,
@@ -19,6 +20,7 @@ HELP = "compile a quantized model and compare it with the integer reference on e
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_calibration_argument(parser)
     parser.add_argument("--input", help="input batch (.npy); default: a float model's --data (up to 16 samples), "
                                         "else random normal inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hawqc.quant.dyadic import ShiftOps, high_word_shift, high_word_sum_form, round_shift, rounding_bias
-from hawqc.reference.graph import IntegerGraph, IntOp, pool_rescale
+from hawqc.reference.graph import IntegerGraph, IntOp, pool_padding, pool_rescale
 
 
 def storage_dtype(qmin: int, qmax: int) -> str:
@@ -106,7 +106,9 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
     bb = relax.BlockBuilder()
     ctx = Context(bb, layout, kernels, unsigned_first, lookup)
     x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
-    fused = _fusable_requantize(graph, outputs or [graph.output]) if kernels else {}
+    keep = outputs or [graph.output]
+    graph = _pads_folded(graph, keep)
+    fused = _fusable_requantize(graph, keep) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
             values: dict[str, Any] = {graph.input: x if "float" in input_dtype else bb.emit(ctx.to_internal(x))}
@@ -153,12 +155,45 @@ def _emitted(bb: Any, expr: Any) -> Any:
     return expr if isinstance(expr, relax.Var) else bb.emit(expr)
 
 
-def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp]:
-    """conv/dense output name -> the requantize that is its only reader (when it is not an output)."""
+def _readers(graph: IntegerGraph) -> dict[str, list[IntOp]]:
+    """Tensor name -> the ops that read it."""
     readers: dict[str, list[IntOp]] = {}
     for op in graph.ops:
         for name in op.inputs:
             readers.setdefault(name, []).append(op)
+    return readers
+
+
+def _pads_folded(graph: IntegerGraph, keep: list[str]) -> IntegerGraph:
+    """``graph`` with each spatial ``pad`` whose only reader is a conv folded into that conv's padding
+    (where the conv pads with the same value or not at all): the same numbers, no padded copy."""
+    readers = _readers(graph)
+    folded: dict[str, IntOp] = {}  # conv output -> the pad it absorbs
+    for op in graph.ops:
+        if op.op != "pad" or op.output in keep or len(readers.get(op.output, [])) != 1:
+            continue
+        conv, pads, value = readers[op.output][0], op.attrs["pads"], op.attrs.get("pad_value", 0)
+        if (conv.op == "conv2d" and len(pads) == 4 and min(pads) >= 0
+                and (not any(conv.attrs["padding"]) or conv.attrs.get("pad_value", 0) == value)):
+            folded[conv.output] = op
+    if not folded:
+        return graph
+    absorbed = {id(pad) for pad in folded.values()}
+    ops = []
+    for op in graph.ops:
+        if id(op) in absorbed:
+            continue
+        if (pad := folded.get(op.output)) is not None:
+            attrs = {**op.attrs, "padding": [a + b for a, b in zip(op.attrs["padding"], pad.attrs["pads"])],
+                     "pad_value": pad.attrs.get("pad_value", 0)}
+            op = IntOp(op.op, pad.inputs, op.output, attrs, op.consts)
+        ops.append(op)
+    return IntegerGraph(graph.input, graph.output, ops, graph.metadata)
+
+
+def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp]:
+    """conv/dense output name -> the requantize that is its only reader (when it is not an output)."""
+    readers = _readers(graph)
     return {op.output: readers[op.output][0] for op in graph.ops
             if op.op in ("conv2d", "dense") and op.output not in keep and len(readers.get(op.output, [])) == 1
             and readers[op.output][0].op == "requantize"}
@@ -345,7 +380,8 @@ def _maxpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
-    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=a["padding"],
+    size = [ins[0].ty.shape[axis] for axis in ctx.spatial_axes(4)]
+    return R.nn.max_pool2d(ins[0], pool_size=a["kernel"], strides=a["stride"], padding=pool_padding(a, size),
                            layout=ctx.layout)
 
 
@@ -353,9 +389,27 @@ def _window_sum(ctx: Context, x: Any, kernel: list[int], stride: list[int], padd
     from tvm.relax import op as R
 
     channels = int(x.ty.shape[ctx.channel_axis(4)])
-    ones = _const(np.ones((channels, 1, *kernel)), str(x.ty.dtype))
+    wide = str(x.ty.dtype) == "int32"  # an int32 tensor (a fine grid) sums in int64
+    x = R.astype(x, "int64") if wide else x
+    ones = _const(np.ones((channels, 1, *kernel)), "int64" if wide else str(x.ty.dtype))
     return R.nn.conv2d(x, ones, strides=stride, padding=padding, groups=channels, data_layout=ctx.layout,
-                       kernel_layout="OIHW", out_dtype="int32")
+                       kernel_layout="OIHW", out_dtype="int64" if wide else "int32")
+
+
+def _window_sum_ops(ctx: Context, x: Any, op: IntOp, rescale: tuple[Any, Any, int, int]) -> tuple[IntOp, IntOp]:
+    """An average pool of one divisor as a depthwise conv with a ones kernel (padding with the input zero
+    point) and the requantize of its ``rescale`` (:func:`~hawqc.reference.graph.pool_rescale`): what the
+    target's depthwise kernel computes."""
+    a, (b, c, offset, zp) = op.attrs, rescale
+    channels = int(x.ty.shape[ctx.channel_axis(4)])
+    conv = IntOp("conv2d", op.inputs, f"{op.output}:sum",
+                 {"stride": a["stride"], "padding": a["padding"], "dilation": [1, 1], "groups": channels,
+                  "pad_value": a.get("input_zero_point", 0)},
+                 {"weight": np.ones((channels, 1, *a["kernel"]), np.int8)})
+    requant = IntOp("requantize", [conv.output], op.output,
+                    {"qmin": a["qmin"], "qmax": a["qmax"], "input_zero_point": offset, "zero_point": zp},
+                    {"b": np.asarray(b), "c": np.asarray(c)})
+    return conv, requant
 
 
 def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -363,6 +417,10 @@ def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
     if np.ndim(b) == 2:  # a divisor per output position: broadcast over N and C
         b, c = (np.reshape(v, (1, *np.shape(v), 1) if ctx.layout == "NHWC" else (1, 1, *np.shape(v))) for v in (b, c))
+    elif ctx.kernels is not None and str(ins[0].ty.dtype) != "int32":
+        conv, requant = _window_sum_ops(ctx, ins[0], op, (b, c, offset, zp))
+        if (expr := ctx.kernels(ctx, ins[0], conv, requant)) is not None:
+            return expr
     x, padding = _padded(ctx, ins[0], a["padding"], a.get("input_zero_point", 0))
     sums = ctx.bb.emit(_window_sum(ctx, x, a["kernel"], a["stride"], padding))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)
@@ -373,7 +431,8 @@ def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
     axes = ctx.spatial_axes(4)
     b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
-    sums = ctx.bb.emit(R.sum(R.astype(ins[0], "int32"), axis=axes, keepdims=True))
+    wide = "int64" if str(ins[0].ty.dtype) == "int32" else "int32"  # an int32 tensor (a fine grid) sums in int64
+    sums = ctx.bb.emit(R.sum(R.astype(ins[0], wide), axis=axes, keepdims=True))
     return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
 
 
@@ -459,7 +518,7 @@ def _slice(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a, ndim = op.attrs, _ndim(ins[0])
-    axes = [ctx.internal_axis(i, ndim) for i in range(ndim)]
+    axes = [ctx.internal_axis(i, ndim) for i in a.get("axes", range(ndim))]
     return R.strided_slice(ins[0], axes, a["begin"], a["end"], a["strides"], assume_inbound=True)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -46,13 +46,33 @@ from hawqc.frontend.onnx_model import (
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
 from hawqc.quant.thresholds import activation_thresholds
 from hawqc.reference.float_kernels import FLOAT_OPS
-from hawqc.reference.graph import AddInput, IntegerGraph, IntOp, accumulator_grid_bits, aligned_add_op, rescale_op
+from hawqc.reference.graph import (
+    AddInput,
+    IntegerGraph,
+    IntOp,
+    accumulator_grid_bits,
+    aligned_add_op,
+    ceil_mode_padding,
+    rescale_op,
+)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
 FINE_STEPS = 16
 """A grid no QuantizeLinear fixes (an add or concat of different grids, a per-channel activation's first,
 per-tensor rounding) is 16 times finer than the finest it holds."""
+
+
+class Unquantized(ValueError):
+    """A node reads a float tensor that no QuantizeLinear rounded (a float region the quantizer left):
+    ``node`` is the ONNX node's name (its first output's where it has none)."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+CALIBRATE_HINT = "; give calibration inputs (--calib-data, calib_data=) and hawqc quantizes it"
 
 
 @dataclass
@@ -122,9 +142,16 @@ class _Reader:
     dequantized_from: dict[str, str] = field(default_factory=dict)
     viewed: dict[str, _View] = field(default_factory=dict)
     """Pending values (pools, concats, adds) made integer tensors by :meth:`_Reader.view`, by ONNX tensor."""
+    fine_views: dict[tuple[str, float, float], _View] = field(default_factory=dict)
+    """Accumulators read before any QuantizeLinear, on their fine grid (``accumulator_view``)."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
+
+    def unquantized(self, node: Any, why: str) -> NoReturn:
+        """Fail at a node that reads a tensor no QuantizeLinear rounded."""
+        raise Unquantized(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}{CALIBRATE_HINT}",
+                          node.name or node.output[0])
 
     def const_array(self, name: str) -> np.ndarray:
         if name not in self.inits:
@@ -303,8 +330,10 @@ class _Reader:
         if isinstance(value, _View) and np.size(value.scale) > 1 and not per_channel:
             self.fail(node, "reads an activation quantized per channel: hawqc reads those only into depthwise "
                             "convolutions")
+        if isinstance(value, _Acc):
+            return self.accumulator_view(value)
         if not isinstance(value, _View):
-            self.fail(node, "input must be a dequantized tensor")
+            self.unquantized(node, "input must be a dequantized tensor")
         return value
 
     def pending_view(self, node: Any, value: _Pending, tensor: str) -> _View:
@@ -325,22 +354,38 @@ class _Reader:
         if value.kind in ("add", "concat") and all(
                 isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
             return self.common_grid(tensor, value)
-        raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): input must be a dequantized tensor")
+        self.unquantized(node, "input must be a dequantized tensor")
+
+    def accumulator_view(self, acc: _Acc) -> _View:
+        """A conv's or affine map's output (clipped by a ReLU/Clip or not) that an operator reads before any
+        QuantizeLinear rounds it (PT2E's mean of a ReLU'd conv, ONNX Runtime's operator form pooling a
+        ReLU'd BatchNorm): requantized once onto a grid ``FINE_STEPS`` times finer than its finest
+        channel's, in int32, for every reader."""
+        key = (acc.name, acc.lo, acc.hi)
+        if key not in self.fine_views:
+            name = f"{acc.name}:fine{len(self.fine_views)}"
+            fine = np.float32(np.min(np.float32(acc.s_in) * np.asarray(acc.s_w, np.float32)) / FINE_STEPS)
+            lo, hi = self.rescale(acc, name, fine, INT32_MIN, INT32_MAX)
+            self.fine_views[key] = _View(name, fine, lo, hi)
+        return self.fine_views[key]
 
     def common_grid(self, tensor: str, pending: _Pending) -> _View:
         """An add or concat of integer tensors or accumulators on different grids that no QuantizeLinear
-        rounds (NNCF): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
-        input's, then summed or concatenated there (int32)."""
-        scales = [np.min(np.float32(p.s_in) * p.s_w) if isinstance(p, _Acc) else p.scale for p in pending.parts]
-        fine = np.float32(min(scales) / FINE_STEPS)
+        rounds (NNCF, PT2E): each input requantized onto a grid ``FINE_STEPS`` times finer than the finest
+        accumulator's, or the finest integer tensor's own, then summed or concatenated there (int32). An
+        integer tensor already on that grid (a concat read again, as ShuffleNet's units chain) is not made
+        finer again."""
+        scales = [np.min(np.float32(p.s_in) * p.s_w) / FINE_STEPS if isinstance(p, _Acc) else p.scale
+                  for p in pending.parts]
+        fine = np.float32(min(scales) if any(isinstance(p, _Acc) for p in pending.parts) else min(scales) / FINE_STEPS)
         name = f"{tensor}:{pending.kind}"
         parts, lows, highs = [], [], []
         for j, p in enumerate(pending.parts):
             if isinstance(p, _Acc):
                 lo, hi = INT32_MIN // len(pending.parts), INT32_MAX // len(pending.parts)
             else:
-                lo = int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1
-                hi = int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1
+                lo = max(int(np.floor((p.qmin - p.zero_point) * np.float64(p.scale) / fine)) - 1, INT32_MIN)
+                hi = min(int(np.ceil((p.qmax - p.zero_point) * np.float64(p.scale) / fine)) + 1, INT32_MAX)
             lows.append(lo)
             highs.append(hi)
             parts.append(f"{name}:in{j}")
@@ -470,19 +515,11 @@ class _Reader:
             _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
 
     def ceil_mode_pads(self, node: Any, pads: list[int]) -> list[int]:
-        """Pooling with ``ceil_mode=1`` as extra bottom/right padding: the output has
-        ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would start in the padding
-        (PyTorch's and ONNX Runtime's rule). A max pool pads with the smallest integer; an average pool
-        divides by the cells of each window inside the input and the explicit padding (``_window_counts``)."""
-        shape = self.shape_of(node, node.input[0])
+        """Pooling with ``ceil_mode=1`` as extra bottom/right padding (:func:`ceil_mode_padding`). A max pool
+        pads with the smallest integer; an average pool divides by the cells of each window inside the
+        input and the explicit padding (``_window_counts``)."""
         kernel, strides = list(_attr(node, "kernel_shape", None)), list(_attr(node, "strides", [1, 1]))
-        extra = []
-        for n, k, s, lo, hi in zip(shape[2:], kernel, strides, pads[:2], pads[2:]):
-            out = -(-(n + lo + hi - k) // s) + 1
-            if (out - 1) * s >= n + lo:
-                out -= 1
-            extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
-        return [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
+        return ceil_mode_padding(self.shape_of(node, node.input[0])[2:], kernel, strides, pads)
 
     def elementwise(self, node: Any) -> None:
         """A non-linearity on an integer tensor: an exact lookup table once its output scale is known. On
@@ -774,7 +811,7 @@ class _Reader:
         attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.fail(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
+                self.unquantized(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
             name, s_in, s_w, reach = value.name, value.s_in, np.asarray(value.s_w, np.float64) * magnitude, 0
             below = 0.0 if value.fraction is None else value.fraction * sign
         else:
@@ -840,9 +877,9 @@ class _Reader:
             return self.emit("float_op", [self.dequantized(src, f"{name}:input")], f"{name}:float", attrs)
         if isinstance(value, _Pending):
             value = self.view(node, value, tensor=name)
+        if isinstance(value, _Acc) and (np.isfinite(value.lo) or np.isfinite(value.hi)):
+            value = self.accumulator_view(value)
         if isinstance(value, _Acc):
-            if np.isfinite(value.lo) or np.isfinite(value.hi):
-                self.fail(node, "reads a clipped accumulator that no QuantizeLinear rounded")
             scale = scale_ratio(value.s_in, value.s_w, np.float32(1.0), value.exact_w)
             return self.emit("dequantize", [value.name], f"{name}:float", {"float64": True}, {"scale": scale})
         if isinstance(value, _View):

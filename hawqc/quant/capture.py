@@ -5,6 +5,9 @@ become single nodes (ReLU6 and ``Hardtanh(0, m)`` are ReLUs with an upper bound)
 Identity vanish. A convolution is an ``nn.Conv2d`` module or ``F.conv2d`` called with a Conv2d
 module's own weight (as "same"-padding subclasses do); zero padding (``nn.ZeroPad2d``,
 ``F.pad``) whose readers are all convolutions folds into their (possibly asymmetric) padding.
+A mean over H and W is a global average pool (and a flatten without ``keepdim``); ``x.chunk(k, 1)``
+gives channel slices and ``x.unflatten(1, (g, -1)).transpose(1, 2).flatten(1, 2)`` is a channel
+shuffle (ShuffleNet).
 Shape values (``x.size(0)``, ``x.shape[0]``) are not tensors: they may only serve a reshape to
 ``(batch, -1)``, which is a flatten. Everything else the tracer finds must be one of the supported
 operations, or capture fails with one error that names the operation and where it is.
@@ -36,7 +39,8 @@ class Node:
 
     name: str
     kind: str
-    """input, conv, dense, add, concat, maxpool, avgpool, gap, flatten, relu or output."""
+    """input, conv, dense, add, concat, maxpool, avgpool, gap, flatten, relu, slice (a ``chunk`` part),
+    shuffle or output."""
     inputs: list[str]
     layer: str | None = None
     """For conv/dense: the module name of the Conv2d/Linear in the source model."""
@@ -122,6 +126,24 @@ def capture(model: nn.Module) -> list[Node]:
             node = Node(n.name, "add", [src(a) for a in n.args])
             fuse_relu(node, n)
             nodes.append(node)
+        elif _is_method(n, "chunk") or (n.op == "call_function" and n.target is torch.chunk):
+            parts = n.args[1] if len(n.args) > 1 else n.kwargs["chunks"]
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+            if dim != 1 or not all(u.op == "call_function" and u.target is operator.getitem for u in users[n]):
+                raise ValueError(f"{n.name}: only x.chunk(k, dim=1) indexed by part is supported")
+            for u in users[n]:  # each part a channel slice of the input
+                attrs = {"index": int(u.args[1]), "parts": int(parts)}
+                nodes.append(Node(u.name, "slice", [src(n.args[0])], attrs=attrs))
+                absorbed.add(u.name)
+        elif (groups := _channel_shuffle(n, users)) is not None:
+            transpose, flatten = users[n][0], users[users[n][0]][0]
+            nodes.append(Node(flatten.name, "shuffle", [src(n.args[0])], attrs={"groups": groups}))
+            absorbed.update((transpose.name, flatten.name))
+        elif (mean := _spatial_mean(gm, n)) is not None:  # x.mean((2, 3)): a global average pool (and a flatten)
+            keepdim, x = mean
+            nodes.append(Node(n.name if keepdim else f"{n.name}_pool", "gap", [src(x)]))
+            if not keepdim:
+                nodes.append(Node(n.name, "flatten", [f"{n.name}_pool"]))
         elif n.op == "call_function" and n.target is torch.cat:
             kwargs = n.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
             if kwargs.get("dim", 0) != 1:
@@ -130,6 +152,37 @@ def capture(model: nn.Module) -> list[Node]:
         else:
             nodes.append(_pool_or_flatten(gm, n, module, src))
     return nodes
+
+
+def _is_method(n: torch.fx.Node, name: str) -> bool:
+    return n.op == "call_method" and n.target == name
+
+
+def _channel_shuffle(n: torch.fx.Node, users: dict[torch.fx.Node, list[torch.fx.Node]]) -> int | None:
+    """The groups of ShuffleNet's channel shuffle ``x.unflatten(1, (g, -1)).transpose(1, 2).flatten(1, 2)``
+    starting at ``n``; None where ``n`` starts none."""
+    if not _is_method(n, "unflatten") or list(n.args[1:2]) != [1] or len(users[n]) != 1:
+        return None
+    sizes, (transpose,) = n.args[2], users[n]
+    if not (_is_method(transpose, "transpose") and list(transpose.args[1:]) == [1, 2] and len(users[transpose]) == 1):
+        return None
+    (flatten,) = users[transpose]
+    if not (_is_method(flatten, "flatten") and list(flatten.args[1:]) == [1, 2]) or len(sizes) != 2 or sizes[1] != -1:
+        return None
+    return int(sizes[0])
+
+
+def _spatial_mean(gm: torch.fx.GraphModule, n: torch.fx.Node) -> tuple[bool, torch.fx.Node] | None:
+    """``(keepdim, input)`` of a mean over H and W of an NCHW tensor (``x.mean((2, 3))``, ``torch.mean(x,
+    [-2, -1], keepdim=True)``); None for anything else."""
+    if not ((n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean)):
+        return None
+    x, *rest = n.args
+    dims = rest[0] if rest else n.kwargs.get("dim")
+    keepdim = rest[1] if len(rest) > 1 else n.kwargs.get("keepdim", False)
+    if not isinstance(dims, (list, tuple)) or sorted(int(d) % 4 for d in dims) != [2, 3]:
+        raise ValueError(f"{n.name}: only a mean over H and W (dims 2, 3) is supported")
+    return bool(keepdim), x
 
 
 def _finite(bound: float) -> float | None:
@@ -281,11 +334,12 @@ def _pool_attrs(name: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         if _pair(args["output_size"]) != [1, 1]:
             raise ValueError(f"{name}: only global average pooling (output size 1) is supported")
         return {}
-    if args.get("ceil_mode"):
-        raise ValueError(f"{name}: ceil_mode pooling is not supported")
+    if args.get("ceil_mode") and kind == "avgpool":
+        raise ValueError(f"{name}: ceil_mode average pooling is not supported (ceil_mode max pooling is)")
     kernel = _pair(args["kernel_size"])
     stride = _pair(args.get("stride") or kernel)
-    attrs = {"kernel": kernel, "stride": stride, "padding": _pair(args.get("padding", 0))}
+    attrs = {"kernel": kernel, "stride": stride, "padding": _pair(args.get("padding", 0)),
+             **({"ceil_mode": True} if args.get("ceil_mode") else {})}
     if kind == "maxpool" and _pair(args.get("dilation", 1)) != [1, 1]:
         raise ValueError(f"{name}: dilated max pooling is not supported")
     if kind == "avgpool" and (not args.get("count_include_pad", True) or args.get("divisor_override")):

@@ -21,8 +21,9 @@ from onnx import TensorProto, helper
 
 import hawqc
 from hawqc.fileio import atomic_output
-from hawqc.quant.model import QuantModel
+from hawqc.quant.model import QuantModel, moved_ops
 from hawqc.quant.quantizers import ActQuantizer
+from hawqc.reference.graph import IntOp
 
 INT4_OPSET = 21
 _ZERO_POINT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
@@ -50,6 +51,22 @@ class _Builder:
         bounds = [self.const(f"{name}.{k}", TensorProto.FLOAT, np.float32(v)) for k, v in (("min", 0.0), ("max", upper))]
         return self.node("Clip", [src, *bounds], name)
 
+    def moved(self, ops: list[IntOp], names: dict[str, str]) -> str:
+        """Integer data movement (``slice``, ``reshape``, ``transpose`` ops) as the ONNX nodes that mean it;
+        ``names``: ONNX names of the ops' outside inputs. Returns the last output."""
+        for op in ops:
+            x, out = names.get(op.inputs[0], op.inputs[0]), op.output
+            if op.op == "slice":
+                bounds = [self.const(f"{out}.{k}", TensorProto.INT64, np.asarray(op.attrs[v], np.int64))
+                          for k, v in (("starts", "begin"), ("ends", "end"), ("axes", "axes"), ("steps", "strides"))]
+                self.node("Slice", [x, *bounds], out)
+            elif op.op == "reshape":
+                shape = self.const(f"{out}.shape", TensorProto.INT64, np.asarray(op.attrs["shape"]))
+                self.node("Reshape", [x, shape], out)
+            else:
+                self.node("Transpose", [x], out, perm=op.attrs["perm"])
+        return ops[-1].output
+
     def qdq(self, src: str, name: str, quantizer: ActQuantizer) -> str:
         scale = self.const(f"{name}.scale", TensorProto.FLOAT, np.float32(quantizer.scale.item()))
         zp = self.const(f"{name}.zero_point", _ZERO_POINT_TYPES[(quantizer.bits, quantizer.signed)], np.int8(0))
@@ -74,8 +91,9 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
     shape = tuple(np.asarray(example_input).shape[1:]) if example_input is not None else qmodel.input_shape
     if not shape:
         raise ValueError("give example_input: the model has no calibration shape")
+    trace: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        out_shape = qmodel._float_forward(torch.zeros(1, *shape), fake=False, observe=False).shape[1:]
+        out_shape = qmodel._float_forward(torch.zeros(1, *shape), fake=False, observe=False, trace=trace).shape[1:]
     g = _Builder()
     values: dict[str, str] = {}
     for node in qmodel.nodes:
@@ -109,7 +127,7 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
             out = g.node("Concat", ins, name, axis=1)
         elif kind == "maxpool":
             out = g.node("MaxPool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
-                         pads=attrs["padding"] * 2)
+                         pads=attrs["padding"] * 2, ceil_mode=int(attrs.get("ceil_mode", False)))
         elif kind == "avgpool":
             out = g.node("AveragePool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
                          pads=attrs["padding"] * 2, count_include_pad=1)
@@ -117,6 +135,8 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
             out = g.node("GlobalAveragePool", ins, name)
         elif kind == "flatten":
             out = g.node("Flatten", ins, name, axis=1)
+        elif kind in ("slice", "shuffle"):
+            out = g.moved(moved_ops(node, list(trace[node.inputs[0]].shape)), {node.inputs[0]: ins[0]})
         else:
             out = g.relu(ins[0], name, node.relu_max)
         if node.relu:

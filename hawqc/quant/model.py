@@ -45,7 +45,7 @@ from hawqc.reference.graph import (
 
 MODES = ("int", "fake", "float")
 _RESCALING = {"add", "concat", "output"}
-_SCALE_PRESERVING = {"maxpool", "avgpool", "gap", "flatten", "relu"}
+_SCALE_PRESERVING = {"maxpool", "avgpool", "gap", "flatten", "relu", "slice", "shuffle"}
 
 
 def _key(layer: str) -> str:
@@ -135,10 +135,11 @@ class QuantModel(nn.Module):
         return found
 
     def _float_forward(self, x: torch.Tensor, fake: bool, observe: bool, stop_at: str | None = None,
-                       world: distributed.World | None = None) -> torch.Tensor | list[torch.Tensor]:
+                       world: distributed.World | None = None,
+                       trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """The float or fake-quantized forward; ``observe`` feeds the activation quantizers' observers
-        (with ``world``, the ranks calibrating together)."""
-        values: dict[str, torch.Tensor] = {}
+        (with ``world``, the ranks calibrating together); ``trace`` keeps every node's value."""
+        values: dict[str, torch.Tensor] = trace if trace is not None else {}
         for node in self.nodes:
             ins = [values[i] for i in node.inputs]
             kind, attrs = node.kind, node.attrs
@@ -159,13 +160,18 @@ class QuantModel(nn.Module):
             elif kind == "concat":
                 y = torch.cat(ins, dim=1)
             elif kind == "maxpool":
-                y = F.max_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"])
+                y = F.max_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"],
+                                 ceil_mode=attrs.get("ceil_mode", False))
             elif kind == "avgpool":
                 y = F.avg_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"], count_include_pad=True)
             elif kind == "gap":
                 y = ins[0].mean(dim=(2, 3), keepdim=True)
             elif kind == "flatten":
                 y = ins[0].flatten(1)
+            elif kind == "slice":
+                y = ins[0].chunk(attrs["parts"], dim=1)[attrs["index"]]
+            elif kind == "shuffle":
+                y = ins[0].unflatten(1, (attrs["groups"], -1)).transpose(1, 2).flatten(1, 2)
             else:  # relu
                 y = _relu(ins[0], node.relu_max)
             if node.relu:
@@ -244,6 +250,11 @@ class QuantModel(nn.Module):
             return AddInput(f"{dst}:in{j}", np.float64(fine), 0, 2**31)
 
         output = None
+        shapes: dict[str, list[int]] = {}
+        if any(node.kind in ("slice", "shuffle") for node in self.nodes):  # channel counts, from a float run
+            trace: dict[str, torch.Tensor] = {}
+            self._float_forward(torch.zeros(1, *self.input_shape), fake=False, observe=False, trace=trace)
+            shapes = {k: list(v.shape) for k, v in trace.items()}
         for node in self.nodes:
             name, kind, attrs = node.name, node.kind, node.attrs
             quantizer = self.acts[name] if name in self.acts else None
@@ -289,8 +300,9 @@ class QuantModel(nn.Module):
             else:
                 s, in_min, in_max = qint[node.inputs[0]]
                 if kind == "maxpool":
-                    ops.append(IntOp("maxpool", node.inputs, name, {"kernel": attrs["kernel"], "stride": attrs["stride"],
-                                                                    "padding": _pads(attrs["padding"])}))
+                    pool = {"kernel": attrs["kernel"], "stride": attrs["stride"], "padding": _pads(attrs["padding"]),
+                            **({"ceil_mode": True} if attrs.get("ceil_mode") else {})}
+                    ops.append(IntOp("maxpool", node.inputs, name, pool))
                 elif kind == "avgpool":
                     b, c = dyadic(1.0 / (attrs["kernel"][0] * attrs["kernel"][1]))
                     ops.append(IntOp("avgpool", node.inputs, name,
@@ -301,6 +313,8 @@ class QuantModel(nn.Module):
                     ops.append(IntOp("global_avgpool", node.inputs, name, {"qmin": in_min, "qmax": in_max}))
                 elif kind == "flatten":
                     ops.append(IntOp("flatten", node.inputs, name))
+                elif kind in ("slice", "shuffle"):
+                    ops.extend(moved_ops(node, shapes[node.inputs[0]]))
                 else:  # relu
                     in_min, in_max = max(in_min, 0), _upper(node.relu_max, s, in_max)
                     ops.append(IntOp("clip", node.inputs, name, {"qmin": in_min, "qmax": in_max}))
@@ -311,6 +325,21 @@ class QuantModel(nn.Module):
         metadata = {"bit_config": {k: v.to_dict() for k, v in self.bits.items()},
                     "input_shape": [None, *self.input_shape]}
         return IntegerGraph("input", output or "output", ops, metadata)
+
+
+def moved_ops(node: Node, shape: list[int]) -> list[IntOp]:
+    """A channel slice (a part of ``chunk``) or a channel shuffle of an input of ``shape`` (N, C, H, W) as
+    integer data movement: a slice of axis 1; reshape -> transpose -> reshape (the batch left open)."""
+    (src,), (_, channels, h, w) = node.inputs, shape
+    if node.kind == "slice":
+        size = -(-channels // node.attrs["parts"])
+        begin = node.attrs["index"] * size
+        return [IntOp("slice", [src], node.name, {"axes": [1], "begin": [begin], "end": [min(begin + size, channels)],
+                                                  "strides": [1]})]
+    groups = node.attrs["groups"]
+    return [IntOp("reshape", [src], f"{node.name}:split", {"shape": [-1, groups, channels // groups, h, w]}),
+            IntOp("transpose", [f"{node.name}:split"], f"{node.name}:moved", {"perm": [0, 2, 1, 3, 4]}),
+            IntOp("reshape", [f"{node.name}:moved"], node.name, {"shape": [-1, channels, h, w]})]
 
 
 def _relu(x: torch.Tensor, upper: float | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hawqc.quant.dyadic import requantize
-from hawqc.reference.graph import pool_rescale
+from hawqc.reference.graph import pool_padding, pool_rescale, slices
 
 Consts = Mapping[str, np.ndarray]
 
@@ -89,7 +89,7 @@ def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.T
 
 
 def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
-    x = _pad(inputs[0].to(torch.float64), attrs["padding"], float("-inf"))
+    x = _pad(inputs[0].to(torch.float64), pool_padding(attrs, inputs[0].shape[2:]), float("-inf"))
     return F.max_pool2d(x, attrs["kernel"], attrs["stride"]).to(torch.int32)
 
 
@@ -130,7 +130,15 @@ def reshape(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torc
     return inputs[0].reshape(attrs["shape"])
 
 
+def transpose(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return inputs[0].permute(*attrs["perm"]).contiguous()
+
+
+def slice_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    return inputs[0][slices(attrs, inputs[0].ndim)].contiguous()
+
+
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
            "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
-           "dequantize": dequantize}
+           "transpose": transpose, "slice": slice_op, "dequantize": dequantize}

@@ -21,7 +21,8 @@ add               elementwise sum of its inputs, + zero_point, clipped (attrs: q
                   :func:`hawqc.quant.dyadic.tie_window`)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
-maxpool           attrs: kernel, stride, padding [top, left, bottom, right]
+maxpool           attrs: kernel, stride, padding [top, left, bottom, right], ceil_mode (extra bottom/right
+                  padding by :func:`ceil_mode_padding`)
 avgpool           window sum (padding counts as the input zero point), then requantize by
                   ratio/(kh*kw), or ratio/divisor[h, w] with b, c of shape (OH, OW) where the divisor
                   differs by position (count_include_pad=0, ceil_mode) (consts: b, c; attrs: qmin,
@@ -39,7 +40,8 @@ pad               constant padding (attrs: pads [top, left, bottom, right], pad_
 flatten           (N, ...) -> (N, -1)
 reshape           attrs: shape
 transpose         attrs: perm
-slice             attrs: begin, end, strides (one entry per axis, normalised, strides > 0)
+slice             attrs: begin, end, strides (one entry per axis of ``axes``, default every axis;
+                  normalised, strides > 0)
 affine            per-channel ``(x - input_zero_point) * multiplier + bias`` -> int32 accumulator (consts:
                   multiplier, bias, int32, per channel or scalar): BatchNormalization, Mul/Add by constants
 resize            along H and W: nearest, ``x[:, :, iy[0]][..., ix[0]]``; linear (consts wy, wx),
@@ -194,6 +196,34 @@ def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax:
         attrs["input_zero_points"] = [p.zero_point for p in parts]
     m = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
     return IntOp("add", [p.name for p in parts], dst, attrs, {"m": m, "c": np.array(c, np.int32)})
+
+
+def ceil_mode_padding(size: Any, kernel: list[int], stride: list[int], padding: list[int]) -> list[int]:
+    """Pooling with ``ceil_mode`` as extra bottom/right padding ([top, left, bottom, right] of an (H, W)
+    input): the output has ``ceil((n + pads - k) / s) + 1`` rows, less one if the last window would
+    start in the padding (PyTorch's and ONNX Runtime's rule)."""
+    extra = []
+    for n, k, s, lo, hi in zip([int(d) for d in size], kernel, stride, padding[:2], padding[2:]):
+        out = -(-(n + lo + hi - k) // s) + 1
+        if (out - 1) * s >= n + lo:
+            out -= 1
+        extra.append(max(0, (out - 1) * s + k - (n + lo + hi)))
+    return [padding[0], padding[1], padding[2] + extra[0], padding[3] + extra[1]]
+
+
+def slices(attrs: Mapping[str, Any], ndim: int) -> tuple[slice, ...]:
+    """A ``slice`` op's index: begin/end/strides on its ``axes`` (default every axis), the others whole."""
+    index = [slice(None)] * ndim
+    for axis, begin, end, stride in zip(attrs.get("axes", range(ndim)), attrs["begin"], attrs["end"], attrs["strides"]):
+        index[axis] = slice(begin, end, stride)
+    return tuple(index)
+
+
+def pool_padding(attrs: Mapping[str, Any], size: Any) -> list[int]:
+    """A max pool's padding of an (H, W) input: its own, extended where it has ``ceil_mode``."""
+    if not attrs.get("ceil_mode"):
+        return list(attrs["padding"])
+    return ceil_mode_padding(size, attrs["kernel"], attrs["stride"], list(attrs["padding"]))
 
 
 def conv_output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],

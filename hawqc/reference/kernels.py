@@ -16,7 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from hawqc.quant.dyadic import requantize
 from hawqc.quant.thresholds import count_thresholds
 from hawqc.reference.float_kernels import float_op
-from hawqc.reference.graph import pool_rescale
+from hawqc.reference.graph import pool_padding, pool_rescale, slices
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _EXACT = 2**53
@@ -114,7 +114,7 @@ def clip(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.nd
 
 
 def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x = _pad_nchw(inputs[0], attrs["padding"], INT32_MIN)
+    x = _pad_nchw(inputs[0], pool_padding(attrs, inputs[0].shape[2:]), INT32_MIN)
     return _windows(x, attrs["kernel"], attrs["stride"]).max(axis=(-2, -1)).astype(np.int32)
 
 
@@ -170,7 +170,7 @@ def transpose(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, 
 
 
 def slice_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    return inputs[0][tuple(slice(*spec) for spec in zip(attrs["begin"], attrs["end"], attrs["strides"]))]
+    return inputs[0][slices(attrs, inputs[0].ndim)]
 
 
 def _per_channel(a: np.ndarray, ndim: int) -> np.ndarray:
