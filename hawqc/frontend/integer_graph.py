@@ -10,7 +10,6 @@ requantize. Float appears only in the input ``quantize`` and the output ``dequan
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -448,24 +447,22 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
 
 def _threshold(ctx: Context, ins: list[Any], op: IntOp) -> Any:
-    """One TIR loop (:mod:`hawqc.topi_int4.threshold`) on the int32 accumulator seen as (outer, C, inner)."""
-    from tvm import relax
+    """:func:`hawqc.quant.thresholds.count_thresholds` on Relax expressions: per step one ``take`` from the
+    channel's row of the flat table and one compare."""
     from tvm.relax import op as R
 
-    from hawqc.topi_int4.threshold import threshold_func
+    from hawqc.quant.thresholds import CountOps, count_thresholds
 
     base, up, down = (op.consts[k] for k in ("base", "up", "down"))
-    acc = ins[0] if str(ins[0].ty.dtype) == "int32" else ctx.bb.emit(R.astype(ins[0], "int32"))
-    shape = list(acc.ty.shape)
-    axis = ctx.channel_axis(len(shape))
-    outer, inner = math.prod(shape[:axis]), math.prod(int(d) for d in shape[axis + 1:])
-    dtype = ctx.storage(op.attrs["qmin"], op.attrs["qmax"])
-    func = ctx.bb.add_func(threshold_func(base.shape[0], inner, up.shape[1], down.shape[1], dtype), "threshold")
-    tables = [_const(t.ravel() if t.size else np.zeros(base.shape[0]), "int32") for t in (up, down)]
-    flat = ctx.bb.emit(R.reshape(acc, [outer, base.shape[0], inner]))
-    counted = ctx.bb.emit(R.call_tir(func, [flat, _const(base, "int32"), *tables],
-                                     relax.TensorType([outer, base.shape[0], inner], dtype)))
-    return R.reshape(counted, shape)
+    ndim = _ndim(ins[0])
+    rows = np.arange(base.shape[0], dtype=np.int32)
+    ops = CountOps(take=lambda table, index: R.take(table, index, axis=0), greater=R.greater, less=R.less,
+                   crossed=lambda cond, step: R.multiply(R.astype(cond, "int32"), _const(step, "int32")),
+                   add=R.add, subtract=R.subtract)
+    tables = [(_const(t.ravel(), "int32"), _channel(ctx, rows * t.shape[1], ndim, "int32"), t.shape[1])
+              for t in (up, down)]
+    counted = count_thresholds(R.astype(ins[0], "int32"), _channel(ctx, base, ndim, "int32"), *tables, ops=ops)
+    return R.astype(counted, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
 
 
 def _mul(ctx: Context, ins: list[Any], op: IntOp) -> Any:

@@ -15,7 +15,8 @@ thresholds crossed, found once at compile time by bisection on ``q`` itself (no 
 ``up`` ascending (the accumulators just below each step up, right of the minimum), ``down`` descending
 (just above each step up, left of it), each row padded to a power of two with thresholds never crossed.
 :func:`count_thresholds` evaluates it with a branchless binary search (``log2`` of the row length
-gathers and compares per element), written once for numpy arrays and Relax expressions.
+gathers and compares per element), written once for numpy arrays and Relax expressions (``let`` for
+expressions that must bind the index once).
 """
 
 from __future__ import annotations
