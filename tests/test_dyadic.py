@@ -9,19 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawqc.quant.dyadic import (
-    aligned_multipliers,
-    high_word_sum_form,
     _tie_in_range,
-    high_word_form,
-    high_word_shift,
+    aligned_multipliers,
     bias_in_accumulator,
     dyadic,
     dyadic_per_channel,
+    high_word_form,
+    high_word_shift,
+    high_word_sum_form,
     requantize,
     round_shift,
     rounding_bias,
     scale_ratio,
     self_check,
+    tie_window,
 )
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -262,3 +263,26 @@ def test_high_word_sum_form_is_refused_on_ties_and_many_combinations() -> None:
     assert high_word_sum_form([unit + 12345, unit], [0, 0], c, 0, [(-128, 127), (-128, 127)]) is not None
     three = [(-128, 127)] * 3  # 65536 combinations of the first two inputs: not searched
     assert high_word_sum_form([unit + 12345, unit, unit], [0, 0, 0], c, 0, three) is None
+
+
+def test_aligned_sum_rounds_exact_ties_of_the_real_sum_half_to_even() -> None:
+    """Ratios 1/6 and 1/2 (scales 2^-8, 3*2^-8 to 3*2^-7): x1/6 + x2/2 lies exactly on a tie for many
+    pairs, but the multipliers 2^c/6 are not integers, so the integer sum misses the tie by a few units. The
+    tie window rounds every pair like exact arithmetic (without it some ties round the wrong way), and the
+    high-word form, which rounds half up, is refused."""
+    scales, s_out = [np.float32(2.0**-8), np.float32(3 * 2.0**-8)], np.float32(3 * 2.0**-7)
+    multipliers, c = aligned_multipliers(scales, s_out, [256, 256])
+    window = tie_window(scales, s_out, [256, 256], multipliers, c)
+    assert window > 0
+    x1, x2 = (v.ravel() for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128)))
+    total = x1 * np.int64(multipliers[0]) + x2 * np.int64(multipliers[1])
+    exact = np.array([round(Fraction(int(a), 6) + Fraction(int(b), 2)) for a, b in zip(x1, x2)])  # half to even
+    np.testing.assert_array_equal(requantize(total, 1, c, -1000, 1000, tie_window=window), exact)
+    assert np.count_nonzero(requantize(total, 1, c, -1000, 1000) != exact) > 0
+    assert high_word_sum_form([int(m) for m in multipliers], [0, 0], c, 0, [(-128, 127)] * 2, window) is None
+
+
+def test_no_tie_window_where_the_real_sum_cannot_be_on_a_tie() -> None:
+    scales, s_out = [np.float32(2.0**-8), np.float32(3 * 2.0**-8)], np.float32(3 * 2.0**-9)  # ratios 4/3 and 4
+    multipliers, c = aligned_multipliers(scales, s_out, [256, 256])
+    assert tie_window(scales, s_out, [256, 256], multipliers, c) == 0

@@ -128,10 +128,55 @@ def per_channel_activation(g: _Graph) -> str:
     return g.q(g.conv(padded, scales, c, "dw", groups=c), 0.031)
 
 
+def activations(g: _Graph) -> str:
+    """NNCF's activations of a conv's float output, quantized once after: SiLU (falls, then rises), HardSwish
+    (quantized per channel, int8, before a depthwise conv), Sigmoid and HardSigmoid."""
+    x = g.q("input", 0.0123)
+    a = g.conv(x, 0.0123, 8, "a")
+    g.channels.update(silu=8, sigmoid=8)
+    silu = g.q(g.node("Mul", [a, g.node("Sigmoid", [a], "a_gate")], "silu"), 0.0071)
+    scales = g.rng.uniform(0.008, 0.02, 8).astype(np.float32)
+    args = [g.init("hswish.scale", scales), g.init("hswish.zp", np.zeros(8, np.int8))]
+    hswish = g.node("HardSwish", [g.conv(silu, 0.0071, 8, "b")], "hswish")
+    swish = g.node("DequantizeLinear", [g.node("QuantizeLinear", [hswish, *args], "hswish.q", axis=1), *args],
+                   "hswish.dq", axis=1)
+    g.channels[swish] = 8
+    sigmoid = g.q(g.node("Sigmoid", [g.conv(swish, scales, 8, "c", groups=8)], "sigmoid"), 1 / 256, zero_point=0)
+    return g.q(g.node("HardSigmoid", [g.conv(sigmoid, 1 / 256, 4, "d")], "hsigmoid", alpha=1 / 6), 1 / 255,
+               zero_point=0)
+
+
+def shared_concat(g: _Graph) -> str:
+    """Inception's block as NNCF leaves it: a Concat of branches on one grid, not quantized again, read by two
+    convs and an average pool."""
+    x = g.q("input", 0.0123)
+    cat = g.node("Concat", [g.q(g.conv(x, 0.0123, 4, f"branch{j}"), 0.05) for j in range(2)], "cat", axis=1)
+    g.channels[cat] = 8
+    pooled = g.q(g.node("AveragePool", [cat], "pool", kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=1), 0.05)
+    g.channels[pooled] = 8
+    convs = [g.q(g.conv(src, 0.05, 4, f"after{j}"), 0.031) for j, src in enumerate([cat, cat, pooled])]
+    return g.q(g.node("Add", [g.node("Add", convs[:2], "sum"), convs[2]], "sum3"), 0.047)
+
+
+def float_island(g: _Graph) -> str:
+    """NNCF's squeeze-excite: a GlobalAveragePool not quantized, convs with float weights and biases, a
+    HardSigmoid quantized, then the gate multiplied in; the oracle computes the island in float64."""
+    x = g.q(g.node("Relu", [g.conv(g.q("input", 0.0123), 0.0123, 8, "conv")], "relu"), 0.0213, zero_point=0)
+    w1, w2 = (g.init(f"fc{j}.w", g.rng.uniform(-4, 4, shape).astype(np.float32))
+              for j, shape in ((1, (4, 8, 1, 1)), (2, (8, 4, 1, 1))))
+    b1, b2 = (g.init(f"fc{j}.b", g.rng.uniform(-0.3, 0.3, n).astype(np.float32)) for j, n in ((1, 4), (2, 8)))
+    hidden = g.node("Relu", [g.node("Conv", [g.node("GlobalAveragePool", [x], "gap"), w1, b1], "fc1")], "fc1_relu")
+    gate = g.q(g.node("HardSigmoid", [g.node("Conv", [hidden, w2, b2], "fc2")], "gate", alpha=1 / 6), 1 / 255,
+               zero_point=0)
+    return g.q(g.node("Mul", [x, gate], "excite"), 0.0173, zero_point=0)
+
+
 GRAPHS: dict[str, Callable[[_Graph], str]] = {"conv_relu": conv_relu, "residual_add": residual_add,
                                                  "concat": concat, "avgpool": avgpool, "depthwise": depthwise,
                                                  "batchnorm": batchnorm,
-                                                 "per_channel_activation": per_channel_activation}
+                                                 "per_channel_activation": per_channel_activation,
+                                                 "activations": activations, "shared_concat": shared_concat,
+                                                 "float_island": float_island}
 
 
 def qdq_model(name: str, unsigned: bool) -> onnx.ModelProto:
@@ -176,6 +221,11 @@ def test_rescales_the_old_reader_rounded_twice_equal_the_oracle_on_more_images(n
         for layer in oracle.layer_by_layer(graph, oracle.oracle_run(model, x, intermediate=True), x):
             mismatches[layer.name] = mismatches.get(layer.name, 0) + layer.mismatches
     assert len(mismatches) >= 3 and {k: v for k, v in mismatches.items() if v} == {}
+
+
+def test_a_concat_read_by_many_nodes_is_computed_once() -> None:
+    graph = from_onnx(qdq_model("shared_concat", unsigned=True))
+    assert [op.op for op in graph.ops].count("concat") == 1
 
 
 def test_an_accumulator_added_at_4_bits_keeps_a_bias_fraction_of_2_to_the_minus_24_steps() -> None:
@@ -227,7 +277,8 @@ def test_oracle_dequantizes_int32_without_float32() -> None:
     assert got.dtype == np.float64 and got.tolist() == big.tolist()
 
 
-@pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation"])
+@pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation", "activations",
+                                  "float_island"])
 def test_compiled_module_equals_the_oracle(name: str) -> None:
     model = qdq_model(name, unsigned=True)
     module = hawqc.compile_integer_only(model, input_shape=SHAPE)

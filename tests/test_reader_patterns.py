@@ -235,7 +235,8 @@ EXPECTED_OPS = {"shuffle": {"transpose", "slice", "maxpool", "global_avgpool"}, 
                 "pool_after_relu": {"maxpool"}, "dense_tail": {"affine", "global_avgpool"},
                 "mean_after_relu": {"global_avgpool"}, "shuffle_chain": {"transpose", "slice", "concat"},
                 "ceil_mean": {"maxpool", "global_avgpool"}, "pool_of_pool": {"maxpool", "avgpool"}}
-FLOAT_OPS = {("excite", "nncf"): {"Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"}, ("softmax", "ort-qdq-s8"): {"Softmax"}}
+FLOAT_OPS = {("excite", "nncf"): {"GlobalAveragePool", "Conv", "Sigmoid", "Mul", "Relu", "HardSigmoid"},
+             ("softmax", "ort-qdq-s8"): {"Softmax"}}
 """ONNX operators the quantizer left in float (reported in the graph's metadata); none elsewhere."""
 
 

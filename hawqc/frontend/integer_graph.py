@@ -74,7 +74,8 @@ def relax_shift_ops() -> ShiftOps:
     from tvm import relax
     from tvm.relax import op as R
 
-    return ShiftOps(R.add, R.right_shift, R.bitwise_and, relax.const(1, "int64"))
+    return ShiftOps(R.add, R.right_shift, R.bitwise_and, relax.const(1, "int64"),
+                    lambda x, k: R.multiply(x, relax.const(k, "int64")))
 
 
 ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
@@ -218,9 +219,9 @@ def _ndim(expr: Any) -> int:
 
 
 def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, qmax: int, input_zero_point: int = 0,
-                zero_point: int = 0, offset: np.ndarray | None = None) -> Any:
+                zero_point: int = 0, offset: np.ndarray | None = None, tie_window: int = 0) -> Any:
     """``clip(round_shift((x - z_in)*b + offset, c) + z_out, qmin, qmax)`` in int64 (the rule of
-    :func:`hawqc.quant.dyadic.requantize`), stored in the narrowest type."""
+    :func:`hawqc.quant.dyadic.requantize`, its ``tie_window`` included), stored in the narrowest type."""
     from tvm import relax
     from tvm.relax import op as R
 
@@ -231,8 +232,8 @@ def _requantize(ctx: Context, x: Any, b: np.ndarray, c: np.ndarray, qmin: int, q
         y = R.subtract(y, _const(input_zero_point, "int64"))
     y = R.multiply(y, _channel(ctx, b, ndim, "int64"))
     y = ctx.bb.emit(y if offset is None else R.add(y, _channel(ctx, offset, ndim, "int64")))
-    y = round_shift(y, _channel(ctx, c, ndim, "int64"), _channel(ctx, rounding_bias(c), ndim, "int64"),
-                    relax_shift_ops())
+    y = round_shift(y, _channel(ctx, c, ndim, "int64"), _channel(ctx, rounding_bias(c, tie_window), ndim, "int64"),
+                    relax_shift_ops(), tie_window)
     if zero_point:
         y = R.add(y, _const(zero_point, "int64"))
     y = R.clip(y, relax.prim_value(int(qmin)), relax.prim_value(int(qmax)))
@@ -243,7 +244,8 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
-    x = R.astype(R.astype(ins[0], "float32"), "float64")  # x / scale in float64, as QuantizeLinear means it
+    x = ins[0] if op.attrs.get("internal") else R.astype(ins[0], "float32")  # an island's value is float64
+    x = R.astype(x, "float64")  # x / scale in float64, as QuantizeLinear means it
     q = R.round(R.divide(x, _const(np.float32(op.consts["scale"]), "float64")))
     if op.attrs.get("zero_point", 0):
         q = R.add(q, _const(op.attrs["zero_point"], "float64"))
@@ -255,10 +257,11 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 def _dequantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
+    dtype = "float64" if op.attrs.get("float64") else "float32"
     q = R.astype(ins[0], "int32")
     if op.attrs.get("zero_point", 0):
         q = R.subtract(q, _const(op.attrs["zero_point"], "int32"))
-    return R.multiply(R.astype(q, "float32"), _channel(ctx, op.consts["scale"], _ndim(ins[0]), "float32"))
+    return R.multiply(R.astype(q, dtype), _channel(ctx, op.consts["scale"], _ndim(ins[0]), dtype))
 
 
 def _conv2d(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -319,7 +322,8 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         total = ctx.bb.emit(terms[0] if len(terms) == 1 else R.add(terms[0], terms[1]))
         for term in terms[2:]:
             total = ctx.bb.emit(R.add(total, term))
-        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0))
+        return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0),
+                           tie_window=a.get("tie_window", 0))
     total = R.astype(ins[0], "int64")
     for x in ins[1:]:
         total = R.add(total, R.astype(x, "int64"))
@@ -342,7 +346,7 @@ def _high_word_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     multipliers = [int(v) for v in m]
     ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
     d = high_word_sum_form(multipliers, a.get("input_zero_points", [0] * len(ins)), c, a.get("zero_point", 0),
-                           ranges)
+                           ranges, a.get("tie_window", 0))
     if d is None:
         return None
     total = _const(d, "int64")
@@ -442,6 +446,25 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     return R.take(_const(table, out_dtype), index, axis=0, mode="clip")
 
 
+def _threshold(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """:func:`hawqc.quant.thresholds.count_thresholds` on Relax expressions: per step one ``take`` from the
+    channel's row of the flat table and one compare."""
+    from tvm.relax import op as R
+
+    from hawqc.quant.thresholds import CountOps, count_thresholds
+
+    base, up, down = (op.consts[k] for k in ("base", "up", "down"))
+    ndim = _ndim(ins[0])
+    rows = np.arange(base.shape[0], dtype=np.int32)
+    ops = CountOps(take=lambda table, index: R.take(table, index, axis=0), greater=R.greater, less=R.less,
+                   crossed=lambda cond, step: R.multiply(R.astype(cond, "int32"), _const(step, "int32")),
+                   add=R.add, subtract=R.subtract)
+    tables = [(_const(t.ravel(), "int32"), _channel(ctx, rows * t.shape[1], ndim, "int32"), t.shape[1])
+              for t in (up, down)]
+    counted = count_thresholds(R.astype(ins[0], "int32"), _channel(ctx, base, ndim, "int32"), *tables, ops=ops)
+    return R.astype(counted, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
+
+
 def _mul(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
@@ -538,14 +561,12 @@ def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     """One ONNX operator in float32, computed in NCHW (its operands transposed out of and back into the
     module's layout)."""
-    from tvm import relax
     from tvm.relax import op as R
 
     from hawqc.reference.float_kernels import node_inputs
 
     a, kind = op.attrs["onnx_attrs"], op.attrs["onnx_op"]
-    consts = {k: (_const(v, str(v.dtype)) if v.dtype != np.float64 else _const(v, "float32"))
-              for k, v in op.consts.items()}
+    consts = {k: _const(v, str(v.dtype)) for k, v in op.consts.items()}
     x, *rest = node_inputs([ctx.bb.emit(ctx.to_external(i)) for i in ins], op.attrs, consts)
     if kind == "Conv":
         pads = a.get("pads", [0, 0, 0, 0])
@@ -554,8 +575,8 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         y = R.add(y, R.reshape(rest[1], [1, -1, 1, 1])) if len(rest) > 1 else y
     elif kind in ("Gemm", "MatMul"):
         w = R.permute_dims(rest[0]) if a.get("transB", 0) else rest[0]
-        y = R.multiply(R.matmul(x, w), relax.const(np.float32(a.get("alpha", 1.0))))
-        y = R.add(y, R.multiply(rest[1], relax.const(np.float32(a.get("beta", 1.0))))) if len(rest) > 1 else y
+        y = R.multiply(R.matmul(x, w), _const(a.get("alpha", 1.0), str(x.ty.dtype)))
+        y = R.add(y, R.multiply(rest[1], _const(a.get("beta", 1.0), str(x.ty.dtype)))) if len(rest) > 1 else y
     elif kind in ("Mul", "Add", "Sub", "Div"):
         y = {"Mul": R.multiply, "Add": R.add, "Sub": R.subtract, "Div": R.divide}[kind](x, rest[0])
     elif kind in ("GlobalAveragePool", "ReduceMean"):
@@ -569,6 +590,8 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         y = R.argmax(x, axis=a.get("axis", 0), keepdims=bool(a.get("keepdims", 1)))
     else:  # element-wise
         y = _float_elementwise(x, kind, a, rest)
+    if op.attrs.get("float32_output") and "float" in str(ctx.bb.normalize(y).ty.dtype):
+        y = R.astype(y, "float32")
     return ctx.to_internal(ctx.bb.emit(y))
 
 
@@ -588,14 +611,15 @@ def _float_elementwise(x: Any, kind: str, a: Mapping[str, Any], rest: list[Any])
         return R.sigmoid(x)
     if kind == "Tanh":
         return R.tanh(x)
-    gate = clip(R.add(R.multiply(x, relax.const(np.float32(a.get("alpha", 0.2 if kind == "HardSigmoid" else 1 / 6)))),
-                      relax.const(np.float32(a.get("beta", 0.5)))), 0, 1)
+    dtype = str(x.ty.dtype)
+    gate = clip(R.add(R.multiply(x, _const(a.get("alpha", 0.2 if kind == "HardSigmoid" else 1 / 6), dtype)),
+                      _const(a.get("beta", 0.5), dtype)), 0, 1)
     return gate if kind == "HardSigmoid" else R.multiply(x, gate)  # HardSwish
 
 
 _LOWERINGS: Mapping[str, Callable[[Any, list[Any], IntOp], Any]] = {
     "quantize": _quantize, "conv2d": _conv2d, "dense": _dense, "requantize": _requantize_op, "add": _add,
     "concat": _concat, "clip": _clip, "maxpool": _maxpool, "avgpool": _avgpool,
-    "global_avgpool": _global_avgpool, "lut": _lut, "mul": _mul, "pad": _pad, "flatten": _flatten, "reshape": _reshape,
-    "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "float_op": _float_op,
+    "global_avgpool": _global_avgpool, "lut": _lut, "threshold": _threshold, "mul": _mul, "pad": _pad,
+    "flatten": _flatten, "reshape": _reshape, "transpose": _transpose, "slice": _slice, "affine": _affine, "resize": _resize, "float_op": _float_op,
     "dequantize": _dequantize}

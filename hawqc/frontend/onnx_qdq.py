@@ -14,7 +14,8 @@ fixes their integer form:
 - ``MaxPool``/``AveragePool``/``GlobalAveragePool``/``Flatten``/``Relu`` on a view are integer ops;
 - element-wise non-linearities between a DQ and a Q (Sigmoid, Tanh, HardSigmoid, HardSwish,
   LeakyRelu, Elu, Gelu, and ``x * sigmoid(x)``) become an exact lookup table over the input's
-  integer range (256 entries at 8 bits, 16 at 4), computed from the float function and both scales.
+  integer range (256 entries at 8 bits, 16 at 4), computed from the float function and both scales;
+  on a conv's accumulator (NNCF) a count of per-channel thresholds (:mod:`hawqc.quant.thresholds`);
 
 Activation zero points (asymmetric uint8/int8, as ONNX Runtime's ``quantize_static`` writes by
 default) are carried exactly: a convolution over an input with zero point ``z`` pads with ``z`` and
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from hawqc.frontend.onnx_model import (
     with_input_shape,
 )
 from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
+from hawqc.quant.thresholds import activation_thresholds
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import (
     AddInput,
@@ -56,9 +58,9 @@ from hawqc.reference.graph import (
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT16_MAX = 2**15 - 1
-FINE_STEPS, FINE_RANGE, FINE_ENTRIES = 16, 16.0, 2**16
-"""An activation applied to an accumulator (no QuantizeLinear in between) is a table over a grid 16
-times finer than its output's, covering at least [-16, 16], of at most 2^16 entries."""
+FINE_STEPS = 16
+"""A grid no QuantizeLinear fixes (an add or concat of different grids, a per-channel activation's first,
+per-tensor rounding) is 16 times finer than the finest it holds."""
 
 
 class Unquantized(ValueError):
@@ -138,13 +140,15 @@ class _Reader:
     float_nodes: list[str] = field(default_factory=list)
     """The ONNX nodes computed in float, as ``name (op)``."""
     dequantized_from: dict[str, str] = field(default_factory=dict)
+    viewed: dict[str, _View] = field(default_factory=dict)
+    """Pending values (pools, concats, adds) made integer tensors by :meth:`_Reader.view`, by ONNX tensor."""
     fine_views: dict[tuple[str, float, float], _View] = field(default_factory=dict)
     """Accumulators read before any QuantizeLinear, on their fine grid (``accumulator_view``)."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
 
-    def unquantized(self, node: Any, why: str) -> None:
+    def unquantized(self, node: Any, why: str) -> NoReturn:
         """Fail at a node that reads a tensor no QuantizeLinear rounded."""
         raise Unquantized(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}{CALIBRATE_HINT}",
                           node.name or node.output[0])
@@ -245,7 +249,8 @@ class _Reader:
     def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
         """An activation quantized per channel (NNCF, on depthwise inputs), only read by depthwise convs: an
         accumulator or integer tensor requantized per channel in one rounding, if its clip bounds give the
-        same integer bounds on every channel; else first per tensor onto an int16 grid finer than every
+        same integer bounds on every channel, an accumulator's activation counted against per-channel
+        thresholds; else first per tensor onto an int16 grid finer than every
         channel's, then per channel."""
         from dataclasses import replace
 
@@ -259,6 +264,11 @@ class _Reader:
                             f"{axis}) with zero points: hawqc reads per-channel activations on axis 1 with zero points 0")
         qmin, qmax = _qrange(self.model, node, self.inits)
         src = self.values[node.input[0]]
+        if isinstance(src, _Pending) and src.kind == "lut" and isinstance(src.parts[0], _Acc) \
+                and (src.lo, src.hi) == (-np.inf, np.inf):  # an activation of a conv: thresholds per channel
+            self.lut(src, out, scales, 0, qmin, qmax)
+            self.values[out] = _View(out, scales, qmin, qmax)
+            return
         if isinstance(src, _Acc) or (isinstance(src, _View) and np.size(src.scale) == 1):
             clip = (src.lo, src.hi) if isinstance(src, _Acc) else (-np.inf, np.inf)
             lows = {max(qmin, _bound(clip[0], s, 0, "lo")) for s in scales}
@@ -307,33 +317,44 @@ class _Reader:
         if reshape:
             self.emit("reshape", [pooled], out, {"shape": reshape})
 
-    def view(self, node: Any, value: Any, per_channel: bool = False) -> _View:
-        """``value`` as an integer tensor; a pool not followed by a QuantizeLinear keeps its input scale.
-        Tensors quantized per channel are refused unless ``per_channel`` (a depthwise conv reads them)."""
+    def view(self, node: Any, value: Any, per_channel: bool = False, tensor: str | None = None) -> _View:
+        """``value`` (ONNX tensor ``tensor``, by default the node's first input) as an integer tensor; a pool
+        not followed by a QuantizeLinear keeps its input scale. What this computes (a pool, a concat, a common
+        grid) is computed once, whatever number of nodes read it. Tensors quantized per channel are refused
+        unless ``per_channel`` (a depthwise conv reads them)."""
+        tensor = node.input[0] if tensor is None else tensor
+        if isinstance(value, _Pending):
+            if tensor not in self.viewed:
+                self.viewed[tensor] = self.pending_view(node, value, tensor)
+            return self.viewed[tensor]
         if isinstance(value, _View) and np.size(value.scale) > 1 and not per_channel:
             self.fail(node, "reads an activation quantized per channel: hawqc reads those only into depthwise "
                             "convolutions")
-        if isinstance(value, _Pending) and value.kind in ("avgpool", "global_avgpool"):
-            (src,) = value.parts
-            name = f"{node.input[0]}:pooled"
-            self.pool(value, name, src.scale, src.zero_point, src.qmin, src.qmax)
-            return _View(name, src.scale, src.qmin, src.qmax, src.zero_point)
-        if isinstance(value, _Pending) and value.kind == "concat" and all(
-                isinstance(p, _View) and (p.scale, p.zero_point) == (value.parts[0].scale, value.parts[0].zero_point)
-                for p in value.parts):  # a concat of tensors on one grid, not quantized again
-            name = f"{node.input[0]}:concat"
-            self.emit("concat", [p.name for p in value.parts], name, dict(value.attrs))
-            first = value.parts[0]
-            return _View(name, first.scale, min(p.qmin for p in value.parts), max(p.qmax for p in value.parts),
-                         first.zero_point)
-        if isinstance(value, _Pending) and value.kind in ("add", "concat") and all(
-                isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
-            return self.common_grid(node.input[0], value)
         if isinstance(value, _Acc):
             return self.accumulator_view(value)
         if not isinstance(value, _View):
             self.unquantized(node, "input must be a dequantized tensor")
         return value
+
+    def pending_view(self, node: Any, value: _Pending, tensor: str) -> _View:
+        """A pool, concat or add that no QuantizeLinear rounds, as an integer tensor (see :meth:`view`)."""
+        if value.kind in ("avgpool", "global_avgpool"):
+            (src,) = value.parts
+            name = f"{tensor}:pooled"
+            self.pool(value, name, src.scale, src.zero_point, src.qmin, src.qmax)
+            return _View(name, src.scale, src.qmin, src.qmax, src.zero_point)
+        if value.kind == "concat" and all(
+                isinstance(p, _View) and (p.scale, p.zero_point) == (value.parts[0].scale, value.parts[0].zero_point)
+                for p in value.parts):  # a concat of tensors on one grid, not quantized again
+            name = f"{tensor}:concat"
+            self.emit("concat", [p.name for p in value.parts], name, dict(value.attrs))
+            first = value.parts[0]
+            return _View(name, first.scale, min(p.qmin for p in value.parts), max(p.qmax for p in value.parts),
+                         first.zero_point)
+        if value.kind in ("add", "concat") and all(
+                isinstance(p, _Acc) or np.size(p.scale) == 1 for p in value.parts):
+            return self.common_grid(tensor, value)
+        self.unquantized(node, "input must be a dequantized tensor")
 
     def accumulator_view(self, acc: _Acc) -> _View:
         """A conv's or affine map's output (clipped by a ReLU/Clip or not) that an operator reads before any
@@ -457,7 +478,8 @@ class _Reader:
             self.fail(node, "applies to a constant")
 
     def add_or_concat(self, node: Any) -> None:
-        parts = [v if isinstance(v, _Acc) else self.view(node, v) for v in (self.values.get(i) for i in node.input)]
+        values = [(name, self.values.get(name)) for name in node.input]
+        parts = [v if isinstance(v, _Acc) else self.view(node, v, tensor=name) for name, v in values]
         attrs = {}
         if node.op_type == "Concat" and _attr(node, "axis", 1) != 1:
             attrs["axis"] = _axis(_attr(node, "axis", 1), len(self.shape_of(node, node.input[0])))
@@ -517,7 +539,7 @@ class _Reader:
                 fn = gate.attrs["fn"]
                 self.values[node.output[0]] = _Pending("lut", [x], attrs={"fn": lambda v, fn=fn: v * fn(v)})
                 return
-        self.values[node.output[0]] = _Pending("mul", [self.view(node, a), self.view(node, b)])
+        self.values[node.output[0]] = _Pending("mul", [self.view(node, a), self.view(node, b, tensor=node.input[1])])
 
     def product(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         a, b = pending.parts
@@ -527,21 +549,19 @@ class _Reader:
                                          ("zero_point", zp)) if v})
         self.emit("mul", [a.name, b.name], out, attrs, {"b": bb, "c": c})
 
-    def fine_grid(self, acc: _Acc, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> _View:
-        """An accumulator requantized onto a grid ``FINE_STEPS`` times finer than the output's, over the
-        output's real range widened to +-``FINE_RANGE`` (where sigmoid-like functions have saturated),
-        at most ``FINE_ENTRIES`` values: what a lookup table of an activation reads."""
-        reach = max(FINE_RANGE, float(max(abs(lo - zp), abs(hi - zp)) * scale))
-        fine = np.float32(max(scale / np.float32(FINE_STEPS), 2 * reach / FINE_ENTRIES))
-        bound = int(np.ceil(reach / fine))
-        name = f"{out}:fine"
-        qmin, qmax = self.rescale(acc, name, fine, -bound, bound)
-        return _View(name, fine, qmin, qmax)
-
-    def lut(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+    def lut(self, pending: _Pending, out: str, scale: Any, zp: int, lo: int, hi: int) -> None:
+        """An element-wise function quantized: a table over an integer input's range, or over a conv's
+        accumulator the count of thresholds crossed (:mod:`hawqc.quant.thresholds`, no second rounding)."""
         (src,) = pending.parts
         if isinstance(src, _Acc):
-            src = self.fine_grid(src, out, scale, zp, lo, hi)
+            s_acc = scale_ratio(src.s_in, src.s_w, np.float32(1.0), src.exact_w)
+            try:
+                t = activation_thresholds(pending.attrs["fn"], s_acc, src.fraction, scale, zp, lo, hi, src.lo, src.hi)
+            except ValueError as err:
+                raise ValueError(f"the activation quantized into {out!r}: {err}") from None
+            self.emit("threshold", [src.name], out, {"qmin": lo, "qmax": hi},
+                      {"base": t.base, "up": t.up, "down": t.down})
+            return
         q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
         real = (q - src.zero_point).astype(np.float64) * np.float64(src.scale)  # the exact input grid
         y = np.asarray(pending.attrs["fn"](real), dtype=np.float64)
@@ -761,7 +781,7 @@ class _Reader:
             gain, offset = 1.0 / c, zero
         else:
             gain, offset = {"Add": (one, c), "Mul": (c, zero), "Sub": (one, -c) if k == 1 else (-one, c)}[node.op_type]
-        self.values[node.output[0]] = self.affine(node, src, gain, offset, node.output[0])
+        self.values[node.output[0]] = self.affine(node, src, gain, offset, node.output[0], node.input[1 - k])
 
     def batch_norm(self, node: Any) -> None:
         """A BatchNormalization that no conv absorbed (DenseNet's after a Concat): a per-channel affine map."""
@@ -773,7 +793,8 @@ class _Reader:
         gain = gamma / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
         self.values[node.output[0]] = self.affine(node, src, gain, beta - mean * gain, node.output[0])
 
-    def affine(self, node: Any, value: Any, gain: np.ndarray, offset: np.ndarray, out: str) -> _Acc | _Pending:
+    def affine(self, node: Any, value: Any, gain: np.ndarray, offset: np.ndarray, out: str,
+               tensor: str | None = None) -> _Acc | _Pending:
         """``gain * x + offset`` per channel (float64) as an int32 accumulator of scale ``S * |gain|``, rounded
         once at the next QuantizeLinear like a conv's: ``(q - z) * sign(gain) + whole`` on an integer tensor
         of scale ``S``, ``acc * sign(gain) + whole`` on an accumulator (nothing quantized in between, as NNCF
@@ -794,7 +815,7 @@ class _Reader:
             name, s_in, s_w, reach = value.name, value.s_in, np.asarray(value.s_w, np.float64) * magnitude, 0
             below = 0.0 if value.fraction is None else value.fraction * sign
         else:
-            src = self.view(node, value)
+            src = self.view(node, value, tensor=tensor)
             name, s_in, s_w, below = src.name, np.float32(src.scale), magnitude, 0.0
             reach = max(abs(src.qmin - src.zero_point), abs(src.qmax - src.zero_point))
             attrs = {"input_zero_point": src.zero_point} if src.zero_point else {}
@@ -827,7 +848,7 @@ class _Reader:
             if value is not None:
                 raw = self.inits.get(name)
                 keep = raw is not None and np.asarray(raw).dtype.kind in "iu" and name not in self.values
-                consts[f"input{k}"] = np.asarray(raw) if keep else value.astype(np.float32)
+                consts[f"input{k}"] = np.asarray(raw) if keep else value.astype(np.float64)
             else:
                 dynamic.append(self.as_float(node, name))
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -841,21 +862,34 @@ class _Reader:
         self.float_nodes.append(f"{node.name or out} ({node.op_type})")
 
     def as_float(self, node: Any, name: str) -> str:
-        """Tensor ``name`` as float32 (a dequantize of an integer tensor or accumulator)."""
+        """Tensor ``name`` as float64 (a dequantize of an integer tensor or accumulator): a float island computes
+        in float64, as the file means it (its oracle)."""
         value = self.values.get(name)
         if isinstance(value, _Float):
             return value.name
+        if isinstance(value, _Pending) and value.kind == "global_avgpool":  # the exact mean, not rounded to a grid
+            (src,) = value.parts
+            if any(op.output == f"{name}:float" for op in self.ops):  # read by another float op already
+                return f"{name}:float"
+            opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+            attrs = {"onnx_op": "GlobalAveragePool", "onnx_attrs": {}, "arity": 1, "opset": opset}
+            self.float_nodes.append(f"{name} (GlobalAveragePool)")
+            return self.emit("float_op", [self.dequantized(src, f"{name}:input")], f"{name}:float", attrs)
         if isinstance(value, _Pending):
-            value = self.view(node, value)
+            value = self.view(node, value, tensor=name)
         if isinstance(value, _Acc) and (np.isfinite(value.lo) or np.isfinite(value.hi)):
             value = self.accumulator_view(value)
         if isinstance(value, _Acc):
-            scale, attrs = np.float32(value.s_in) * np.asarray(value.s_w, np.float32), {}
-        elif isinstance(value, _View):
-            scale = np.asarray(value.scale, np.float32)
-            attrs = {"zero_point": value.zero_point} if value.zero_point else {}
-        else:
-            self.fail(node, f"input {name!r} is neither a tensor computed from the input nor a constant")
+            scale = scale_ratio(value.s_in, value.s_w, np.float32(1.0), value.exact_w)
+            return self.emit("dequantize", [value.name], f"{name}:float", {"float64": True}, {"scale": scale})
+        if isinstance(value, _View):
+            return self.dequantized(value, name)
+        self.fail(node, f"input {name!r} is neither a tensor computed from the input nor a constant")
+
+    def dequantized(self, value: _View, name: str) -> str:
+        """An integer tensor as float64, named ``{name}:float``."""
+        scale = np.asarray(np.asarray(value.scale, np.float32), np.float64)
+        attrs = {"zero_point": value.zero_point, "float64": True} if value.zero_point else {"float64": True}
         return self.emit("dequantize", [value.name], f"{name}:float", attrs, {"scale": scale})
 
     # ---- Resize ----------------------------------------------------------------------------------
@@ -944,8 +978,9 @@ class _Reader:
 
     def output(self, name: str) -> str:
         value = self.values.get(name)
-        if isinstance(value, _Float):  # a float tail: its last op writes the graph's output
+        if isinstance(value, _Float):  # a float tail: its last op writes the graph's output, in float32
             self.rename(value.name, "output")
+            next(op for op in self.ops if op.output == "output").attrs["float32_output"] = True
             return "output"
         if isinstance(value, _Pending) and value.kind in ("add", "concat"):  # a float sum or concat at the end
             value = self.common_grid(name, value)

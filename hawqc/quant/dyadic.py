@@ -84,22 +84,29 @@ class ShiftOps:
     right_shift: Callable[[Any, Any], Any] = operator.rshift
     bit_and: Callable[[Any, Any], Any] = operator.and_
     one: Any = 1
+    multiply: Callable[[Any, Any], Any] = operator.mul
 
 
-def rounding_bias(c: Any) -> np.ndarray:
-    """``2^(c-1) - 1``, int64: the constant :func:`round_shift` adds before its shift."""
-    return np.left_shift(np.int64(1), np.asarray(c, dtype=np.int64) - 1) - 1
+def rounding_bias(c: Any, tie_window: int = 0) -> np.ndarray:
+    """``2^(c-1) - 1 - tie_window``, int64: the constant :func:`round_shift` adds before its shift."""
+    return np.left_shift(np.int64(1), np.asarray(c, dtype=np.int64) - 1) - 1 - tie_window
 
 
-def round_shift(x: Any, c: Any, bias: Any, ops: ShiftOps = ShiftOps()) -> Any:
+def round_shift(x: Any, c: Any, bias: Any, ops: ShiftOps = ShiftOps(), tie_window: int = 0) -> Any:
     """``x / 2^c`` rounded half to even, for integers ``x`` (int64) and shifts ``c >= 1``:
     ``(x + bias + ((x >> c) & 1)) >> c`` with ``bias = rounding_bias(c)``.
 
     With ``x = q*2^c + r`` (``0 <= r < 2^c``) the sum reaches ``(q+1)*2^c`` exactly when
     ``r > 2^(c-1)``, or ``r = 2^(c-1)`` and ``q`` is odd. The default ``ops`` serve numpy
     arrays, torch tensors and TIR expressions; Relax passes its own.
+
+    With a ``tie_window`` ``w`` (and ``bias = rounding_bias(c, w)``) every ``r`` within ``w`` of ``2^(c-1)``
+    counts as the tie (the parity is weighted ``2w + 1``): ``x`` is then an approximation, within ``w``, of a
+    value that lies exactly on the tie or at least ``2w`` from it (:func:`tie_window`).
     """
     parity = ops.bit_and(ops.right_shift(x, c), ops.one)
+    if tie_window:
+        parity = ops.multiply(parity, 2 * tie_window + 1)
     return ops.right_shift(ops.add(ops.add(x, bias), parity), c)
 
 
@@ -157,9 +164,33 @@ def aligned_multipliers(scales: list[Any], s_out: Any, magnitudes: list[int]) ->
     return multipliers, c
 
 
+def tie_window(scales: list[Any], s_out: Any, magnitudes: list[int], multipliers: list[np.ndarray], c: int) -> int:
+    """The ``tie_window`` of :func:`round_shift` that makes the aligned sum of :func:`aligned_multipliers` round
+    exactly half to even, or 0 where no real sum can lie on a tie or the grid is too coarse to tell.
+
+    The real sum is ``S / D`` (``D`` the common denominator of the exact ratios ``scales[i] / s_out``, per
+    channel): on a tie exactly when ``2S = D (mod 2D)``, which needs ``D`` even, else at least ``1/(2D)``
+    steps from one. The integer sum is off by at most ``E = sum_i magnitudes[i] * |m_i - ratio_i * 2^c|``
+    units of ``2^-c``; with ``2^c > 4 * D * E`` a window of ``E`` holds every tie and nothing else."""
+    from fractions import Fraction
+
+    out = Fraction(float(np.float32(s_out)))
+    channels = max(np.size(m) for m in multipliers)
+    window, denominators = 0, []
+    for k in range(channels):
+        ratios = [Fraction(float(np.ravel(np.asarray(sc, np.float64))[k % np.size(sc)])) / out for sc in scales]
+        error = sum(mag * abs(int(np.ravel(m)[k % np.size(m)]) - r * 2**c)
+                    for mag, m, r in zip(magnitudes, multipliers, ratios))
+        denominators.append(math.lcm(*(r.denominator for r in ratios)))
+        window = max(window, math.ceil(error) if denominators[-1] % 2 == 0 else 0)
+    if window == 0 or any(4 * d * window >= 2**c for d in denominators):
+        return 0
+    return window
+
+
 def requantize(
     acc: Array, b: Any, c: Any, qmin: int, qmax: int, axis: int | None = None,
-    input_zero_point: int = 0, zero_point: int = 0, offset: Any = 0,
+    input_zero_point: int = 0, zero_point: int = 0, offset: Any = 0, tie_window: int = 0,
 ) -> Array:
     """``clip(round_shift((acc - z_in)*b + offset, c) + z_out, qmin, qmax)`` on a numpy array or torch tensor.
 
@@ -167,7 +198,8 @@ def requantize(
     broadcastable to it, or 1-D per-channel arrays along ``axis``. The zero points
     are for asymmetric tensors (HAWQ-V3 itself uses none). ``offset`` (int64, in units of
     ``2^-c`` output steps) carries what an accumulator holds below its integer grid: the fraction of
-    a bias whose scale is not the accumulator's (:func:`bias_in_accumulator`). Returns int32 of the same
+    a bias whose scale is not the accumulator's (:func:`bias_in_accumulator`). ``tie_window``: see
+    :func:`round_shift` (an aligned Add's, :func:`tie_window`). Returns int32 of the same
     kind (numpy or torch) as ``acc``. Raises ``ValueError`` if ``b``/``c`` are not a
     valid dyadic pair or ``acc`` could overflow the int64 product.
     """
@@ -179,19 +211,19 @@ def requantize(
     if torch_mod is None:
         acc = np.asarray(acc)
         _check_integer(acc.dtype.kind in "iu", acc.dtype)
-        x, consts = acc.astype(np.int64), [b64, c64, rounding_bias(c64), offset64]
+        x, consts = acc.astype(np.int64), [b64, c64, rounding_bias(c64, tie_window), offset64]
     else:
         _check_integer(not acc.dtype.is_floating_point and not acc.dtype.is_complex, acc.dtype)
         x = acc.to(torch_mod.int64)
-        consts = [torch_mod.as_tensor(v, device=acc.device) for v in (b64, c64, rounding_bias(c64), offset64)]
+        consts = [torch_mod.as_tensor(v, device=acc.device) for v in (b64, c64, rounding_bias(c64, tie_window), offset64)]
     if axis is not None:
         shape = [1] * x.ndim
         shape[axis] = -1
         consts = [v.reshape(shape) for v in consts]
     b_, c_, bias, offset_ = consts
     x = x - input_zero_point
-    _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()), int(np.abs(offset64).max(initial=0)))
-    y = (round_shift(x * b_ + offset_, c_, bias) + zero_point).clip(qmin, qmax)
+    _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()), int(np.abs(offset64).max(initial=0)) + tie_window)
+    y = (round_shift(x * b_ + offset_, c_, bias, tie_window=tie_window) + zero_point).clip(qmin, qmax)
     return y.astype(np.int32) if torch_mod is None else y.to(torch_mod.int32)
 
 
@@ -234,24 +266,21 @@ def _tie_in_range(b: int, c: int, offset: int, lo: int, hi: int) -> bool:
 
 
 def high_word_sum_form(multipliers: list[int], zero_points: list[int], c: int, zero_point: int,
-                       ranges: list[tuple[int, int]], max_combinations: int = 1 << 12) -> int | None:
+                       ranges: list[tuple[int, int]], tie_window: int = 0, max_combinations: int = 1 << 17) -> int | None:
     """The constant ``d`` for which :func:`high_word_shift` ``(sum_i x_i * m_i + d, c - 32)`` then the clip
-    equals :func:`requantize` ``(sum_i (x_i - z_i) * m_i, 1, c)`` with output ``zero_point``, for every
-    ``x_i`` in ``ranges[i]`` (an Add on a common grid, per-tensor multipliers), or None where it may differ:
-    ``c < 32``, an int64 overflow, or a combination of inputs on a rounding tie (searched exactly: every
-    value of all inputs but the last, at most ``max_combinations``, then the last one's
-    residue class, as in :func:`high_word_form`)."""
+    equals :func:`requantize` ``(sum_i (x_i - z_i) * m_i, 1, c, tie_window=tie_window)`` with output
+    ``zero_point``, for every ``x_i`` in ``ranges[i]`` (an Add on a common grid, per-tensor multipliers), or None
+    where it may differ: ``c < 32``, an int64 overflow, or a combination of inputs within ``tie_window`` of a
+    rounding tie (every combination checked, at most ``max_combinations``: two 8-bit inputs)."""
     d = (1 << (c - 1)) + zero_point * (1 << c) - sum(z * m for z, m in zip(zero_points, multipliers))
     reach = sum(max(abs(lo), abs(hi)) * abs(m) for (lo, hi), m in zip(ranges, multipliers)) + abs(d)
-    combinations = math.prod(hi - lo + 1 for lo, hi in ranges[:-1])
+    combinations = math.prod(hi - lo + 1 for lo, hi in ranges)
     if c < 32 or reach > INT64_MAX or combinations > max_combinations:
         return None
-    offset = d - (1 << (c - 1))  # the requantize offset: ties are those of the plain sum plus it
-    partials = [offset]
-    for (lo, hi), m in zip(ranges[:-1], multipliers[:-1]):
-        partials = [p + x * m for p in partials for x in range(lo, hi + 1)]
-    last_lo, last_hi = ranges[-1]
-    if any(_tie_in_range(multipliers[-1] % (1 << c), c, p, last_lo, last_hi) for p in partials):
+    sums = np.array([d], dtype=np.int64)  # the sums plus 2^(c-1): a tie is a multiple of 2^c
+    for (lo, hi), m in zip(ranges, multipliers):
+        sums = (sums[:, None] + np.arange(lo, hi + 1, dtype=np.int64)[None, :] * np.int64(m)).ravel()
+    if np.any(((sums + tie_window) & ((1 << c) - 1)) <= 2 * tie_window):
         return None
     return d
 

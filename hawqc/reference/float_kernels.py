@@ -2,7 +2,9 @@
 squeeze-excite islands, a Softmax or ArgMax after the last DequantizeLinear).
 
 A ``float_op`` carries one ONNX node (operator, attributes, constant inputs); the reference runs it with
-ONNX's own reference evaluator, so its meaning is ONNX's. Every float op of a graph is listed in its
+ONNX's own reference evaluator, so its meaning is ONNX's. Islands compute in float64 (the file's meaning, as
+its oracle computes it; their dequantizes have ``float64``); a float tail's last op gives float32
+(``float32_output``). Every float op of a graph is listed in its
 metadata (``float_ops``) and reported by ``hawqc compile``; ``--strict`` refuses them.
 """
 
@@ -34,4 +36,5 @@ def float_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, n
     graph = helper.make_graph([node], "float_op", [], [helper.make_tensor_value_info("y", 0, None)],
                               [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", attrs.get("opset", 17))])
-    return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    y = np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    return y.astype(np.float32) if attrs.get("float32_output") and y.dtype.kind == "f" else y

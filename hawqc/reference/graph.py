@@ -17,7 +17,8 @@ requantize        dyadic rescale and clip (consts: b, c, scalar or per channel, 
 add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax); with
                   consts ``m`` (int64, a row per input, per channel or scalar) and ``c``: inputs of
                   different scales, ``requantize(sum((x_i - z_i) * m_i), 1, c)`` rounded once
-                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points)
+                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points, tie_window:
+                  :func:`hawqc.quant.dyadic.tie_window`)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right], ceil_mode (extra bottom/right
@@ -30,6 +31,9 @@ global_avgpool    sum over H and W, then requantize by dyadic(scale_ratio/(H*W))
                   (N, C, 1, 1) (attrs: qmin, qmax, scale_ratio, input_zero_point, zero_point)
 lut               ``table[x - offset]``: an element-wise function on integers (consts: table, int32;
                   attrs: offset, the smallest input value)
+threshold         an activation of a conv's real output, quantized: ``base + #{acc > up} + #{acc < down}`` per
+                  channel (:mod:`hawqc.quant.thresholds`; consts: base (C,), up (C, Lu), down (C, Ld), int32;
+                  attrs: qmin, qmax)
 mul               ``requantize((a - a_zero_point) * (b - b_zero_point))``, broadcasting (consts: b, c;
                   attrs: qmin, qmax, a_zero_point, b_zero_point, zero_point)
 pad               constant padding (attrs: pads [top, left, bottom, right], pad_value)
@@ -45,8 +49,10 @@ resize            along H and W: nearest, ``x[:, :, iy[0]][..., ix[0]]``; linear
                   accumulator (consts: iy, ix (k, out) indices; wy, wx (2, out) integer weights)
 float_op          one ONNX operator computed in float, where a quantizer left it (attrs: onnx_op, onnx_attrs,
                   arity; consts: input<k> for constant inputs); see :mod:`hawqc.reference.float_kernels`.
-                  A ``quantize`` after it has ``internal``: its input is already in the module's layout
-dequantize        int -> float32: ``float32(q - zero_point) * scale`` (consts: scale)
+                  A ``quantize`` after it has ``internal``: its input is already in the module's layout (and
+                  float64: islands compute in float64); a float tail's last op has ``float32_output``
+dequantize        int -> float32: ``float32(q - zero_point) * scale`` (consts: scale); with attrs ``float64``, a float
+                  island's input, in float64
 ================  ==============================================================================
 
 Zero points (attrs, default 0) exist for asymmetric tensors that other tools produce; hawqc's own
@@ -69,7 +75,7 @@ from hawqc.fileio import write_atomic
 
 FORMAT_VERSION = 1
 OPS = ("quantize", "conv2d", "dense", "requantize", "add", "concat", "clip", "maxpool", "avgpool",
-       "global_avgpool", "lut", "mul", "pad", "flatten", "reshape", "transpose", "slice", "affine", "resize",
+       "global_avgpool", "lut", "threshold", "mul", "pad", "flatten", "reshape", "transpose", "slice", "affine", "resize",
        "float_op", "dequantize")
 
 Kernel = Callable[[list[Any], Mapping[str, Any], Mapping[str, Any]], Any]
@@ -176,11 +182,14 @@ class AddInput:
 def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> IntOp:
     """An ``add`` that rounds the real sum of its inputs once onto the grid of ``s_out``: the inputs meet
     on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`)."""
-    from hawqc.quant.dyadic import aligned_multipliers
+    from hawqc.quant.dyadic import aligned_multipliers, tie_window
 
-    multipliers, c = aligned_multipliers([p.scale for p in parts], s_out, [p.magnitude for p in parts])
+    scales, magnitudes = [p.scale for p in parts], [p.magnitude for p in parts]
+    multipliers, c = aligned_multipliers(scales, s_out, magnitudes)
     channels = max(m.size for m in multipliers)
     attrs: dict[str, Any] = {"qmin": qmin, "qmax": qmax}
+    if window := tie_window(scales, s_out, magnitudes, multipliers, c):
+        attrs["tie_window"] = window
     if zero_point:
         attrs["zero_point"] = zero_point
     if any(p.zero_point for p in parts):

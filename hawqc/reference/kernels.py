@@ -14,6 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from hawqc.quant.dyadic import requantize
+from hawqc.quant.thresholds import count_thresholds
 from hawqc.reference.float_kernels import float_op
 from hawqc.reference.graph import pool_padding, pool_rescale, slices
 
@@ -46,17 +47,19 @@ def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: tupl
 
 
 def quantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
-    x = np.asarray(inputs[0], dtype=np.float32).astype(np.float64)  # x / scale as QuantizeLinear means it
+    # x / scale as QuantizeLinear means it: the float32 input, or a float island's float64 value
+    x = np.asarray(inputs[0], dtype=np.float64 if attrs.get("internal") else np.float32).astype(np.float64)
     q = np.rint(x / consts["scale"].astype(np.float32).astype(np.float64)) + attrs.get("zero_point", 0)
     return np.clip(q, attrs["qmin"], attrs["qmax"]).astype(np.int32)
 
 
 def dequantize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     q = inputs[0]
-    scale = consts["scale"].astype(np.float32)
+    dtype = np.float64 if attrs.get("float64") else np.float32
+    scale = consts["scale"].astype(dtype)
     if scale.ndim == 1:  # per channel, channels on axis 1
         scale = scale.reshape((1, -1) + (1,) * (q.ndim - 2))
-    return (q.astype(np.int64) - attrs.get("zero_point", 0)).astype(np.float32) * scale
+    return (q.astype(np.int64) - attrs.get("zero_point", 0)).astype(dtype) * scale
 
 
 def conv2d(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -98,7 +101,8 @@ def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.nda
         return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
     zero_points = attrs.get("input_zero_points", [0] * len(inputs))
     total = sum((x.astype(np.int64) - z) * _per_channel(m, x.ndim) for x, z, m in zip(inputs, zero_points, consts["m"]))
-    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0))
+    return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0),
+                      tie_window=attrs.get("tie_window", 0))
 
 
 def concat(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -131,6 +135,16 @@ def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[
 
 def lut(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     return consts["table"][inputs[0].astype(np.int64) - attrs["offset"]]
+
+
+def threshold(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
+    acc = inputs[0]
+    shape = (1, -1) + (1,) * (acc.ndim - 2)
+    rows = np.arange(consts["base"].shape[0]).reshape(shape)
+    up, down = consts["up"], consts["down"]
+    counted = count_thresholds(acc, consts["base"].reshape(shape), (up.ravel(), rows * up.shape[1], up.shape[1]),
+                               (down.ravel(), rows * down.shape[1], down.shape[1]))
+    return np.broadcast_to(counted, acc.shape).astype(np.int32)
 
 
 def mul(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -180,6 +194,6 @@ def resize(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.
 
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
-           "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
+           "global_avgpool": global_avgpool, "lut": lut, "threshold": threshold, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
            "transpose": transpose, "slice": slice_op, "affine": affine, "resize": resize, "float_op": float_op,
            "dequantize": dequantize}
