@@ -84,7 +84,7 @@ def test_float_regions_quantized_from_calibration_are_integer_and_bit_exact(pt2e
     assert "float_ops" not in module.graph.metadata and not float_ops(module.ir)
     calibrated = module.graph.metadata["calibrated"]
     assert calibrated["inputs"] == 8 and sorted(calibrated["weights"]) == ["w2", "w3"]
-    expected = {"reduce (Conv)", "reduce_relu (Relu)", "expand (Conv)", "gate (Sigmoid)"}
+    expected = {"g (GlobalAveragePool)", "reduce (Conv)", "reduce_relu (Relu)", "expand (Conv)", "gate (Sigmoid)"}
     assert set(calibrated["nodes"]) == expected | ({"gated (Mul)"} if pt2e_gate else set())
     assert all(s > 0 for s in calibrated["tensors"].values())
     for seed in range(3):
@@ -97,7 +97,7 @@ def test_float_regions_quantized_from_calibration_are_integer_and_bit_exact(pt2e
 
 def test_without_calibration_a_float_island_stays_float_and_an_unquantized_gate_names_the_flag() -> None:
     graph = from_onnx(island_model(pt2e_gate=False))
-    assert {f.split(" (")[0] for f in graph.metadata["float_ops"]} == {"reduce", "reduce_relu", "expand", "gate"}
+    assert {f.split(" (")[0] for f in graph.metadata["float_ops"]} == {"g", "reduce", "reduce_relu", "expand", "gate"}
     with pytest.raises(ValueError, match=r"^ONNX node 'gated' \(Mul\): .*--calib-data"):
         from_onnx(island_model(pt2e_gate=True))
 
@@ -114,7 +114,7 @@ def test_cli_compile_with_calib_data(tmp_path: Path) -> None:
     done = compile_("--calib-data", str(tmp_path / "x.npy"))
     assert done.returncode == 0, done.stderr
     said = " ".join(done.stdout.split())
-    assert "quantized from 4 calibration inputs: 5 ops that computed or read float tensors" in said
+    assert "quantized from 4 calibration inputs: 6 ops that computed or read float tensors" in said
     wrong = compile_("--calib-data", str(tmp_path / "bad.npy"), "--force")
     assert wrong.returncode != 0 and "calibration inputs of shape [4, 3, 6, 6]" in wrong.stderr
     assert "Traceback" not in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
