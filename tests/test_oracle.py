@@ -158,6 +158,19 @@ def shared_concat(g: _Graph) -> str:
     return g.q(g.node("Add", [g.node("Add", convs[:2], "sum"), convs[2]], "sum3"), 0.047)
 
 
+def pool_ties(g: _Graph) -> str:
+    """Pools whose exact ratio allows ties: a 6x6 window (36 cells) and a 12x12 global pool (144) with one scale
+    in and out, after an average pool of a concat of two grids (NNCF's Inception block)."""
+    x = g.q("input", 0.0123)
+    cat = g.node("Concat", [g.q(g.conv(x, 0.0123, 4, f"branch{j}"), s) for j, s in enumerate((0.05, 0.0313))], "cat",
+                 axis=1)
+    g.channels[cat] = 8
+    pooled = g.q(g.node("AveragePool", [cat], "pool3", kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=1), 0.05)
+    six = g.q(g.node("AveragePool", [pooled], "pool6", kernel_shape=[6, 6]), 0.05)
+    means = [g.q(g.node("GlobalAveragePool", [src], f"gap{j}"), 0.05) for j, src in enumerate((pooled, six))]
+    return g.q(g.node("Concat", means, "means", axis=1), 0.05)
+
+
 def float_island(g: _Graph) -> str:
     """NNCF's squeeze-excite: a GlobalAveragePool not quantized, convs with float weights and biases, a
     HardSigmoid quantized, then the gate multiplied in; the oracle computes the island in float64."""
@@ -176,7 +189,7 @@ GRAPHS: dict[str, Callable[[_Graph], str]] = {"conv_relu": conv_relu, "residual_
                                                  "batchnorm": batchnorm,
                                                  "per_channel_activation": per_channel_activation,
                                                  "activations": activations, "shared_concat": shared_concat,
-                                                 "float_island": float_island}
+                                                 "pool_ties": pool_ties, "float_island": float_island}
 
 
 def qdq_model(name: str, unsigned: bool) -> onnx.ModelProto:
@@ -258,7 +271,7 @@ def test_the_layer_comparison_sees_a_rounding_rule_that_is_not_the_file_s(monkey
     """Average pools rounded half up (hawqc's old rule) differ from the oracle layer by layer."""
     from hawqc.reference import kernels
 
-    def half_up(acc, b, c, qmin, qmax, axis=None, input_zero_point=0, zero_point=0):  # type: ignore[no-untyped-def]
+    def half_up(acc, b, c, qmin, qmax, axis=None, input_zero_point=0, zero_point=0, tie_window=0):  # type: ignore[no-untyped-def]
         x = (acc.astype(np.int64) - input_zero_point) * int(b)
         return np.clip(((x + (1 << (int(c) - 1))) >> int(c)) + zero_point, qmin, qmax).astype(np.int32)
 
@@ -277,8 +290,21 @@ def test_oracle_dequantizes_int32_without_float32() -> None:
     assert got.dtype == np.float64 and got.tolist() == big.tolist()
 
 
+def test_pools_on_ties_and_of_concats_of_grids_equal_the_oracle() -> None:
+    """Average pools whose sums lie exactly on ties (ratio 1/36, no dyadic number) round half to even, and a pool of
+    a concat of two grids is a concat of two exact pools: layer by layer equal to the oracle."""
+    model = qdq_model("pool_ties", unsigned=True)
+    graph = from_onnx(model)
+    x = images(2) * 4
+    values = oracle.oracle_run(model, x, intermediate=True)
+    real = values["pool6"] / float(np.float32(0.05))
+    assert np.count_nonzero(np.abs(real - np.floor(real) - 0.5) < 1e-9) > 10
+    assert [op.op for op in graph.ops].count("avgpool") == 3  # the 3x3 pool once per grid of the concat
+    assert [(layer.name, layer.mismatches) for layer in oracle.layer_by_layer(graph, values, x) if layer.mismatches] == []
+
+
 @pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation", "activations",
-                                  "float_island"])
+                                  "pool_ties", "float_island"])
 def test_compiled_module_equals_the_oracle(name: str) -> None:
     model = qdq_model(name, unsigned=True)
     module = hawqc.compile_integer_only(model, input_shape=SHAPE)

@@ -400,15 +400,14 @@ def test_a_dequantized_constant_quantized_again_is_a_constant() -> None:
 def test_pools_of_int32_tensors_sum_in_int64(pool: str) -> None:
     """An accumulator read before any QuantizeLinear is an int32 tensor on a fine grid: a pool of it sums
     past the int32 range, in the compiled module as in the reference."""
-    from hawqc.quant.dyadic import dyadic_per_channel
-    from hawqc.reference.graph import IntegerGraph, IntOp
+    from hawqc.reference.graph import IntegerGraph, IntOp, pool_consts
 
-    ratio = 1e-9 / 0.05
-    b, c = dyadic_per_channel(np.asarray(ratio / 9))
+    s_in, s_out = np.float32(1e-9), np.float32(0.05)
+    consts, tie = pool_consts(s_in, s_out, 9, 2**31)
     pooled = IntOp("avgpool", ["fine"], "pooled", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1],
-                                                    "qmin": -128, "qmax": 127}, {"b": b, "c": c}) \
-        if pool == "avgpool" else IntOp("global_avgpool", ["fine"], "pooled", {"qmin": -128, "qmax": 127,
-                                                                             "scale_ratio": ratio})
+                                                    "qmin": -128, "qmax": 127, **tie}, consts) \
+        if pool == "avgpool" else IntOp("global_avgpool", ["fine"], "pooled", {
+            "qmin": -128, "qmax": 127, "input_scale": float(s_in), "scale": float(s_out), "input_bound": 2**31})
     ops = [IntOp("quantize", ["input"], "fine", {"qmin": -(2**31), "qmax": 2**31 - 1},
                  {"scale": np.array(1e-9, np.float32)}), pooled,
            IntOp("dequantize", ["pooled"], "output", {}, {"scale": np.array(0.05, np.float32)})]

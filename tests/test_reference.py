@@ -10,6 +10,7 @@ from hawqc import models, quantize
 from hawqc.quant import torch_kernels
 from hawqc.quant.dyadic import dyadic
 from hawqc.reference import IntegerGraph, IntOp, execute, from_torch
+from hawqc.reference.graph import pool_consts
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -41,7 +42,7 @@ def handmade_graph() -> IntegerGraph:
         IntOp("clip", ["padded"], "relu", {"qmin": 0, "qmax": 127}),
         IntOp("avgpool", ["relu"], "pooled", {"kernel": [2, 2], "stride": [1, 1], "padding": [0, 0, 1, 1],
                                              "qmin": 0, "qmax": 127},
-              {"b": np.array(dyadic(0.25)[0], np.int32), "c": np.array(dyadic(0.25)[1], np.int32)}),
+              pool_consts(1.0, 1.0, 4, 127)[0]),
         IntOp("requantize", ["pooled"], "scaled", {"qmin": -8, "qmax": 7}, {"b": np.array(b), "c": np.array(c)}),
         IntOp("add", ["scaled", "relu_cropped"], "sum", {"qmin": -128, "qmax": 127}),
         IntOp("reshape", ["sum"], "flat", {"shape": [2, -1]}),

@@ -235,14 +235,14 @@ def test_average_pools_run_the_depthwise_kernel(kernels: str) -> None:
     """Average pools of one divisor (a padded 3x3 with an input zero point, an unpadded 2x2 of stride 2 on
     a grid of ties) are depthwise convs with a ones kernel and their requantize: the depthwise kernel,
     equal to the reference."""
-    from hawqc.quant.dyadic import dyadic
+    from hawqc.reference.graph import pool_consts
 
+    (c3, t3), (c2, t2) = pool_consts(0.7, 1.0, 9, 255 + 77), pool_consts(1.0, 1.0, 4, 128)
     ops = [IntOp("quantize", ["input"], "q", {"qmin": 0, "qmax": 255, "zero_point": 77}, {"scale": np.array(0.1)}),
            IntOp("avgpool", ["q"], "p3", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1], "qmin": -128,
-                                          "qmax": 127, "input_zero_point": 77, "zero_point": -5, "scale_ratio": 0.7}),
+                                          "qmax": 127, "input_zero_point": 77, "zero_point": -5, **t3}, c3),
            IntOp("avgpool", ["p3"], "p2", {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0], "qmin": -128,
-                                           "qmax": 127},
-                 {"b": np.array(dyadic(0.25)[0], np.int32), "c": np.array(dyadic(0.25)[1], np.int32)}),
+                                           "qmax": 127, **t2}, c2),
            IntOp("dequantize", ["p2"], "output", {}, {"scale": np.array(0.1)})]
     graph = IntegerGraph("input", "output", ops)
     lowered = _lower(graph, (2, 24, 10, 10), TARGET, kernels)

@@ -395,44 +395,47 @@ def _window_sum(ctx: Context, x: Any, kernel: list[int], stride: list[int], padd
                        kernel_layout="OIHW", out_dtype="int64" if wide else "int32")
 
 
-def _window_sum_ops(ctx: Context, x: Any, op: IntOp, rescale: tuple[Any, Any, int, int]) -> tuple[IntOp, IntOp]:
+def _window_sum_ops(ctx: Context, x: Any, op: IntOp, rescale: tuple[Any, Any, int, int, int]) -> tuple[IntOp, IntOp]:
     """An average pool of one divisor as a depthwise conv with a ones kernel (padding with the input zero
-    point) and the requantize of its ``rescale`` (:func:`~hawqc.reference.graph.pool_rescale`): what the
-    target's depthwise kernel computes."""
-    a, (b, c, offset, zp) = op.attrs, rescale
+    point) and the requantize of its ``rescale`` (:func:`~hawqc.reference.graph.pool_rescale`: the
+    multiplier as ``b``, the tie window as an attribute): what the target's depthwise kernel computes."""
+    a, (m, c, offset, zp, tie) = op.attrs, rescale
     channels = int(x.ty.shape[ctx.channel_axis(4)])
     conv = IntOp("conv2d", op.inputs, f"{op.output}:sum",
                  {"stride": a["stride"], "padding": a["padding"], "dilation": [1, 1], "groups": channels,
                   "pad_value": a.get("input_zero_point", 0)},
                  {"weight": np.ones((channels, 1, *a["kernel"]), np.int8)})
     requant = IntOp("requantize", [conv.output], op.output,
-                    {"qmin": a["qmin"], "qmax": a["qmax"], "input_zero_point": offset, "zero_point": zp},
-                    {"b": np.asarray(b), "c": np.asarray(c)})
+                    {"qmin": a["qmin"], "qmax": a["qmax"], "input_zero_point": offset, "zero_point": zp,
+                     **({"tie_window": tie} if tie else {})},
+                    {"b": np.asarray(m), "c": np.asarray(c)})
     return conv, requant
 
 
 def _avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     a = op.attrs
-    b, c, offset, zp = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
-    if np.ndim(b) == 2:  # a divisor per output position: broadcast over N and C
-        b, c = (np.reshape(v, (1, *np.shape(v), 1) if ctx.layout == "NHWC" else (1, 1, *np.shape(v))) for v in (b, c))
+    m, c, offset, zp, tie = pool_rescale(a, op.consts, a["kernel"][0] * a["kernel"][1])
+    if np.ndim(m) == 2:  # a divisor per output position: broadcast over N and C
+        m = np.reshape(m, (1, *np.shape(m), 1) if ctx.layout == "NHWC" else (1, 1, *np.shape(m)))
     elif ctx.kernels is not None and str(ins[0].ty.dtype) != "int32":
-        conv, requant = _window_sum_ops(ctx, ins[0], op, (b, c, offset, zp))
+        conv, requant = _window_sum_ops(ctx, ins[0], op, (m, c, offset, zp, tie))
         if (expr := ctx.kernels(ctx, ins[0], conv, requant)) is not None:
             return expr
     x, padding = _padded(ctx, ins[0], a["padding"], a.get("input_zero_point", 0))
     sums = ctx.bb.emit(_window_sum(ctx, x, a["kernel"], a["stride"], padding))
-    return _requantize(ctx, sums, np.asarray(b), np.asarray(c), a["qmin"], a["qmax"], offset, zp)
+    return _requantize(ctx, sums, np.asarray(m), np.asarray(c), a["qmin"], a["qmax"], offset, zp, tie_window=tie)
 
 
 def _global_avgpool(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     axes = ctx.spatial_axes(4)
-    b, c, offset, zp = pool_rescale(op.attrs, op.consts, int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
+    m, c, offset, zp, tie = pool_rescale(op.attrs, op.consts,
+                                         int(ins[0].ty.shape[axes[0]]) * int(ins[0].ty.shape[axes[1]]))
     wide = "int64" if str(ins[0].ty.dtype) == "int32" else "int32"  # an int32 tensor (a fine grid) sums in int64
     sums = ctx.bb.emit(R.sum(R.astype(ins[0], wide), axis=axes, keepdims=True))
-    return _requantize(ctx, sums, np.asarray(b), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp)
+    return _requantize(ctx, sums, np.asarray(m), np.asarray(c), op.attrs["qmin"], op.attrs["qmax"], offset, zp,
+                       tie_window=tie)
 
 
 def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:

@@ -53,6 +53,7 @@ from hawqc.reference.graph import (
     accumulator_grid_bits,
     aligned_add_op,
     ceil_mode_padding,
+    pool_consts,
     rescale_op,
 )
 
@@ -298,9 +299,22 @@ class _Reader:
         self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
 
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
-        """An average pool rescaled straight to the output scale and zero point."""
+        """An average pool rescaled straight to the output scale and zero point, exactly
+        (:func:`~hawqc.reference.graph.pool_consts`). A pool of a concat of tensors on different grids is a
+        concat of pools, each of one grid."""
+        if len(pending.parts) > 1:
+            parts = [f"{out}:in{j}" for j in range(len(pending.parts))]
+            for part, src in zip(parts, pending.parts):
+                self.pool(replace(pending, parts=[src], attrs={k: v for k, v in pending.attrs.items()
+                                                               if k not in ("reshape", "concat")}), part, scale, zp, lo, hi)
+            concat = f"{out}:pooled" if "reshape" in pending.attrs else out
+            self.emit("concat", parts, concat, dict(pending.attrs["concat"].attrs))
+            if concat != out:
+                self.emit("reshape", [concat], out, {"shape": pending.attrs["reshape"]})
+            return
         (src,) = pending.parts
-        ratio = float(np.float64(src.scale) / np.float64(scale)) * pending.attrs.get("sum_of", 1)
+        s_in = np.float64(np.float32(src.scale)) * pending.attrs.get("sum_of", 1)
+        bound = max(abs(src.qmin), abs(src.qmax)) + abs(src.zero_point)
         reshape = pending.attrs.get("reshape")
         pooled = f"{out}:pooled" if reshape else out
         attrs = {**{k: v for k, v in pending.attrs.items() if k not in ("sum_of", "reshape", "divisor")},
@@ -308,11 +322,11 @@ class _Reader:
         attrs.update({k: v for k, v in (("input_zero_point", src.zero_point), ("zero_point", zp)) if v})
         consts = {}
         if pending.kind == "avgpool":  # one divisor, or one per output position (H, W)
-            divisor = pending.attrs.get("divisor", attrs["kernel"][0] * attrs["kernel"][1])
-            b, c = dyadic_per_channel(ratio / np.asarray(divisor, np.float64))
-            consts = {"b": b, "c": c}
-        elif ratio != 1.0:
-            attrs["scale_ratio"] = ratio
+            consts, tie = pool_consts(s_in, scale, pending.attrs.get("divisor", attrs["kernel"][0] * attrs["kernel"][1]),
+                                      bound)
+            attrs.update(tie)
+        else:  # the divisor is the input's H*W
+            attrs.update(input_scale=float(s_in), scale=float(scale), input_bound=bound)
         self.emit(pending.kind, [src.name], pooled, attrs, consts)
         if reshape:
             self.emit("reshape", [pooled], out, {"shape": reshape})
@@ -339,6 +353,9 @@ class _Reader:
     def pending_view(self, node: Any, value: _Pending, tensor: str) -> _View:
         """A pool, concat or add that no QuantizeLinear rounds, as an integer tensor (see :meth:`view`)."""
         if value.kind in ("avgpool", "global_avgpool"):
+            if len(value.parts) > 1:  # a pool of a concat of grids, not quantized: the concat on a common grid
+                value = replace(value, parts=[self.view(node, value.attrs["concat"], tensor=f"{tensor}:of")],
+                                attrs={k: v for k, v in value.attrs.items() if k != "concat"})
             (src,) = value.parts
             name = f"{tensor}:pooled"
             self.pool(value, name, src.scale, src.zero_point, src.qmin, src.qmax)
@@ -489,7 +506,12 @@ class _Reader:
         """Pooling and Flatten on an integer tensor. A max pool may also read a conv's accumulator (PT2E
         quantizes after the pool): the maximum commutes with its positive per-channel rescale and clip."""
         value = self.values.get(node.input[0])
-        src = value if node.op_type == "MaxPool" and isinstance(value, _Acc) else self.view(node, value)
+        if node.op_type != "MaxPool" and _concat_of_grids(value):
+            sources: list[Any] = value.parts  # pooled one grid at a time (see :meth:`pool`)
+            src = sources[0]
+        else:
+            src = value if node.op_type == "MaxPool" and isinstance(value, _Acc) else self.view(node, value)
+            sources = [src]
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
             explicit = list(_attr(node, "pads", [0, 0, 0, 0]))
@@ -506,10 +528,10 @@ class _Reader:
                                     bool(_attr(node, "count_include_pad", 0)))
             if np.any(counts != attrs["kernel"][0] * attrs["kernel"][1]):
                 attrs["divisor"] = counts
-            self.values[out] = _Pending("avgpool", [src], attrs=attrs)
+            self.values[out] = _Pending("avgpool", sources, attrs=_with_concat(attrs, value, sources))
             return
         else:  # GlobalAveragePool
-            self.values[out] = _Pending("global_avgpool", [src])
+            self.values[out] = _Pending("global_avgpool", sources, attrs=_with_concat({}, value, sources))
             return
         self.values[out] = replace(src, name=out) if isinstance(src, _Acc) else \
             _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
@@ -867,8 +889,8 @@ class _Reader:
         value = self.values.get(name)
         if isinstance(value, _Float):
             return value.name
-        if isinstance(value, _Pending) and value.kind == "global_avgpool":  # the exact mean, not rounded to a grid
-            (src,) = value.parts
+        if isinstance(value, _Pending) and value.kind == "global_avgpool" and len(value.parts) == 1:
+            (src,) = value.parts  # the exact mean, not rounded to a grid
             if any(op.output == f"{name}:float" for op in self.ops):  # read by another float op already
                 return f"{name}:float"
             opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -998,6 +1020,18 @@ class _Reader:
 
 
 _PASS_THROUGH = {"Identity", "Dropout"}
+
+
+def _concat_of_grids(value: Any) -> bool:
+    """A concat (along channels) of integer tensors on different per-tensor grids, not quantized again."""
+    return (isinstance(value, _Pending) and value.kind == "concat" and value.attrs.get("axis", 1) == 1
+            and all(isinstance(p, _View) and np.size(p.scale) == 1 for p in value.parts)
+            and len({(float(p.scale), p.zero_point) for p in value.parts}) > 1)
+
+
+def _with_concat(attrs: dict[str, Any], value: Any, sources: list[Any]) -> dict[str, Any]:
+    """A pool's attrs, with the concat it pools where it pools one grid at a time."""
+    return {**attrs, "concat": value} if len(sources) > 1 else attrs
 
 
 _HANDLERS = {"QuantizeLinear": _Reader.quantize_linear, "DequantizeLinear": _Reader.dequantize_linear,

@@ -144,24 +144,31 @@ def aligned_multipliers(scales: list[Any], s_out: Any, magnitudes: list[int]) ->
     output's, for inputs with ``|x_i| <= magnitudes[i]``: an Add of tensors of different scales,
     rounded once by :func:`requantize` (``b = 1``).
 
-    ``scales`` are exact in float64 (a float32 scale, or the product of two); ``m_i`` is the exact
-    rational ``scales[i] / s_out * 2^c`` rounded half to even, so each term is off by at most
-    ``|x_i| * 2^-(c+1)`` output steps. ``c`` is the largest shift (at most 62) for which the int64
-    sum and its rounding cannot overflow: about 53 for two 8-bit inputs of similar scales.
+    ``scales`` are exact in float64 (a float32 scale, or the product of two) or exact rationals
+    (``Fraction``, alone or in an object array); ``m_i`` is the exact rational ``scales[i] / s_out * 2^c``
+    rounded half to even, so each term is off by at most ``|x_i| * 2^-(c+1)`` output steps. ``c`` is the
+    largest shift (at most 62) for which the int64 sum and its rounding cannot overflow: about 53 for two
+    8-bit inputs of similar scales.
     """
-    from fractions import Fraction
+    ratios = _exact_ratios(scales, s_out)
+    c = _largest_shift(ratios, magnitudes)
+    return _multipliers(ratios, scales, c), c
 
-    out = Fraction(float(np.float32(s_out)))
-    ratios = [[Fraction(float(v)) / out for v in np.asarray(s, dtype=np.float64).ravel()] for s in scales]
+
+def _largest_shift(ratios: list[list[Any]], magnitudes: list[int]) -> int:
+    """The largest ``c`` (at most ``C_MAX``) for which ``sum_i magnitudes[i] * ratios[i] * 2^c`` and its rounding fit int64."""
     c = C_MAX
     while c > C_MIN:
         worst = sum(mag * math.ceil(max(r) * 2**c) for mag, r in zip(magnitudes, ratios))
         if worst + (1 << (c - 1)) <= INT64_MAX:
             break
         c -= 1
-    multipliers = [np.array([round(v * 2**c) for v in r], dtype=np.int64).reshape(np.shape(s))
-                   for r, s in zip(ratios, scales)]
-    return multipliers, c
+    return c
+
+
+def _multipliers(ratios: list[list[Any]], scales: list[Any], c: int) -> list[np.ndarray]:
+    """Each exact ratio times ``2^c``, rounded half to even, int64, shaped like its scale."""
+    return [np.array([round(v * 2**c) for v in r], dtype=np.int64).reshape(np.shape(s)) for r, s in zip(ratios, scales)]
 
 
 def tie_window(scales: list[Any], s_out: Any, magnitudes: list[int], multipliers: list[np.ndarray], c: int) -> int:
@@ -172,20 +179,56 @@ def tie_window(scales: list[Any], s_out: Any, magnitudes: list[int], multipliers
     channel): on a tie exactly when ``2S = D (mod 2D)``, which needs ``D`` even, else at least ``1/(2D)``
     steps from one. The integer sum is off by at most ``E = sum_i magnitudes[i] * |m_i - ratio_i * 2^c|``
     units of ``2^-c``; with ``2^c > 4 * D * E`` a window of ``E`` holds every tie and nothing else."""
-    from fractions import Fraction
-
-    out = Fraction(float(np.float32(s_out)))
+    ratios = _exact_ratios(scales, s_out)
     channels = max(np.size(m) for m in multipliers)
     window, denominators = 0, []
     for k in range(channels):
-        ratios = [Fraction(float(np.ravel(np.asarray(sc, np.float64))[k % np.size(sc)])) / out for sc in scales]
+        rs = [r[k % len(r)] for r in ratios]
         error = sum(mag * abs(int(np.ravel(m)[k % np.size(m)]) - r * 2**c)
-                    for mag, m, r in zip(magnitudes, multipliers, ratios))
-        denominators.append(math.lcm(*(r.denominator for r in ratios)))
+                    for mag, m, r in zip(magnitudes, multipliers, rs))
+        denominators.append(math.lcm(*(r.denominator for r in rs)))
         window = max(window, math.ceil(error) if denominators[-1] % 2 == 0 else 0)
     if window == 0 or any(4 * d * window >= 2**c for d in denominators):
         return 0
     return window
+
+
+def pool_multipliers(s_in: Any, s_out: Any, divisors: Any, magnitude: int) -> tuple[np.ndarray, int, int]:
+    """An average pool's rescale, exact: ``(m, c, window)`` with which ``requantize(sum * m, 1, c,
+    tie_window=window)`` is the window sum times ``s_in / (s_out * divisor)`` rounded once, half to even, for
+    every ``|sum| <= magnitude``. ``m`` (int64) has the shape of ``divisors`` (one per output position where
+    they differ); ``s_in / s_out`` is the exact ratio of the file's float32 scales, or an exact float64 ratio
+    with ``s_out = 1``.
+
+    The Add's rule with one input (:func:`tie_window`): the exact rational ratio ``A / D`` on a grid ``2^c``
+    times finer than the output's, ``c`` the smallest with ``2^c > 2 * D * magnitude`` (then every sum rounds
+    exactly: off by at most ``magnitude / 2`` units, a tie held by the window, any other sum ``2^c / (2D)``
+    units from one) but at least 32 (where the cheaper :func:`high_word_form` may apply), or the largest
+    that fits int64 where that is less. A 31-bit dyadic ratio instead rounds a sum that lies exactly on a
+    tie (``1/36`` of a 6x6 window's sums, for one scale in and out) by the sign of its own error."""
+    from fractions import Fraction
+
+    ratio = Fraction(float(np.float64(s_in)))
+    scale = np.empty(np.shape(divisors), dtype=object)
+    for index, d in np.ndenumerate(np.asarray(divisors)):
+        scale[index] = ratio / int(d)
+    ratios = _exact_ratios([scale], s_out)
+    exact = (2 * math.lcm(*(r.denominator for r in ratios[0])) * magnitude).bit_length()
+    c = min(max(exact, 32), _largest_shift(ratios, [magnitude]))
+    (m,) = _multipliers(ratios, [scale], c)
+    return m, c, tie_window([scale], s_out, [magnitude], [m], c)
+
+
+def _exact_ratios(scales: list[Any], s_out: Any) -> list[list[Any]]:
+    """``scales[i] / s_out`` as exact rationals (``s_out`` a float32 scale), flattened per input."""
+    from fractions import Fraction
+
+    out = Fraction(float(np.float32(s_out)))
+
+    def exact(v: Any) -> Fraction:
+        return v if isinstance(v, Fraction) else Fraction(float(v))
+
+    return [[exact(v) / out for v in np.asarray(s, dtype=object).ravel()] for s in scales]
 
 
 def requantize(

@@ -30,7 +30,7 @@ from torch import nn
 from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
 from hawqc.quant.capture import Node, capture
-from hawqc.quant.dyadic import bias_in_accumulator, dyadic
+from hawqc.quant.dyadic import bias_in_accumulator
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
 from hawqc.reference.graph import (
@@ -40,6 +40,7 @@ from hawqc.reference.graph import (
     accumulator_grid_bits,
     aligned_add_op,
     execute,
+    pool_consts,
     rescale_op,
 )
 
@@ -322,13 +323,16 @@ class QuantModel(nn.Module):
                             **({"ceil_mode": True} if attrs.get("ceil_mode") else {})}
                     ops.append(IntOp("maxpool", node.inputs, name, pool))
                 elif kind == "avgpool":
-                    b, c = dyadic(1.0 / (attrs["kernel"][0] * attrs["kernel"][1]))
+                    bound = max(abs(in_min), abs(in_max))
+                    consts, tie = pool_consts(1.0, 1.0, attrs["kernel"][0] * attrs["kernel"][1], bound)
                     ops.append(IntOp("avgpool", node.inputs, name,
                                      {"kernel": attrs["kernel"], "stride": attrs["stride"],
-                                      "padding": _pads(attrs["padding"]), "qmin": in_min, "qmax": in_max},
-                                     {"b": np.array(b, dtype=np.int32), "c": np.array(c, dtype=np.int32)}))
+                                      "padding": _pads(attrs["padding"]), "qmin": in_min, "qmax": in_max, **tie},
+                                     consts))
                 elif kind == "gap":
-                    ops.append(IntOp("global_avgpool", node.inputs, name, {"qmin": in_min, "qmax": in_max}))
+                    ops.append(IntOp("global_avgpool", node.inputs, name,
+                                     {"qmin": in_min, "qmax": in_max, "input_scale": 1.0,
+                                      "input_bound": max(abs(in_min), abs(in_max))}))
                 elif kind == "flatten":
                     ops.append(IntOp("flatten", node.inputs, name))
                 elif kind in ("slice", "shuffle"):

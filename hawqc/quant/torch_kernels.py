@@ -95,17 +95,20 @@ def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torc
 
 def avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     kernel = attrs["kernel"]
-    b, c, offset, zp = pool_rescale(attrs, consts, kernel[0] * kernel[1])
     x = _pad(inputs[0].to(torch.float64), attrs["padding"], float(attrs.get("input_zero_point", 0)))
     sums = torch.round(F.avg_pool2d(x, kernel, attrs["stride"], divisor_override=1)).to(torch.int64)
-    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
+    return _pooled(sums, attrs, consts, kernel[0] * kernel[1])
 
 
 def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
     x = inputs[0]
-    b, c, offset, zp = pool_rescale(attrs, consts, x.shape[2] * x.shape[3])
-    sums = x.to(torch.int64).sum(dim=(2, 3), keepdim=True)
-    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
+    return _pooled(x.to(torch.int64).sum(dim=(2, 3), keepdim=True), attrs, consts, x.shape[2] * x.shape[3])
+
+
+def _pooled(sums: torch.Tensor, attrs: Mapping[str, Any], consts: Consts, window: int) -> torch.Tensor:
+    m, c, offset, zp, tie = pool_rescale(attrs, consts, window)
+    m = torch.as_tensor(np.asarray(m, np.int64), device=sums.device)
+    return requantize((sums - offset) * m, 1, c, attrs["qmin"], attrs["qmax"], zero_point=zp, tie_window=tie)
 
 
 def lut(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:

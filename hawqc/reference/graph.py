@@ -23,12 +23,14 @@ concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right], ceil_mode (extra bottom/right
                   padding by :func:`ceil_mode_padding`)
-avgpool           window sum (padding counts as the input zero point), then requantize by
-                  ratio/(kh*kw), or ratio/divisor[h, w] with b, c of shape (OH, OW) where the divisor
-                  differs by position (count_include_pad=0, ceil_mode) (consts: b, c; attrs: qmin,
-                  qmax, input_zero_point, zero_point)
-global_avgpool    sum over H and W, then requantize by dyadic(scale_ratio/(H*W)); keeps dims
-                  (N, C, 1, 1) (attrs: qmin, qmax, scale_ratio, input_zero_point, zero_point)
+avgpool           window sum (padding counts as the input zero point), then rescaled by ratio/(kh*kw), or
+                  ratio/divisor[h, w] with ``m`` of shape (OH, OW) where the divisor differs by position
+                  (count_include_pad=0, ceil_mode), rounded once exactly: ``requantize((sum - z * kh*kw) * m,
+                  1, c)`` (:func:`pool_consts`; consts: m (int64), c; attrs: qmin, qmax, input_zero_point,
+                  zero_point, tie_window)
+global_avgpool    sum over H and W, then rescaled like avgpool by input_scale/(scale*H*W), the constants made for
+                  the input's H*W by :func:`pool_consts`; keeps dims (N, C, 1, 1) (attrs: qmin, qmax, input_scale,
+                  scale (default 1), input_bound, input_zero_point, zero_point)
 lut               ``table[x - offset]``: an element-wise function on integers (consts: table, int32;
                   attrs: offset, the smallest input value)
 threshold         an activation of a conv's real output, quantized: ``base + #{acc > up} + #{acc < down}`` per
@@ -234,19 +236,25 @@ def conv_output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tup
                  for n, k, s, d, lo, hi in zip(size, kernel, stride, dilation, (top, left), (bottom, right)))
 
 
-def pool_rescale(attrs: Mapping[str, Any], consts: Mapping[str, Any], window: int) -> tuple[Any, Any, int, int]:
-    """``(b, c, input offset, output zero point)`` that turn a pooling window sum into the output.
+def pool_consts(s_in: Any, s_out: Any, divisors: Any, input_bound: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The consts (``m``, ``c``) and attrs (``tie_window`` where there is one) of an ``avgpool`` or
+    ``global_avgpool`` that rescales its window sums by ``s_in / (s_out * divisor)`` exactly, for inputs with
+    ``|x| + |input_zero_point| <= input_bound`` (:func:`hawqc.quant.dyadic.pool_multipliers`)."""
+    from hawqc.quant.dyadic import pool_multipliers
 
-    The sum of ``window`` values with input zero point ``z`` is requantized after subtracting
-    ``window * z``; ``b``/``c`` come from the op's constants or from ``scale_ratio / window``.
-    """
-    from hawqc.quant.dyadic import dyadic
+    m, c, window = pool_multipliers(s_in, s_out, divisors, int(np.max(divisors)) * input_bound)
+    return {"m": m, "c": np.array(c, np.int32)}, ({"tie_window": window} if window else {})
 
-    if "b" in consts:
-        b, c = consts["b"], consts["c"]
-    else:
-        b, c = dyadic(attrs.get("scale_ratio", 1.0) / window)
-    return b, c, window * attrs.get("input_zero_point", 0), attrs.get("zero_point", 0)
+
+def pool_rescale(attrs: Mapping[str, Any], consts: Mapping[str, Any], window: int) -> tuple[Any, Any, int, int, int]:
+    """``(m, c, input offset, output zero point, tie window)`` that turn the sum of a pooling window of
+    ``window`` cells into the output: ``requantize((sum - offset) * m, 1, c, zero_point=..., tie_window=...)``
+    (:func:`pool_consts`), the offset being ``window`` times the input zero point."""
+    if "m" not in consts:  # a global pool: the constants of its input's H*W
+        consts, extra = pool_consts(attrs["input_scale"], attrs.get("scale", 1.0), window, attrs["input_bound"])
+        attrs = {**attrs, **extra}
+    return (consts["m"], consts["c"], window * attrs.get("input_zero_point", 0), attrs.get("zero_point", 0),
+            attrs.get("tie_window", 0))
 
 
 def execute(graph: IntegerGraph, x: Any, kernels: Mapping[str, Kernel], trace: dict[str, Any] | None = None) -> Any:

@@ -120,17 +120,19 @@ def maxpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np
 
 def avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     kernel = attrs["kernel"]
-    b, c, offset, zp = pool_rescale(attrs, consts, kernel[0] * kernel[1])
     x = _pad_nchw(inputs[0], attrs["padding"], attrs.get("input_zero_point", 0)).astype(np.int64)
-    sums = _windows(x, kernel, attrs["stride"]).sum(axis=(-2, -1))
-    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
+    return _pooled(_windows(x, kernel, attrs["stride"]).sum(axis=(-2, -1)), attrs, consts, kernel[0] * kernel[1])
 
 
 def global_avgpool(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
     x = inputs[0]
-    b, c, offset, zp = pool_rescale(attrs, consts, x.shape[2] * x.shape[3])
-    sums = x.astype(np.int64).sum(axis=(2, 3), keepdims=True)
-    return requantize(sums, b, c, attrs["qmin"], attrs["qmax"], input_zero_point=offset, zero_point=zp)
+    return _pooled(x.astype(np.int64).sum(axis=(2, 3), keepdims=True), attrs, consts, x.shape[2] * x.shape[3])
+
+
+def _pooled(sums: np.ndarray, attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray], window: int) -> np.ndarray:
+    m, c, offset, zp, tie = pool_rescale(attrs, consts, window)
+    return requantize((sums - offset) * np.asarray(m, np.int64), 1, c, attrs["qmin"], attrs["qmax"], zero_point=zp,
+                      tie_window=tie)
 
 
 def lut(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:

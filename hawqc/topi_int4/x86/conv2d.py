@@ -33,13 +33,15 @@ OPAQUE = 8
 class Requant:
     """The epilogue's clip bounds, output zero point and storage type; ``high_word``: the kernel takes
     the constants of :func:`hawqc.quant.dyadic.high_word_form` (``bias`` = its ``d``, ``shift`` = its
-    ``s``) and computes that cheaper, equal form."""
+    ``s``) and computes that cheaper, equal form; ``tie_window``: that of :func:`hawqc.quant.dyadic.round_shift`
+    (an exact average pool's)."""
 
     qmin: int
     qmax: int
     zero_point: int
     dtype: str
     high_word: bool = False
+    tie_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,8 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
     b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
 
     def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
-        v = round_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], rnd[o])
+        v = round_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], rnd[o],
+                        tie_window=requant.tie_window)
         return clip(v + requant.zero_point if requant.zero_point else v)
 
     out = te.compute(shape, epilogue, name="out")

@@ -89,7 +89,8 @@ def _requant(ctx: Context, op: IntOp | None, high_word: bool) -> Requant | None:
     if op is None:
         return None
     a = op.attrs
-    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), ctx.storage(a["qmin"], a["qmax"]), high_word)
+    return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), ctx.storage(a["qmin"], a["qmax"]), high_word,
+                   a.get("tie_window", 0))
 
 
 def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None,
@@ -118,12 +119,14 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
         return [*consts, padded(bias)], False
     b, c = (np.asarray(requant.consts[k], dtype=np.int64) for k in ("b", "c"))
     bias = (bias - requant.attrs.get("input_zero_point", 0)) * b + np.asarray(requant.consts.get("offset", 0), np.int64)
-    cheaper = high_word_form(np.broadcast_to(b, (oc,)), np.broadcast_to(c, (oc,)), np.broadcast_to(bias, (oc,)),
-                             requant.attrs.get("zero_point", 0), *_accumulator_range(weight, wl.in_dtype, offset))
+    tie = requant.attrs.get("tie_window", 0)
+    cheaper = None if tie else high_word_form(
+        np.broadcast_to(b, (oc,)), np.broadcast_to(c, (oc,)), np.broadcast_to(bias, (oc,)),
+        requant.attrs.get("zero_point", 0), *_accumulator_range(weight, wl.in_dtype, offset))
     if cheaper is not None:
         d, s = cheaper
         return [*consts, padded(d), padded(b, 1), padded(s, 0, "int32")], True
-    return [*consts, padded(bias), padded(b, 1), padded(rounding_bias(c)), padded(c, 1)], False
+    return [*consts, padded(bias), padded(b, 1), padded(rounding_bias(c, tie)), padded(c, 1)], False
 
 
 def _accumulator_range(weight: np.ndarray, in_dtype: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
