@@ -1,10 +1,12 @@
 """hawqc and ONNX Runtime against the float64 oracle of the QDQ file they both run.
 
     nice -n 10 python benchmarks/oracle_agreement.py [--models resnet18,resnet50] \\
-        [--styles ort-u8,ort-s8,nncf,hawqc-w8a8,hawqc-w4a4] [--images 4] [--work benchmarks/.cache/oracle]
+        [--styles ort-u8,ort-s8,ort-qop,nncf,hawqc-w8a8,hawqc-w4a4] [--images 4] [--work benchmarks/.cache/oracle]
 
 For each model of the zoo (random weights, BatchNorm recalibrated: ``cpu_latency.py``'s preparation)
-and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default or symmetric int8; NNCF's
+and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default, symmetric int8, or its operator form
+(QLinearConv, QLinearAdd, ..., uint8, as ``tests/third_party_quantizers.py`` runs it; the oracle reads each
+QLinear* node as its QDQ meaning, :func:`hawqc.reference.oracle.as_qdq`); NNCF's
 post-training quantization as ``tests/third_party_quantizers.py`` runs it; hawqc's own W8A8/W4A4
 exports, for the models with ResNet's layout), on ``--images`` images of batch 1, compares with the oracle
 (:mod:`hawqc.reference.oracle`, the file run in float64) the output of
@@ -16,7 +18,7 @@ exports, for the models with ResNet's layout), on ``--images`` images of batch 1
 as exact %, within one output step % and mean distance in output steps; and hawqc layer by layer
 (every quantized tensor recomputed from the oracle's own inputs to it): the share of mismatching
 elements, and the worst layer. For hawqc's own exports also ONNX Runtime (optimisations off) against
-hawqc. Writes ``results/oracle_agreement.{json,md}``.
+hawqc. Writes ``results/oracle_agreement.{json,md}``, its rows replacing those of the same model and style.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from third_party_quantizers import quantize_with  # noqa: E402  (shared with the
 
 from hawqc.fileio import write_atomic  # noqa: E402
 
-STYLES = ("ort-u8", "ort-s8", "nncf", "hawqc-w8a8", "hawqc-w4a4")
+STYLES = ("ort-u8", "ort-s8", "ort-qop", "nncf", "hawqc-w8a8", "hawqc-w4a4")
+QUANTIZE_WITH = {"ort-qop": "ort-qoperator", "nncf": "nncf"}
+"""Styles made by ``tests/third_party_quantizers.py``, by its quantizer name."""
 OWN = {"hawqc-w8a8": "uniform8", "hawqc-w4a4": "uniform4"}
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,7 +51,7 @@ def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path | 
     shape (batch 1); hawqc's own styles only for models with ResNet's layout."""
     case = cpu_latency.new_case(name, 1, work)
     files: dict[str, Path | str] = {"ort-u8": case.folder / "qdq.onnx", "ort-s8": case.folder / "qdq-s8.onnx",
-             **{style: case.folder / f"{style}.onnx" for style in ("nncf", *OWN)}}
+             **{style: case.folder / f"{QUANTIZE_WITH.get(style, style)}.onnx" for style in ("ort-qop", "nncf", *OWN)}}
     missing = [s for s in styles if not files[s].exists()]
     if missing:
         from hawqc import quantize
@@ -59,8 +63,8 @@ def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path | 
             try:
                 if style.startswith("ort"):
                     cpu_latency.export_onnx(model, calib, case, symmetric=style == "ort-s8")
-                elif style == "nncf":
-                    quantize_with("nncf", model, tuple(case.shape), case.folder)
+                elif style in QUANTIZE_WITH:
+                    quantize_with(QUANTIZE_WITH[style], model, tuple(case.shape), case.folder)
                 elif cpu_latency.own_configs(model):
                     to_onnx(quantize(model, OWN[style], calib), files[style], example_input=calib[0][:1])
             except Exception as err:  # one quantizer's failure is one line of the table
@@ -218,7 +222,14 @@ def main() -> None:
 
 
 def save(rows: list[dict[str, Any]], images: int, out: Path) -> None:
+    """The table at ``out`` (JSON and markdown): these rows, and the saved table's rows of other models and
+    styles taken on as many images."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    if saved.get("images") == images:
+        fresh = {(r["model"], r["style"]): r for r in rows}
+        kept = [fresh.pop((r["model"], r["style"]), r) for r in saved["rows"]]
+        rows = kept + list(fresh.values())
     write_atomic(out.with_suffix(".json"), json.dumps({"images": images, "rows": rows}, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), markdown(rows, images))
 

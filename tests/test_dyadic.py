@@ -17,6 +17,7 @@ from hawqc.quant.dyadic import (
     high_word_form,
     high_word_shift,
     high_word_sum_form,
+    pool_multipliers,
     requantize,
     round_shift,
     rounding_bias,
@@ -286,3 +287,19 @@ def test_no_tie_window_where_the_real_sum_cannot_be_on_a_tie() -> None:
     scales, s_out = [np.float32(2.0**-8), np.float32(3 * 2.0**-8)], np.float32(3 * 2.0**-9)  # ratios 4/3 and 4
     multipliers, c = aligned_multipliers(scales, s_out, [256, 256])
     assert tie_window(scales, s_out, [256, 256], multipliers, c) == 0
+
+
+@pytest.mark.parametrize("s_in, s_out, divisors", [
+    (0.0123, 0.0123, 36),  # one scale in and out: every sum of 18 (mod 36) is a tie
+    (0.0123, 0.0369, 16),
+    (0.0171, 0.0123, 9),  # ties only at sums beyond the range: no window
+    (0.05, 0.0071, [[9, 6], [6, 4]]),  # a divisor per output position
+])
+def test_pool_multipliers_round_every_window_sum_exactly_half_to_even(s_in: float, s_out: float, divisors) -> None:  # type: ignore[no-untyped-def]
+    magnitude = int(np.max(divisors)) * 255
+    m, c, window = pool_multipliers(np.float32(s_in), np.float32(s_out), np.asarray(divisors), magnitude)
+    sums = np.arange(-magnitude, magnitude + 1, dtype=np.int64)
+    ratio = Fraction(float(np.float32(s_in))) / Fraction(float(np.float32(s_out)))
+    for d, mk in zip(np.ravel(divisors), np.ravel(m)):
+        got = requantize(sums * int(mk), 1, c, -(2**31), 2**31 - 1, tie_window=window)
+        assert got.tolist() == [round(int(x) * ratio / int(d)) for x in sums]  # round(): half to even

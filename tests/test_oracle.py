@@ -344,3 +344,72 @@ def test_own_exports_mean_to_onnx_runtime_what_hawqc_computes(config: str, digit
     vs_hawqc, vs_oracle = oracle.agreement(theirs, ours, step), oracle.agreement(theirs, want, step)
     # the output is the fc's float accumulator: hawqc's float32 value lies within half a step of the oracle's
     assert vs_hawqc.exact >= vs_oracle.exact and vs_hawqc.mean_steps <= vs_oracle.mean_steps + 0.5
+
+
+def operator_form_model(tmp_path) -> tuple[onnx.ModelProto, tuple[int, ...]]:  # type: ignore[no-untyped-def]
+    """A small net in ONNX Runtime's operator form: QLinearConv, QLinearLeakyRelu, QLinearSigmoid, QLinearMul,
+    QLinearAdd, QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool, QLinearMatMul."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+            self.pool = nn.AvgPool2d(3, 1, 1)
+            self.w = nn.Parameter(torch.randn(16, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = nn.functional.leaky_relu(self.a(x), 0.1)
+            b = self.b(x)
+            y = torch.cat([a * torch.sigmoid(b), a + b], 1)
+            return torch.matmul(torch.flatten(nn.functional.adaptive_avg_pool2d(self.pool(y), 1), 1), self.w)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": images(k)[:1, :3]} for k in range(4)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    torch.manual_seed(0)
+    shape = (1, 3, *SHAPE[2:])
+    float_path, path = tmp_path / "float.onnx", tmp_path / "qop.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(shape),), str(float_path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(path)), shape
+
+
+def test_operator_form_means_its_qdq_form_as_onnx_runtime_computes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The oracle reads each QLinear* node as DequantizeLinear -> float op -> QuantizeLinear: ONNX Runtime (optimisations
+    off) computes the same integers on every quantized tensor (within one step, nearly all equal), and hawqc equals
+    the oracle layer by layer."""
+    import onnxruntime as ort
+
+    model, shape = operator_form_model(tmp_path)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QLinearConv", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearConcat",
+            "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearMatMul"} <= ops
+    assert not [n.op_type for n in oracle.as_qdq(model).graph.node if n.op_type.startswith(("QLinear", "QGemm"))]
+    quantized = [n.output[0] for n in model.graph.node if n.op_type.startswith("QLinear")]
+    exposed = onnx.ModelProto.FromString(model.SerializeToString())
+    exposed.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in quantized)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    graph = from_onnx(model, shape)
+    equal = elements = 0
+    for seed in range(3):
+        x = images(seed)[:1, :3]
+        values = oracle.oracle_run(model, x, intermediate=True)
+        theirs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x})))
+        for name in quantized:
+            want, got = np.asarray(values[name], np.int64), theirs[name].astype(np.int64)
+            assert np.abs(got - want).max() <= 1, name
+            equal, elements = equal + np.count_nonzero(got == want), elements + got.size
+        assert [(layer.name, layer.mismatches) for layer in oracle.layer_by_layer(graph, values, x)
+                if layer.mismatches] == []
+    assert equal >= 0.999 * elements

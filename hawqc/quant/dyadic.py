@@ -204,8 +204,9 @@ def pool_multipliers(s_in: Any, s_out: Any, divisors: Any, magnitude: int) -> tu
     times finer than the output's, ``c`` the smallest with ``2^c > 2 * D * magnitude`` (then every sum rounds
     exactly: off by at most ``magnitude / 2`` units, a tie held by the window, any other sum ``2^c / (2D)``
     units from one) but at least 32 (where the cheaper :func:`high_word_form` may apply), or the largest
-    that fits int64 where that is less. A 31-bit dyadic ratio instead rounds a sum that lies exactly on a
-    tie (``1/36`` of a 6x6 window's sums, for one scale in and out) by the sign of its own error."""
+    that fits int64 where that is less. A sum on a tie is ``D/2`` modulo ``D`` (``D`` even): the window is 0
+    where no sum reaches one. A 31-bit dyadic ratio instead rounds a sum that lies exactly on a tie (``1/36``
+    of a 6x6 window's sums, for one scale in and out) by the sign of its own error."""
     from fractions import Fraction
 
     ratio = Fraction(float(np.float64(s_in)))
@@ -213,9 +214,12 @@ def pool_multipliers(s_in: Any, s_out: Any, divisors: Any, magnitude: int) -> tu
     for index, d in np.ndenumerate(np.asarray(divisors)):
         scale[index] = ratio / int(d)
     ratios = _exact_ratios([scale], s_out)
-    exact = (2 * math.lcm(*(r.denominator for r in ratios[0])) * magnitude).bit_length()
+    denominators = [r.denominator for r in ratios[0]]
+    exact = (2 * math.lcm(*denominators) * magnitude).bit_length()
     c = min(max(exact, 32), _largest_shift(ratios, [magnitude]))
     (m,) = _multipliers(ratios, [scale], c)
+    if all(d % 2 or d // 2 > magnitude for d in denominators):  # a tie needs a sum of D/2 (mod D): none here
+        return m, c, 0
     return m, c, tie_window([scale], s_out, [magnitude], [m], c)
 
 

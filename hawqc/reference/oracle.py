@@ -5,7 +5,11 @@
 the opset raised to 21, where the reference's QDQ kernels start), with a ``DequantizeLinear`` that
 turns integers into float64 directly (the stock one passes int32 biases through float32). A
 ``QuantizeLinear`` then divides a float64 value by its float32 scale and rounds half to even: a
-result flips only where the real value lies within ~1e-13 of a rounding boundary.
+result flips only where the real value lies within ~1e-13 of a rounding boundary. ONNX Runtime's operator
+form (QLinearConv, QLinearMatMul, and com.microsoft's QGemm, QLinearAdd, QLinearMul, QLinearConcat,
+QLinearGlobalAveragePool, QLinearAveragePool, QLinearSigmoid, QLinearLeakyRelu) is first rewritten by
+:func:`as_qdq` into what each operator is documented to compute: DequantizeLinear -> the float operator ->
+QuantizeLinear.
 
 :func:`layer_by_layer` compares an :class:`~hawqc.reference.IntegerGraph` read from the same file
 with the oracle tensor by tensor: every quantized tensor (a ``QuantizeLinear`` output that the
@@ -77,13 +81,87 @@ def _dequantize_linear_float64() -> type:
     return DequantizeLinear
 
 
+def as_qdq(model: Any) -> Any:
+    """A copy of an ONNX model with every operator-form node (``QLinear*``, ``QGemm``) replaced by its meaning:
+    its quantized inputs dequantized, the float operator, its output quantized (a bias, int32 at the scale
+    ``x_scale * w_scale``, dequantized with that product). Other nodes are kept."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = []
+    for node in model.graph.node:
+        nodes.extend(_qdq_meaning(node) if node.op_type in _OPERATOR_FORM else [node])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+_OPERATOR_FORM = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
+                  "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu")
+
+
+def _qdq_meaning(node: Any) -> list[Any]:
+    """DequantizeLinear -> float operator -> QuantizeLinear for one operator-form node."""
+    from onnx import helper
+
+    i, out = list(node.input) + [""] * 9, node.output[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    nodes: list[Any] = []
+
+    def dq(x: str, scale: str, zero_point: str, tag: str, **kw: Any) -> str:
+        nodes.append(helper.make_node("DequantizeLinear", [x, scale, zero_point] if zero_point else [x, scale],
+                                      [f"{out}:{tag}"], **kw))
+        return f"{out}:{tag}"
+
+    def bias(b: str, x_scale: str, w_scale: str) -> list[str]:
+        if not b:
+            return []
+        nodes.append(helper.make_node("Mul", [x_scale, w_scale], [f"{out}:bias_scale"]))
+        return [dq(b, f"{out}:bias_scale", "", "bias", axis=0)]
+
+    op = node.op_type
+    if attrs.pop("channels_last", 0):
+        raise ValueError(f"{op} {node.name or out!r}: channels_last is not supported")
+    if op == "QLinearConv":
+        x, w = dq(i[0], i[1], i[2], "x"), dq(i[3], i[4], i[5], "w", axis=0)
+        float_node = helper.make_node("Conv", [x, w, *bias(i[8], i[1], i[4])], [f"{out}:f"], **attrs)
+        y_scale, y_zp = i[6], i[7]
+    elif op in ("QLinearMatMul", "QGemm"):
+        weight_axis = (0 if attrs.get("transB", 0) else 1) if op == "QGemm" else -1
+        a, b = dq(i[0], i[1], i[2], "a"), dq(i[3], i[4], i[5], "b", axis=weight_axis)
+        if op == "QGemm":
+            float_node = helper.make_node("Gemm", [a, b, *bias(i[6], i[1], i[4])], [f"{out}:f"], **attrs)
+            y_scale, y_zp = i[7], i[8]
+        else:
+            float_node = helper.make_node("MatMul", [a, b], [f"{out}:f"])
+            y_scale, y_zp = i[6], i[7]
+    elif op in ("QLinearAdd", "QLinearMul"):
+        float_node = helper.make_node(op[7:], [dq(i[0], i[1], i[2], "a"), dq(i[3], i[4], i[5], "b")], [f"{out}:f"])
+        y_scale, y_zp = i[6], i[7]
+    elif op == "QLinearConcat":
+        parts = [dq(*node.input[k:k + 3], f"in{k}") for k in range(2, len(node.input), 3)]
+        float_node = helper.make_node("Concat", parts, [f"{out}:f"], **attrs)
+        y_scale, y_zp = i[0], i[1]
+    else:  # (x, x_scale, x_zero_point, y_scale, y_zero_point)
+        float_node = helper.make_node(op[7:], [dq(i[0], i[1], i[2], "x")], [f"{out}:f"], **attrs)
+        y_scale, y_zp = i[3], i[4]
+    nodes.append(float_node)
+    if not y_scale:  # QGemm with a float output
+        nodes.append(helper.make_node("Identity", [f"{out}:f"], [out]))
+    else:
+        nodes.append(helper.make_node("QuantizeLinear", [f"{out}:f", y_scale, y_zp] if y_zp else [f"{out}:f", y_scale],
+                                      [out]))
+    return nodes
+
+
 def evaluator(model: Any) -> Any:
-    """A ``ReferenceEvaluator`` of the widened model (a path or an ``onnx.ModelProto``)."""
+    """A ``ReferenceEvaluator`` of the widened model (a path or an ``onnx.ModelProto``; operator form read
+    as :func:`as_qdq` gives it)."""
     from onnx.reference import ReferenceEvaluator
 
     from hawqc.frontend.onnx_model import load_onnx
 
-    return ReferenceEvaluator(widened(load_onnx(model)), new_ops=[_dequantize_linear_float64()])
+    return ReferenceEvaluator(widened(as_qdq(load_onnx(model))), new_ops=[_dequantize_linear_float64()])
 
 
 def oracle_run(model: Any, x: np.ndarray, intermediate: bool = False) -> Any:
