@@ -61,10 +61,10 @@ def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path | 
         model, calib = cpu_latency.float_model(name)
         for style in missing:
             try:
-                if style.startswith("ort"):
-                    cpu_latency.export_onnx(model, calib, case, symmetric=style == "ort-s8")
-                elif style in QUANTIZE_WITH:
+                if style in QUANTIZE_WITH:
                     quantize_with(QUANTIZE_WITH[style], model, tuple(case.shape), case.folder)
+                elif style.startswith("ort"):
+                    cpu_latency.export_onnx(model, calib, case, symmetric=style == "ort-s8")
                 elif cpu_latency.own_configs(model):
                     to_onnx(quantize(model, OWN[style], calib), files[style], example_input=calib[0][:1])
             except Exception as err:  # one quantizer's failure is one line of the table
@@ -228,8 +228,10 @@ def save(rows: list[dict[str, Any]], images: int, out: Path) -> None:
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     if saved.get("images") == images:
         fresh = {(r["model"], r["style"]): r for r in rows}
-        kept = [fresh.pop((r["model"], r["style"]), r) for r in saved["rows"]]
-        rows = kept + list(fresh.values())
+        rows = [fresh.pop((r["model"], r["style"]), r) for r in saved["rows"]]
+        for key, row in fresh.items():  # a new style after its model's rows
+            at = max((i + 1 for i, r in enumerate(rows) if r["model"] == key[0]), default=len(rows))
+            rows.insert(at, row)
     write_atomic(out.with_suffix(".json"), json.dumps({"images": images, "rows": rows}, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), markdown(rows, images))
 
