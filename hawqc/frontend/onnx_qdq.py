@@ -1102,12 +1102,12 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
     in_float: set[str] = set()
     while True:  # each reading computes in float the nodes the one before found reading unrounded tensors
         reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), in_float=in_float, producers=producers)
-        refused = _read_nodes(reader, nodes)
+        refused = _read_nodes(reader, nodes, float_regions)
         if not refused:
             break
         stuck = next((e for e in refused if e.node in in_float or op_types.get(e.node) not in FLOAT_OPS), None)
-        if not float_regions or stuck is not None:
-            raise stuck or refused[0]
+        if stuck is not None:
+            raise stuck
         in_float = in_float | {e.node for e in refused}
     reader.output(graph.output[0].name)
     props = {p.key: p.value for p in model.metadata_props}
@@ -1120,9 +1120,10 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
     return IntegerGraph(input_name, "output", reader.ops, metadata)
 
 
-def _read_nodes(reader: _Reader, nodes: list[Any]) -> list[Unquantized]:
-    """Read ``nodes`` in order into ``reader``; the nodes that read a tensor no QuantizeLinear rounded are
-    returned (their outputs read on as float, to find the others in the same reading)."""
+def _read_nodes(reader: _Reader, nodes: list[Any], float_regions: bool) -> list[Unquantized]:
+    """Read ``nodes`` in order into ``reader``; with ``float_regions`` the nodes that read a tensor no
+    QuantizeLinear rounded are returned (their outputs read on as float, to find the others in the same
+    reading), else the first raises."""
     model = reader.model
     input_name = next(i.name for i in model.graph.input if i.name not in reader.inits)
     reader.values[input_name] = reader.input = input_name
@@ -1131,6 +1132,8 @@ def _read_nodes(reader: _Reader, nodes: list[Any]) -> list[Unquantized]:
         try:
             _read_node(reader, node)
         except Unquantized as err:
+            if not float_regions:
+                raise
             refused.append(err)
             reader.values.update({out: _Float(out) for out in node.output})
     return refused
