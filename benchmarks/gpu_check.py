@@ -98,26 +98,27 @@ def compared(got: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
             "bit_exact": bool(np.array_equal(got, expected))}
 
 
-def cubin_bytes(source: str) -> int | None:
-    """Size of the cubin nvcc makes of ``source`` for sm_90 (None without nvcc)."""
+def cubin_bytes(source: str, arch: str = ARCH) -> int | None:
+    """Size of the cubin nvcc makes of ``source`` for ``arch`` (None without nvcc)."""
     import tvm
     from tvm.support import nvcc
 
     if shutil.which("nvcc") is None:
         return None
-    with tvm.target.Target(TARGET):
-        return len(nvcc.compile_cuda(source, target_format="cubin", arch=ARCH, compiler="nvcc"))
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        return len(nvcc.compile_cuda(source, target_format="cubin", arch=arch, compiler="nvcc"))
 
 
-def on_llvm(graph: IntegerGraph, x: np.ndarray) -> np.ndarray:
-    """``graph`` lowered as the sm_90 build lowers it (emulated INT4), each ``mma`` as loops, run on the CPU."""
+def on_llvm(graph: IntegerGraph, x: np.ndarray, arch: str = ARCH, int4: str = "emulated") -> np.ndarray:
+    """``graph`` lowered as the ``arch`` build lowers it (on sm_90 with emulated INT4), each ``mma`` as loops,
+    run on the CPU."""
     import tvm
     from tvm import relax
 
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.relax_passes.tensor_core_conv import TensorCoreConv
 
-    ir = TensorCoreConv(ARCH, tensor_cores=False, int4="emulated")(to_relax(graph, x.shape, layout="NHWC"))
+    ir = TensorCoreConv(arch, tensor_cores=False, int4=int4)(to_relax(graph, x.shape, layout="NHWC"))
     target = tvm.target.Target({"kind": "llvm"})
     executable = tvm.compile(ir, target=target, relax_pipeline=relax.get_default_pipeline(target))
     return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()

@@ -1,7 +1,7 @@
 """Does every common CNN, quantized by every tool, compile integer-only and bit-exact? (not in CI)
 
     python benchmarks/zoo_compile.py [--models resnet18,mobilenet_v2] [--quantizers ort-qdq-s8,nncf]
-                                     [--out benchmarks/results] [--resume] [--calib]
+                                     [--out benchmarks/results] [--resume] [--calib | --cuda]
 
 For each built-in model (random weights, BatchNorm statistics from a few random batches) and each
 quantizer of ``tests/third_party_quantizers.py`` (ONNX Runtime QDQ s8 / QDQ u8 / operator form /
@@ -11,8 +11,10 @@ the numpy reference on every element, which operations stayed float, and the lar
 ONNX Runtime running the same file (in output steps where the output is quantized). With ``--calib``
 the quantizer's calibration inputs go to ``calib_data`` (hawqc quantizes the float regions the
 quantizer left) and both the module with those regions in float and the calibrated one are compared
-with the file's float64 meaning (rows kept apart, in their own table). A failure records
-hawqc's one-line error. Rows are saved after each model (``zoo_compile.json`` and ``.md``), so
+with the file's float64 meaning (rows kept apart, in their own table). With ``--cuda`` the graph is
+built for ``cuda -arch=sm_75`` instead: its CUDA source compiled by nvcc, and the graph after the Tensor
+Core rewrite (each ``mma`` as plain loops) built for llvm and compared with the reference on every
+element (its own table). A failure records hawqc's one-line error. Rows are saved after each model (``zoo_compile.json`` and ``.md``), so
 ``--resume`` continues an interrupted run; ``--replace`` runs the asked rows again, keeping the others.
 """
 
@@ -80,8 +82,35 @@ def oracle_agreement(path: Path, graphs: dict[str, object], shape: tuple[int, ..
                   "argmax_oracle": round(float(np.mean(agree[key])), 2)} for key in graphs}
 
 
-def check(name: str, quantizer: str, folder: Path, calibrate: bool = False) -> dict[str, object]:
-    row: dict[str, object] = {"model": name, "quantizer": quantizer, **({"calib": True} if calibrate else {})}
+SM75 = "sm_75"
+
+
+def mode(row: dict[str, object]) -> str:
+    """The table a row belongs to: ``calib`` (``--calib``), ``cuda`` (``--cuda``) or ``""`` (llvm)."""
+    return "calib" if row.get("calib") else "cuda" if row.get("cuda") else ""
+
+
+def cuda_check(graph: object, shape: tuple[int, ...]) -> dict[str, object]:
+    """``graph`` built for ``cuda -arch=sm_75``: its CUDA source through nvcc, and the graph after the Tensor
+    Core rewrite (each ``mma`` as loops) built for llvm against the reference on every element."""
+    from gpu_check import cubin_bytes, mma_counts, on_llvm
+
+    from hawqc.runtime.module import compile_graph
+
+    start = time.perf_counter()
+    source = compile_graph(graph, shape, {"kind": "cuda", "arch": SM75}).source()
+    row: dict[str, object] = {"compile_s": round(time.perf_counter() - start, 1), **mma_counts(source),
+                              "cubin_bytes": cubin_bytes(source, SM75)}
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    expected = graph.run(x)
+    row["bit_exact"] = bool(np.array_equal(on_llvm(graph, x, SM75, "auto"), expected))
+    row["distinct_outputs"] = int(len(np.unique(expected)))
+    return row
+
+
+def check(name: str, quantizer: str, folder: Path, calibrate: bool = False, cuda: bool = False) -> dict[str, object]:
+    row: dict[str, object] = {"model": name, "quantizer": quantizer, **({"calib": True} if calibrate else {}),
+                              **({"cuda": True} if cuda else {})}
     torch.manual_seed(0)
     spec = models.spec(name)
     shape = (1, *spec.input_shape)
@@ -94,6 +123,14 @@ def check(name: str, quantizer: str, folder: Path, calibrate: bool = False) -> d
     start = time.perf_counter()
     calib = {"calib_data": np.concatenate(calibration(shape))} if calibrate else {}  # the quantizer's own inputs
     try:
+        if cuda:
+            from hawqc.api import integer_graph_of
+
+            graph = integer_graph_of(path, input_shape=shape)
+            left = [f.split(" (")[1][:-1] for f in graph.metadata.get("float_ops", [])]
+            row.update(cuda_check(graph, shape), compiled="yes",
+                       float_ops=[f"{op} x{left.count(op)}" for op in sorted(set(left))])
+            return row
         module = hawqc.compile_integer_only(path, input_shape=shape, **calib)
     except ValueError as err:
         row.update(compiled="no", error=str(err)[:300])
@@ -141,7 +178,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
              matrix(rows), "",
              "| model | quantizer | compiled | bit-exact | float ops | vs ORT | argmax = ORT | compile s | error |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if not r.get("calib")):
+    for r in (r for r in rows if not mode(r)):
         floats = ", ".join(r.get("float_ops", [])) or ("none" if r.get("compiled") == "yes" else "")
         lines.append(f"| {r['model']} | {r['quantizer']} | {r['compiled']} | {r.get('bit_exact', '')} | {floats} | "
                      f"{r.get('vs_onnxruntime', '')} | {r.get('argmax_agree', '')} | {r.get('compile_s', '')} | "
@@ -149,6 +186,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
     earlier = [f"{r['model']}/{r['quantizer']} ({r['note']})" for r in rows if r.get("note")]
     if earlier:
         lines += ["", f"Rows from earlier runs: {', '.join(earlier)}."]
+    lines += cuda_table([r for r in rows if mode(r) == "cuda"])
     calibrated = [r for r in rows if r.get("calib")]
     if calibrated:
         lines += ["", "## Float regions quantized by hawqc from calibration inputs (`--calib-data`)", "",
@@ -181,7 +219,7 @@ def matrix(rows: list[dict[str, object]]) -> str:
     names = list(dict.fromkeys(str(r["model"]) for r in rows))
     styles = [q for q in QUANTIZERS if any(r["quantizer"] == q for r in rows)]
     cells: dict[tuple[str, str], str] = {}
-    for r in sorted(rows, key=lambda r: bool(r.get("calib"))):
+    for r in sorted((r for r in rows if mode(r) != "cuda"), key=lambda r: bool(r.get("calib"))):
         floats = sum(int(f.rsplit(" x", 1)[1]) if " x" in f else 1 for f in r.get("float_ops", []))
         cell = ("quantizer fails" if r["compiled"] == "quantizer failed" else "fails" if r["compiled"] != "yes"
                 else "NOT exact" if not r["bit_exact"] else f"exact, {floats} float" if floats else "exact")
@@ -190,6 +228,25 @@ def matrix(rows: list[dict[str, object]]) -> str:
     lines = ["| model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((n, q), "") for q in styles) + " |" for n in names]
     return "\n".join(lines) + "\n"
+
+
+def cuda_table(rows: list[dict[str, object]]) -> list[str]:
+    """The ``--cuda`` rows: built for sm_75, nvcc, the rewritten graph on llvm against the reference."""
+    if not rows:
+        return []
+    lines = ["", f"## Built for `cuda -arch={SM75}` (`--cuda`)", "",
+             f"The same files built for `cuda -arch={SM75}` (no GPU run): `cubin bytes`: nvcc's cubin of the module's "
+             "CUDA source; `INT8 mma kernels`: conv/dense kernels on Tensor Cores (the others keep TVM's GPU "
+             "lowering); `bit-exact`: the graph after the Tensor Core rewrite, each `mma` as plain loops over the "
+             "same fragments, built for llvm == the numpy reference on every element.", "",
+             "| model | quantizer | compiled | cubin bytes | INT8 mma kernels | bit-exact | float ops | compile s | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floats = ", ".join(r.get("float_ops", [])) or ("none" if r.get("compiled") == "yes" else "")
+        lines.append(f"| {r['model']} | {r['quantizer']} | {r['compiled']} | {r.get('cubin_bytes', '')} | "
+                     f"{r.get('int8_mma_kernels', '')} | {r.get('bit_exact', '')} | {floats} | {r.get('compile_s', '')} | "
+                     f"{str(r.get('error', '')).replace('|', '/')[:140]} |")
+    return lines
 
 
 def order(row: dict[str, object]) -> tuple[int, int]:
@@ -210,20 +267,26 @@ def main() -> None:
     parser.add_argument("--calib", action="store_true",
                         help="compile with the quantizer's calibration inputs as calib_data (float regions quantized "
                              "by hawqc) and compare with the file's float64 meaning; rows kept apart from the others")
+    parser.add_argument("--cuda", action="store_true",
+                        help=f"build for cuda -arch={SM75}: nvcc on the CUDA source, the Tensor Core rewrite built for "
+                             "llvm against the reference; rows kept apart from the others")
     args = parser.parse_args()
+    if args.calib and args.cuda:
+        parser.error("--calib and --cuda are separate runs")
+    wanted = "calib" if args.calib else "cuda" if args.cuda else ""
     out = Path(args.out)
     saved = out / "zoo_compile.json"
     rows = json.loads(saved.read_text())["rows"] if (args.resume or args.replace) and saved.exists() else []
-    asked = {(m, q, args.calib) for m in args.models.split(",") for q in args.quantizers.split(",")}
+    asked = {(m, q, wanted) for m in args.models.split(",") for q in args.quantizers.split(",")}
     if args.replace:
-        rows = [r for r in rows if (r["model"], r["quantizer"], bool(r.get("calib"))) not in asked]
-    done = {(r["model"], r["quantizer"], bool(r.get("calib"))) for r in rows}
+        rows = [r for r in rows if (r["model"], r["quantizer"], mode(r)) not in asked]
+    done = {(r["model"], r["quantizer"], mode(r)) for r in rows}
     for name in args.models.split(","):
         for quantizer in args.quantizers.split(","):
-            if (name, quantizer, args.calib) in done:
+            if (name, quantizer, wanted) in done:
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                row = check(name, quantizer, Path(folder), args.calib)
+                row = check(name, quantizer, Path(folder), args.calib, args.cuda)
             print({k: v for k, v in row.items() if k != "traceback"}, flush=True)
             rows = sorted([*rows, row], key=order)
             write_atomic(saved, json.dumps({"torch": torch.__version__, "rows": rows}, indent=1).encode())

@@ -57,7 +57,7 @@ def integer_graph_of(graph: Any, bit_config: Any = None, calib_data: Any = None,
         else:
             from hawqc.frontend.float_islands import quantize_float_islands
 
-            _, result, _ = quantize_float_islands(model, calib_data, lambda m: from_onnx(m, shape))
+            _, result, _ = quantize_float_islands(model, calib_data, lambda m: from_onnx(m, shape, float_regions=False))
         if folded_at is not None:
             result.metadata["batch_note"] = (
                 "the model's shape arithmetic reads the batch, so it is compiled for batch 1; choose another batch "

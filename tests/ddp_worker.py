@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
+from ddp_setup import CALIB_BATCHES, QAT, STEPS, STOP, TRACE_ITERS, float_model, hessian_batches, loader, quant_model
 
 from hawqc import distributed
 from hawqc.ilp.sensitivity import folded_weights, hessian_traces
 from hawqc.quant.qat import train
-
-from ddp_setup import CALIB_BATCHES, QAT, STEPS, STOP, TRACE_ITERS, float_model, hessian_batches, loader, quant_model
 
 
 def main(out: Path) -> None:

@@ -435,3 +435,27 @@ def test_cuda_targets_use_the_tensor_core_kernels() -> None:
     assert resolve_kernels("auto", SM75) == "tensor_core"
     with pytest.raises(ValueError, match="for CPUs"):
         resolve_kernels("vnni", SM75)
+
+
+def test_a_sum_over_h_w_of_a_requantized_tensor_lowers_for_cuda() -> None:
+    """TVM 0.27's dlight GEMV rule fails an assertion on this fused function (PT2E's RegNet: a squeeze-excite
+    mean of a conv's requantized output at batch 1); the CUDA pipeline leaves it to the next rule."""
+    import tvm
+    from tvm import relax
+
+    from hawqc.topi_int4.cuda.pipeline import cuda_pipeline, cuda_source
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 4, 8), "int64"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.multiply(x, relax.const(np.full((1, 1, 1, 8), 3), "int64")))
+            y = bb.emit(relax.op.right_shift(y, relax.const(2, "int64")))
+            y = bb.emit(relax.op.astype(relax.op.clip(y, -100, 100), "int32"))
+            out = bb.emit_output(relax.op.sum(y, axis=[1, 2], keepdims=True))
+        bb.emit_func_output(out)
+    target = tvm.target.Target(SM75, host={"kind": "llvm"})
+    with target:
+        lowered = cuda_pipeline(target)(bb.get())
+    source = cuda_source(tvm.compile(lowered, target=target, relax_pipeline=tvm.transform.Sequential([])))
+    assert "__global__" in source

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import hawqc
-from hawqc.frontend.onnx_qdq import from_onnx
+from hawqc.frontend.onnx_qdq import Unquantized, from_onnx
 from hawqc.reference.oracle import oracle_run
 from hawqc.relax_passes.float_ops import float_ops
 
@@ -95,11 +95,20 @@ def test_float_regions_quantized_from_calibration_are_integer_and_bit_exact(pt2e
         assert steps.max() <= 2 + 1e-3  # a step of the 0.04 grid before the max pool
 
 
-def test_without_calibration_a_float_island_stays_float_and_an_unquantized_gate_names_the_flag() -> None:
-    graph = from_onnx(island_model(pt2e_gate=False))
-    assert {f.split(" (")[0] for f in graph.metadata["float_ops"]} == {"g", "reduce", "reduce_relu", "expand", "gate"}
-    with pytest.raises(ValueError, match=r"^ONNX node 'gated' \(Mul\): .*--calib-data"):
-        from_onnx(island_model(pt2e_gate=True))
+def test_without_calibration_float_regions_compute_in_float_and_are_reported() -> None:
+    island = from_onnx(island_model(pt2e_gate=False))
+    assert {f.split(" (")[0] for f in island.metadata["float_ops"]} == {"g", "reduce", "reduce_relu", "expand", "gate"}
+    model = island_model(pt2e_gate=True)  # PT2E's gate: a sigmoid of a conv times a ReLU'd conv, neither rounded
+    graph = from_onnx(model)
+    assert {f.split(" (")[0] for f in graph.metadata["float_ops"]} == \
+        {"g", "reduce", "reduce_relu", "expand", "gate", "gate5", "gated"}
+    for seed in range(2):
+        x = inputs(SHAPE[0], 20 + seed)
+        y = graph.run(x)
+        assert len(np.unique(y)) > 5
+        assert (np.abs(y - oracle_run(model, x)) / OUTPUT_STEP).max() <= 1 + 1e-3  # float64 regions, one rounding
+    with pytest.raises(Unquantized, match=r"^ONNX node 'gated' \(Mul\): .*--calib-data"):
+        from_onnx(model, float_regions=False)  # how calibration finds what to quantize
 
 
 def test_cli_compile_with_calib_data(tmp_path: Path) -> None:
@@ -111,6 +120,9 @@ def test_cli_compile_with_calib_data(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "hawqc.cli", "compile", str(tmp_path / "m.onnx"), "--strict",
                                "-o", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=300)
 
+    strict = compile_()  # the float regions compile in float, and --strict refuses them
+    assert strict.returncode != 0 and "float ops remain inside the graph (--strict)" in strict.stderr
+    assert "7 float ops" in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
     done = compile_("--calib-data", str(tmp_path / "x.npy"))
     assert done.returncode == 0, done.stderr
     said = " ".join(done.stdout.split())

@@ -26,6 +26,7 @@ CONVS = {
     "dilated-asym-pad": (16, 16, 3, 1, 2, 2, (-20, 100), 0, 8, 1),
     "zero-point-pad": (8, 16, 3, 1, 1, 1, (0, 255), 7, 8, 1),
     "depthwise-3x3": (32, 32, 3, 1, 1, 1, (-128, 127), 0, 8, 32),
+    "depthwise-uint8-zero-point-pad": (32, 32, 3, 1, 1, 1, (0, 255), 5, 8, 32),
     "depthwise-s2-odd-channels-uint8": (72, 72, 3, 2, 1, 1, (0, 255), 9, 8, 72),
     "depthwise-5x5-dilated-w4": (20, 20, 5, 1, 4, 2, (-8, 7), 0, 4, 20),
     "grouped-4-per-group": (64, 64, 3, 1, 1, 1, (-128, 127), 0, 8, 16),

@@ -145,6 +145,10 @@ class _Reader:
     """Pending values (pools, concats, adds) made integer tensors by :meth:`_Reader.view`, by ONNX tensor."""
     fine_views: dict[tuple[str, float, float], _View] = field(default_factory=dict)
     """Accumulators read before any QuantizeLinear, on their fine grid (``accumulator_view``)."""
+    in_float: set[str] = field(default_factory=set)
+    """ONNX nodes (by name) computed in float because they read a tensor no QuantizeLinear rounded."""
+    producers: dict[str, str] = field(default_factory=dict)
+    """ONNX tensor -> the name of the node that writes it."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -850,10 +854,11 @@ class _Reader:
 
     # ---- operators left in float --------------------------------------------------------------
     def computes_in_float(self, node: Any) -> bool:
-        """Whether a node reads a float op's output, or is a conv/gemm with float weights (a float island)."""
+        """Whether a node reads a float op's output, is a conv/gemm with float weights (a float island) or
+        reads a tensor no QuantizeLinear rounded (``in_float``)."""
         if node.op_type not in FLOAT_OPS:
             return False
-        if any(isinstance(self.values.get(i), _Float) for i in node.input):
+        if (node.name or node.output[0]) in self.in_float or any(isinstance(self.values.get(i), _Float) for i in node.input):
             return True
         return node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and \
             not isinstance(self.values.get(node.input[1]), _Const) and self.float_const(node.input[1]) is not None
@@ -898,7 +903,10 @@ class _Reader:
             self.float_nodes.append(f"{name} (GlobalAveragePool)")
             return self.emit("float_op", [self.dequantized(src, f"{name}:input")], f"{name}:float", attrs)
         if isinstance(value, _Pending):
-            value = self.view(node, value, tensor=name)
+            try:
+                value = self.view(node, value, tensor=name)
+            except Unquantized as err:  # e.g. a sigmoid of an accumulator: its producer computes in float too
+                raise Unquantized(str(err), self.producers.get(name, err.node)) from None
         if isinstance(value, _Acc) and (np.isfinite(value.lo) or np.isfinite(value.hi)):
             value = self.accumulator_view(value)
         if isinstance(value, _Acc):
@@ -1104,9 +1112,13 @@ def _qrange(model: Any, node: Any, inits: dict[str, np.ndarray]) -> tuple[int, i
     return ranges[zp_type]
 
 
-def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...] | None = None) -> IntegerGraph:
+def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...] | None = None,
+              float_regions: bool = True) -> IntegerGraph:
     """The integer graph of an ONNX QDQ model (a path or an ``onnx.ModelProto``). ``input_shape``
-    fixes dynamic input dimensions, so that shape arithmetic folds to constants."""
+    fixes dynamic input dimensions, so that shape arithmetic folds to constants. An operator that reads
+    a tensor no QuantizeLinear rounded (PT2E's gate times a tensor), and what computes that tensor, is
+    computed in float as the quantizer left it (``metadata["float_ops"]``, as NNCF's float islands);
+    without ``float_regions`` it raises :class:`Unquantized` (calibration quantizes it)."""
     from onnx import numpy_helper
 
     model = load_onnx(source)
@@ -1116,42 +1128,75 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
     if len(graph.input) - len({t.name for t in graph.initializer} & {i.name for i in graph.input}) != 1 \
             or len(graph.output) != 1:
         raise ValueError("the ONNX model must have exactly one input and one output")
-    props = {p.key: p.value for p in model.metadata_props}
-    reader = _Reader(model, inits={t.name: numpy_helper.to_array(t) for t in graph.initializer})
-    input_name = next(i.name for i in graph.input if i.name not in reader.inits)
-    reader.values[input_name] = reader.input = input_name
-    nodes = fold_constants(model, reader.inits)
-    reader.shapes = static_shapes(model, nodes, reader.inits)
-    for node in nodes:
-        if node.op_type in _PASS_THROUGH:
-            reader.values[node.output[0]] = reader.values.get(node.input[0])
-        elif node.op_type == "Shape" and isinstance(reader.values.get(node.input[0]), (_View, _Acc)) \
-                and reader.input in reader.shapes:  # behind an operator shape inference does not know
-            reader.inits[node.output[0]] = np.asarray(reader.shape_of(node, node.input[0]), dtype=np.int64)
-        elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in reader.inits or not i for i in node.input):
-            evaluate_constant(node, reader.inits, model.opset_import)
-        elif reader.computes_in_float(node) or (node.op_type in FLOAT_OPS and node.op_type not in _HANDLERS):
-            reader.float_op(node)
-        elif node.op_type in _HANDLERS:
-            try:
-                _HANDLERS[node.op_type](reader, node)
-            except (KeyError, IndexError, TypeError, AttributeError) as err:  # a form hawqc does not read
-                reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
-                                  "hawqc reads the forms ONNX Runtime, NNCF and hawqc's export write")
-            except ValueError as err:  # e.g. a rescale no dyadic number represents: name the node
-                if str(err).startswith("ONNX "):
-                    raise
-                reader.fail(node, str(err))
-        elif node.op_type == "Shape":  # left unfolded: the input shape is not static
-            dims = [d.dim_value if d.HasField("dim_value") else "?" for d in model.graph.input[0].type.tensor_type.shape.dim]
-            raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "
-                             "(e.g. --input-shape 1,3,224,224)")
-        else:
-            reader.fail(node, "operator has no integer lowering in hawqc")
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = fold_constants(model, inits)
+    shapes = static_shapes(model, nodes, inits)
+    producers = {o: n.name or n.output[0] for n in nodes for o in n.output}
+    op_types = {n.name or n.output[0]: n.op_type for n in nodes}
+    in_float: set[str] = set()
+    while True:  # each reading computes in float the nodes the one before found reading unrounded tensors
+        reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), in_float=in_float, producers=producers)
+        refused = _read_nodes(reader, nodes, float_regions)
+        if not refused:
+            break
+        stuck = next((e for e in refused if e.node in in_float or op_types.get(e.node) not in FLOAT_OPS), None)
+        if stuck is not None:
+            raise stuck
+        in_float = in_float | {e.node for e in refused}
     reader.output(graph.output[0].name)
+    props = {p.key: p.value for p in model.metadata_props}
     metadata = {"bit_config": json.loads(props["hawqc.bit_config"])} if "hawqc.bit_config" in props else {}
     if reader.float_nodes:
         metadata["float_ops"] = reader.float_nodes
+    input_name = reader.input
     dims = graph.input[[i.name for i in graph.input].index(input_name)].type.tensor_type.shape.dim
     metadata["input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return IntegerGraph(input_name, "output", reader.ops, metadata)
+
+
+def _read_nodes(reader: _Reader, nodes: list[Any], float_regions: bool) -> list[Unquantized]:
+    """Read ``nodes`` in order into ``reader``; with ``float_regions`` the nodes that read a tensor no
+    QuantizeLinear rounded are returned (their outputs read on as float, to find the others in the same
+    reading), else the first raises."""
+    model = reader.model
+    input_name = next(i.name for i in model.graph.input if i.name not in reader.inits)
+    reader.values[input_name] = reader.input = input_name
+    refused: list[Unquantized] = []
+    for node in nodes:
+        try:
+            _read_node(reader, node)
+        except Unquantized as err:
+            if not float_regions:
+                raise
+            refused.append(err)
+            reader.values.update({out: _Float(out) for out in node.output})
+    return refused
+
+
+def _read_node(reader: _Reader, node: Any) -> None:
+    model = reader.model
+    if node.op_type in _PASS_THROUGH:
+        reader.values[node.output[0]] = reader.values.get(node.input[0])
+    elif node.op_type == "Shape" and isinstance(reader.values.get(node.input[0]), (_View, _Acc)) \
+            and reader.input in reader.shapes:  # behind an operator shape inference does not know
+        reader.inits[node.output[0]] = np.asarray(reader.shape_of(node, node.input[0]), dtype=np.int64)
+    elif node.op_type not in QUANTIZATION_OPS and node.input and all(i in reader.inits or not i for i in node.input):
+        evaluate_constant(node, reader.inits, model.opset_import)
+    elif reader.computes_in_float(node) or (node.op_type in FLOAT_OPS and node.op_type not in _HANDLERS):
+        reader.float_op(node)
+    elif node.op_type in _HANDLERS:
+        try:
+            _HANDLERS[node.op_type](reader, node)
+        except (KeyError, IndexError, TypeError, AttributeError) as err:  # a form hawqc does not read
+            reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
+                              "hawqc reads the forms ONNX Runtime, NNCF and hawqc's export write")
+        except ValueError as err:  # e.g. a rescale no dyadic number represents: name the node
+            if str(err).startswith("ONNX "):
+                raise
+            reader.fail(node, str(err))
+    elif node.op_type == "Shape":  # left unfolded: the input shape is not static
+        dims = [d.dim_value if d.HasField("dim_value") else "?" for d in model.graph.input[0].type.tensor_type.shape.dim]
+        raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "
+                         "(e.g. --input-shape 1,3,224,224)")
+    else:
+        reader.fail(node, "operator has no integer lowering in hawqc")

@@ -5,7 +5,8 @@ become single nodes (ReLU6 and ``Hardtanh(0, m)`` are ReLUs with an upper bound)
 Identity vanish. A convolution is an ``nn.Conv2d`` module or ``F.conv2d`` called with a Conv2d
 module's own weight (as "same"-padding subclasses do); zero padding (``nn.ZeroPad2d``,
 ``F.pad``) whose readers are all convolutions folds into their (possibly asymmetric) padding.
-A mean over H and W is a global average pool (and a flatten without ``keepdim``); ``x.chunk(k, 1)``
+A mean over H and W is a global average pool (and a flatten without ``keepdim``); an adaptive average
+pool to a larger size is an average pool whose window the input's size fixes; ``x.chunk(k, 1)``
 gives channel slices and ``x.unflatten(1, (g, -1)).transpose(1, 2).flatten(1, 2)`` is a channel
 shuffle (ShuffleNet).
 Shape values (``x.size(0)``, ``x.shape[0]``) are not tensors: they may only serve a reshape to
@@ -300,7 +301,8 @@ def _pool_or_flatten(gm: torch.fx.GraphModule, n: torch.fx.Node, module: nn.Modu
         where = n.target if module is not None else n.name
         raise ValueError(f"unsupported operation {what} at {where!r}; hawqc quantizes conv (with zero padding), "
                          "linear, add, cat, max/avg/global-avg pool, flatten or reshape(batch, -1), relu and relu6")
-    return Node(n.name, kind, [src(n.args[0])], attrs=_pool_attrs(n.name, kind, args))
+    attrs = _pool_attrs(n.name, kind, args)
+    return Node(n.name, "avgpool" if "output_size" in attrs else kind, [src(n.args[0])], attrs=attrs)
 
 
 def _module_op(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
@@ -324,6 +326,19 @@ def _pair(v: Any) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
 
+def pool_window(attrs: dict[str, Any], size: Any) -> dict[str, Any]:
+    """An average pool's window: its own, or that of an adaptive pool to ``output_size`` on an input of
+    ``size`` (H, W): kernel = stride = size / output size (torchvision's VGG pools 7x7 to 7x7, the identity)."""
+    if "output_size" not in attrs:
+        return attrs
+    size, out = [int(d) for d in size], attrs["output_size"]
+    if any(d % o for d, o in zip(size, out)):
+        raise ValueError(f"adaptive average pooling of a {size[0]}x{size[1]} input to {out[0]}x{out[1]}: hawqc "
+                         "needs the input a multiple of the output size")
+    kernel = [d // o for d, o in zip(size, out)]
+    return {"kernel": kernel, "stride": kernel, "padding": [0, 0]}
+
+
 def _pool_attrs(name: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
     """Normalise pooling/flatten arguments, refusing the variants the integer graph does not have."""
     if kind == "flatten":
@@ -331,9 +346,10 @@ def _pool_attrs(name: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name}: only flatten(x, 1) is supported")
         return {}
     if kind == "gap":
-        if _pair(args["output_size"]) != [1, 1]:
-            raise ValueError(f"{name}: only global average pooling (output size 1) is supported")
-        return {}
+        size = args["output_size"]
+        if any(not isinstance(d, int) for d in (size if isinstance(size, (tuple, list)) else [size])):
+            raise ValueError(f"{name}: adaptive average pooling needs an output size in numbers, got {size!r}")
+        return {} if _pair(size) == [1, 1] else {"output_size": _pair(size)}
     if args.get("ceil_mode") and kind == "avgpool":
         raise ValueError(f"{name}: ceil_mode average pooling is not supported (ceil_mode max pooling is)")
     kernel = _pair(args["kernel_size"])

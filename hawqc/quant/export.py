@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 
 import hawqc
 from hawqc.fileio import atomic_output
+from hawqc.quant.capture import pool_window
 from hawqc.quant.model import QuantModel, moved_ops
 from hawqc.quant.quantizers import ActQuantizer
 from hawqc.reference.graph import IntOp
@@ -129,6 +130,7 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
             out = g.node("MaxPool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
                          pads=attrs["padding"] * 2, ceil_mode=int(attrs.get("ceil_mode", False)))
         elif kind == "avgpool":
+            attrs = pool_window(attrs, trace[node.inputs[0]].shape[2:])
             out = g.node("AveragePool", ins, name, kernel_shape=attrs["kernel"], strides=attrs["stride"],
                          pads=attrs["padding"] * 2, count_include_pad=1)
         elif kind == "gap":

@@ -29,7 +29,7 @@ from torch import nn
 
 from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
-from hawqc.quant.capture import Node, capture
+from hawqc.quant.capture import Node, capture, pool_window
 from hawqc.quant.dyadic import bias_in_accumulator
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
@@ -182,7 +182,8 @@ class QuantModel(nn.Module):
                 y = F.max_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"],
                                  ceil_mode=attrs.get("ceil_mode", False))
             elif kind == "avgpool":
-                y = F.avg_pool2d(ins[0], attrs["kernel"], attrs["stride"], attrs["padding"], count_include_pad=True)
+                window = pool_window(attrs, ins[0].shape[2:])
+                y = F.avg_pool2d(ins[0], window["kernel"], window["stride"], window["padding"], count_include_pad=True)
             elif kind == "gap":
                 y = ins[0].mean(dim=(2, 3), keepdim=True)
             elif kind == "flatten":
@@ -270,7 +271,7 @@ class QuantModel(nn.Module):
 
         output = None
         shapes: dict[str, list[int]] = {}
-        if any(node.kind in ("slice", "shuffle") for node in self.nodes):  # channel counts, from a float run
+        if any(node.kind in ("slice", "shuffle") or "output_size" in node.attrs for node in self.nodes):  # from a float run
             trace: dict[str, torch.Tensor] = {}
             self._float_forward(torch.zeros(1, *self.input_shape), fake=False, observe=False, trace=trace)
             shapes = {k: list(v.shape) for k, v in trace.items()}
@@ -323,6 +324,7 @@ class QuantModel(nn.Module):
                             **({"ceil_mode": True} if attrs.get("ceil_mode") else {})}
                     ops.append(IntOp("maxpool", node.inputs, name, pool))
                 elif kind == "avgpool":
+                    attrs = pool_window(attrs, shapes.get(node.inputs[0], [])[2:])
                     bound = max(abs(in_min), abs(in_max))
                     consts, tie = pool_consts(1.0, 1.0, attrs["kernel"][0] * attrs["kernel"][1], bound)
                     ops.append(IntOp("avgpool", node.inputs, name,

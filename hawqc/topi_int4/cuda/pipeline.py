@@ -50,7 +50,7 @@ def cuda_pipeline(target: Any, int4: str = "auto") -> Any:
 
     from hawqc.relax_passes.tensor_core_conv import TensorCoreConv
 
-    schedule = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    schedule = dl.ApplyDefaultSchedule(_gemv_or_next(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
     legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
                 relax.transform.FuseOps(), relax.transform.FuseTIR(), schedule]
 
@@ -62,6 +62,22 @@ def cuda_pipeline(target: Any, int4: str = "auto") -> Any:
                                             + cuda.finalize_passes(target))(mod)
 
     return _pipeline
+
+
+def _gemv_or_next() -> Any:
+    """dlight's GEMV rule, leaving to the next rule a function it fails an assertion on (TVM 0.27's GEMV
+    normalisation asserts on a sum over H, W of requantized values: PT2E's squeeze-excite mean of a
+    conv's fine grid at batch 1)."""
+    from tvm.s_tir import dlight as dl
+
+    class GEMVOrNext(dl.gpu.GEMV):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            try:
+                return super().apply(func, target, tunable)
+            except AssertionError:
+                return None
+
+    return GEMVOrNext()
 
 
 def cuda_source(executable: Any) -> str:

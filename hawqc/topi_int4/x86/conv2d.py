@@ -31,6 +31,9 @@ STACK_BYTES = 1024
 """TVM's ``kMaxStackAlloca``: smaller ``global`` buffers of a CPU kernel are stack arrays."""
 STACK_VECTORS = (STACK_BYTES - 1) // (LANES * 4)
 """Accumulator vectors of the largest register tile that stays on the stack: 15."""
+UNROLLED_BLOCKS = 6
+"""A row's blocks of output channels are unrolled up to this many (one thread: MobileNet-V2's 16->96 1x1
+layer 13% faster, 32->192 7%; no change on 3x3 or wider layers)."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,8 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
         sch.reorder(n, y, zo, oco, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
         sch.reverse_compute_at(sch.get_sblock("out"), oco)
         parallel_rows(sch, wl, n, y)
+        if int(sch.get(oco).extent) <= UNROLLED_BLOCKS:
+            sch.unroll(oco)
     sch.unroll(zi)
     sch.unroll(ocv)
     if not vnni:  # 16-lane int32 multiply-adds, vectorized while the block still has its init

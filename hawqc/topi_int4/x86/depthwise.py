@@ -28,7 +28,7 @@ from hawqc.topi_int4.x86.conv2d import (
     parallel_rows,
     with_epilogue,
 )
-from hawqc.topi_int4.x86.intrin import LANES
+from hawqc.topi_int4.x86.intrin import LANES, depthwise_name
 
 
 def is_depthwise(wl: Conv2dWorkload) -> bool:
@@ -63,10 +63,13 @@ def depthwise_compute(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     return with_epilogue(x, weight, acc, (n, oh, ow, c), requant)
 
 
-def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
-    """The scheduled PrimFunc."""
+def depthwise(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = False) -> Any:
+    """The scheduled PrimFunc; with ``vnni`` and uint8 activations each step is one ``vpdpbusd``
+    (:func:`.intrin.depthwise_name`), reading a padded copy of the input (with the widening multiply-add
+    the padding is read in place instead)."""
     from tvm import s_tir
 
+    dot = vnni and wl.in_dtype == "uint8"
     sch = s_tir.Schedule(depthwise_compute(wl, requant))
     conv = sch.get_sblock("acc")
     n, y, z, o, ry, rx = sch.get_loops(conv)
@@ -80,14 +83,18 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     sch.unroll(ry)
     sch.unroll(rx)
     sch.unroll(zi)
-    sch.vectorize(oi)
+    if not dot:
+        sch.vectorize(oi)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
+    if dot:
+        sch.tensorize(oi, depthwise_name())
     scope = accumulator_scope(pixels)
     sch.set_scope(init, 0, scope)
-    if any(wl.padding) and not copies_input(wl):
+    copies = copies_input(wl) or (dot and any(wl.padding))
+    if any(wl.padding) and not copies:
         sch.compute_inline(sch.get_sblock("pad"))
-    return finish_schedule(sch, wl, copies_input(wl), scope)
+    return finish_schedule(sch, wl, copies, scope)
 
 
 def copies_input(wl: Conv2dWorkload) -> bool:

@@ -54,7 +54,7 @@ class X86Kernels:
         consts, high_word = _constants(wl, weight, op, requant, self.vnni)
         epilogue = _requant(ctx, requant, high_word)
         if depthwise.is_depthwise(wl):
-            func, name = depthwise.depthwise(wl, epilogue), "depthwise_conv2d"
+            func, name = depthwise.depthwise(wl, epilogue, self.vnni), "depthwise_conv2d"
         else:
             isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
             func, name = conv2d(wl, epilogue, self.vnni), f"{op.op}_{isa}"
