@@ -39,6 +39,18 @@ def test_a_quantized_torch_model_compiles_for_any_batch(module: object) -> None:
         module(np.zeros((2, 3, 28, 28), np.float32))
 
 
+def test_calls_refill_one_input_buffer_and_each_returns_its_own_result(module: object) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [np.random.default_rng(seed).standard_normal((3, 1, 28, 28)).astype(np.float32) for seed in range(6)]
+    expected = [module.reference(x) for x in inputs]
+    for x, y in zip(inputs + inputs[::-1], expected + expected[::-1]):
+        np.testing.assert_array_equal(module(x), y)
+    with ThreadPoolExecutor(3) as pool:  # calls from several threads take turns on the buffer
+        for y, got in zip(expected * 3, pool.map(module, inputs * 3)):
+            np.testing.assert_array_equal(got, y)
+
+
 def test_the_artifact_says_and_runs_any_batch(module: object, tmp_path: Path) -> None:
     module.export(tmp_path / "art")
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
