@@ -126,6 +126,20 @@ def test_the_vnni_kernels_run_vpdpbusd(kernels: str, weight_bits: int, kernel: s
     assert ("vpdpbusd" in assembly) == kernels.startswith("vnni")
 
 
+def test_1x1_accumulators_stay_in_registers_and_requantize_with_vpmuldq() -> None:
+    """A 1x1 conv's register tile (7 pixels x 2 channel vectors here) is a stack array, not a workspace,
+    and its high-word requantization multiplies 32-bit lanes (``vpmuldq``), not sign-extended 64-bit ones;
+    still equal to the reference."""
+    graph = layer_graph("conv2d", 16, 96, 1, 1, 0, 1, 0, True)
+    executable, lowered = _build(_lower(graph, (2, 16, 14, 14), TARGET, "vnni", input_dtype="uint8"), TARGET, "vnni")
+    kernel = executable.mod.imports[0]
+    assert "vpmuldq" in kernel.inspect_source("asm") and "vpmullq" not in kernel.inspect_source("asm")
+    assert "AllocWorkspace" not in kernel.inspect_source("ll").split("conv2d_vnni_requant", 1)[1]
+    x = np.random.default_rng(2).integers(0, 256, (2, 16, 14, 14)).astype("uint8")
+    module = compile_graph(graph, x.shape, TARGET, input_dtype="uint8", kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
 def test_every_kernel_of_a_model_is_scheduled() -> None:
     torch.manual_seed(0)
     model = models.get("resnet18")

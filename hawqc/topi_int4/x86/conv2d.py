@@ -23,10 +23,14 @@ import numpy as np
 
 from hawqc.quant.dyadic import high_word_shift, round_shift
 from hawqc.reference.graph import conv_output_size
-from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, unpack_nibble
+from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, requantize_name, unpack_nibble
 
 OPAQUE = 8
 """TVM's ``kOpaque`` operator pattern: FuseOps leaves a scheduled kernel alone."""
+STACK_BYTES = 1024
+"""TVM's ``kMaxStackAlloca``: smaller ``global`` buffers of a CPU kernel are stack arrays."""
+STACK_VECTORS = (STACK_BYTES - 1) // (LANES * 4)
+"""Accumulator vectors of the largest register tile that stays on the stack: 15."""
 
 
 @dataclass(frozen=True)
@@ -258,8 +262,12 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     sch.vectorize(sch.get_loops(init)[-1])
     if vnni:
         sch.tensorize(oci, intrinsic_name(wl.weight_bits))
-    sch.set_scope(init, 0, "local")
-    return finish_schedule(sch, wl, copies_input(wl, vnni, ow_block))
+    scope = accumulator_scope(ow_block * oc_vectors)
+    sch.set_scope(init, 0, scope)
+    # else the epilogue has a predicate (columns past the row, channels past the last) no intrinsic matches
+    whole_tiles = wl.out_size[1] % ow_block == 0 and wl.out_channels % LANES == 0
+    high_word = requant if vnni and whole_tiles and requant is not None and requant.high_word else None
+    return finish_schedule(sch, wl, copies_input(wl, vnni, ow_block), scope, high_word)
 
 
 def parallel_rows(sch: Any, wl: Conv2dWorkload, n: Any, *rows: Any) -> None:
@@ -269,13 +277,29 @@ def parallel_rows(sch: Any, wl: Conv2dWorkload, n: Any, *rows: Any) -> None:
     sch.parallel(sch.fuse(n, *rows) if wl.batch is not None else sch.fuse(*rows) if len(rows) > 1 else rows[0])
 
 
-def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool) -> Any:
-    """The epilogue vectorized over 16 output channels (where they divide evenly), the input copy (if
-    ``copies``) parallel over rows; the scheduled PrimFunc, marked opaque for FuseOps."""
-    *_, last = sch.get_loops(sch.get_sblock("out"))
+def accumulator_scope(vectors: int) -> str:
+    """Where a register tile of ``vectors`` accumulator vectors lives: TVM 0.27 puts a ``global`` buffer
+    under 1 KB on the stack, where LLVM keeps it in registers, and every ``local`` one (or larger one) in
+    a workspace from ``TVMBackendAllocWorkspace`` that it must store to and reload."""
+    return "global" if vectors * LANES * 4 < STACK_BYTES else "local"
+
+
+def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "local",
+                    high_word: Requant | None = None) -> Any:
+    """The epilogue over 16 output channels at a time (where they divide evenly): unrolled over the tile
+    where the accumulators are in registers (``scope`` ``global``, see :func:`accumulator_scope`), with
+    :func:`.intrin.requantize_name` for a ``high_word`` requantization there, else vectorized by LLVM;
+    the input copy (if ``copies``) parallel over rows. The scheduled PrimFunc, marked opaque for FuseOps."""
+    *_, pixels, last = sch.get_loops(sch.get_sblock("out"))
     if int(sch.get(last).extent) % LANES == 0:
-        _, inner = sch.split(last, [None, LANES])
-        sch.vectorize(inner)
+        vectors, inner = sch.split(last, [None, LANES])
+        if scope == "global":
+            sch.unroll(pixels)
+            sch.unroll(vectors)
+        if scope == "global" and high_word is not None:
+            sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype, scope))
+        else:
+            sch.vectorize(inner)
     if copies:
         pn, py, *_ = sch.get_loops(sch.get_sblock("pad"))
         sch.parallel(sch.fuse(pn, py))
@@ -291,18 +315,28 @@ def channels_outer(wl: Conv2dWorkload) -> bool:
 
 
 def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
-    """Register tile: up to 24 accumulators (AVX-512 has 32 vector registers), preferring 2 channel
-    vectors (each broadcast feeds two dot products); output pixels dividing the row width where such a
-    tile is at least half full, else (prime widths such as 17 or 149) the tile that wastes the fewest
-    columns when the row is rounded up to whole tiles. 1x1 convolutions over wide rows take 4 pixels x 4
-    channel vectors instead (fewer loads per dot product: measured 8-18% faster on ResNet-50's 56- and
-    28-wide 1x1 layers, slower on 3x3 and on 14- or 7-wide maps)."""
+    """Register tile: the largest that stays in registers (:func:`stack_tile`; measured against the 16- and
+    24-accumulator workspace tiles below: 13-28% faster on MobileNet's and ResNet-50's 1x1 layers, whose
+    epilogue is a large share of the work, 19% on MobileNet's stem, 3-4% on 3x3 layers). Where the row
+    width has no divisor for one (prime widths such as 17 or 149): up to 24 accumulators (AVX-512 has 32
+    vector registers), preferring 2 channel vectors (each broadcast feeds two dot products); output pixels
+    dividing the row width where such a tile is at least half full, else the tile that wastes the fewest
+    columns when the row is rounded up to whole tiles."""
     _, ow = wl.out_size
-    if wl.kernel == (1, 1) and wl.packed_out % (4 * LANES) == 0 and ow % 4 == 0 and ow >= 28:
-        return 4, 4
+    if (tile := stack_tile(ow, wl.packed_out // LANES)) is not None:
+        return tile
     vectors = 2 if wl.packed_out % (2 * LANES) == 0 else 1
     limit = 24 // vectors
     pixels = max(d for d in range(1, limit + 1) if ow % d == 0)
     if 2 * pixels < min(limit, ow):
         pixels = min(range(limit // 2, limit + 1), key=lambda p: (-(-ow // p) * p, -p))
     return pixels, vectors
+
+
+def stack_tile(width: int, vectors: int) -> tuple[int, int] | None:
+    """The largest tile of 2 or more pixels dividing the row ``width`` x channel vectors dividing
+    ``vectors`` with at most :data:`STACK_VECTORS` accumulators (2 channel vectors preferred), or None
+    where none holds 8 (prime widths)."""
+    tiles = [(p, v) for p in range(2, STACK_VECTORS + 1) for v in range(1, STACK_VECTORS // p + 1)
+             if width % p == 0 and vectors % v == 0 and p * v >= 8]
+    return max(tiles, key=lambda t: (t[0] * t[1], t[1] == 2, t[1]), default=None)

@@ -2,9 +2,11 @@
 dyadic requantization of :mod:`.conv2d` in the epilogue.
 
 A depthwise layer does ``KH*KW`` MACs per output value: no dot product to feed ``vpdpbusd``. Each
-output row runs on one core; a register tile of ``ow_block`` pixels x 16 channels is accumulated in
+output row runs on one core; a register tile of up to 15 pixels x 16 channels (kept in registers, see
+:func:`.conv2d.accumulator_scope`: measured 5-11% faster than 16 pixels in a workspace) is accumulated in
 int32 lanes (activations widened from bytes, weights stored as int32 ``[KH, KW, C/16*16]``) over the
-window, then requantized while it is in registers. Spatial padding is read in place (the pad value where a
+window, then requantized while it is in registers (vectorized by LLVM: the
+:func:`.intrin.requantize_name` form measured no faster here). Spatial padding is read in place (the pad value where a
 tap falls outside the input: measured 35% faster than a padded copy at stride 2, the same at stride 1); the
 input is copied first only where its channels are not whole vectors.
 """
@@ -16,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from hawqc.topi_int4.x86.conv2d import (
+    STACK_VECTORS,
     Conv2dWorkload,
     Requant,
+    accumulator_scope,
     batch_extent,
     finish_schedule,
     input_copy,
@@ -67,7 +71,8 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     conv = sch.get_sblock("acc")
     n, y, z, o, ry, rx = sch.get_loops(conv)
     _, ow = wl.out_size
-    zo, zi = sch.split(z, [None, max(d for d in range(1, 17) if ow % d == 0)])
+    pixels = max(d for d in range(1, STACK_VECTORS + 1) if ow % d == 0)
+    zo, zi = sch.split(z, [None, pixels])
     oo, oi = sch.split(o, [None, LANES])
     sch.reorder(n, y, zo, oo, ry, rx, zi, oi)
     sch.reverse_compute_at(sch.get_sblock("out"), oo)
@@ -78,10 +83,11 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     sch.vectorize(oi)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.set_scope(init, 0, "local")
+    scope = accumulator_scope(pixels)
+    sch.set_scope(init, 0, scope)
     if any(wl.padding) and not copies_input(wl):
         sch.compute_inline(sch.get_sblock("pad"))
-    return finish_schedule(sch, wl, copies_input(wl))
+    return finish_schedule(sch, wl, copies_input(wl), scope)
 
 
 def copies_input(wl: Conv2dWorkload) -> bool:
