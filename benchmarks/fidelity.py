@@ -135,6 +135,7 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
     start = time.perf_counter()
     synthetic = distill(model, (3, CROP, CROP), samples=args.distill_samples, batch_size=16, steps=args.distill_steps,
                         input_range=(-1.0, 1.0),  # EfficientNet-Lite's preprocessing: (pixel - 127) / 128
+                        jitter=args.distill_jitter, flip=args.distill_jitter > 0,
                         log=lambda line: print(line, flush=True))
     table["distill_s"] = round(time.perf_counter() - start, 1)
     calib = list(synthetic.split(8))
@@ -261,6 +262,8 @@ def main() -> None:
     parser.add_argument("--qat-steps", type=int, help="Fashion-MNIST W4A4 QAT steps after PTQ, 0: none (default 1000, quick 10)")
     parser.add_argument("--qat-lr", type=float, default=5e-3, help="QAT learning rate (default 5e-3, a tenth after half)")
     parser.add_argument("--distill-steps", type=int, help="Adam steps of the distilled inputs (default 150, quick 5)")
+    parser.add_argument("--distill-jitter", type=int, default=0, help="distillation with random shifts of up to "
+                        "this many pixels and random flips (DeepInversion; default 0: none)")
     parser.add_argument("--distill-samples", type=int, help="distilled inputs, in batches of 16 (default 16, quick 8)")
     parser.add_argument("--hessian-iters", type=int, help="Hutchinson iterations (default 20, quick 2)")
     rows = ["W8A8", "W4A8", "ILP", "W4A4", "QAT"]
@@ -284,6 +287,7 @@ def main() -> None:
             setattr(args, key, value)
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
                                                           "ptq_drop": args.ptq_drop, "qat_lr": args.qat_lr,
+                                                          "distill_jitter": args.distill_jitter,
                                                           "ilp_options": "/".join(args.ilp_options),
                                                           "depthwise_8bit": args.depthwise_8bit}
     started = time.perf_counter()

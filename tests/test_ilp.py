@@ -126,6 +126,39 @@ def test_sensitivity_is_cached_and_orders_bits(tmp_path, monkeypatch) -> None:
     assert sensitivity(model, batches, max_iters=5, cache_dir=tmp_path) == first
 
 
+class _TwoConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))).flatten(1))
+
+
+def test_unlabelled_sensitivity_takes_soft_labels_and_positive_traces(tmp_path, one_thread) -> None:
+    """Unlabelled inputs are labelled with the float model's softmax: the Hessian is then the Gauss-Newton
+    matrix, and the Hutchinson samples lose the terms the loss gradient carries (argmax labels on inputs the
+    model is unsure of give noisy, here negative, traces)."""
+    torch.manual_seed(1)
+    model = _TwoConv().eval()
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        logits = model(x)
+    found, spread = {}, {}
+    for name, batches in (("unlabelled", [x]), ("soft", [(x, torch.softmax(logits, 1))]),
+                          ("argmax", [(x, logits.argmax(1))])):
+        seen: list[torch.Tensor] = []
+        found[name] = sensitivity(model, batches, max_iters=30, tol=1e-9, cache_dir=tmp_path / name,
+                                  progress=lambda k, total, mean, stderr: seen.append(stderr))
+        spread[name] = seen[-1][:3]  # the three weight traces' standard errors
+    assert found["unlabelled"].traces == pytest.approx(found["soft"].traces)
+    assert all(t > 0 for t in found["unlabelled"].traces.values())
+    assert any(t < 0 for t in found["argmax"].traces.values())
+    assert bool((spread["unlabelled"] * 5 < spread["argmax"]).all())
+
+
 def test_layer_costs_count_macs() -> None:
     costs = layer_costs(_Tiny(), (1, 6, 6))
     assert costs["conv"].params == 27 and costs["conv"].macs == 27 * 16

@@ -58,6 +58,19 @@ def test_distilled_data_matches_batchnorm_statistics_and_is_cached(tmp_path: Pat
         distill(nn.Sequential(nn.Conv2d(3, 4, 1)), (3, 4, 4), steps=1, cache_dir=tmp_path)
 
 
+def test_distilled_data_with_jitter_and_flips_matches_statistics_shifted_and_mirrored(tmp_path: Path) -> None:
+    model = bn_net()
+    plain = distill(model, (3, 8, 8), samples=16, batch_size=16, steps=60, lr=0.2, cache_dir=tmp_path)
+    x = distill(model, (3, 8, 8), samples=16, batch_size=16, steps=60, lr=0.2, jitter=2, flip=True, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("distilled-*.pt"))) == 2 and not torch.equal(x, plain)
+    noise = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for view in (x, torch.flip(x, dims=(-1,)), torch.roll(x, shifts=(2, -1), dims=(-2, -1))):
+            assert float(bn_statistics_loss(model, view)) < 0.3 * float(bn_statistics_loss(model, noise))
+    with pytest.raises(ValueError, match="jitter >= 0"):
+        distill(model, (3, 8, 8), jitter=-1, cache_dir=tmp_path)
+
+
 def test_learned_rounding_lowers_the_layer_reconstruction_error() -> None:
     model = bn_net()
     calib = [torch.randn(16, 3, 8, 8) * 3 + 1]

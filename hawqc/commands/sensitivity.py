@@ -13,7 +13,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from hawqc.commands._common import add_data_arguments, add_float_model_arguments, input_shape
 
     add_float_model_arguments(parser)
-    add_data_arguments(parser, "data for the Hessian (unlabelled data: the model's own predictions are the labels)")
+    add_data_arguments(parser, "data for the Hessian (unlabelled data: the model's own softmax outputs are soft labels)")
     parser.add_argument("--batches", type=int, default=1, help="batches for the Hessian (default: 1)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
     parser.add_argument("--input-shape", type=input_shape,

@@ -306,7 +306,13 @@ def sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequence[int] = 
                 max_iters: int = 100, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
                 micro_batch: int | None = None, progress: Progress | None = None) -> Sensitivity:
     """Ω of every quantizable layer's weight and input activation for each width in ``bits``, on ``data``
-    (``(inputs, labels)`` batches; unlabelled input batches use the float model's own predictions as labels).
+    (``(inputs, labels)`` batches, labels as class indices or probabilities).
+
+    Unlabelled input batches are labelled with the float model's own softmax outputs (soft labels): the
+    loss is then the cross-entropy to the float model, whose gradient vanishes at the float weights, so the
+    Hessian there is the Gauss-Newton matrix, positive semi-definite, on any inputs. (With the model's
+    argmax as a hard label, inputs it is unsure of, such as distilled ones, give indefinite Hessians and
+    negative traces, which Ω would read as insensitive.)
 
     Results are cached in ``cache_dir`` (default ``$HAWQC_CACHE`` or ``~/.cache/hawqc``) under a hash
     of the weights, the data and these settings; a second call with the same inputs reads the file.
@@ -347,9 +353,9 @@ def _labelled(model: nn.Module, data: Iterable[Any]) -> list[tuple[torch.Tensor,
             x, y = batch
         else:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            with torch.no_grad():
-                y = model.eval()(x).argmax(dim=1)
-        batches.append((x.float(), y.long()))
+            with torch.no_grad():  # soft labels: see sensitivity()
+                y = torch.softmax(model.eval()(x.float()), dim=1)
+        batches.append((x.float(), y.long() if not torch.is_floating_point(y) else y.float()))
     if not batches:
         raise ValueError("sensitivity needs at least one batch of data")
     return batches

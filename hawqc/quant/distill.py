@@ -3,7 +3,10 @@
 Inputs start as standard-normal noise and are optimised with Adam so that, at every BatchNorm layer,
 the per-channel mean and standard deviation of the layer's input over the batch match the layer's
 running statistics: the loss is ``Σ_bn ‖μ_batch − μ_bn‖₂ + ‖σ_batch − σ_bn‖₂``. The model stays in eval
-mode and its weights are not touched. Such inputs stand in for real data wherever hawqc asks for data:
+mode and its weights are not touched. With ``jitter`` / ``flip`` (DeepInversion, Yin et al., CVPR 2020),
+each step sees the batch shifted by a random offset of up to ``jitter`` pixels (circularly) and mirrored
+with probability 1/2, so the inputs match the statistics under the augmentations real images tolerate
+instead of over-fitting one pixel grid. Such inputs stand in for real data wherever hawqc asks for data:
 activation ranges, Hessian traces, learned rounding, distillation.
 
 Results are cached (like :func:`hawqc.ilp.sensitivity.sensitivity`) under a hash of the weights and
@@ -51,19 +54,21 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, batch_size: int = 32,
             steps: int = 200, lr: float = 0.5, seed: int = 0, input_range: tuple[float, float] | None = None,
-            cache_dir: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None) -> torch.Tensor:
+            jitter: int = 0, flip: bool = False, cache_dir: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None) -> torch.Tensor:
     """``samples`` synthetic inputs of ``input_shape`` (no batch dim) whose BatchNorm input statistics
     match ``model``'s running statistics, optimised in batches of ``batch_size`` for ``steps`` Adam steps
     each (learning rate ``lr``, reduced on plateaus). ``input_range`` ``(lo, hi)``: the domain the model's
     preprocessing gives its inputs (e.g. ``(-1, 1)``), kept after every step; without it the inputs may
-    spread wider than real ones, and the input's calibrated range with them. Deterministic for a
-    ``seed``; cached."""
-    if samples < 1 or batch_size < 1 or steps < 1 or not lr > 0:
-        raise ValueError(f"distilled data needs samples, batch_size, steps >= 1 and lr > 0, got {samples}, "
-                         f"{batch_size}, {steps}, {lr}")
+    spread wider than real ones, and the input's calibrated range with them. ``jitter``, ``flip``: the
+    random shift (pixels) and mirroring of each step (module docstring). Deterministic for a ``seed``; cached."""
+    if samples < 1 or batch_size < 1 or steps < 1 or not lr > 0 or jitter < 0:
+        raise ValueError(f"distilled data needs samples, batch_size, steps >= 1, lr > 0 and jitter >= 0, got "
+                         f"{samples}, {batch_size}, {steps}, {lr}, {jitter}")
     shape = tuple(int(d) for d in input_shape)
     settings = {"shape": shape, "samples": samples, "batch_size": batch_size, "steps": steps, "lr": lr, "seed": seed,
                 "input_range": list(input_range) if input_range is not None else None}
+    if jitter or flip:  # absent by default: caches written before these options stay valid
+        settings |= {"jitter": jitter, "flip": flip}
     path = _cache_folder(cache_dir) / f"distilled-{_fingerprint(model, settings)}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -83,7 +88,7 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
                                                                    min_lr=1e-4)
             for step in range(steps):
                 optimizer.zero_grad()
-                loss = bn_statistics_loss(model, x)
+                loss = bn_statistics_loss(model, _augmented(x, jitter, flip, generator))
                 loss.backward()
                 optimizer.step()
                 if input_range is not None:
@@ -103,6 +108,17 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
     with atomic_output(path) as tmp:
         torch.save(data, tmp)
     return data
+
+
+def _augmented(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """``x`` rolled by a random offset of up to ``jitter`` pixels on each spatial axis, mirrored with
+    probability 1/2 if ``flip`` (one draw for the batch)."""
+    if jitter:
+        dy, dx = (int(d) for d in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    if flip and bool(torch.rand(1, generator=generator) < 0.5):
+        x = torch.flip(x, dims=(-1,))
+    return x
 
 
 def _fingerprint(model: nn.Module, settings: dict[str, object]) -> str:
