@@ -39,7 +39,7 @@ def test_a_quantized_torch_model_compiles_for_any_batch(module: object) -> None:
         module(np.zeros((2, 3, 28, 28), np.float32))
 
 
-def test_calls_refill_one_input_buffer_and_each_returns_its_own_result(module: object) -> None:
+def test_calls_refill_one_input_tensor_and_each_returns_its_own_result(module: object) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     inputs = [np.random.default_rng(seed).standard_normal((3, 1, 28, 28)).astype(np.float32) for seed in range(6)]

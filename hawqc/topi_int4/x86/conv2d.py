@@ -305,7 +305,7 @@ def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "lo
             sch.unroll(pixels)
             sch.unroll(vectors)
         if scope == "global" and high_word is not None:
-            sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype, scope))
+            sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype))
         else:
             sch.vectorize(inner)
     if copies:

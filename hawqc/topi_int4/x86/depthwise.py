@@ -8,7 +8,8 @@ int32 lanes (activations widened from bytes, weights stored as int32 ``[KH, KW, 
 window, then requantized while it is in registers (vectorized by LLVM: the
 :func:`.intrin.requantize_name` form measured no faster here). Spatial padding is read in place (the pad value where a
 tap falls outside the input: measured 35% faster than a padded copy at stride 2, the same at stride 1); the
-input is copied first only where its channels are not whole vectors.
+input is copied first only where its channels are not whole vectors, or where uint8 activations take the
+``vpdpbusd`` step (:func:`depthwise`), which reads whole vectors.
 """
 
 from __future__ import annotations

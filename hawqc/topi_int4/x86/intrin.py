@@ -144,21 +144,21 @@ def depthwise_name() -> str:
 
 
 @cache
-def requantize_name(qmin: int, qmax: int, dtype: str, scope: str) -> str:
+def requantize_name(qmin: int, qmax: int, dtype: str) -> str:
     """The registered epilogue ``clip(high_word_shift(acc * b + d, s))`` of 16 int32 accumulators held in
-    a buffer of storage ``scope`` (``b``, ``d``: int64 per channel, ``s``: int32), cast to ``dtype``."""
+    a ``global`` (register-resident) buffer (``b``, ``d``: int64 per channel, ``s``: int32), cast to ``dtype``."""
     from tvm.s_tir import TensorIntrin
 
-    name = f"hawqc_requantize_{qmin}_{qmax}_{dtype}_{scope}"
-    TensorIntrin.register(name, *_requantize(qmin, qmax, dtype, scope), override=True)
+    name = f"hawqc_requantize_{qmin}_{qmax}_{dtype}"
+    TensorIntrin.register(name, *_requantize(qmin, qmax, dtype), override=True)
     return name
 
 
-def _requantize(qmin: int, qmax: int, dtype: str, scope: str) -> tuple[Any, Any]:
+def _requantize(qmin: int, qmax: int, dtype: str) -> tuple[Any, Any]:
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(acc: T.Buffer((16,), "int32", offset_factor=1, scope=scope), b: T.Buffer((16,), "int64", offset_factor=1),
+    def desc(acc: T.Buffer((16,), "int32", offset_factor=1), b: T.Buffer((16,), "int64", offset_factor=1),
              d: T.Buffer((16,), "int64", offset_factor=1), s: T.Buffer((16,), "int32", offset_factor=1),
              out: T.Buffer((16,), dtype, offset_factor=1)) -> None:
         with T.sblock("root"):
@@ -171,7 +171,7 @@ def _requantize(qmin: int, qmax: int, dtype: str, scope: str) -> tuple[Any, Any]
                         T.Cast("int64", acc[vi]) * b[vi] + d[vi], T.int64(32))), s[vi]), qmax), qmin))
 
     @T.prim_func(s_tir=True)
-    def impl(acc: T.Buffer((16,), "int32", offset_factor=1, scope=scope), b: T.Buffer((16,), "int64", offset_factor=1),
+    def impl(acc: T.Buffer((16,), "int32", offset_factor=1), b: T.Buffer((16,), "int64", offset_factor=1),
              d: T.Buffer((16,), "int64", offset_factor=1), s: T.Buffer((16,), "int32", offset_factor=1),
              out: T.Buffer((16,), dtype, offset_factor=1)) -> None:
         with T.sblock("root"):
