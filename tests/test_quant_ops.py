@@ -16,6 +16,7 @@ from hawqc import BitConfig, LayerBits, models, quantize
 from hawqc.frontend.onnx_qdq import from_onnx
 from hawqc.quant.capture import capture
 from hawqc.quant.export import to_onnx
+from hawqc.quant.qat import train
 from hawqc.relax_passes.float_ops import float_ops
 
 
@@ -171,3 +172,24 @@ def test_unsupported_variants_are_named(module, message: str) -> None:  # type: 
 
     with pytest.raises(ValueError, match=message):
         quantize(Net(), "uniform8", [torch.randn(2, 3, 8, 8)])
+
+
+@pytest.mark.parametrize("net", ["mobile", "dense"])
+def test_qat_trains_through_the_new_operations(net: str, tmp_path: Path) -> None:
+    """QAT's fake-quant forward trains the layers around activations, gates and standalone BatchNorms (whose
+    affine parameters learn, their statistics frozen); the export still reads back as the integer graph."""
+    cls, shape = NETS[net]
+    model = prepared(cls(), shape)
+    qmodel = quantize(model, "uniform4", [torch.randn(8, *shape) * 2])
+    out = model(torch.zeros(1, *shape)).shape[1]
+    batches = [(torch.randn(4, *shape), torch.randint(0, out, (4,) if net == "mobile" else (4, *shape[1:])))]
+    before = [p.detach().clone() for p in qmodel.parameters()]
+    losses = train(qmodel, batches, steps=2, lr=0.05, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    changed = [not torch.equal(a, b) for a, b in zip(before, qmodel.parameters())]
+    assert all(changed[i] for i, (n, _) in enumerate(qmodel.named_parameters()) if n.startswith("norms."))
+    statistics = {k: v for k, v in qmodel.state_dict().items() if k.startswith("norms.") and "running" in k}
+    assert all(torch.equal(v, model.state_dict()[k.split(".", 1)[1].replace("/", ".")]) for k, v in statistics.items())
+    to_onnx(qmodel.eval(), tmp_path / "m.onnx")
+    x = torch.randn(2, *shape)
+    np.testing.assert_array_equal(from_onnx(tmp_path / "m.onnx", input_shape=x.shape).run(x.numpy()), qmodel(x).numpy())

@@ -60,6 +60,10 @@ class Node:
     """The upper bound of the fused ReLU (of a relu node: its own), 6.0 for ReLU6; None: unbounded."""
     attrs: dict[str, Any] = field(default_factory=dict)
 
+    def reads(self) -> list[str]:
+        """The nodes whose values this one needs: its inputs, and for a resize to another tensor's size that tensor."""
+        return self.inputs + ([self.attrs["size_of"]] if "size_of" in self.attrs else [])
+
 
 def capture(model: nn.Module) -> list[Node]:
     """Trace ``model`` (in eval mode) into a topologically ordered list of :class:`Node`."""
