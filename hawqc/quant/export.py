@@ -23,8 +23,8 @@ from onnx import TensorProto, helper
 
 import hawqc
 from hawqc.fileio import atomic_output
-from hawqc.quant.capture import pool_window
 from hawqc.quant.activations import ACTIVATIONS
+from hawqc.quant.capture import pool_window
 from hawqc.quant.model import QuantModel, moved_ops, resize_scales, resize_transform
 from hawqc.quant.quantizers import ActQuantizer
 from hawqc.reference.graph import IntOp

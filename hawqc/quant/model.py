@@ -35,12 +35,12 @@ from torch import nn
 
 from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
+from hawqc.frontend.resize import resize_consts
+from hawqc.quant.activations import ACTIVATIONS
 from hawqc.quant.capture import Node, capture, pool_window
 from hawqc.quant.dyadic import bias_in_accumulator
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
-from hawqc.frontend.resize import resize_consts
-from hawqc.quant.activations import ACTIVATIONS
 from hawqc.reference.graph import (
     AddInput,
     IntegerGraph,
@@ -384,7 +384,6 @@ class QuantModel(nn.Module):
         metadata = {"bit_config": {k: v.to_dict() for k, v in self.bits.items()},
                     "input_shape": [None, *self.input_shape]}
         return IntegerGraph("input", output or "output", ops, metadata)
-
 
     def _own_scale_ops(self, node: Node, ops: list[IntOp], qint: Mapping[str, tuple[np.float32, int, int]],
                        shapes: Mapping[str, list[int]], scale: np.float32, qmin: int, qmax: int) -> None:
