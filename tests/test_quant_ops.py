@@ -127,14 +127,16 @@ def test_exported_graph_is_the_integer_simulation(net: str, config: str, tmp_pat
 
 @pytest.mark.parametrize("net", list(NETS))
 def test_compiled_module_is_bit_exact(net: str, tmp_path: Path) -> None:
+    """Compiled as typed (no input shape: any batch), integer-only, equal to the simulation on every element."""
     cls, shape = NETS[net]
     qmodel = quantize(prepared(cls(), shape), "uniform8", [torch.randn(8, *shape) * 2])
     to_onnx(qmodel, tmp_path / "m.onnx")
-    x = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32) * 2
-    module = hawqc.compile_integer_only(tmp_path / "m.onnx", input_shape=x.shape)
-    expected = qmodel.integer_graph().run(x)
-    np.testing.assert_array_equal(module(x), expected)
-    np.testing.assert_array_equal(module.reference(x), expected)
+    module = hawqc.compile_integer_only(tmp_path / "m.onnx")  # the export's open batch stays open
+    for batch in (3, 1):
+        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32) * 2
+        expected = qmodel.integer_graph().run(x)
+        np.testing.assert_array_equal(module(x), expected)
+        np.testing.assert_array_equal(module.reference(x), expected)
     assert float_ops(module.ir) == [] and not module.graph.metadata.get("float_ops")
     ops = {op.op for op in module.graph.ops}
     assert {"mobile": {"lut", "mul"}, "dense": {"affine"}, "segment": {"resize", "lut", "mul"}}[net] <= ops

@@ -139,6 +139,8 @@ class _Reader:
     inits: dict[str, np.ndarray] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     """Static tensor shapes from ONNX shape inference (after constants are folded)."""
+    open_shapes: dict[str, list[int | None]] = field(default_factory=dict)
+    """Shapes whose only unknown is the batch (``None``), for operators that need the others only."""
     input: str = ""
     trace: dict[str, Any] = field(default_factory=dict)
     """The integer graph read so far run on zeros, for shapes that shape inference leaves open."""
@@ -617,6 +619,11 @@ class _Reader:
             self.fail(node, f"needs the static shape of {name!r}: give the input shape (--input-shape)")
         return list(shape)
 
+    def batch_open_shape(self, node: Any, name: str) -> list[int | None]:
+        """The shape of tensor ``name`` whose batch may be open (``None``, from ONNX shape inference); else as
+        :meth:`shape_of` finds it."""
+        return list(self.open_shapes[name]) if name in self.open_shapes else self.shape_of(node, name)
+
     def traced_shape(self, name: str) -> list[int]:
         """The shape of integer tensor ``name``, from the graph read so far run on zeros."""
         from hawqc.reference.kernels import KERNELS
@@ -921,7 +928,8 @@ class _Reader:
         from hawqc.frontend.resize import resize_consts
 
         src = self.view(node, self.values.get(node.input[0]))
-        (n, c, h, w), out_shape = self.shape_of(node, node.input[0]), self.output_shape(node)
+        (n, c, h, w), out = self.batch_open_shape(node, node.input[0]), node.output[0]
+        out_shape = self.open_shapes[out] if out in self.open_shapes else self.output_shape(node)
         if out_shape[:2] != [n, c]:
             self.fail(node, "only resizing of H and W is supported")
         scales = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -937,7 +945,6 @@ class _Reader:
                 attrs.get("coordinate_transformation_mode", "half_pixel"), attrs.get("nearest_mode", "round_prefer_floor"))
         except ValueError as err:
             self.fail(node, str(err))
-        out = node.output[0]
         if mode == "nearest":
             self.moved(node, src, out, "resize", {})
             self.ops[-1].consts.update(consts)
@@ -1121,12 +1128,15 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
         raise ValueError("the ONNX model must have exactly one input and one output")
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     nodes = fold_constants(model, inits)
-    shapes = static_shapes(model, nodes, inits)
+    inferred = static_shapes(model, nodes, inits, open_batch=True)
+    shapes = {k: v for k, v in inferred.items() if None not in v}
+    open_shapes = {k: v for k, v in inferred.items() if k not in shapes}
     producers = {o: n.name or n.output[0] for n in nodes for o in n.output}
     op_types = {n.name or n.output[0]: n.op_type for n in nodes}
     in_float: set[str] = set()
     while True:  # each reading computes in float the nodes the one before found reading unrounded tensors
-        reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), in_float=in_float, producers=producers)
+        reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), open_shapes=open_shapes, in_float=in_float,
+                         producers=producers)
         refused = _read_nodes(reader, nodes, float_regions)
         if not refused:
             break
