@@ -10,10 +10,11 @@ pool to a larger size is an average pool whose window the input's size fixes; ``
 gives channel slices and ``x.unflatten(1, (g, -1)).transpose(1, 2).flatten(1, 2)`` is a channel
 shuffle (ShuffleNet). Sigmoid, HardSigmoid, SiLU and HardSwish are activations of their own, a
 product of two tensors a ``mul`` (squeeze-excite gates), a BatchNorm2d that follows no conv (DenseNet)
-a per-channel affine map, ``F.interpolate(mode="bilinear")`` a resize.
+a ``bn`` (a per-channel affine map), ``F.interpolate(mode="bilinear")`` a resize.
 Shape values (``x.size(0)``, ``x.shape[0]``) are not tensors: they may only serve a reshape to
-``(batch, -1)``, which is a flatten, or give an interpolation its size (``t.shape[-2:]``). Everything else the tracer finds must be one of the supported
-operations, or capture fails with one error that names the operation and where it is.
+``(batch, -1)``, which is a flatten, or give an interpolation its size (``t.shape[-2:]``). Everything
+else the tracer finds must be one of the supported operations, or capture fails with one error that
+names the operation and where it is.
 """
 
 from __future__ import annotations
