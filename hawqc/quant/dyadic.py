@@ -397,6 +397,17 @@ def bias_in_accumulator(bias: Any, bias_scale: Any, s_in: Any, s_w: Any) -> tupl
     return whole.astype(np.int64), units - whole
 
 
+def function_table(fn: Callable[[np.ndarray], np.ndarray], in_qmin: int, in_qmax: int, in_scale: Any,
+                   in_zero_point: int, out_scale: Any, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """An element-wise function of an integer tensor quantized: for every input integer in [in_qmin,
+    in_qmax], ``clip(rint(fn(real) / out_scale) + zero_point, qmin, qmax)`` (int32), with ``real`` the exact
+    input value ``(q - in_zero_point) * in_scale`` and ``fn`` evaluated in float64 (a ``lut`` op's table)."""
+    q = np.arange(in_qmin, in_qmax + 1, dtype=np.int64)
+    real = (q - in_zero_point).astype(np.float64) * np.float64(np.float32(in_scale))
+    y = np.asarray(fn(real), dtype=np.float64)
+    return np.clip(np.rint(y / np.float64(np.float32(out_scale))) + zero_point, qmin, qmax).astype(np.int32)
+
+
 def fraction_offset(fraction: Any, b: Any) -> np.ndarray:
     """The :func:`requantize` ``offset`` of an accumulator fraction requantized by multiplier ``b``."""
     return np.rint(np.asarray(fraction, dtype=np.float64) * np.asarray(b, dtype=np.float64)).astype(np.int64)
