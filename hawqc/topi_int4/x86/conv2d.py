@@ -16,6 +16,7 @@ tile while it is in registers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ STACK_BYTES = 1024
 """TVM's ``kMaxStackAlloca``: smaller ``global`` buffers of a CPU kernel are stack arrays."""
 STACK_VECTORS = (STACK_BYTES - 1) // (LANES * 4)
 """Accumulator vectors of the largest register tile that stays on the stack: 15."""
+SERIAL_MACS = 1 << 20
+"""Layers with fewer multiply-adds run on one core (squeeze-excite convs, a classifier at batch 1): a
+parallel region costs more than it shares out (TVM's launch of an empty two-task kernel: 0.7 us here)."""
 UNROLLED_BLOCKS = 6
 """A row's blocks of output channels are unrolled up to this many (one thread: MobileNet-V2's 16->96 1x1
 layer 13% faster, 32->192 7%; no change on 3x3 or wider layers)."""
@@ -281,8 +285,16 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
 def parallel_rows(sch: Any, wl: Conv2dWorkload, n: Any, *rows: Any) -> None:
     """Run the batch and ``rows`` loops on all cores, fused; an open batch stays a serial loop outside
     (fused with it, the batch index becomes a division the accumulator's buffer compaction cannot
-    follow: measured 3x slower)."""
+    follow: measured 3x slower). A layer of fewer than :data:`SERIAL_MACS` runs on one core."""
+    if is_small(wl):
+        return
     sch.parallel(sch.fuse(n, *rows) if wl.batch is not None else sch.fuse(*rows) if len(rows) > 1 else rows[0])
+
+
+def is_small(wl: Conv2dWorkload) -> bool:
+    """Whether the layer (a static batch) has fewer than :data:`SERIAL_MACS` multiply-adds."""
+    oh, ow = wl.out_size
+    return wl.batch is not None and wl.batch * oh * ow * wl.packed_out * wl.block_span * math.prod(wl.kernel) < SERIAL_MACS
 
 
 def accumulator_scope(vectors: int) -> str:
@@ -308,7 +320,7 @@ def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "lo
             sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype))
         else:
             sch.vectorize(inner)
-    if copies:
+    if copies and not is_small(wl):
         pn, py, *_ = sch.get_loops(sch.get_sblock("pad"))
         sch.parallel(sch.fuse(pn, py))
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)

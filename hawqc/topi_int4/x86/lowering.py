@@ -39,11 +39,12 @@ class X86Kernels:
             return None
         batch = x.ty.shape[0]
         shape = [int(batch) if is_static(batch) else None, *(int(d) for d in list(x.ty.shape)[1:])]
-        if op.op == "dense":
+        if op.op == "dense":  # a 1x1 conv over a row of the batch's samples (one over each, for an open batch)
             weight = op.consts["weight"][:, :, None, None]
-            x = ctx.bb.emit(R.reshape(x, [batch, 1, 1, shape[1]]))
-            wl = Conv2dWorkload(shape[0], 1, 1, shape[1], weight.shape[0], (1, 1), (1, 1), (0, 0, 0, 0), (1, 1),
-                                dtype)
+            samples = shape[0] or 1
+            x = ctx.bb.emit(R.reshape(x, [batch, 1, 1, shape[1]] if shape[0] is None else [1, 1, batch, shape[1]]))
+            wl = Conv2dWorkload(None if shape[0] is None else 1, 1, samples, shape[1], weight.shape[0], (1, 1), (1, 1),
+                                (0, 0, 0, 0), (1, 1), dtype)
         else:
             a, weight = op.attrs, op.consts["weight"]
             wl = Conv2dWorkload(*shape, weight.shape[0], tuple(weight.shape[2:]), tuple(a["stride"]),
@@ -61,7 +62,7 @@ class X86Kernels:
         name += "_requant" if requant else ""
         gv = ctx.bb.add_func(func, name)
         oh, ow = wl.out_size
-        out = relax.TensorType((batch, oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
+        out = relax.TensorType((x.ty.shape[0], oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
         y = R.call_tir(gv, [x, *consts], out)
         if op.op == "dense":
             y = R.reshape(ctx.bb.emit(y), [batch, wl.out_channels])
