@@ -1,5 +1,7 @@
 """Measured (KL) sensitivity: ZeroQ's per-layer divergence on top of W8A8, for the ILP."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -70,3 +72,16 @@ def test_ilp_keeps_the_measured_sensitive_layer_at_eight_bits() -> None:
     config = search(model, (2, 6, 6), sens.omega, options=[LayerBits(4, 8), LayerBits(8, 8)],
                     bops=0.6).solution.bit_config()
     assert (config.layers["conv2"].w_bits, config.layers["conv3"].w_bits) == (8, 4)
+
+
+def test_cli_sensitivity_and_search_measured(tmp_path, capsys) -> None:
+    from hawqc.cli import main
+
+    common = ["tiny_resnet", "--batch-size", "4", "--measured"]
+    assert main(["sensitivity", *common, "-o", str(tmp_path / "s.json")]) == 0
+    assert "measured Ω" in capsys.readouterr().out
+    sens = json.loads((tmp_path / "s.json").read_text())
+    assert sens["settings"]["method"] == "measured-kl" and sens["traces"] == {}
+    assert all(o["8"] == 0.0 and o["4"] >= 0.0 for o in sens["omega"].values())
+    assert main(["search", *common, "--bops", "0.5", "-o", str(tmp_path / "cfg.json")]) == 0
+    assert any(b.w_bits == 4 for b in BitConfig.load(tmp_path / "cfg.json").layers.values())
