@@ -231,7 +231,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", (f"{eff['inputs']} inputs: foolbox's 20 ImageNet images at scales {SCALES}, five 224 crops, "
                        "mirrored. Outputs of the compiled integer-only module (llvm); bit-exact: equal to the "
                        "numpy reference on the first 4 inputs. Calibration, learned rounding and the "
-                       + (f"ILP's measured sensitivity (KL per layer on all of them, {eff.get('sensitivity_s')} s)"
+                       + (f"ILP's measured sensitivity (KL per layer, {eff.get('sensitivity_s')} s)"
                           if eff.get("sensitivity") == "measured" else
                           f"ILP's Hessian ({eff.get('hessian_iterations')} Hutchinson iterations on "
                           f"{report['settings_dict']['hessian_samples']} of them, {eff.get('sensitivity_s')} s)")
