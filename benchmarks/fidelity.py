@@ -105,7 +105,8 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
     """Quantize with ``ptq`` (then, given ``qat`` data, fine-tune ``args.qat_steps`` QAT steps distilled from
     the float ``model``), compile, run ``x`` through the compiled module and ``score`` its outputs."""
     start = time.perf_counter()
-    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch, blocks=args.ptq_blocks, drop=args.ptq_drop)
+    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch, blocks=args.ptq_blocks, drop=args.ptq_drop,
+                             bias_correction=not args.ptq_no_bias_correction, search_ranges=not args.ptq_no_range_search)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)
     ptq_s = time.perf_counter() - start
@@ -262,6 +263,10 @@ def main() -> None:
     parser.add_argument("--ptq-iters", type=int, help="learned PTQ steps per layer (default 300, quick 20)")
     parser.add_argument("--ptq-batch", type=int, default=8, help="learned PTQ samples per step (default 8)")
     parser.add_argument("--ptq-blocks", action="store_true", help="learned PTQ: block reconstruction (BRECQ)")
+    parser.add_argument("--ptq-no-bias-correction", action="store_true",
+                        help="learned PTQ without bias correction (on 8 distilled inputs it can move biases the wrong way)")
+    parser.add_argument("--ptq-no-range-search", action="store_true",
+                        help="learned PTQ keeps the calibrated activation ranges (no MSE clipping search)")
     parser.add_argument("--ptq-drop", type=float, default=0.0, help="learned PTQ with --ptq-blocks: QDrop share")
     parser.add_argument("--ilp-options", nargs="+", choices=["W4A4", "W4A8", "W8A8"], default=["W4A4", "W4A8", "W8A8"],
                         help="the ILP's per-layer choices (default: all three)")
@@ -298,6 +303,8 @@ def main() -> None:
             setattr(args, key, value)
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
                                                           "ptq_drop": args.ptq_drop, "qat_lr": args.qat_lr,
+                                                          "ptq_bias_correction": not args.ptq_no_bias_correction,
+                                                          "ptq_range_search": not args.ptq_no_range_search,
                                                           "distill_jitter": args.distill_jitter,
                                                           "ilp_options": "/".join(args.ilp_options),
                                                           "depthwise_8bit": args.depthwise_8bit,
