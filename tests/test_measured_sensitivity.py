@@ -83,5 +83,6 @@ def test_cli_sensitivity_and_search_measured(tmp_path, capsys) -> None:
     sens = json.loads((tmp_path / "s.json").read_text())
     assert sens["settings"]["method"] == "measured-kl" and sens["traces"] == {}
     assert all(o["8"] == 0.0 and o["4"] >= 0.0 for o in sens["omega"].values())
-    assert main(["search", *common, "--bops", "0.5", "-o", str(tmp_path / "cfg.json")]) == 0
+    assert main(["search", "tiny_resnet", "--sensitivity", str(tmp_path / "s.json"), "--bops", "0.5",
+                 "-o", str(tmp_path / "cfg.json")]) == 0
     assert any(b.w_bits == 4 for b in BitConfig.load(tmp_path / "cfg.json").layers.values())
