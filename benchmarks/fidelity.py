@@ -7,7 +7,8 @@
    synthesised from the model's BatchNorm statistics: no real image is seen before evaluation); rows
    W8A8, W4A8, the ILP at a BOPS budget of 0.5 (options W4A4 / W4A8 / W8A8, Hessian on the same
    distilled data, or with ``--sensitivity measured`` the KL each layer adds on it) and W4A4, each with
-   nearest and/or learned PTQ. Per row: top-1 agreement with FP32 and mean KL(FP32 ‖ quantized) of the softmax outputs over 400 inputs (each of foolbox's 20 ImageNet
+   nearest and/or learned PTQ. Per row: top-1 agreement with FP32 and mean KL(FP32 ‖ quantized) of the
+   softmax outputs over 400 inputs (each of foolbox's 20 ImageNet
    images resized to 256 and 288, cropped to 224 at the centre and the four corners, and mirrored),
    computed by the compiled integer-only module (llvm); and whether it is bit-exact with the numpy
    reference on the first 4 of those inputs.
