@@ -40,33 +40,30 @@ def measured_sensitivity(model: nn.Module, data: Iterable[Any], *, bits: Sequenc
     batches = [_as_input(b) for b in data]
     if not batches:
         raise ValueError("measured sensitivity needs at least one batch of data")
+    act_bits = sorted(set(activation_bits if activation_bits is not None else bits))
     model.eval()
     with torch.no_grad():
-        x = torch.cat(batches)
-        reference = model(x)
+        references = [model(x) for x in batches]
+    samples = sum(len(x) for x in batches)
     params = {n: int(w.numel()) for n, (w, _) in folded_weights(model).items()}
 
     def divergence(qmodel: nn.Module) -> float:
         qmodel.mode = "fake"
         with torch.no_grad():
-            return kl_divergence(reference, qmodel(x))
+            return sum(kl_divergence(r, qmodel(x)) * len(x) for x, r in zip(batches, references)) / samples
 
     base_model = quantize(model, BitConfig(default=EIGHT), batches)
     base = divergence(base_model)
     layers = {n: base_model.layer(node) for node in base_model.nodes if (n := node.layer) in params}
     omega: dict[str, dict[int, float]] = {}
-    for name, layer in layers.items():
+    for name, layer in layers.items():  # weight width changes nothing in calibration: one model serves all
         omega[name] = {}
         for b in sorted(set(bits)):
             layer.w_bits = b
             omega[name][b] = max(divergence(base_model) - base, 0.0)
             layer.w_bits = 8
-    act_omega: dict[str, dict[int, float]] = {}
-    for name in layers:
-        act_omega[name] = {b: 0.0 if b >= 8 else max(divergence(quantize(
-            model, BitConfig(layers={name: LayerBits(8, b)}, default=EIGHT), batches)) - base, 0.0)
-            for b in sorted(set(activation_bits if activation_bits is not None else bits))}
-    settings = {"method": "measured-kl", "bits": sorted(set(bits)),
-                "activation_bits": sorted(set(activation_bits if activation_bits is not None else bits)),
-                "samples": len(x)}
+    act_omega = {name: {b: 0.0 if b >= 8 else max(divergence(quantize(
+        model, BitConfig(layers={name: LayerBits(8, b)}, default=EIGHT), batches)) - base, 0.0) for b in act_bits}
+        for name in layers}
+    settings = {"method": "measured-kl", "bits": sorted(set(bits)), "activation_bits": act_bits, "samples": samples}
     return Sensitivity({}, params, omega, 0, settings, {}, act_omega)
