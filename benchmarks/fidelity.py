@@ -6,8 +6,9 @@
 1. EfficientNet-Lite0 with its ImageNet weights, calibrated on **distilled data only** (ZeroQ inputs
    synthesised from the model's BatchNorm statistics: no real image is seen before evaluation); rows
    W8A8, W4A8, the ILP at a BOPS budget of 0.5 (options W4A4 / W4A8 / W8A8, Hessian on the same
-   distilled data) and W4A4, each with nearest and/or learned PTQ. Per row: top-1 agreement with FP32
-   and mean KL(FP32 ‖ quantized) of the softmax outputs over 400 inputs (each of foolbox's 20 ImageNet
+   distilled data, or with ``--sensitivity measured`` the KL each layer adds on it) and W4A4, each with
+   nearest and/or learned PTQ. Per row: top-1 agreement with FP32 and mean KL(FP32 ‖ quantized) of the
+   softmax outputs over 400 inputs (each of foolbox's 20 ImageNet
    images resized to 256 and 288, cropped to 224 at the centre and the four corners, and mirrored),
    computed by the compiled integer-only module (llvm); and whether it is bit-exact with the numpy
    reference on the first 4 of those inputs.
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader, Subset
 import hawqc
 from hawqc import BitConfig, LayerBits, data, quantize
 from hawqc.fileio import atomic_output, write_atomic
+from hawqc.ilp.measured import measured_sensitivity
 from hawqc.ilp.sensitivity import sensitivity
 from hawqc.models.resnet import BasicBlock, ResNet
 from hawqc.quant.adaround import LearnedOptions
@@ -104,7 +106,8 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
     """Quantize with ``ptq`` (then, given ``qat`` data, fine-tune ``args.qat_steps`` QAT steps distilled from
     the float ``model``), compile, run ``x`` through the compiled module and ``score`` its outputs."""
     start = time.perf_counter()
-    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch, blocks=args.ptq_blocks, drop=args.ptq_drop)
+    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch, blocks=args.ptq_blocks, drop=args.ptq_drop,
+                             bias_correction=not args.ptq_no_bias_correction, search_ranges=not args.ptq_no_range_search)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)
     ptq_s = time.perf_counter() - start
@@ -148,9 +151,14 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
         config = configs[key]
         if key == "ILP":  # Hessian on (some of) the same distilled inputs
             start = time.perf_counter()
-            sens = sensitivity(model, [synthetic[:args.hessian_samples]], max_iters=args.hessian_iters)
-            table.update(sensitivity_s=round(time.perf_counter() - start, 1), hessian_iterations=sens.iterations)
             options = [LayerBits(int(o[1]), int(o[3])) for o in args.ilp_options]
+            if args.sensitivity == "measured":  # ZeroQ's KL per layer, on the calibration inputs
+                sens = measured_sensitivity(model, calib, bits=sorted({o.w_bits for o in options}),
+                                            activation_bits=sorted({o.a_bits for o in options}))
+            else:
+                sens = sensitivity(model, [synthetic[:args.hessian_samples]], max_iters=args.hessian_iters)
+            table.update(sensitivity=args.sensitivity, sensitivity_s=round(time.perf_counter() - start, 1),
+                         hessian_iterations=sens.iterations)
             config = hawqc.search_bit_config(model, sensitivity=sens, input_shape=(3, CROP, CROP), bops=0.5,
                                              options=options)
         for ptq in args.ptq:
@@ -225,8 +233,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", (f"{eff['inputs']} inputs: foolbox's 20 ImageNet images at scales {SCALES}, five 224 crops, "
                        "mirrored. Outputs of the compiled integer-only module (llvm); bit-exact: equal to the "
                        "numpy reference on the first 4 inputs. Calibration, learned rounding and the "
-                       f"ILP's Hessian ({eff.get('hessian_iterations')} Hutchinson iterations on "
-                       f"{report['settings_dict']['hessian_samples']} of them, {eff.get('sensitivity_s')} s) use only "
+                       + (f"ILP's measured sensitivity (KL per layer, {eff.get('sensitivity_s')} s)"
+                          if eff.get("sensitivity") == "measured" else
+                          f"ILP's Hessian ({eff.get('hessian_iterations')} Hutchinson iterations on "
+                          f"{report['settings_dict']['hessian_samples']} of them, {eff.get('sensitivity_s')} s)")
+                       + " use only "
                        f"{report['settings_dict']['distill_samples']} distilled inputs ({eff.get('distill_s')} s to "
                        "synthesise, or read from the cache).")]
     fm = report.get("fashion_mnist", {"skipped": "not run"})
@@ -253,9 +264,15 @@ def main() -> None:
     parser.add_argument("--ptq-iters", type=int, help="learned PTQ steps per layer (default 300, quick 20)")
     parser.add_argument("--ptq-batch", type=int, default=8, help="learned PTQ samples per step (default 8)")
     parser.add_argument("--ptq-blocks", action="store_true", help="learned PTQ: block reconstruction (BRECQ)")
+    parser.add_argument("--ptq-no-bias-correction", action="store_true",
+                        help="learned PTQ without bias correction (on 8 distilled inputs it can move biases the wrong way)")
+    parser.add_argument("--ptq-no-range-search", action="store_true",
+                        help="learned PTQ keeps the calibrated activation ranges (no MSE clipping search)")
     parser.add_argument("--ptq-drop", type=float, default=0.0, help="learned PTQ with --ptq-blocks: QDrop share")
     parser.add_argument("--ilp-options", nargs="+", choices=["W4A4", "W4A8", "W8A8"], default=["W4A4", "W4A8", "W8A8"],
                         help="the ILP's per-layer choices (default: all three)")
+    parser.add_argument("--sensitivity", choices=["hessian", "measured"], default="hessian",
+                        help="the ILP's Ω: HAWQ-V3's Hessian traces, or ZeroQ's measured KL per layer (hawqc.ilp.measured)")
     parser.add_argument("--depthwise-8bit", action="store_true", help="EfficientNet-Lite0's W4A8 and W4A4 rows with "
                         "every depthwise conv at W8A8")
     parser.add_argument("--tag", help="suffix of the result files (runs in parallel write apart)")
@@ -287,9 +304,12 @@ def main() -> None:
             setattr(args, key, value)
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
                                                           "ptq_drop": args.ptq_drop, "qat_lr": args.qat_lr,
+                                                          "ptq_bias_correction": not args.ptq_no_bias_correction,
+                                                          "ptq_range_search": not args.ptq_no_range_search,
                                                           "distill_jitter": args.distill_jitter,
                                                           "ilp_options": "/".join(args.ilp_options),
-                                                          "depthwise_8bit": args.depthwise_8bit}
+                                                          "depthwise_8bit": args.depthwise_8bit,
+                                                          "sensitivity": args.sensitivity}
     started = time.perf_counter()
     out = Path(args.out)
     stem = ("fidelity_quick" if args.quick else "fidelity") + (f"_{args.only}" if args.only else "") + (

@@ -27,6 +27,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "about 0.5M input elements, e.g. 3 images of 3x224x224)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Rademacher vectors (default: 0)")
     parser.add_argument("--cache-dir", help="sensitivity cache (default: $HAWQC_CACHE or ~/.cache/hawqc)")
+    parser.add_argument("--measured", action="store_true",
+                        help="Ω measured instead: the KL divergence from the float outputs that each layer's 4-bit "
+                             "weights (or input) alone add to W8A8 on the data (ZeroQ); no Hessian")
 
 
 def model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], tuple[int, ...]]:
@@ -56,6 +59,10 @@ def compute(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...]]:
     from hawqc.ilp.sensitivity import sensitivity
 
     model, batches, shape = model_and_data(args)
+    if args.measured:
+        from hawqc.ilp.measured import measured_sensitivity
+
+        return model, measured_sensitivity(model, [b[0] if isinstance(b, (list, tuple)) else b for b in batches]), shape
     progress = ProgressLine(args.tol) if distributed.setup().main else None  # under torchrun, rank 0's
     try:
         result = sensitivity(model, batches, tol=args.tol, max_iters=args.max_iters, seed=args.seed,
@@ -118,12 +125,14 @@ def run(args: argparse.Namespace) -> int:
     _, result, _ = compute(args)
     if not distributed.setup().main:  # under torchrun, rank 0 reports and writes
         return 0
-    table = Table(title=f"{args.model}: Hessian trace and Ω ({result.iterations} Hutchinson iterations)")
+    table = Table(title=f"{args.model}: measured Ω (KL added to W8A8)" if args.measured else
+                  f"{args.model}: Hessian trace and Ω ({result.iterations} Hutchinson iterations)")
     bits = result.settings["bits"]
     for column in ("layer", "params", "Tr(H)", *(f"Ω(W{b})" for b in bits), *(f"Ω(A{b})" for b in bits)):
         table.add_column(column, justify="left" if column == "layer" else "right")
-    for name, trace in result.traces.items():
-        table.add_row(name, f"{result.params[name]:,}", f"{trace:.4g}", *(f"{result.omega[name][b]:.3g}" for b in bits),
+    for name in result.omega:
+        trace = result.traces.get(name)
+        table.add_row(name, f"{result.params[name]:,}", "-" if trace is None else f"{trace:.4g}", *(f"{result.omega[name][b]:.3g}" for b in bits),
                       *(f"{result.activation_omega[name][b]:.3g}" for b in bits))
     console.print(table)
     result.save(args.out)
