@@ -159,11 +159,23 @@ def _largest_shift(ratios: list[list[Any]], magnitudes: list[int]) -> int:
     """The largest ``c`` (at most ``C_MAX``) for which ``sum_i magnitudes[i] * ratios[i] * 2^c`` and its rounding fit int64."""
     c = C_MAX
     while c > C_MIN:
-        worst = sum(mag * math.ceil(max(r) * 2**c) for mag, r in zip(magnitudes, ratios))
+        worst = sum(mag * math.ceil(max(abs(v) for v in r) * 2**c) for mag, r in zip(magnitudes, ratios))
         if worst + (1 << (c - 1)) <= INT64_MAX:
             break
         c -= 1
     return c
+
+
+def exact_product(a: Any, b: Any) -> np.ndarray:
+    """``a * b`` elementwise (broadcast) as exact rationals (``Fraction``, an object array) of float64 numbers:
+    the real value of a constant ``a`` in units of a scale ``b``, for :func:`aligned_multipliers`."""
+    from fractions import Fraction
+
+    x, y = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    out = np.empty(x.shape, dtype=object)
+    for index in np.ndindex(x.shape):
+        out[index] = Fraction(float(x[index])) * Fraction(float(y[index]))
+    return out
 
 
 def _multipliers(ratios: list[list[Any]], scales: list[Any], c: int) -> list[np.ndarray]:

@@ -65,10 +65,11 @@ carries ``-z * sum(w)`` in its bias, so its accumulator is exactly ``sum((x - z)
 from __future__ import annotations
 
 import io
+import math
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -161,12 +162,22 @@ ACCUMULATOR_HEADROOM = 8
 
 
 def accumulator_grid_bits(qmin: int, qmax: int, zero_point: int = 0) -> int:
-    """An accumulator that an Add reads is first requantized (fused into its conv) onto a grid ``2^k`` times
-    finer than the Add's output, in int32, with ``k`` the largest for which ``ACCUMULATOR_HEADROOM`` times
-    the output's range fits: 20 at 8 bits, 24 at 4 bits. The sum is then rounded once, off
-    only within ``2^-(k+1)`` steps of a tie."""
+    """An accumulator that an Add reads and that :func:`aligned_add_ops` cannot take as it is (one clipped by a
+    ReLU before the Add) is first requantized (fused into its conv) onto a grid ``2^k`` times finer than the
+    Add's output, in int32, with ``k`` the largest for which ``ACCUMULATOR_HEADROOM`` times the output's range
+    fits: 20 at 8 bits, 24 at 4 bits. The sum is then rounded once, off only within ``2^-(k+1)`` steps of a tie."""
     reach = ACCUMULATOR_HEADROOM * max(abs(qmin - zero_point), abs(qmax - zero_point), 1)
     return ((2**31 - 1) // reach).bit_length() - 1
+
+
+def accumulator_bound(weight: np.ndarray, lo: int, hi: int, bias: Any = 0) -> int:
+    """The largest ``|acc|`` of a conv/dense accumulator ``sum(w * x) + bias`` (``weight`` [out, ...]) over
+    inputs ``x`` in ``[lo, hi]``."""
+    w = np.asarray(weight, np.int64).reshape(np.shape(weight)[0], -1)
+    pos, neg = np.clip(w, 0, None).sum(axis=1), np.clip(w, None, 0).sum(axis=1)
+    b = np.broadcast_to(np.asarray(bias, np.int64), pos.shape)
+    top, bottom = pos * hi + neg * lo + b, pos * lo + neg * hi + b
+    return int(max(np.abs(top).max(initial=0), np.abs(bottom).max(initial=0)))
 
 
 @dataclass(frozen=True)
@@ -174,20 +185,54 @@ class AddInput:
     """An input of an :func:`aligned_add_op`: a tensor, its scale (exact in float64: a float32 scale or
     the product of two, per channel for an accumulator), zero point and a bound on ``|x| + |zero_point|``
     (not only ``|x - zero_point|``: the compiler may regroup ``(x - z) * m`` as ``x * m - z * m``, whose
-    int64 terms must not overflow either)."""
+    int64 terms must not overflow either). ``fraction``: a constant per channel, in units of ``scale``, that the
+    input carries beside its integers (a conv bias below its accumulator's grid, as
+    :func:`hawqc.quant.dyadic.bias_in_accumulator` gives it). ``accumulator``: a conv's int32 accumulator, which
+    :func:`aligned_add_ops` clips where it can no longer change the result."""
 
     name: str
     scale: Any
     zero_point: int
     magnitude: int
+    fraction: Any = None
+    accumulator: bool = False
+
+
+def aligned_add_ops(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> list[IntOp]:
+    """An Add that reads conv accumulators as they are: each clipped (a ``requantize`` by exactly 1, fused into
+    its conv) to the bound past which its term saturates the output whatever the other inputs hold, then the
+    :func:`aligned_add_op` of every input on one int64 grid, the real sum (bias fractions included) rounded
+    once. Clipping one term to ``B_i = reach + 2 + sum_{j != i} M_j`` output steps (``M_j`` the largest term
+    of input ``j`` unclipped) keeps the sum beyond the output's range whenever it was, so it is exact."""
+    from hawqc.quant.dyadic import dyadic
+
+    terms = [(p.magnitude + 1) * float(np.max(np.asarray(p.scale, np.float64))) / float(np.float32(s_out)) for p in parts]
+    reach = max(abs(qmin - zero_point), abs(qmax - zero_point))
+    b, c = dyadic(1.0)
+    ops, inputs = [], []
+    for j, p in enumerate(parts):
+        if p.accumulator:
+            smallest = float(np.min(np.asarray(p.scale, np.float64))) / float(np.float32(s_out))
+            bound = (reach + 2 + sum(terms) - terms[j]) / smallest + 1
+            clip = int(min(p.magnitude, 2**31 - 1, math.ceil(bound)))
+            ops.append(IntOp("requantize", [p.name], f"{dst}:in{j}", {"qmin": -clip, "qmax": clip},
+                             {"b": np.array(b, np.int32), "c": np.array(c, np.int32)}))
+            p = replace(p, name=f"{dst}:in{j}", magnitude=clip)
+        inputs.append(p)
+    return [*ops, aligned_add_op(inputs, dst, s_out, qmin, qmax, zero_point)]
 
 
 def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> IntOp:
     """An ``add`` that rounds the real sum of its inputs once onto the grid of ``s_out``: the inputs meet
-    on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`)."""
-    from hawqc.quant.dyadic import aligned_multipliers, tie_window
+    on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`), their
+    ``fraction`` constants as one per-channel ``offset`` on that grid."""
+    from hawqc.quant.dyadic import aligned_multipliers, exact_product, tie_window
 
     scales, magnitudes = [p.scale for p in parts], [p.magnitude for p in parts]
+    constants = [exact_product(p.fraction, p.scale) for p in parts if p.fraction is not None and np.any(p.fraction)]
+    if constants:  # one term of magnitude 1: the constants' sum, per channel
+        scales.append(sum(constants[1:], constants[0]))
+        magnitudes.append(1)
     multipliers, c = aligned_multipliers(scales, s_out, magnitudes)
     channels = max(m.size for m in multipliers)
     attrs: dict[str, Any] = {"qmin": qmin, "qmax": qmax}
@@ -197,8 +242,11 @@ def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax:
         attrs["zero_point"] = zero_point
     if any(p.zero_point for p in parts):
         attrs["input_zero_points"] = [p.zero_point for p in parts]
-    m = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
-    return IntOp("add", [p.name for p in parts], dst, attrs, {"m": m, "c": np.array(c, np.int32)})
+    consts = {"c": np.array(c, np.int32)}
+    if constants:
+        consts["offset"] = np.broadcast_to(multipliers.pop(), (channels,)).copy()
+    consts["m"] = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
+    return IntOp("add", [p.name for p in parts], dst, attrs, consts)
 
 
 def ceil_mode_padding(size: Any, kernel: list[int], stride: list[int], padding: list[int]) -> list[int]:
