@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import io
 import math
+from fractions import Fraction
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -146,14 +147,18 @@ def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, q
     tensor) to ``s_out``, its dyadic numbers from :mod:`hawqc.quant.dyadic`; ``fraction``: what the
     accumulator holds below its integer grid (per channel, see :func:`~hawqc.quant.dyadic.bias_in_accumulator`);
     ``exact_w``: ``s_w`` exact in float64 (:func:`~hawqc.quant.dyadic.scale_ratio`)."""
-    from hawqc.quant.dyadic import dyadic_per_channel, fraction_offset, scale_ratio
+    from hawqc.quant.dyadic import dyadic_per_channel, exact_product, exact_requantization, fraction_offset, scale_ratio
 
     b, c = dyadic_per_channel(scale_ratio(s_in, s_w, s_out, exact_w))
     attrs = {"qmin": qmin, "qmax": qmax}
     attrs.update({k: v for k, v in (("input_zero_point", input_zero_point), ("zero_point", zero_point)) if v})
-    consts = {"b": b, "c": c}
-    if fraction is not None and np.any(fraction_offset(fraction, b)):
-        consts["offset"] = np.broadcast_to(fraction_offset(fraction, b), b.shape).copy()
+    offset = np.zeros(b.shape, np.int64) if fraction is None else np.broadcast_to(fraction_offset(fraction, b), b.shape)
+    w = np.asarray(s_w, np.float64) if exact_w else np.asarray(np.asarray(s_w, np.float32), np.float64)
+    ratios = list(exact_product(np.float64(np.float32(s_in)), w).ravel() / Fraction(float(np.float32(s_out))))
+    b, offset = exact_requantization(ratios, fraction, b, c, offset, qmin - zero_point, qmax - zero_point)
+    consts = {"b": b.astype(np.int32), "c": c}
+    if np.any(offset):
+        consts["offset"] = offset.copy()
     return IntOp("requantize", [src], dst, attrs, consts)
 
 
