@@ -293,6 +293,29 @@ def test_an_accumulator_added_at_4_bits_keeps_a_bias_fraction_of_2_to_the_minus_
     assert [(layer.name, layer.mismatches) for layer in oracle.layer_by_layer(graph, values, x) if layer.mismatches] == []
 
 
+@pytest.mark.parametrize("unsigned", [True, False], ids=["uint8", "int8"])
+def test_a_conv_output_1e_8_steps_from_a_boundary_rounds_as_the_oracle(unsigned: bool) -> None:
+    """A conv requantized by a 31-bit dyadic b is off by up to |value| * 2^-31 steps: with these float32 scales
+    the accumulators +-10987 mean +-58.49999999 steps, and b rounds them to +-59 (hawqc's old rule).
+    ``dyadic.exact_requantization`` moves the multiplier so that both round to +-58, as the oracle does."""
+    g = _Graph(unsigned, seed=0)
+    c = SHAPE[1]
+    x = g.q("input", 2.0**-3)
+    w = np.zeros((c, c, 1, 1), np.int8)
+    w[:, 0], w[:, 1] = 127, 1  # acc = 127 * x0 + x1
+    wdq = g.node("DequantizeLinear", [g.init("w", w), g.init("ws", np.full(c, 0.007057627663016319, np.float32))],
+                 "wdq", axis=0)
+    out = g.q(g.node("Conv", [x, wdq], "conv"), 0.16568836569786072)
+    model = g.model(out)
+    x = images()
+    x[0, :2, 0, 0], x[1, :2, 0, 0] = (87 / 8, -62 / 8), (-87 / 8, 62 / 8)
+    values = oracle.oracle_run(model, x, intermediate=True)
+    real = values["conv"][:, 0, 0, 0] / float(np.float32(0.16568836569786072))
+    assert np.allclose(np.abs(real), 58.5, atol=1e-7) and np.all(np.abs(real) != 58.5)
+    layers = oracle.layer_by_layer(from_onnx(model), values, x)
+    assert [(layer.name, layer.mismatches) for layer in layers if layer.mismatches] == []
+
+
 def test_the_layer_comparison_sees_a_rounding_rule_that_is_not_the_file_s(monkeypatch: pytest.MonkeyPatch) -> None:
     """Average pools rounded half up (hawqc's old rule) differ from the oracle layer by layer."""
     from hawqc.reference import kernels
