@@ -65,12 +65,12 @@ carries ``-z * sum(w)`` in its bias, so its accumulator is exactly ``sum((x - z)
 from __future__ import annotations
 
 import io
-import math
-from fractions import Fraction
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
