@@ -70,7 +70,6 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -154,7 +153,8 @@ def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, q
     attrs.update({k: v for k, v in (("input_zero_point", input_zero_point), ("zero_point", zero_point)) if v})
     offset = np.zeros(b.shape, np.int64) if fraction is None else np.broadcast_to(fraction_offset(fraction, b), b.shape)
     w = np.asarray(s_w, np.float64) if exact_w else np.asarray(np.asarray(s_w, np.float32), np.float64)
-    ratios = list(exact_product(np.float64(np.float32(s_in)), w).ravel() / Fraction(float(np.float32(s_out))))
+    num, den = (exact_product(np.asarray(np.asarray(s, np.float32), np.float64), v) for s, v in ((s_in, w), (s_out, 1.0)))
+    ratios = list(np.broadcast_to(num / den, b.shape).ravel())
     b, offset = exact_requantization(ratios, fraction, b, c, offset, qmin - zero_point, qmax - zero_point)
     consts = {"b": b.astype(np.int32), "c": c}
     if np.any(offset):
