@@ -16,8 +16,9 @@ requantize        dyadic rescale and clip (consts: b, c, scalar or per channel, 
                   attrs: qmin, qmax, input_zero_point, zero_point)
 add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax); with
                   consts ``m`` (int64, a row per input, per channel or scalar) and ``c``: inputs of
-                  different scales, ``requantize(sum((x_i - z_i) * m_i), 1, c)`` rounded once
-                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points, tie_window:
+                  different scales, ``requantize(sum((x_i - z_i) * m_i) + offset, 1, c)`` rounded once
+                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; optional ``offset``, int64 per channel:
+                  the bias fractions of accumulator inputs; attrs: input_zero_points, tie_window:
                   :func:`hawqc.quant.dyadic.tie_window`)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
