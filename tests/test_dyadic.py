@@ -19,6 +19,7 @@ from hawqc.quant.dyadic import (
     high_word_form,
     high_word_shift,
     high_word_sum_form,
+    int32_sum_form,
     pool_multipliers,
     requantize,
     round_shift,
@@ -266,6 +267,34 @@ def test_high_word_sum_form_is_refused_on_ties_and_many_combinations() -> None:
     assert high_word_sum_form([unit + 12345, unit], [0, 0], c, 0, [(-128, 127), (-128, 127)]) is not None
     three = [(-128, 127)] * 3  # 65536 combinations of the first two inputs: not searched
     assert high_word_sum_form([unit + 12345, unit, unit], [0, 0, 0], c, 0, three) is None
+
+
+def test_int32_sum_form_equals_requantize_of_the_sum_and_stays_in_int32() -> None:
+    rng = np.random.default_rng(11)
+    x1, x2 = (v.ravel() for v in np.meshgrid(np.arange(-128, 128), np.arange(0, 256)))
+    found = 0
+    for _ in range(30):
+        scales = [np.float32(rng.uniform(0.01, 0.2)), np.float32(rng.uniform(0.01, 0.2))]
+        (m1, m2), c = aligned_multipliers(scales, np.float32(rng.uniform(0.05, 0.3)), [256, 256])
+        zero_points, zero_point = [int(rng.integers(-5, 6)), int(rng.integers(0, 20))], int(rng.integers(-3, 4))
+        form = int32_sum_form([int(m1), int(m2)], zero_points, c, zero_point, [(-128, 127), (0, 255)], -128, 127)
+        if form is None:
+            continue
+        found += 1
+        (n1, n2), d, k = form.multipliers, form.d, form.shift
+        assert abs(d) + 128 * abs(n1) + 255 * abs(n2) < 2**31
+        expected = requantize((x1 - zero_points[0]) * int(m1) + (x2 - zero_points[1]) * int(m2), 1, c, -128, 127,
+                              zero_point=zero_point)
+        got = np.clip((x1 * n1 + x2 * n2 + d).astype(np.int32) >> k, -128, 127)
+        np.testing.assert_array_equal(got, expected)
+    assert found >= 25
+
+
+def test_int32_sum_form_is_refused_where_half_to_even_ties_occur() -> None:
+    c = 50
+    half, unit = 1 << (c - 1), 1 << c  # odd inputs at half the output's scale land on ties
+    assert int32_sum_form([half, unit], [0, 0], c, 0, [(-128, 127)] * 2, -128, 127) is None
+    assert int32_sum_form([half + 12345, unit], [0, 0], c, 0, [(-128, 127)] * 2, -128, 127) is not None
 
 
 def test_aligned_sum_rounds_exact_ties_of_the_real_sum_half_to_even() -> None:

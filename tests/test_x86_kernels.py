@@ -225,12 +225,17 @@ def test_both_epilogue_forms_are_exact(ties: bool, kernels: str) -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
+@pytest.mark.parametrize("int32", [True, False])
 @pytest.mark.parametrize("ties", [False, True])
-def test_both_aligned_add_forms_are_exact(ties: bool) -> None:
-    """An Add of two 8-bit tensors of different scales in the cheaper high-word form where no pair of inputs
-    lands on a rounding tie, in the full form where one can (an input scale half the output's)."""
+def test_every_aligned_add_form_is_exact(ties: bool, int32: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Add of two 8-bit tensors of different scales in int32 (one shift), or where no int32 form exists (here
+    forced) in the high-word form; where a pair of inputs lands on a rounding tie (an input scale half the
+    output's: half to even is no floor of a linear form) in the full form. Each equal to the reference."""
+    from hawqc.frontend import integer_graph
     from hawqc.reference.graph import AddInput, aligned_add_op
 
+    if not int32:
+        monkeypatch.setattr(integer_graph, "int32_sum_form", lambda *args, **kwargs: None)
     s_in, s_out = np.float32(0.1), np.float32(0.13)
     s_half = np.float32(s_out / 2) if ties else np.float32(0.0371)
     ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127}, {"scale": np.array(s_in)}),
@@ -239,7 +244,9 @@ def test_both_aligned_add_forms_are_exact(ties: bool) -> None:
            IntOp("dequantize", ["sum"], "output", {}, {"scale": np.array(s_out)})]
     graph = IntegerGraph("input", "output", ops)
     _, built = _build(_lower(graph, (2, 8, 9, 9), TARGET, "vnni"), TARGET, "vnni")
-    assert any("bitwise_and" in gv.name_hint for gv in built.functions) == ties  # half-to-even's parity bit
+    add = next(gv.name_hint for gv in built.functions if "multiply" in gv.name_hint)
+    form = "int32" if add.count("right_shift") == 1 else "full" if "bitwise_and" in add else "high word"
+    assert form == ("full" if ties else "int32" if int32 else "high word")
     x = np.random.default_rng(6).standard_normal((2, 8, 9, 9)).astype(np.float32) * 8
     module = compile_graph(graph, x.shape, TARGET, kernels="vnni")
     np.testing.assert_array_equal(module(x), graph.run(x))
@@ -299,3 +306,41 @@ def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:
     for batch in (1, 3) if shape[0] is None else (shape[0],):
         x = np.random.default_rng(batch).standard_normal((batch, *shape[1:])).astype(np.float32) * 4
         np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+def test_int8_activations_read_by_convs_are_stored_unsigned() -> None:
+    """ONNX Runtime's int8 activations (a zero point of -128 after a ReLU): a conv's output read by a 1x1 conv
+    and a residual Add, the Add's max-pooled output read by another 1x1 conv, are produced 128 higher as uint8,
+    so no 1x1 kernel copies its input; a tensor something else reads (the clip) stays int8. Bit-exact."""
+    from hawqc.frontend.unsigned import unsigned_activations
+    from hawqc.reference.graph import AddInput, aligned_add_op, rescale_op
+
+    rng = np.random.default_rng(3)
+
+    def conv(src: str, dst: str, cin: int, cout: int, k: int, pad_value: int) -> IntOp:
+        w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+        bias = (-pad_value * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+        return IntOp("conv2d", [src], dst, {"stride": [1, 1], "padding": [k // 2] * 4, "dilation": [1, 1],
+                                            "groups": 1, "pad_value": pad_value}, {"weight": w, "bias": bias})
+
+    s = [np.float32(v) for v in (0.05, 0.004, 0.07, 0.09, 0.11, 0.06)]
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127, "zero_point": -2}, {"scale": np.array(s[0])}),
+           conv("q", "a1", 8, 16, 3, -2), rescale_op("a1", "r1", s[0], s[1], s[2], -128, 127, zero_point=-128),
+           conv("r1", "a2", 16, 16, 1, -128), rescale_op("a2", "r2", s[2], s[1], s[3], -128, 127, zero_point=-5),
+           aligned_add_op([AddInput("r2", s[3], -5, 133), AddInput("r1", s[2], -128, 256)], "sum", s[4], -128, 127, -128),
+           IntOp("maxpool", ["sum"], "pooled", {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0]}),
+           conv("pooled", "a3", 16, 16, 1, -128), rescale_op("a3", "r3", s[4], s[1], s[5], -128, 127, zero_point=3),
+           IntOp("clip", ["r3"], "clipped", {"qmin": -100, "qmax": 120}),
+           conv("clipped", "a4", 16, 16, 1, 3), rescale_op("a4", "r4", s[5], s[1], s[5], -128, 127, zero_point=3),
+           IntOp("dequantize", ["r4"], "output", {"zero_point": 3}, {"scale": np.array(s[5])})]
+    graph = IntegerGraph("input", "output", ops)
+    ranges = {op.output: (op.attrs["qmin"], op.attrs["qmax"]) for op in unsigned_activations(graph).ops
+              if "qmin" in op.attrs}
+    assert all(ranges[t] == (0, 255) for t in ("q", "r1", "sum")) and ranges["r3"] == (-128, 127)
+    lowered = _lower(graph, (2, 8, 10, 10), TARGET, "vnni")
+    convs = [f for gv, f in lowered.functions.items() if "conv2d" in gv.name_hint]
+    copies = sum('T.sblock("pad")' in f.script() for f in convs)
+    assert len(convs) == 4 and copies == 2  # the 3x3 conv (padding) and the 1x1 conv reading the clip (int8)
+    x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32) * 3
+    module = compile_graph(graph, x.shape, TARGET, kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import ShiftOps, high_word_shift, high_word_sum_form, round_shift, rounding_bias
+from hawqc.quant.dyadic import ShiftOps, high_word_shift, high_word_sum_form, int32_sum_form, round_shift, rounding_bias
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_padding, pool_rescale
 
 
@@ -310,7 +310,7 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm.relax import op as R
 
     a = op.attrs
-    if "m" in op.consts and (cheaper := _high_word_add(ctx, ins, op)) is not None:
+    if "m" in op.consts and (cheaper := _cheaper_add(ctx, ins, op)) is not None:
         return cheaper
     if "m" in op.consts:  # inputs of different scales on a common fine grid, rounded once
         zero_points = a.get("input_zero_points", [0] * len(ins))
@@ -335,9 +335,10 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     return R.astype(total, ctx.storage(a["qmin"], a["qmax"]))
 
 
-def _high_word_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
-    """The aligned Add in the cheaper, equal form of :func:`hawqc.quant.dyadic.high_word_sum_form`
-    (inputs of 8 bits, per-tensor multipliers), or None where that form is not exact."""
+def _cheaper_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
+    """The aligned Add of 8-bit inputs (per-tensor multipliers) in int32 (:func:`hawqc.quant.dyadic.int32_sum_form`:
+    half the work of int64 lanes) or else in the high-word form (:func:`hawqc.quant.dyadic.high_word_sum_form`),
+    each equal to the exact rule on every combination of inputs; None where neither is."""
     from tvm import relax
     from tvm.relax import op as R
 
@@ -347,15 +348,20 @@ def _high_word_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         return None
     multipliers = [int(v) for v in m]
     ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
-    d = high_word_sum_form(multipliers, a.get("input_zero_points", [0] * len(ins)), c, a.get("zero_point", 0),
-                           ranges, a.get("tie_window", 0))
-    if d is None:
+    zero_points, zero_point, window = a.get("input_zero_points", [0] * len(ins)), a.get("zero_point", 0), a.get("tie_window", 0)
+    if (form := int32_sum_form(multipliers, zero_points, c, zero_point, ranges, a["qmin"], a["qmax"], window)) is not None:
+        total = _const(form.d, "int32")
+        for x, mult in zip(ins, form.multipliers):
+            total = R.add(total, R.multiply(R.astype(x, "int32"), _const(mult, "int32")))
+        high = R.right_shift(total, _const(form.shift, "int32"))
+    elif (d := high_word_sum_form(multipliers, zero_points, c, zero_point, ranges, window)) is not None:
+        total = _const(d, "int64")
+        for x, mult in zip(ins, multipliers):
+            total = R.add(total, R.multiply(R.astype(x, "int64"), _const(mult, "int64")))
+        high = high_word_shift(total, _const(c - 32, "int32"), lambda v: R.astype(v, "int32"), R.right_shift,
+                               _const(32, "int64"))
+    else:
         return None
-    total = _const(d, "int64")
-    for x, mult in zip(ins, multipliers):
-        total = R.add(total, R.multiply(R.astype(x, "int64"), _const(mult, "int64")))
-    high = high_word_shift(total, _const(c - 32, "int32"), lambda v: R.astype(v, "int32"), R.right_shift,
-                           _const(32, "int64"))
     clipped = R.clip(high, relax.prim_value(a["qmin"]), relax.prim_value(a["qmax"]))
     return R.astype(clipped, ctx.storage(a["qmin"], a["qmax"]))
 

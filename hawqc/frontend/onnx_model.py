@@ -92,8 +92,10 @@ def _scalar_dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray 
     return np.asarray((np.float32(np.asarray(x).reshape(())) - np.float32(zp.reshape(()))) * scale, np.float32)
 
 
-def static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) -> dict[str, list[int]]:
-    """Fully known tensor shapes, by ONNX shape inference over ``nodes`` with ``inits`` as constants."""
+def static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray],
+                  open_batch: bool = False) -> dict[str, list[int]]:
+    """Fully known tensor shapes, by ONNX shape inference over ``nodes`` with ``inits`` as constants; with
+    ``open_batch`` also those whose only unknown is the first dimension (``None``)."""
     import onnx
     from onnx import numpy_helper
 
@@ -107,7 +109,7 @@ def static_shapes(model: Any, nodes: list[Any], inits: dict[str, np.ndarray]) ->
     shapes = {}
     for v in [*inferred.graph.value_info, *inferred.graph.input]:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        if v.type.tensor_type.HasField("shape") and None not in dims:
+        if v.type.tensor_type.HasField("shape") and dims and None not in dims[int(open_batch):]:
             shapes[v.name] = dims
     return shapes
 

@@ -43,7 +43,7 @@ from hawqc.frontend.onnx_model import (
     static_shapes,
     with_input_shape,
 )
-from hawqc.quant.dyadic import bias_in_accumulator, dyadic_per_channel, scale_ratio
+from hawqc.quant.dyadic import bias_in_accumulator, scale_ratio
 from hawqc.quant.thresholds import activation_thresholds
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import (
@@ -52,9 +52,13 @@ from hawqc.reference.graph import (
     IntOp,
     accumulator_bound,
     accumulator_grid_bits,
+    affine_op,
     aligned_add_ops,
+    batch_norm_affine,
     ceil_mode_padding,
+    lut_op,
     pool_consts,
+    product_op,
     rescale_op,
 )
 
@@ -138,6 +142,8 @@ class _Reader:
     inits: dict[str, np.ndarray] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     """Static tensor shapes from ONNX shape inference (after constants are folded)."""
+    open_shapes: dict[str, list[int | None]] = field(default_factory=dict)
+    """Shapes whose only unknown is the batch (``None``), for operators that need the others only."""
     input: str = ""
     trace: dict[str, Any] = field(default_factory=dict)
     """The integer graph read so far run on zeros, for shapes that shape inference leaves open."""
@@ -577,11 +583,7 @@ class _Reader:
 
     def product(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         a, b = pending.parts
-        bb, c = dyadic_per_channel(scale_ratio(a.scale, b.scale, scale))
-        attrs = {"qmin": lo, "qmax": hi}
-        attrs.update({k: v for k, v in (("a_zero_point", a.zero_point), ("b_zero_point", b.zero_point),
-                                         ("zero_point", zp)) if v})
-        self.emit("mul", [a.name, b.name], out, attrs, {"b": bb, "c": c})
+        self.ops.append(product_op(a.name, b.name, out, a.scale, b.scale, scale, lo, hi, a.zero_point, b.zero_point, zp))
 
     def lut(self, pending: _Pending, out: str, scale: Any, zp: int, lo: int, hi: int) -> None:
         """An element-wise function quantized: a table over an integer input's range, or over a conv's
@@ -596,11 +598,8 @@ class _Reader:
             self.emit("threshold", [src.name], out, {"qmin": lo, "qmax": hi},
                       {"base": t.base, "up": t.up, "down": t.down})
             return
-        q = np.arange(src.qmin, src.qmax + 1, dtype=np.int64)
-        real = (q - src.zero_point).astype(np.float64) * np.float64(src.scale)  # the exact input grid
-        y = np.asarray(pending.attrs["fn"](real), dtype=np.float64)
-        table = np.clip(np.rint(y / np.float64(scale)) + zp, lo, hi).astype(np.int32)
-        self.emit("lut", [src.name], out, {"offset": src.qmin}, {"table": table})
+        self.ops.append(lut_op(src.name, out, pending.attrs["fn"], (src.qmin, src.qmax), src.scale, scale, lo, hi,
+                               src.zero_point, zp))
 
     def pad(self, node: Any) -> None:
         """Constant Pad of the spatial dimensions of an integer tensor (the value on its grid; zeros also on a
@@ -627,6 +626,11 @@ class _Reader:
         if shape is None:
             self.fail(node, f"needs the static shape of {name!r}: give the input shape (--input-shape)")
         return list(shape)
+
+    def batch_open_shape(self, node: Any, name: str) -> list[int | None]:
+        """The shape of tensor ``name`` whose batch may be open (``None``, from ONNX shape inference); else as
+        :meth:`shape_of` finds it."""
+        return list(self.open_shapes[name]) if name in self.open_shapes else self.shape_of(node, name)
 
     def traced_shape(self, name: str) -> list[int]:
         """The shape of integer tensor ``name``, from the graph read so far run on zeros."""
@@ -823,9 +827,8 @@ class _Reader:
         params = [self.float_const(i) for i in node.input[1:5]]
         if any(p is None for p in params):
             self.fail(node, "needs constant scale, bias, mean and variance")
-        gamma, beta, mean, var = params
-        gain = gamma / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
-        self.values[node.output[0]] = self.affine(node, src, gain, beta - mean * gain, node.output[0])
+        gain, offset = batch_norm_affine(*params, _attr(node, "epsilon", 1e-5))
+        self.values[node.output[0]] = self.affine(node, src, gain, offset, node.output[0])
 
     def affine(self, node: Any, value: Any, gain: np.ndarray, offset: np.ndarray, out: str,
                tensor: str | None = None) -> _Acc | _Pending:
@@ -835,30 +838,26 @@ class _Reader:
         leaves it), where ``offset / (S * |gain|) = whole + fraction`` and the fraction is carried below the
         grid like a conv bias's (:func:`bias_in_accumulator`); on a channel concatenation, each part with
         its channels' constants."""
-        magnitude = np.where(gain == 0, 1.0, np.abs(gain)).astype(np.float64)
-        sign = np.sign(gain).astype(np.int32)
         if isinstance(value, _Pending) and value.kind == "concat" and value.attrs.get("axis", 1) == 1:
             bounds = np.cumsum([0] + [self.traced_shape(p.name)[1] for p in value.parts])
             parts = [self.affine(node, p, gain[a:b], offset[a:b], f"{out}:part{j}")
                      for j, (p, a, b) in enumerate(zip(value.parts, bounds, bounds[1:]))]
             return _Pending("concat", parts, value.lo, value.hi, dict(value.attrs))
-        attrs: dict[str, Any] = {}
         if isinstance(value, _Acc):
             if np.isfinite(value.lo) or np.isfinite(value.hi):
                 self.unquantized(node, "applies to a clipped accumulator that no QuantizeLinear rounded")
-            name, s_in, s_w, reach = value.name, value.s_in, np.asarray(value.s_w, np.float64) * magnitude, 0
-            below = 0.0 if value.fraction is None else value.fraction * sign
+            name, s_in, s_w, reach, zp = value.name, value.s_in, value.s_w, 0, 0
+            below = 0.0 if value.fraction is None else value.fraction * np.sign(gain)
         else:
             src = self.view(node, value, tensor=tensor)
-            name, s_in, s_w, below = src.name, np.float32(src.scale), magnitude, 0.0
+            name, s_in, s_w, below, zp = src.name, np.float32(src.scale), 1.0, 0.0, src.zero_point
             reach = max(abs(src.qmin - src.zero_point), abs(src.qmax - src.zero_point))
-            attrs = {"input_zero_point": src.zero_point} if src.zero_point else {}
-        units = offset / (np.float64(s_in) * s_w)
-        whole = np.rint(units)
-        if reach + np.abs(whole).max() > INT32_MAX:
-            self.fail(node, "its constant offset does not fit the int32 accumulator at this scale")
-        self.emit("affine", [name], out, attrs, {"multiplier": sign, "bias": whole.astype(np.int32)})
-        return _Acc(out, s_in, s_w, fraction=units - whole + below, exact_w=True)
+        try:
+            op, s_w, fraction = affine_op(name, out, gain, offset, s_in, s_w, reach, zp)
+        except ValueError as err:
+            self.fail(node, str(err))
+        self.ops.append(op)
+        return _Acc(out, s_in, s_w, fraction=fraction + below, exact_w=True)
 
     # ---- operators left in float --------------------------------------------------------------
     def computes_in_float(self, node: Any) -> bool:
@@ -934,10 +933,11 @@ class _Reader:
     def resize(self, node: Any) -> None:
         """Resize of H, W: nearest is a gather (the same grid); linear a weighted sum with exact integer
         weights, an accumulator on a grid ``denominator`` times finer, rescaled at the QuantizeLinear."""
-        from hawqc.frontend.resize import resize_taps
+        from hawqc.frontend.resize import resize_consts
 
         src = self.view(node, self.values.get(node.input[0]))
-        (n, c, h, w), out_shape = self.shape_of(node, node.input[0]), self.output_shape(node)
+        (n, c, h, w), out = self.batch_open_shape(node, node.input[0]), node.output[0]
+        out_shape = self.open_shapes[out] if out in self.open_shapes else self.output_shape(node)
         if out_shape[:2] != [n, c]:
             self.fail(node, "only resizing of H and W is supported")
         scales = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -947,21 +947,19 @@ class _Reader:
         if mode not in ("nearest", "linear") or attrs.get("antialias", 0):
             self.fail(node, f"Resize mode {mode!r} has no integer lowering (nearest and linear have)")
         try:
-            taps = [resize_taps(size, new, None if scales is None or not scales.size else float(scales[axis]), mode,
-                                attrs.get("coordinate_transformation_mode", "half_pixel"),
-                                attrs.get("nearest_mode", "round_prefer_floor"))
-                    for axis, size, new in ((2, h, out_shape[2]), (3, w, out_shape[3]))]
+            consts, denominator = resize_consts(
+                (h, w), (out_shape[2], out_shape[3]),
+                None if scales is None or not scales.size else (float(scales[2]), float(scales[3])), mode,
+                attrs.get("coordinate_transformation_mode", "half_pixel"), attrs.get("nearest_mode", "round_prefer_floor"))
         except ValueError as err:
             self.fail(node, str(err))
-        (iy, wy, dy), (ix, wx, dx) = taps
-        out = node.output[0]
         if mode == "nearest":
             self.moved(node, src, out, "resize", {})
-            self.ops[-1].consts.update(iy=iy, ix=ix)
+            self.ops[-1].consts.update(consts)
             return
         attrs_out = {"input_zero_point": src.zero_point} if src.zero_point else {}
-        self.emit("resize", [src.name], out, attrs_out, {"iy": iy, "ix": ix, "wy": wy, "wx": wx})
-        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(1.0 / (dy * dx), np.float64), exact_w=True)
+        self.emit("resize", [src.name], out, attrs_out, consts)
+        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(1.0 / denominator, np.float64), exact_w=True)
 
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul,
@@ -1138,12 +1136,15 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
         raise ValueError("the ONNX model must have exactly one input and one output")
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     nodes = fold_constants(model, inits)
-    shapes = static_shapes(model, nodes, inits)
+    inferred = static_shapes(model, nodes, inits, open_batch=True)
+    shapes = {k: v for k, v in inferred.items() if None not in v}
+    open_shapes = {k: v for k, v in inferred.items() if k not in shapes}
     producers = {o: n.name or n.output[0] for n in nodes for o in n.output}
     op_types = {n.name or n.output[0]: n.op_type for n in nodes}
     in_float: set[str] = set()
     while True:  # each reading computes in float the nodes the one before found reading unrounded tensors
-        reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), in_float=in_float, producers=producers)
+        reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), open_shapes=open_shapes, in_float=in_float,
+                         producers=producers)
         refused = _read_nodes(reader, nodes, float_regions)
         if not refused:
             break

@@ -67,3 +67,14 @@ def resize_taps(size: int, new: int, scale: float | None, mode: str, transform: 
     index = np.array([low, [min(lo + 1, size - 1) for lo in low]], dtype=np.int32)
     weights = np.array([[denominator - u for u in upper], upper], dtype=np.int32)
     return index, weights, denominator
+
+
+def resize_consts(size: tuple[int, int], new: tuple[int, int], scales: tuple[float, float] | None, mode: str,
+                  transform: str, nearest_mode: str = "round_prefer_floor") -> tuple[dict[str, np.ndarray], int]:
+    """The consts of a ``resize`` op of H, W from ``size`` to ``new`` (``scales``: the float32 factors a model
+    gives, None where it gives sizes): ``iy``, ``ix`` and for linear ``wy``, ``wx``; and the denominator
+    ``D_h * D_w`` its weighted sums carry (1 for nearest)."""
+    (iy, wy, dy), (ix, wx, dx) = (resize_taps(n, m, None if scales is None else scales[k], mode, transform, nearest_mode)
+                                  for k, (n, m) in enumerate(zip(size, new)))
+    consts = {"iy": iy, "ix": ix} if mode == "nearest" else {"iy": iy, "ix": ix, "wy": wy, "wx": wx}
+    return consts, dy * dx

@@ -40,8 +40,11 @@ class LRASPP(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = self.backbone[: LOW + 1](x)
-        high = self.backbone[LOW + 1:](low)
+        high = x
+        for i, stage in enumerate(self.backbone):  # the backbone's own modules, so that torch.fx traces them
+            high = stage(high)
+            if i == LOW:
+                low = high
         return F.interpolate(self.classifier(low, high), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 

@@ -162,7 +162,7 @@ def blocks(qmodel: QuantModel) -> list[Block]:
     nodes = qmodel.nodes
     last_use = {n.name: i for i, n in enumerate(nodes)}
     for i, node in enumerate(nodes):
-        for name in node.inputs:
+        for name in node.reads():
             last_use[name] = i
     cuts = [i for i, node in enumerate(nodes)
             if node.kind != "output" and all(last_use[n.name] <= i or n is node for n in nodes[:i + 1])]

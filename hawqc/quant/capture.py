@@ -8,14 +8,18 @@ module's own weight (as "same"-padding subclasses do); zero padding (``nn.ZeroPa
 A mean over H and W is a global average pool (and a flatten without ``keepdim``); an adaptive average
 pool to a larger size is an average pool whose window the input's size fixes; ``x.chunk(k, 1)``
 gives channel slices and ``x.unflatten(1, (g, -1)).transpose(1, 2).flatten(1, 2)`` is a channel
-shuffle (ShuffleNet).
+shuffle (ShuffleNet). Sigmoid, HardSigmoid, SiLU and HardSwish are activations of their own, a
+product of two tensors a ``mul`` (squeeze-excite gates), a BatchNorm2d that follows no conv (DenseNet)
+a ``bn`` (a per-channel affine map), ``F.interpolate(mode="bilinear")`` a resize.
 Shape values (``x.size(0)``, ``x.shape[0]``) are not tensors: they may only serve a reshape to
-``(batch, -1)``, which is a flatten. Everything else the tracer finds must be one of the supported
-operations, or capture fails with one error that names the operation and where it is.
+``(batch, -1)``, which is a flatten, or give an interpolation its size (``t.shape[-2:]``). Everything
+else the tracer finds must be one of the supported operations, or capture fails with one error that
+names the operation and where it is.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -26,11 +30,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from hawqc.quant.activations import activation_kind
+
 _RELU = {F.relu, torch.relu, torch.relu_}
 _CONV = {F.conv2d, torch.conv2d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _RESHAPE_METHODS = ("view", "reshape")
 _ADD = {operator.add, operator.iadd, torch.add}
+_MUL = {operator.mul, operator.imul, torch.mul}
 _PASS_MODULES = (nn.Dropout, nn.Identity)
 
 
@@ -41,10 +48,11 @@ class Node:
     name: str
     kind: str
     """input, conv, dense, add, concat, maxpool, avgpool, gap, flatten, relu, slice (a ``chunk`` part),
-    shuffle or output."""
+    shuffle, act (``attrs["fn"]``: a key of ``ACTIVATIONS``), mul (of two tensors), bn (a BatchNorm2d no
+    conv absorbed), resize (bilinear) or output."""
     inputs: list[str]
     layer: str | None = None
-    """For conv/dense: the module name of the Conv2d/Linear in the source model."""
+    """For conv/dense: the module name of the Conv2d/Linear in the source model; for bn: of the BatchNorm2d."""
     bn: str | None = None
     """For conv: the module name of the folded BatchNorm2d."""
     relu: bool = False
@@ -52,6 +60,10 @@ class Node:
     relu_max: float | None = None
     """The upper bound of the fused ReLU (of a relu node: its own), 6.0 for ReLU6; None: unbounded."""
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    def reads(self) -> list[str]:
+        """The nodes whose values this one needs: its inputs, and for a resize to another tensor's size that tensor."""
+        return self.inputs + ([self.attrs["size_of"]] if "size_of" in self.attrs else [])
 
 
 def capture(model: nn.Module) -> list[Node]:
@@ -150,9 +162,43 @@ def capture(model: nn.Module) -> list[Node]:
             if kwargs.get("dim", 0) != 1:
                 raise ValueError(f"{n.name}: only channel concatenation (dim=1) is supported")
             nodes.append(Node(n.name, "concat", [src(a) for a in kwargs["tensors"]]))
+        elif (act := activation_kind(n, module)) is not None:
+            nodes.append(Node(n.name, "act", [src(n.args[0])], attrs={"fn": act}))
+        elif n.op == "call_function" and n.target in _MUL and len(n.args) == 2 and all(
+                isinstance(a, torch.fx.Node) for a in n.args):
+            nodes.append(Node(n.name, "mul", [src(a) for a in n.args]))
+        elif isinstance(module, nn.BatchNorm2d):  # one no conv absorbed (DenseNet's pre-activation)
+            node = Node(n.name, "bn", [src(n.args[0])], layer=n.target)
+            fuse_relu(node, n)
+            nodes.append(node)
+        elif n.op == "call_function" and n.target is F.interpolate:
+            x, attrs = _resize_attrs(n, src)
+            nodes.append(Node(n.name, "resize", [x], attrs=attrs))
         else:
             nodes.append(_pool_or_flatten(gm, n, module, src))
     return nodes
+
+
+def _resize_attrs(n: torch.fx.Node, src: Any) -> tuple[str, dict[str, Any]]:
+    """The input and attrs of ``F.interpolate`` (bilinear): ``align_corners`` and the output size, as numbers
+    (``size``), factors (``scale_factor``) or the H, W of another tensor (``size_of``: ``t.shape[-2:]``)."""
+    call = inspect.signature(F.interpolate).bind(*n.args, **n.kwargs).arguments
+    if call.get("mode", "nearest") != "bilinear" or call.get("antialias") or call.get("recompute_scale_factor"):
+        raise ValueError(f"{n.name}: only bilinear interpolation (F.interpolate(mode='bilinear')) is supported")
+    attrs: dict[str, Any] = {"align_corners": bool(call.get("align_corners"))}
+    size, factor = call.get("size"), call.get("scale_factor")
+    if isinstance(size, torch.fx.Node):
+        shape = size.args[0] if size.target is operator.getitem and size.args[1] == slice(-2, None) else None
+        owner = shape.args[0] if isinstance(shape, torch.fx.Node) and (
+            _is_method(shape, "size") and len(shape.args) == 1 or shape.target is getattr) else None
+        if not isinstance(owner, torch.fx.Node):
+            raise ValueError(f"{n.name}: interpolate to a size that is numbers or another tensor's shape[-2:]")
+        attrs["size_of"] = src(owner)
+    elif size is not None:
+        attrs["size"] = _pair(size)
+    else:
+        attrs["scale_factor"] = [float(f) for f in (factor if isinstance(factor, (tuple, list)) else (factor, factor))]
+    return src(call["input"]), attrs
 
 
 def _is_method(n: torch.fx.Node, name: str) -> bool:
@@ -300,7 +346,8 @@ def _pool_or_flatten(gm: torch.fx.GraphModule, n: torch.fx.Node, module: nn.Modu
         what = f"{type(module).__name__} module" if module is not None else f"{n.op} {getattr(n.target, '__name__', n.target)}"
         where = n.target if module is not None else n.name
         raise ValueError(f"unsupported operation {what} at {where!r}; hawqc quantizes conv (with zero padding), "
-                         "linear, add, cat, max/avg/global-avg pool, flatten or reshape(batch, -1), relu and relu6")
+                         "linear, add, mul, cat, max/avg/global-avg pool, flatten or reshape(batch, -1), BatchNorm2d, bilinear "
+                         "interpolate, relu, relu6, sigmoid, hardsigmoid, silu and hardswish")
     attrs = _pool_attrs(n.name, kind, args)
     return Node(n.name, "avgpool" if "output_size" in attrs else kind, [src(n.args[0])], attrs=attrs)
 

@@ -40,6 +40,7 @@ Requantization ``requantize(acc, b, c, qmin, qmax)``
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -401,6 +402,52 @@ def high_word_sum_form(multipliers: list[int], zero_points: list[int], c: int, z
     return d
 
 
+@dataclass(frozen=True)
+class Int32Sum:
+    """An aligned Add computed in int32: ``clip((sum_i x_i * multipliers[i] + d) >> shift)``, every partial
+    sum within int32 (see :func:`int32_sum_form`)."""
+
+    multipliers: tuple[int, ...]
+    d: int
+    shift: int
+
+
+def int32_sum_form(multipliers: list[int], zero_points: list[int], c: int, zero_point: int,
+                   ranges: list[tuple[int, int]], qmin: int, qmax: int, tie_window: int = 0,
+                   max_combinations: int = 1 << 17) -> Int32Sum | None:
+    """The aligned Add of :func:`requantize` ``(sum_i (x_i - z_i) * m_i, 1, c, tie_window=tie_window)`` (output
+    ``zero_point``, clipped to ``[qmin, qmax]``) as an :class:`Int32Sum`, found by enumeration: every combination
+    of inputs in ``ranges`` (at most ``max_combinations``: two 8-bit inputs) gives the same number, ties and
+    clipping included. For the largest shifts whose terms fit int32 it tries each multiplier rounded down and up
+    to that grid; the offsets ``d`` that make every combination land in its output step form an interval, and
+    one in it is taken. None where no shift within 4 of the largest works (then the int64 forms serve)."""
+    if math.prod(hi - lo + 1 for lo, hi in ranges) > max_combinations:
+        return None
+    grids = np.meshgrid(*(np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in ranges), indexing="ij")
+    xs = [g.ravel() for g in grids]
+    total = sum((x.astype(object) - z) * int(m) for x, z, m in zip(xs, zero_points, multipliers))  # exact integers
+    rounded = round_shift(total, c, int(rounding_bias(c, tie_window)), tie_window=tie_window)
+    y = np.clip(rounded + zero_point, qmin, qmax).astype(np.int64)
+    reach = [max(abs(lo), abs(hi)) for lo, hi in ranges]
+
+    def bound(k: int) -> int:  # of every partial sum, with the offset the zero points and rounding need
+        return (abs(zero_point) + 1 << k) + sum((r + abs(z)) * ((m >> (c - k)) + 1)
+                                                for r, z, m in zip(reach, zero_points, multipliers))
+    k_top = max((k for k in range(1, min(c, 30) + 1) if bound(k) < 2**31), default=0)
+    for k in range(k_top, max(k_top - 4, 0), -1):
+        choices = [(m >> (c - k), (m >> (c - k)) + 1) for m in multipliers]
+        for ms in itertools.product(*choices):
+            s = sum(x * np.int64(m) for x, m in zip(xs, ms))
+            low = np.where(y > qmin, (y << k) - s, np.iinfo(np.int64).min).max()
+            high = np.where(y < qmax, ((y + 1) << k) - 1 - s, np.iinfo(np.int64).max).min()
+            if low > high:
+                continue
+            d = int(np.clip(-(int(s.min()) + int(s.max())) // 2, low, high))
+            if abs(d) + sum(r * abs(m) for r, m in zip(reach, ms)) < 2**31:
+                return Int32Sum(tuple(int(m) for m in ms), d, k)
+    return None
+
+
 def high_word_shift(v: Any, s: Any, to_int32: Callable[[Any], Any],
                     right_shift: Callable[[Any, Any], Any] = operator.rshift, word: Any = 32) -> Any:
     """``v >> (32 + s)`` for an int64 ``v`` and ``s >= 0``: the high 32 bits of ``v`` (``to_int32``
@@ -417,6 +464,17 @@ def bias_in_accumulator(bias: Any, bias_scale: Any, s_in: Any, s_w: Any) -> tupl
     units = np.asarray(bias, dtype=np.int64).astype(np.float64) * np.asarray(bias_scale, np.float64) / (s_in64 * s_w64)
     whole = np.rint(units)
     return whole.astype(np.int64), units - whole
+
+
+def function_table(fn: Callable[[np.ndarray], np.ndarray], in_qmin: int, in_qmax: int, in_scale: Any,
+                   in_zero_point: int, out_scale: Any, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """An element-wise function of an integer tensor quantized: for every input integer in [in_qmin,
+    in_qmax], ``clip(rint(fn(real) / out_scale) + zero_point, qmin, qmax)`` (int32), with ``real`` the exact
+    input value ``(q - in_zero_point) * in_scale`` and ``fn`` evaluated in float64 (a ``lut`` op's table)."""
+    q = np.arange(in_qmin, in_qmax + 1, dtype=np.int64)
+    real = (q - in_zero_point).astype(np.float64) * np.float64(np.float32(in_scale))
+    y = np.asarray(fn(real), dtype=np.float64)
+    return np.clip(np.rint(y / np.float64(np.float32(out_scale))) + zero_point, qmin, qmax).astype(np.int32)
 
 
 def fraction_offset(fraction: Any, b: Any) -> np.ndarray:

@@ -3,7 +3,9 @@
 Every quantized activation is ``QuantizeLinear -> DequantizeLinear`` (zero point 0: int8, or
 int4/uint4 at opset 21); weights are int8/int4 initializers behind a per-channel
 ``DequantizeLinear`` (axis 0); biases are int32 behind a ``DequantizeLinear`` with scale
-``S_in * S_w``. A conv output that the integer graph keeps as an int32 accumulator (it feeds an add
+``S_in * S_w``. Activations are their ONNX operators (SiLU and HardSwish as ``x * Sigmoid(x)``,
+``x * HardSigmoid(x)``), a standalone BatchNorm a ``BatchNormalization`` with float parameters, a bilinear
+resize a ``Resize`` by factors, each between a ``DequantizeLinear`` and a ``QuantizeLinear``. A conv output that the integer graph keeps as an int32 accumulator (it feeds an add
 or a concat) goes to that add/concat unquantized, which is how a QDQ reader recognises it. The
 resolved bit config is stored in the model's metadata (``hawqc.bit_config``).
 """
@@ -21,8 +23,9 @@ from onnx import TensorProto, helper
 
 import hawqc
 from hawqc.fileio import atomic_output
+from hawqc.quant.activations import ACTIVATIONS
 from hawqc.quant.capture import pool_window
-from hawqc.quant.model import QuantModel, moved_ops
+from hawqc.quant.model import QuantModel, moved_ops, resize_scales, resize_transform
 from hawqc.quant.quantizers import ActQuantizer
 from hawqc.reference.graph import IntOp
 
@@ -137,6 +140,22 @@ def to_onnx(qmodel: QuantModel, path: str | os.PathLike[str], example_input: Any
             out = g.node("GlobalAveragePool", ins, name)
         elif kind == "flatten":
             out = g.node("Flatten", ins, name, axis=1)
+        elif kind == "act":
+            activation = ACTIVATIONS[attrs["fn"]]
+            f = g.node(activation.onnx_op, ins, f"{name}.f" if activation.times_input else name, **activation.attrs())
+            out = g.node("Mul", [ins[0], f], name) if activation.times_input else f
+        elif kind == "mul":
+            out = g.node("Mul", ins, name)
+        elif kind == "bn":
+            bn = qmodel.norm(node)
+            params = [g.const(f"{node.layer}.{k}", TensorProto.FLOAT, getattr(bn, k).detach().numpy().astype(np.float32))
+                      for k in ("weight", "bias", "running_mean", "running_var")]
+            out = g.node("BatchNormalization", [ins[0], *params], name, node.layer, epsilon=float(bn.eps))
+        elif kind == "resize":
+            factors = resize_scales(tuple(trace[node.inputs[0]].shape[2:]), tuple(trace[name].shape[2:]))
+            scales = g.const(f"{name}.scales", TensorProto.FLOAT, np.array([1.0, 1.0, *factors], np.float32))
+            out = g.node("Resize", [ins[0], "", scales], name, mode="linear",
+                         coordinate_transformation_mode=resize_transform(attrs["align_corners"]))
         elif kind in ("slice", "shuffle"):
             out = g.moved(moved_ops(node, list(trace[node.inputs[0]].shape)), {node.inputs[0]: ins[0]})
         else:

@@ -9,6 +9,11 @@ Where tensors are quantized (the plan, fixed at construction):
 - max/avg/global-avg pool, flatten and ReLU keep their input's scale;
 - a bounded ReLU (ReLU6) clips at its bound on the integer grid of the tensor it is rounded to,
   ``rint(6 / scale)``: in the requantization of its conv/dense/add, or in its own clip;
+- an activation (sigmoid, hard-sigmoid, SiLU, hard-swish), a product of two tensors (a squeeze-excite
+  gate), a BatchNorm that follows no conv (its running statistics: a per-channel affine map, rounded
+  once with the ReLU after it) and a bilinear resize read quantized tensors and get their own quantizer;
+  the integer graph computes an activation as a table over its input's integers, the others as an
+  int32 product / affine map / exact weighted sum requantized by one dyadic number;
 - an activation's bits are the largest ``a_bits`` of the layers that read it (8 if none), and it is
   unsigned only when it is 4-bit and non-negative (after a ReLU).
 
@@ -19,6 +24,7 @@ gradients); ``"float"`` is the folded float model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +35,8 @@ from torch import nn
 
 from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
+from hawqc.frontend.resize import resize_consts
+from hawqc.quant.activations import ACTIVATIONS
 from hawqc.quant.capture import Node, capture, pool_window
 from hawqc.quant.dyadic import bias_in_accumulator
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
@@ -39,15 +47,21 @@ from hawqc.reference.graph import (
     IntOp,
     accumulator_bound,
     accumulator_grid_bits,
+    affine_op,
     aligned_add_ops,
+    batch_norm_affine,
     execute,
+    lut_op,
     pool_consts,
+    product_op,
     rescale_op,
 )
 
 MODES = ("int", "fake", "float")
 _RESCALING = {"add", "concat", "output"}
 _SCALE_PRESERVING = {"maxpool", "avgpool", "gap", "flatten", "relu", "slice", "shuffle"}
+_OWN_SCALE = {"input", "add", "concat", "act", "mul", "bn", "resize"}
+"""Kinds whose output always gets its own activation quantizer."""
 
 
 def _key(layer: str) -> str:
@@ -70,7 +84,10 @@ class QuantModel(nn.Module):
         self.mode = "int"
         modules = dict(model.named_modules())
         self.layers = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
         for node in self.nodes:
+            if node.kind == "bn":
+                self.norms[_key(node.layer)] = copy.deepcopy(modules[node.layer])
             if node.kind in ("conv", "dense"):
                 w_bits = self.bits[node.layer].w_bits
                 self.layers[_key(node.layer)] = (
@@ -89,10 +106,11 @@ class QuantModel(nn.Module):
         for node in self.nodes:
             ins = node.inputs
             nonneg[node.name] = node.relu or node.kind == "relu" or (
-                node.kind in _SCALE_PRESERVING | {"concat"} and all(nonneg[i] for i in ins))
+                node.kind in _SCALE_PRESERVING | {"concat", "mul", "resize"} and all(nonneg[i] for i in ins)) or (
+                node.kind == "act" and ACTIVATIONS[node.attrs["fn"]].nonneg)
             if node.kind in _SCALE_PRESERVING:
                 self.scale_source[node.name] = self.scale_source[ins[0]]
-            elif node.kind in ("input", "add", "concat") or (
+            elif node.kind in _OWN_SCALE or (
                     node.kind in ("conv", "dense") and node.name not in self.accumulators):
                 a_bits = self._reader_bits(node.name, consumers)
                 self.acts[node.name] = ActQuantizer(a_bits, signed=not (a_bits == 4 and nonneg[node.name]),
@@ -116,6 +134,10 @@ class QuantModel(nn.Module):
     def layer(self, node: Node) -> QuantConv2d | QuantLinear:
         """The quantized layer of a conv/dense node."""
         return self.layers[_key(node.layer)]
+
+    def norm(self, node: Node) -> nn.BatchNorm2d:
+        """The BatchNorm of a bn node (a copy of the source model's)."""
+        return self.norms[_key(node.layer)]
 
     def input_scale(self, node: Node) -> np.float32:
         """The float32 scale of a node's (first) integer input."""
@@ -193,6 +215,17 @@ class QuantModel(nn.Module):
                 y = ins[0].chunk(attrs["parts"], dim=1)[attrs["index"]]
             elif kind == "shuffle":
                 y = ins[0].unflatten(1, (attrs["groups"], -1)).transpose(1, 2).flatten(1, 2)
+            elif kind == "act":
+                y = ACTIVATIONS[attrs["fn"]].torch_fn(ins[0])
+            elif kind == "mul":
+                y = ins[0] * ins[1]
+            elif kind == "bn":
+                bn = self.norm(node)
+                y = F.batch_norm(ins[0], bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            elif kind == "resize":
+                size = values[attrs["size_of"]].shape[2:] if "size_of" in attrs else attrs.get("size")
+                y = F.interpolate(ins[0], size=size, scale_factor=attrs.get("scale_factor"), mode="bilinear",
+                                  align_corners=attrs["align_corners"])
             else:  # relu
                 y = _relu(ins[0], node.relu_max)
             if node.relu:
@@ -276,7 +309,7 @@ class QuantModel(nn.Module):
 
         output = None
         shapes: dict[str, list[int]] = {}
-        if any(node.kind in ("slice", "shuffle") or "output_size" in node.attrs for node in self.nodes):  # from a float run
+        if any(node.kind in ("slice", "shuffle", "resize") or "output_size" in node.attrs for node in self.nodes):  # from a float run
             trace: dict[str, torch.Tensor] = {}
             self._float_forward(torch.zeros(1, *self.input_shape), fake=False, observe=False, trace=trace)
             shapes = {k: list(v.shape) for k, v in trace.items()}
@@ -318,6 +351,8 @@ class QuantModel(nn.Module):
                 for src, part in zip(node.inputs, parts):
                     rescale(src, part, scale, qmin, qmax)
                 ops.append(IntOp(kind, parts, name))
+            elif kind in ("act", "mul", "bn", "resize"):
+                self._own_scale_ops(node, ops, qint, shapes, scale, qmin, qmax)
             elif kind == "output":
                 src = node.inputs[0]
                 out_scale = acc[src][2] if src in acc else np.array(qint[src][0], dtype=np.float32)
@@ -355,6 +390,47 @@ class QuantModel(nn.Module):
         metadata = {"bit_config": {k: v.to_dict() for k, v in self.bits.items()},
                     "input_shape": [None, *self.input_shape]}
         return IntegerGraph("input", output or "output", ops, metadata)
+
+    def _own_scale_ops(self, node: Node, ops: list[IntOp], qint: Mapping[str, tuple[np.float32, int, int]],
+                       shapes: Mapping[str, list[int]], scale: np.float32, qmin: int, qmax: int) -> None:
+        """The integer ops of an activation, product, standalone BatchNorm or resize of quantized tensors,
+        rounded to ``scale`` and [qmin, qmax] (the ops the ONNX reader makes of :func:`~hawqc.quant.export.to_onnx`'s
+        nodes for them)."""
+        name, src = node.name, node.inputs[0]
+        s_in, in_min, in_max = qint[src]
+        if node.kind == "act":
+            ops.append(lut_op(src, name, ACTIVATIONS[node.attrs["fn"]].table_fn(), (in_min, in_max), s_in, scale,
+                              qmin, qmax))
+            return
+        if node.kind == "mul":
+            ops.append(product_op(src, node.inputs[1], name, s_in, qint[node.inputs[1]][0], scale, qmin, qmax))
+            return
+        if node.kind == "bn":
+            bn = self.norm(node)
+            params = (t.detach().cpu().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+            gain, offset = batch_norm_affine(*params, np.float32(bn.eps))
+            op, s_w, fraction = affine_op(src, f"{name}:acc", gain, offset, s_in, 1.0, max(abs(in_min), abs(in_max)))
+        else:  # resize
+            (h, w), (out_h, out_w) = shapes[src][2:], shapes[name][2:]
+            consts, denominator = resize_consts((h, w), (out_h, out_w), resize_scales((h, w), (out_h, out_w)),
+                                                "linear", resize_transform(node.attrs["align_corners"]))
+            op, s_w, fraction = IntOp("resize", [src], f"{name}:acc", {}, consts), np.float64(1.0 / denominator), None
+        ops.extend([op, rescale_op(op.output, name, s_in, s_w, scale, qmin, qmax, fraction=fraction, exact_w=True)])
+
+
+def resize_scales(size: tuple[int, int], new: tuple[int, int]) -> tuple[float, float]:
+    """The float32 H, W factors of a resize from ``size`` to ``new`` that :func:`~hawqc.quant.export.to_onnx`
+    writes (the batch stays open, so the file gives factors, not sizes)."""
+    scales = tuple(float(np.float32(m / n)) for n, m in zip(size, new))
+    if any(int(np.floor(n * np.float32(f))) != m for n, m, f in zip(size, new, scales)):
+        raise ValueError(f"a resize from {size[0]}x{size[1]} to {new[0]}x{new[1]}: its float32 factors do not give "
+                         "that size back; resize by factors whose products with the input size are whole")
+    return scales  # type: ignore[return-value]
+
+
+def resize_transform(align_corners: bool) -> str:
+    """ONNX's coordinate transformation of PyTorch's bilinear interpolation."""
+    return "align_corners" if align_corners else "pytorch_half_pixel"
 
 
 def moved_ops(node: Node, shape: list[int]) -> list[IntOp]:

@@ -143,7 +143,33 @@ def slice_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> tor
     return inputs[0][slices(attrs, inputs[0].ndim)].contiguous()
 
 
+def _per_channel(a: np.ndarray, ndim: int) -> torch.Tensor:
+    t = _t(a, torch.int64)
+    return t.reshape((1, -1) + (1,) * (ndim - 2)) if t.dim() == 1 else t
+
+
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() and (x.min() < -(2**31) or x.max() > 2**31 - 1):
+        raise ValueError("int32 accumulator overflow")
+    return x.to(torch.int32)
+
+
+def affine(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x = inputs[0].to(torch.int64) - attrs.get("input_zero_point", 0)
+    return _int32(x * _per_channel(consts["multiplier"], x.dim()) + _per_channel(consts["bias"], x.dim()))
+
+
+def resize(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Tensor:
+    x, iy, ix = inputs[0], _t(consts["iy"], torch.int64), _t(consts["ix"], torch.int64)
+    if "wy" not in consts:  # nearest
+        return x[:, :, iy[0]][:, :, :, ix[0]]
+    x = x.to(torch.int64) - attrs.get("input_zero_point", 0)
+    wy, wx = _t(consts["wy"], torch.int64), _t(consts["wx"], torch.int64)
+    rows = sum(wy[a][:, None] * x[:, :, iy[a], :] for a in range(len(iy)))
+    return _int32(sum(wx[b] * rows[:, :, :, ix[b]] for b in range(len(ix))))
+
+
 KERNELS = {"quantize": quantize, "conv2d": conv2d, "dense": dense, "requantize": requantize_op, "add": add,
            "concat": concat, "clip": clip, "maxpool": maxpool, "avgpool": avgpool,
            "global_avgpool": global_avgpool, "lut": lut, "mul": mul, "pad": pad, "flatten": flatten, "reshape": reshape,
-           "transpose": transpose, "slice": slice_op, "dequantize": dequantize}
+           "transpose": transpose, "slice": slice_op, "affine": affine, "resize": resize, "dequantize": dequantize}

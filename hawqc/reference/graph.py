@@ -19,7 +19,8 @@ add               elementwise sum of its inputs, + zero_point, clipped (attrs: q
                   different scales, ``requantize(sum((x_i - z_i) * m_i) + offset, 1, c)`` rounded once
                   (:func:`hawqc.quant.dyadic.aligned_multipliers`; optional ``offset``, int64 per channel:
                   the bias fractions of accumulator inputs; attrs: input_zero_points, tie_window:
-                  :func:`hawqc.quant.dyadic.tie_window`)
+                  :func:`hawqc.quant.dyadic.tie_window`, input_bounds: each input's ``|x| + |z|`` where one is
+                  an accumulator)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right], ceil_mode (extra bottom/right
@@ -248,11 +249,63 @@ def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax:
         attrs["zero_point"] = zero_point
     if any(p.zero_point for p in parts):
         attrs["input_zero_points"] = [p.zero_point for p in parts]
+    if any(p.accumulator for p in parts):  # ranges beyond 8 bits: for the uint8 storage pass
+        attrs["input_bounds"] = [int(p.magnitude) for p in parts]
     consts = {"c": np.array(c, np.int32)}
     if constants:
         consts["offset"] = np.broadcast_to(multipliers.pop(), (channels,)).copy()
     consts["m"] = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
     return IntOp("add", [p.name for p in parts], dst, attrs, consts)
+
+
+def lut_op(src: str, dst: str, fn: Any, in_range: tuple[int, int], in_scale: Any, s_out: Any, qmin: int, qmax: int,
+           input_zero_point: int = 0, zero_point: int = 0) -> IntOp:
+    """A ``lut`` of the element-wise function ``fn`` (float64) on an integer tensor of scale ``in_scale`` holding
+    values in ``in_range``, quantized to ``s_out`` (:func:`hawqc.quant.dyadic.function_table`)."""
+    from hawqc.quant.dyadic import function_table
+
+    table = function_table(fn, *in_range, in_scale, input_zero_point, s_out, zero_point, qmin, qmax)
+    return IntOp("lut", [src], dst, {"offset": in_range[0]}, {"table": table})
+
+
+def product_op(a: str, b: str, dst: str, s_a: Any, s_b: Any, s_out: Any, qmin: int, qmax: int,
+               a_zero_point: int = 0, b_zero_point: int = 0, zero_point: int = 0) -> IntOp:
+    """A ``mul`` of two integer tensors rescaled once to ``s_out`` by the dyadic number of ``s_a * s_b / s_out``."""
+    from hawqc.quant.dyadic import dyadic_per_channel, scale_ratio
+
+    bb, c = dyadic_per_channel(scale_ratio(s_a, s_b, s_out))
+    attrs = {"qmin": qmin, "qmax": qmax}
+    attrs.update({k: v for k, v in (("a_zero_point", a_zero_point), ("b_zero_point", b_zero_point),
+                                    ("zero_point", zero_point)) if v})
+    return IntOp("mul", [a, b], dst, attrs, {"b": bb, "c": c})
+
+
+def batch_norm_affine(gamma: Any, beta: Any, mean: Any, var: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(gain, offset)`` per channel (float64) of an inference BatchNormalization with these parameters (as
+    float32 values) and ``epsilon``: ``gain * x + offset``."""
+    gamma, beta, mean, var = (np.asarray(np.asarray(v, np.float32), np.float64) for v in (gamma, beta, mean, var))
+    gain = gamma / np.sqrt(var + float(eps))
+    return gain, beta - mean * gain
+
+
+def affine_op(src: str, dst: str, gain: Any, offset: Any, s_in: Any, s_w: Any, reach: int,
+              input_zero_point: int = 0) -> tuple[IntOp, np.ndarray, np.ndarray]:
+    """``gain * x + offset`` per channel (float64) on an integer tensor or accumulator of scale ``s_in * s_w``
+    (``s_w`` 1 for a tensor; ``|x - input_zero_point| <= reach``) as an ``affine`` op giving an int32
+    accumulator of scale ``s_in * s_w * |gain|``: ``(x - z) * sign(gain) + whole`` where ``offset / (s_in * s_w *
+    |gain|) = whole + fraction``. Returns the op, that accumulator's ``s_w * |gain|`` (exact in float64) and the
+    fraction (carried below its grid like a conv bias's). ``ValueError`` if the offset overflows int32."""
+    gain = np.asarray(gain, np.float64)
+    magnitude = np.where(gain == 0, 1.0, np.abs(gain))
+    s_w = np.asarray(s_w, np.float64) * magnitude
+    units = np.asarray(offset, np.float64) / (np.float64(s_in) * s_w)
+    whole = np.rint(units)
+    if reach + np.abs(whole).max() > 2**31 - 1:
+        raise ValueError("its constant offset does not fit the int32 accumulator at this scale")
+    attrs = {"input_zero_point": input_zero_point} if input_zero_point else {}
+    op = IntOp("affine", [src], dst, attrs, {"multiplier": np.sign(gain).astype(np.int32),
+                                             "bias": whole.astype(np.int32)})
+    return op, s_w, units - whole
 
 
 def ceil_mode_padding(size: Any, kernel: list[int], stride: list[int], padding: list[int]) -> list[int]:

@@ -245,6 +245,7 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
            **kwargs: Any) -> Any:
     """The integer-only Relax module, with the target's conv/dense kernels and layout."""
     from hawqc.frontend.integer_graph import to_relax
+    from hawqc.frontend.unsigned import unsigned_activations
     from hawqc.topi_int4.x86.lowering import X86Kernels, table_lookup
 
     kernels = resolve_kernels(kernels, target)
@@ -254,6 +255,8 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
         return to_relax(graph, input_shape, layout="NHWC", **kwargs)
     x86 = X86Kernels(vnni=kernels.startswith("vnni"), packed_int4=kernels == "vnni-w4")
     lookup = table_lookup if has_feature(target, "avx512vbmi") else None
+    if x86.vnni:
+        graph = unsigned_activations(graph, keep=kwargs.get("outputs") or ())
     return to_relax(graph, input_shape, layout="NHWC", kernels=x86, unsigned_first=x86.vnni, lookup=lookup,
                     **kwargs)
 

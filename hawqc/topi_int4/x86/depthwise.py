@@ -65,12 +65,14 @@ def depthwise_compute(wl: Conv2dWorkload, requant: Requant | None) -> Any:
 
 
 def depthwise(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = False) -> Any:
-    """The scheduled PrimFunc; with ``vnni`` and uint8 activations each step is one ``vpdpbusd``
+    """The scheduled PrimFunc; with ``vnni``, uint8 activations and stride 1 each step is one ``vpdpbusd``
     (:func:`.intrin.depthwise_name`), reading a padded copy of the input (with the widening multiply-add
-    the padding is read in place instead)."""
+    the padding is read in place instead: at stride 2, where the copy is four times the output, measured
+    faster, one thread: 96 channels 112x112 batch 8 1.81 against 2.18 ms; at stride 1 the ``vpdpbusd`` step
+    is: 144 channels 56x56 1.38 against 1.85 ms)."""
     from tvm import s_tir
 
-    dot = vnni and wl.in_dtype == "uint8"
+    dot = vnni and wl.in_dtype == "uint8" and wl.stride == (1, 1)
     sch = s_tir.Schedule(depthwise_compute(wl, requant))
     conv = sch.get_sblock("acc")
     n, y, z, o, ry, rx = sch.get_loops(conv)
