@@ -92,8 +92,13 @@ class Segmenter(nn.Module):
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def prepared(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test builds its nets and inputs from one seed, whatever ran before it in the worker."""
     torch.manual_seed(0)
+
+
+def prepared(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     model = net.eval()
     for m in model.modules():  # BatchNorms that are not the identity
         if isinstance(m, nn.BatchNorm2d):
