@@ -14,6 +14,8 @@ from hawqc.quant.dyadic import (
     bias_in_accumulator,
     dyadic,
     dyadic_per_channel,
+    exact_requantization,
+    fraction_offset,
     high_word_form,
     high_word_shift,
     high_word_sum_form,
@@ -332,3 +334,25 @@ def test_pool_multipliers_round_every_window_sum_exactly_half_to_even(s_in: floa
     for d, mk in zip(np.ravel(divisors), np.ravel(m)):
         got = requantize(sums * int(mk), 1, c, -(2**31), 2**31 - 1, tie_window=window)
         assert got.tolist() == [round(int(x) * ratio / int(d)) for x in sums]  # round(): half to even
+
+
+def test_exact_requantization_rounds_every_accumulator_as_its_real_value() -> None:
+    """Per channel, float32 scales whose 31-bit b rounds some accumulator 1e-8 steps from a boundary the other
+    way (the first channel: acc +-10987 is +-58.49999999 steps, b gives +-59) and random ones with a bias fraction:
+    with the constants of ``exact_requantization`` every accumulator of the output range rounds as
+    ``(acc + fraction) * ratio`` does exactly."""
+    rng = np.random.default_rng(0)
+    s_in, s_out = np.float32(2.0**-3), np.float32(0.16568836569786072)
+    s_w = np.concatenate([[0.007057627663016319], rng.uniform(0.004, 0.009, 5)]).astype(np.float32)
+    fraction = np.concatenate([[0.0], rng.uniform(-0.5, 0.5, 5)])
+    ratios = [Fraction(float(s_in)) * Fraction(float(w)) / Fraction(float(s_out)) for w in s_w]
+    b, c = dyadic_per_channel([float(r) for r in ratios])
+    offset = fraction_offset(fraction, b)
+    acc = np.arange(-17000, 17000)
+    before, after = [], []
+    fixed_b, fixed_offset = exact_requantization(ratios, fraction, b, c, offset, -128, 127)
+    for k, r in enumerate(ratios):
+        exact = np.clip([round((int(a) + Fraction(float(fraction[k]))) * r) for a in acc], -128, 127)
+        before.append(np.count_nonzero(requantize(acc, b[k], c[k], -128, 127, offset=offset[k]) != exact))
+        after.append(np.count_nonzero(requantize(acc, fixed_b[k], c[k], -128, 127, offset=fixed_offset[k]) != exact))
+    assert before[0] == 2 and after == [0] * len(ratios)

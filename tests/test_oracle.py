@@ -184,12 +184,38 @@ def float_island(g: _Graph) -> str:
     return g.q(g.node("Mul", [x, gate], "excite"), 0.0173, zero_point=0)
 
 
+def accumulator_add(g: _Graph) -> str:
+    """hawqc's own residual blocks: a conv's float output added to a quantized shortcut, and two conv outputs
+    added (a downsampling block), each Add rounded once to a scale one float32 ulp below 1/2. Identity convs of
+    an input on a grid of 1/8, one with a bias at a scale one ulp above its accumulator's: the real sums lie
+    within 2^-20 steps above ties (a quarter of the elements), where a conv output first rounded onto a grid
+    2^21 times finer than the Add's (hawqc's old rule) lands on the tie and half of them round down."""
+    c, step = SHAPE[1], np.nextafter(np.float32(0.5), np.float32(0))
+
+    def identity(src: str, name: str, s_in: float, bias: bool) -> str:
+        w = g.node("DequantizeLinear", [g.init(f"{name}.w", np.eye(c, dtype=np.int8).reshape(c, c, 1, 1)),
+                                        g.init(f"{name}.ws", np.ones(c, np.float32))], f"{name}.wdq", axis=0)
+        args = [src, w]
+        if bias:
+            scale = np.full(c, np.nextafter(np.float32(s_in), np.float32(1)), np.float32)
+            args.append(g.node("DequantizeLinear", [g.init(f"{name}.b", np.arange(c, dtype=np.int32) - 1),
+                                                    g.init(f"{name}.bs", scale)], f"{name}.bdq", axis=0))
+        return g.node("Conv", args, name)
+
+    x = g.q("input", 2.0**-3)
+    shortcut = g.q(g.node("Identity", ["input"], "shortcut"), step)
+    block = g.q(g.node("Add", [identity(x, "conv1", 2.0**-3, bias=True), shortcut], "add1"), step)
+    down = g.node("Add", [identity(x, "conv2", 2.0**-3, bias=False), identity(block, "conv3", step, bias=True)], "add2")
+    return g.q(down, step)
+
+
 GRAPHS: dict[str, Callable[[_Graph], str]] = {"conv_relu": conv_relu, "residual_add": residual_add,
                                                  "concat": concat, "avgpool": avgpool, "depthwise": depthwise,
                                                  "batchnorm": batchnorm,
                                                  "per_channel_activation": per_channel_activation,
                                                  "activations": activations, "shared_concat": shared_concat,
-                                                 "pool_ties": pool_ties, "float_island": float_island}
+                                                 "pool_ties": pool_ties, "float_island": float_island,
+                                                 "accumulator_add": accumulator_add}
 
 
 def qdq_model(name: str, unsigned: bool) -> onnx.ModelProto:
@@ -267,6 +293,29 @@ def test_an_accumulator_added_at_4_bits_keeps_a_bias_fraction_of_2_to_the_minus_
     assert [(layer.name, layer.mismatches) for layer in oracle.layer_by_layer(graph, values, x) if layer.mismatches] == []
 
 
+@pytest.mark.parametrize("unsigned", [True, False], ids=["uint8", "int8"])
+def test_a_conv_output_1e_8_steps_from_a_boundary_rounds_as_the_oracle(unsigned: bool) -> None:
+    """A conv requantized by a 31-bit dyadic b is off by up to |value| * 2^-31 steps: with these float32 scales
+    the accumulators +-10987 mean +-58.49999999 steps, and b rounds them to +-59 (hawqc's old rule).
+    ``dyadic.exact_requantization`` moves the multiplier so that both round to +-58, as the oracle does."""
+    g = _Graph(unsigned, seed=0)
+    c = SHAPE[1]
+    x = g.q("input", 2.0**-3)
+    w = np.zeros((c, c, 1, 1), np.int8)
+    w[:, 0], w[:, 1] = 127, 1  # acc = 127 * x0 + x1
+    wdq = g.node("DequantizeLinear", [g.init("w", w), g.init("ws", np.full(c, 0.007057627663016319, np.float32))],
+                 "wdq", axis=0)
+    out = g.q(g.node("Conv", [x, wdq], "conv"), 0.16568836569786072)
+    model = g.model(out)
+    x = images()
+    x[0, :2, 0, 0], x[1, :2, 0, 0] = (87 / 8, -62 / 8), (-87 / 8, 62 / 8)
+    values = oracle.oracle_run(model, x, intermediate=True)
+    real = values["conv"][:, 0, 0, 0] / float(np.float32(0.16568836569786072))
+    assert np.allclose(np.abs(real), 58.5, atol=1e-7) and np.all(np.abs(real) != 58.5)
+    layers = oracle.layer_by_layer(from_onnx(model), values, x)
+    assert [(layer.name, layer.mismatches) for layer in layers if layer.mismatches] == []
+
+
 def test_the_layer_comparison_sees_a_rounding_rule_that_is_not_the_file_s(monkeypatch: pytest.MonkeyPatch) -> None:
     """Average pools rounded half up (hawqc's old rule) differ from the oracle layer by layer."""
     from hawqc.reference import kernels
@@ -304,7 +353,7 @@ def test_pools_on_ties_and_of_concats_of_grids_equal_the_oracle() -> None:
 
 
 @pytest.mark.parametrize("name", ["residual_add", "batchnorm", "per_channel_activation", "activations",
-                                  "pool_ties", "float_island"])
+                                  "pool_ties", "float_island", "accumulator_add"])
 def test_compiled_module_equals_the_oracle(name: str) -> None:
     model = qdq_model(name, unsigned=True)
     module = hawqc.compile_integer_only(model, input_shape=SHAPE)

@@ -187,3 +187,16 @@ def test_a_quantized_pad_value_constant_folds(tmp_path: Path) -> None:
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_array_equal(module(x), module.reference(x))
     assert np.abs(module(x) - expected).max() <= final_scale(onnx.load(path)) * (1 + 1e-4)
+
+
+def test_equal_biases_the_exporter_shares_are_quantized_in_operator_form(tmp_path: Path) -> None:
+    """torch's exporter shares equal initializers through Identity nodes (VGG-16's zero biases); ONNX Runtime's
+    operator-form quantizer finds no initializer for the second conv's bias unless ``export_float`` unshares them."""
+    from third_party_quantizers import quantize_with
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    for conv in (net[0], net[2]):
+        nn.init.zeros_(conv.bias)
+    model = onnx.load(str(quantize_with("ort-qoperator", net, (1, 3, 16, 16), tmp_path)))
+    assert [node.op_type for node in model.graph.node].count("QLinearConv") == 2

@@ -35,6 +35,27 @@ def export_float(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> 
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.randn(shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"])
+    return unshare_initializers(path)
+
+
+def unshare_initializers(path: Path) -> Path:
+    """The ONNX file at ``path`` with every ``Identity`` of an initializer replaced by a copy of it: the exporter
+    shares equal weights that way (VGG-16's zero biases), and ONNX Runtime's operator-form quantizer then finds
+    no initializer for a conv's bias."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shared = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits]
+    if shared:
+        for node in shared:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            graph.node.remove(node)
+        onnx.save(model, str(path))
     return path
 
 

@@ -322,6 +322,8 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         total = ctx.bb.emit(terms[0] if len(terms) == 1 else R.add(terms[0], terms[1]))
         for term in terms[2:]:
             total = ctx.bb.emit(R.add(total, term))
+        if "offset" in op.consts:  # the inputs' bias fractions, on the common grid
+            total = ctx.bb.emit(R.add(total, _channel(ctx, op.consts["offset"], _ndim(ins[0]), "int64")))
         return _requantize(ctx, total, np.array(1), op.consts["c"], a["qmin"], a["qmax"], 0, a.get("zero_point", 0),
                            tie_window=a.get("tie_window", 0))
     total = R.astype(ins[0], "int64")
@@ -342,7 +344,7 @@ def _cheaper_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
     a, m, c = op.attrs, op.consts["m"], int(op.consts["c"])
     dtypes = [str(x.ty.dtype) for x in ins]
-    if m.ndim != 1 or any(d not in ("int8", "uint8") for d in dtypes):
+    if m.ndim != 1 or "offset" in op.consts or any(d not in ("int8", "uint8") for d in dtypes):
         return None
     multipliers = [int(v) for v in m]
     ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]

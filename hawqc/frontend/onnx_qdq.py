@@ -50,9 +50,10 @@ from hawqc.reference.graph import (
     AddInput,
     IntegerGraph,
     IntOp,
+    accumulator_bound,
     accumulator_grid_bits,
     affine_op,
-    aligned_add_op,
+    aligned_add_ops,
     batch_norm_affine,
     ceil_mode_padding,
     lut_op,
@@ -110,6 +111,8 @@ class _Acc:
     """The bias below the accumulator's integer grid, per channel (see ``bias_in_accumulator``)."""
     exact_w: bool = False
     """``s_w`` is exact in float64 (an affine map's gain), not a float32 scale."""
+    bound: int | None = None
+    """The largest ``|acc|`` (a conv's or dense layer's, from its weights and input range)."""
 
 
 @dataclass
@@ -297,16 +300,20 @@ class _Reader:
         self.values[out] = _View(out, scales, qmin, qmax)
 
     def aligned_add(self, node: Any, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
-        """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_op`."""
+        """The real sum of the inputs rounded once: :func:`hawqc.reference.graph.aligned_add_ops`."""
         parts = []
         for j, value in enumerate(pending.parts):
-            if isinstance(value, _Acc):  # requantized (fused into its conv) onto a grid 2^20 (2^24) times finer
+            if isinstance(value, _Acc) and value.bound is not None and (value.lo, value.hi) == (-np.inf, np.inf):
+                parts.append(AddInput(value.name, np.float64(value.s_in) * value.s_w.astype(np.float64), 0, value.bound,
+                                      value.fraction, accumulator=True))  # read as it is
+                continue
+            if isinstance(value, _Acc):  # clipped: requantized (fused into its conv) onto a grid 2^20 (2^24) times finer
                 fine = np.float32(scale / np.float32(2 ** accumulator_grid_bits(lo, hi, zp)))
                 lo_j, hi_j = self.rescale(value, f"{out}:in{j}", fine, INT32_MIN, INT32_MAX)
                 value = _View(f"{out}:in{j}", fine, lo_j, hi_j)
             parts.append(AddInput(value.name, np.float64(value.scale), value.zero_point,
                                   max(abs(value.qmin), abs(value.qmax)) + abs(value.zero_point)))
-        self.ops.append(aligned_add_op(parts, out, scale, lo, hi, zp))
+        self.ops.extend(aligned_add_ops(parts, out, scale, lo, hi, zp))
 
     def pool(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
         """An average pool rescaled straight to the output scale and zero point, exactly
@@ -485,7 +492,8 @@ class _Reader:
             attrs.update(stride=list(_attr(node, "strides", [1, 1])), dilation=list(_attr(node, "dilations", [1, 1])),
                          groups=int(_attr(node, "group", 1)), padding=[pads[0], pads[1], pads[2], pads[3]])
         self.emit("conv2d" if node.op_type == "Conv" else "dense", [x.name], name, attrs, consts)
-        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32), fraction=fraction)
+        self.values[name] = _Acc(name, np.float32(x.scale), w_scale.astype(np.float32), fraction=fraction,
+                                 bound=accumulator_bound(weight, x.qmin, x.qmax, bias))
 
     def relu_or_clip(self, node: Any) -> None:
         src = self.values[node.input[0]]

@@ -81,6 +81,10 @@ def _fits(op: IntOp, shifted: set[str]) -> bool:
     ranges = [(0, 2 * SHIFT - 1) if m else (-SHIFT, SHIFT - 1) for m in moved]
     m, c, a = op.consts["m"], int(op.consts["c"]), op.attrs
     up = SHIFT if op.output in shifted else 0
+    if "input_bounds" in a:  # accumulator inputs: their own bounds, 2 * 128 more for a moved one
+        reach = sum((bound + 2 * SHIFT * moving) * int(np.abs(v).max())
+                    for bound, moving, v in zip(a["input_bounds"], moved, m))
+        return reach + int(np.abs(op.consts.get("offset", 0)).max(initial=0)) + (1 << c) < 2**63
     if m.ndim == 1 and int32_sum_form([int(v) for v in m], zero_points, c, a.get("zero_point", 0) + up, ranges,
                                       a["qmin"] + up, a["qmax"] + up, a.get("tie_window", 0)) is not None:
         return True

@@ -160,11 +160,23 @@ def _largest_shift(ratios: list[list[Any]], magnitudes: list[int]) -> int:
     """The largest ``c`` (at most ``C_MAX``) for which ``sum_i magnitudes[i] * ratios[i] * 2^c`` and its rounding fit int64."""
     c = C_MAX
     while c > C_MIN:
-        worst = sum(mag * math.ceil(max(r) * 2**c) for mag, r in zip(magnitudes, ratios))
+        worst = sum(mag * math.ceil(max(abs(v) for v in r) * 2**c) for mag, r in zip(magnitudes, ratios))
         if worst + (1 << (c - 1)) <= INT64_MAX:
             break
         c -= 1
     return c
+
+
+def exact_product(a: Any, b: Any) -> np.ndarray:
+    """``a * b`` elementwise (broadcast) as exact rationals (``Fraction``, an object array) of float64 numbers:
+    the real value of a constant ``a`` in units of a scale ``b``, for :func:`aligned_multipliers`."""
+    from fractions import Fraction
+
+    x, y = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    out = np.empty(x.shape, dtype=object)
+    for index in np.ndindex(x.shape):
+        out[index] = Fraction(float(x[index])) * Fraction(float(y[index]))
+    return out
 
 
 def _multipliers(ratios: list[list[Any]], scales: list[Any], c: int) -> list[np.ndarray]:
@@ -273,6 +285,63 @@ def requantize(
     _check_no_overflow(_abs_max(x), int(b64.max()), int(c64.max()), int(np.abs(offset64).max(initial=0)) + tie_window)
     y = (round_shift(x * b_ + offset_, c_, bias, tie_window=tie_window) + zero_point).clip(qmin, qmax)
     return y.astype(np.int32) if torch_mod is None else y.to(torch_mod.int32)
+
+
+def exact_requantization(ratios: list[Any], fraction: Any, b: np.ndarray, c: np.ndarray, offset: np.ndarray,
+                         lo: int, hi: int, max_levels: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(b, offset)`` (per channel, int64) with which :func:`requantize` rounds every accumulator exactly as its
+    real value ``(acc + fraction) * ratio`` (``ratios``: exact rationals per channel), half to even, wherever
+    the output lies in ``[lo, hi]`` (before the zero point).
+
+    A 31-bit ``b`` is off by up to ``|acc| * 2^-(c+1)`` units of ``2^-c``: about 1e-8 output steps at 100
+    steps, so a real value that close to a rounding boundary, or exactly on a tie, may round the other way.
+    The output changes only at the boundaries ``y - 1/2``, ``y`` in ``(lo, hi]``: the accumulators next to
+    one within a margin of twice the error ``b`` within 2 of its ideal could make (found in float64, checked
+    in exact arithmetic) are the only ones that can differ; where one does, ``offset`` (then ``b``, by one
+    or two) moves to the nearest value that puts all of them on their exact side while the error bound stays
+    below the margin of every other accumulator. Output ranges wider than ``max_levels`` are left as they are."""
+    from fractions import Fraction
+
+    shape = np.shape(b)
+    b, c = np.array(np.broadcast_to(b, shape), np.int64).ravel(), np.broadcast_to(c, shape).astype(np.int64).ravel()
+    offset = np.array(np.broadcast_to(offset, shape), np.int64).ravel()
+    if hi - lo > max_levels or hi <= lo:
+        return b.reshape(shape), offset.reshape(shape)
+    exact = [ratios[k % len(ratios)] for k in range(b.size)]
+    r = np.array([float(v) for v in exact])
+    f = np.broadcast_to(np.asarray(np.zeros(1) if fraction is None else fraction, np.float64), b.shape)
+    reach = (max(abs(lo), abs(hi)) + 1) / r + 2
+
+    def error_steps(bb: np.ndarray, oo: np.ndarray) -> np.ndarray:  # a bound on |computed - real| for |acc| <= reach
+        scale = np.ldexp(1.0, c)
+        return (reach * np.abs(bb - r * scale) + np.abs(oo - f * r * scale) + 2) / scale
+
+    margin = 2 * (3 * reach + np.abs(offset - f * r * np.ldexp(1.0, c)) + 8) / np.ldexp(1.0, c) + 1e-12  # room for b +- 2
+    boundaries = np.arange(lo + 1, hi + 1) - 0.5
+    x = boundaries[None, :] / r[:, None] - f[:, None]
+    near = np.abs(x - np.rint(x)) * r[:, None] < margin[:, None]
+    for k in np.unique(np.nonzero(near)[0]):
+        accs = sorted({int(np.floor(v)) + d for v in x[k][near[k]] for d in (0, 1)})
+        real = [round((acc + Fraction(float(f[k]))) * exact[k]) for acc in accs]  # round(): half to even
+        fixed = _exact_constants(accs, real, int(b[k]), int(offset[k]), int(c[k]))
+        if fixed is not None and error_steps(np.array(fixed[0]), np.array(fixed[1]))[k] < margin[k]:
+            b[k], offset[k] = fixed
+    return b.reshape(shape), offset.reshape(shape)
+
+
+def _exact_constants(accs: list[int], real: list[int], b: int, offset: int, c: int) -> tuple[int, int] | None:
+    """``(b', offset')`` nearest ``(b, offset)`` with ``round_shift(acc * b' + offset', c) == real`` for every
+    ``acc``, or None; ``b'`` within 2 of ``b`` and a valid multiplier."""
+    half = 1 << (c - 1)
+    for db in (0, -1, 1, -2, 2):
+        bb = b + db
+        if not 2 ** (B_BITS - 1) <= bb < 2**B_BITS:
+            continue
+        low = max((y << c) - half - acc * bb + 1 for acc, y in zip(accs, real))
+        high = min((y << c) + half - acc * bb - 1 for acc, y in zip(accs, real))
+        if low <= high:
+            return bb, min(max(offset, low), high)
+    return None
 
 
 def high_word_form(b: Any, c: Any, offset: Any, zero_point: int, lo: Any, hi: Any) -> tuple[np.ndarray, np.ndarray] | None:

@@ -45,9 +45,10 @@ from hawqc.reference.graph import (
     AddInput,
     IntegerGraph,
     IntOp,
+    accumulator_bound,
     accumulator_grid_bits,
     affine_op,
-    aligned_add_op,
+    aligned_add_ops,
     batch_norm_affine,
     execute,
     lut_op,
@@ -280,24 +281,28 @@ class QuantModel(nn.Module):
     def _build_integer_graph(self) -> IntegerGraph:
         ops: list[IntOp] = []
         # QInt tensors: (scale, qmin, qmax); accumulators: (input scale, weight scales, acc scales, bias
-        # fraction, lo, float upper bound of a fused ReLU6 or None)
+        # fraction, lo, float upper bound of a fused ReLU6 or None, largest |acc|)
         qint: dict[str, tuple[np.float32, int, int]] = {}
-        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, np.ndarray, int, float | None]] = {}
+        acc: dict[str, tuple[np.float32, np.ndarray, np.ndarray, np.ndarray, int, float | None, int]] = {}
 
         def rescale(src: str, dst: str, scale_out: np.float32, lo: int, hi: int) -> None:
             if src in acc:
-                s_in, s_w, _, fraction, acc_lo, acc_max = acc[src]
+                s_in, s_w, _, fraction, acc_lo, acc_max, _ = acc[src]
                 ops.append(rescale_op(src, dst, s_in, s_w, scale_out, max(lo, acc_lo), _upper(acc_max, scale_out, hi),
                                       fraction=fraction))
             else:
                 ops.append(rescale_op(src, dst, qint[src][0], np.float32(1.0), scale_out, lo, hi))
 
         def add_input(src: str, dst: str, j: int, scale_out: np.float32, qmin: int, qmax: int) -> AddInput:
-            """Input ``j`` of the add ``dst`` (output bounds ``qmin``, ``qmax``): a QInt tensor, or an accumulator
-            requantized (with its ReLU) onto a grid ``2^accumulator_grid_bits`` times finer than the add's output."""
+            """Input ``j`` of the add ``dst`` (output bounds ``qmin``, ``qmax``): a QInt tensor, an accumulator as
+            it is, or one with a ReLU requantized onto a grid ``2^accumulator_grid_bits`` times finer than the
+            add's output."""
             if src not in acc:
                 s, lo, hi = qint[src]
                 return AddInput(src, np.float64(s), 0, max(abs(lo), abs(hi)))
+            s_in, s_w, _, fraction, acc_lo, acc_max, bound = acc[src]
+            if acc_lo == INT32_MIN and acc_max is None:
+                return AddInput(src, np.float64(s_in) * np.asarray(s_w, np.float64), 0, bound, fraction, accumulator=True)
             fine = np.float32(scale_out / np.float32(2 ** accumulator_grid_bits(qmin, qmax)))
             rescale(src, f"{dst}:in{j}", fine, INT32_MIN, INT32_MAX)
             return AddInput(f"{dst}:in{j}", np.float64(fine), 0, 2**31)
@@ -333,13 +338,14 @@ class QuantModel(nn.Module):
                 bias, fraction = bias_in_accumulator(p["bias"], p["acc_scale"], s_in, p["w_scale"])
                 ops.append(IntOp("conv2d" if kind == "conv" else "dense", node.inputs, target, op_attrs,
                                  {"weight": p["weight"], "bias": bias.astype(np.int32)}))
+                in_lo, in_hi = qint[node.inputs[0]][1:]
                 acc[target] = (s_in, p["w_scale"], p["acc_scale"], fraction, 0 if node.relu else INT32_MIN,
-                               node.relu_max)
+                               node.relu_max, accumulator_bound(p["weight"], in_lo, in_hi, bias))
                 if target != name:
                     rescale(target, name, scale, qmin, qmax)
             elif kind == "add":  # the real sum, rounded once
-                ops.append(aligned_add_op([add_input(src, name, j, scale, qmin, qmax) for j, src in enumerate(node.inputs)], name,
-                                          scale, qmin, qmax))
+                ops.extend(aligned_add_ops([add_input(src, name, j, scale, qmin, qmax) for j, src in enumerate(node.inputs)],
+                                           name, scale, qmin, qmax))
             elif kind == "concat":
                 parts = [f"{name}:in{j}" for j in range(len(node.inputs))]
                 for src, part in zip(node.inputs, parts):

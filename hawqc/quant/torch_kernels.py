@@ -76,6 +76,8 @@ def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Consts) -> torch.Te
     zero_points = attrs.get("input_zero_points", [0] * len(inputs))
     total = sum((x.to(torch.int64) - z) * _t(m.reshape([1, -1] + [1] * (x.dim() - 2)) if m.ndim else m, torch.int64)
                 for x, z, m in zip(inputs, zero_points, consts["m"]))
+    if "offset" in consts:  # the inputs' bias fractions, on the common grid
+        total = total + _t(consts["offset"].reshape([1, -1] + [1] * (inputs[0].dim() - 2)), torch.int64)
     return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0),
                       tie_window=attrs.get("tie_window", 0))
 

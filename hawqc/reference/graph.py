@@ -16,9 +16,11 @@ requantize        dyadic rescale and clip (consts: b, c, scalar or per channel, 
                   attrs: qmin, qmax, input_zero_point, zero_point)
 add               elementwise sum of its inputs, + zero_point, clipped (attrs: qmin, qmax); with
                   consts ``m`` (int64, a row per input, per channel or scalar) and ``c``: inputs of
-                  different scales, ``requantize(sum((x_i - z_i) * m_i), 1, c)`` rounded once
-                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; attrs: input_zero_points, tie_window:
-                  :func:`hawqc.quant.dyadic.tie_window`)
+                  different scales, ``requantize(sum((x_i - z_i) * m_i) + offset, 1, c)`` rounded once
+                  (:func:`hawqc.quant.dyadic.aligned_multipliers`; optional ``offset``, int64 per channel:
+                  the bias fractions of accumulator inputs; attrs: input_zero_points, tie_window:
+                  :func:`hawqc.quant.dyadic.tie_window`, input_bounds: each input's ``|x| + |z|`` where one is
+                  an accumulator)
 concat            along the channel axis (attrs: axis, default 1)
 clip              clip to [qmin, qmax]: ReLU on integers
 maxpool           attrs: kernel, stride, padding [top, left, bottom, right], ceil_mode (extra bottom/right
@@ -66,9 +68,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -145,14 +148,19 @@ def rescale_op(src: str, dst: str, s_in: Any, s_w: Any, s_out: Any, qmin: int, q
     tensor) to ``s_out``, its dyadic numbers from :mod:`hawqc.quant.dyadic`; ``fraction``: what the
     accumulator holds below its integer grid (per channel, see :func:`~hawqc.quant.dyadic.bias_in_accumulator`);
     ``exact_w``: ``s_w`` exact in float64 (:func:`~hawqc.quant.dyadic.scale_ratio`)."""
-    from hawqc.quant.dyadic import dyadic_per_channel, fraction_offset, scale_ratio
+    from hawqc.quant.dyadic import dyadic_per_channel, exact_product, exact_requantization, fraction_offset, scale_ratio
 
     b, c = dyadic_per_channel(scale_ratio(s_in, s_w, s_out, exact_w))
     attrs = {"qmin": qmin, "qmax": qmax}
     attrs.update({k: v for k, v in (("input_zero_point", input_zero_point), ("zero_point", zero_point)) if v})
-    consts = {"b": b, "c": c}
-    if fraction is not None and np.any(fraction_offset(fraction, b)):
-        consts["offset"] = np.broadcast_to(fraction_offset(fraction, b), b.shape).copy()
+    offset = np.zeros(b.shape, np.int64) if fraction is None else np.broadcast_to(fraction_offset(fraction, b), b.shape)
+    w = np.asarray(s_w, np.float64) if exact_w else np.asarray(np.asarray(s_w, np.float32), np.float64)
+    num, den = (exact_product(np.asarray(np.asarray(s, np.float32), np.float64), v) for s, v in ((s_in, w), (s_out, 1.0)))
+    ratios = list(np.broadcast_to(num / den, b.shape).ravel())
+    b, offset = exact_requantization(ratios, fraction, b, c, offset, qmin - zero_point, qmax - zero_point)
+    consts = {"b": b.astype(np.int32), "c": c}
+    if np.any(offset):
+        consts["offset"] = offset.copy()
     return IntOp("requantize", [src], dst, attrs, consts)
 
 
@@ -161,12 +169,22 @@ ACCUMULATOR_HEADROOM = 8
 
 
 def accumulator_grid_bits(qmin: int, qmax: int, zero_point: int = 0) -> int:
-    """An accumulator that an Add reads is first requantized (fused into its conv) onto a grid ``2^k`` times
-    finer than the Add's output, in int32, with ``k`` the largest for which ``ACCUMULATOR_HEADROOM`` times
-    the output's range fits: 20 at 8 bits, 24 at 4 bits. The sum is then rounded once, off
-    only within ``2^-(k+1)`` steps of a tie."""
+    """An accumulator that an Add reads and that :func:`aligned_add_ops` cannot take as it is (one clipped by a
+    ReLU before the Add) is first requantized (fused into its conv) onto a grid ``2^k`` times finer than the
+    Add's output, in int32, with ``k`` the largest for which ``ACCUMULATOR_HEADROOM`` times the output's range
+    fits: 20 at 8 bits, 24 at 4 bits. The sum is then rounded once, off only within ``2^-(k+1)`` steps of a tie."""
     reach = ACCUMULATOR_HEADROOM * max(abs(qmin - zero_point), abs(qmax - zero_point), 1)
     return ((2**31 - 1) // reach).bit_length() - 1
+
+
+def accumulator_bound(weight: np.ndarray, lo: int, hi: int, bias: Any = 0) -> int:
+    """The largest ``|acc|`` of a conv/dense accumulator ``sum(w * x) + bias`` (``weight`` [out, ...]) over
+    inputs ``x`` in ``[lo, hi]``."""
+    w = np.asarray(weight, np.int64).reshape(np.shape(weight)[0], -1)
+    pos, neg = np.clip(w, 0, None).sum(axis=1), np.clip(w, None, 0).sum(axis=1)
+    b = np.broadcast_to(np.asarray(bias, np.int64), pos.shape)
+    top, bottom = pos * hi + neg * lo + b, pos * lo + neg * hi + b
+    return int(max(np.abs(top).max(initial=0), np.abs(bottom).max(initial=0)))
 
 
 @dataclass(frozen=True)
@@ -174,20 +192,54 @@ class AddInput:
     """An input of an :func:`aligned_add_op`: a tensor, its scale (exact in float64: a float32 scale or
     the product of two, per channel for an accumulator), zero point and a bound on ``|x| + |zero_point|``
     (not only ``|x - zero_point|``: the compiler may regroup ``(x - z) * m`` as ``x * m - z * m``, whose
-    int64 terms must not overflow either)."""
+    int64 terms must not overflow either). ``fraction``: a constant per channel, in units of ``scale``, that the
+    input carries beside its integers (a conv bias below its accumulator's grid, as
+    :func:`hawqc.quant.dyadic.bias_in_accumulator` gives it). ``accumulator``: a conv's int32 accumulator, which
+    :func:`aligned_add_ops` clips where it can no longer change the result."""
 
     name: str
     scale: Any
     zero_point: int
     magnitude: int
+    fraction: Any = None
+    accumulator: bool = False
+
+
+def aligned_add_ops(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> list[IntOp]:
+    """An Add that reads conv accumulators as they are: each clipped (a ``requantize`` by exactly 1, fused into
+    its conv) to the bound past which its term saturates the output whatever the other inputs hold, then the
+    :func:`aligned_add_op` of every input on one int64 grid, the real sum (bias fractions included) rounded
+    once. Clipping one term to ``B_i = reach + 2 + sum_{j != i} M_j`` output steps (``M_j`` the largest term
+    of input ``j`` unclipped) keeps the sum beyond the output's range whenever it was, so it is exact."""
+    from hawqc.quant.dyadic import dyadic
+
+    terms = [(p.magnitude + 1) * float(np.max(np.asarray(p.scale, np.float64))) / float(np.float32(s_out)) for p in parts]
+    reach = max(abs(qmin - zero_point), abs(qmax - zero_point))
+    b, c = dyadic(1.0)
+    ops, inputs = [], []
+    for j, p in enumerate(parts):
+        if p.accumulator:
+            smallest = float(np.min(np.asarray(p.scale, np.float64))) / float(np.float32(s_out))
+            bound = (reach + 2 + sum(terms) - terms[j]) / smallest + 1
+            clip = int(min(p.magnitude, 2**31 - 1, math.ceil(bound)))
+            ops.append(IntOp("requantize", [p.name], f"{dst}:in{j}", {"qmin": -clip, "qmax": clip},
+                             {"b": np.array(b, np.int32), "c": np.array(c, np.int32)}))
+            p = replace(p, name=f"{dst}:in{j}", magnitude=clip)
+        inputs.append(p)
+    return [*ops, aligned_add_op(inputs, dst, s_out, qmin, qmax, zero_point)]
 
 
 def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax: int, zero_point: int = 0) -> IntOp:
     """An ``add`` that rounds the real sum of its inputs once onto the grid of ``s_out``: the inputs meet
-    on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`)."""
-    from hawqc.quant.dyadic import aligned_multipliers, tie_window
+    on an int64 grid ``2^c`` times finer (:func:`hawqc.quant.dyadic.aligned_multipliers`), their
+    ``fraction`` constants as one per-channel ``offset`` on that grid."""
+    from hawqc.quant.dyadic import aligned_multipliers, exact_product, tie_window
 
     scales, magnitudes = [p.scale for p in parts], [p.magnitude for p in parts]
+    constants = [exact_product(p.fraction, p.scale) for p in parts if p.fraction is not None and np.any(p.fraction)]
+    if constants:  # one term of magnitude 1: the constants' sum, per channel
+        scales.append(sum(constants[1:], constants[0]))
+        magnitudes.append(1)
     multipliers, c = aligned_multipliers(scales, s_out, magnitudes)
     channels = max(m.size for m in multipliers)
     attrs: dict[str, Any] = {"qmin": qmin, "qmax": qmax}
@@ -197,8 +249,13 @@ def aligned_add_op(parts: list[AddInput], dst: str, s_out: Any, qmin: int, qmax:
         attrs["zero_point"] = zero_point
     if any(p.zero_point for p in parts):
         attrs["input_zero_points"] = [p.zero_point for p in parts]
-    m = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
-    return IntOp("add", [p.name for p in parts], dst, attrs, {"m": m, "c": np.array(c, np.int32)})
+    if any(p.accumulator for p in parts):  # ranges beyond 8 bits: for the uint8 storage pass
+        attrs["input_bounds"] = [int(p.magnitude) for p in parts]
+    consts = {"c": np.array(c, np.int32)}
+    if constants:
+        consts["offset"] = np.broadcast_to(multipliers.pop(), (channels,)).copy()
+    consts["m"] = np.stack([np.broadcast_to(v, (channels,)) if channels > 1 else v for v in multipliers])
+    return IntOp("add", [p.name for p in parts], dst, attrs, consts)
 
 
 def lut_op(src: str, dst: str, fn: Any, in_range: tuple[int, int], in_scale: Any, s_out: Any, qmin: int, qmax: int,

@@ -101,6 +101,8 @@ def add(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.nda
         return np.clip(total, attrs["qmin"], attrs["qmax"]).astype(np.int32)
     zero_points = attrs.get("input_zero_points", [0] * len(inputs))
     total = sum((x.astype(np.int64) - z) * _per_channel(m, x.ndim) for x, z, m in zip(inputs, zero_points, consts["m"]))
+    if "offset" in consts:  # the inputs' bias fractions, on the common grid
+        total = total + _per_channel(consts["offset"], inputs[0].ndim)
     return requantize(total, 1, consts["c"], attrs["qmin"], attrs["qmax"], zero_point=attrs.get("zero_point", 0),
                       tie_window=attrs.get("tie_window", 0))
 
