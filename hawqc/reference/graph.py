@@ -78,8 +78,9 @@ import numpy as np
 
 from hawqc.fileio import write_atomic
 
-FORMAT_VERSION = 2
-"""2: average pools carry the exact multipliers of :func:`pool_consts` (1: 31-bit dyadic ratios)."""
+FORMAT_VERSION = 3
+"""3: an ``add`` may carry a per-channel ``offset`` (an accumulator read on its exact grid); 2: average pools
+carry the exact multipliers of :func:`pool_consts` (1: 31-bit dyadic ratios)."""
 OPS = ("quantize", "conv2d", "dense", "requantize", "add", "concat", "clip", "maxpool", "avgpool",
        "global_avgpool", "lut", "threshold", "mul", "pad", "flatten", "reshape", "transpose", "slice", "affine", "resize",
        "float_op", "dequantize")
