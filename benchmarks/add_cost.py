@@ -32,8 +32,16 @@ OUT_CHANNELS = 256
 def block(form: str) -> object:
     """The integer graph of the block in ``form`` (``fine`` or ``exact``)."""
     from hawqc.quant.dyadic import bias_in_accumulator
-    from hawqc.reference.graph import (AddInput, IntegerGraph, IntOp, accumulator_bound, accumulator_grid_bits,
-                                       aligned_add_op, aligned_add_ops, rescale_op)
+    from hawqc.reference.graph import (
+        AddInput,
+        IntegerGraph,
+        IntOp,
+        accumulator_bound,
+        accumulator_grid_bits,
+        aligned_add_op,
+        aligned_add_ops,
+        rescale_op,
+    )
 
     rng = np.random.default_rng(0)
     s_x, s_short, s_out = np.float32(0.0213), np.float32(0.0371), np.float32(0.0447)
