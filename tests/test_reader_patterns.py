@@ -376,19 +376,31 @@ def test_per_channel_activations_are_read_where_they_can_be() -> None:
         from_onnx(per_channel(np.array([3, 3], np.int8), [helper.make_node("Identity", ["d"], ["y"])]))
 
 
-def test_a_float_tail_compiles_and_is_reported() -> None:
-    """An ArgMax after the last DequantizeLinear runs in float after the integer graph, listed as such."""
+@pytest.mark.parametrize("op", ["ArgMax", "Flatten"])
+def test_a_float_tail_compiles_and_is_reported(op: str) -> None:
+    """An ArgMax (or HardSwish, pool and Flatten: ONNX Runtime's operator form of MobileNet-V3 leaves its
+    classifier's input in float) after the last DequantizeLinear runs in float after the integer graph, listed."""
     s, z = numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")
+    tail = ([helper.make_node("ArgMax", ["x"], ["output"], name="tail", axis=1, keepdims=0)] if op == "ArgMax" else
+            [helper.make_node("HardSwish", ["x"], ["act"], name="act"),
+             helper.make_node("GlobalAveragePool", ["act"], ["pooled"], name="pool"),
+             helper.make_node("Flatten", ["pooled"], ["output"], name="tail", axis=1)])
     nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
-             helper.make_node("ArgMax", ["x"], ["output"], name="classes", axis=1, keepdims=0)]
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]), *tail]
+    out_type = TensorProto.INT64 if op == "ArgMax" else TensorProto.FLOAT
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 2, 2])],
-                              [helper.make_tensor_value_info("output", TensorProto.INT64, None)], [s, z])
+                              [helper.make_tensor_value_info("output", out_type, None)], [s, z])
     module = hawqc.compile_integer_only(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert module.graph.metadata["float_ops"] == ["classes (ArgMax)"]
+    assert module.graph.metadata["float_ops"] == (["tail (ArgMax)"] if op == "ArgMax" else
+                                                  ["act (HardSwish)", "pool (GlobalAveragePool)", "tail (Flatten)"])
     x = np.random.default_rng(0).standard_normal((1, 4, 2, 2)).astype(np.float32)
-    np.testing.assert_array_equal(module(x), module.reference(x))
-    np.testing.assert_array_equal(module(x), np.clip(np.rint(x / np.float32(0.05)), -128, 127).argmax(axis=1))
+    np.testing.assert_allclose(module(x), module.reference(x), rtol=1e-6)  # float tails: float32 rounding
+    q = np.clip(np.rint(x / np.float32(0.05)), -128, 127)
+    if op == "ArgMax":
+        np.testing.assert_array_equal(module(x), q.argmax(axis=1))
+    else:
+        v = q * 0.05
+        np.testing.assert_allclose(module(x), (v * np.clip(v / 6 + 0.5, 0, 1)).mean(axis=(2, 3)), rtol=1e-6)
 
 
 def test_a_dequantized_constant_quantized_again_is_a_constant() -> None:

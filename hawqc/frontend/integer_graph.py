@@ -594,7 +594,7 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         axes = [int(v) for v in (a.get("axes") or (rest[0].data.numpy() if rest else [2, 3]))]
         y = R.mean(x, axis=axes, keepdims=bool(a.get("keepdims", 1)))
     elif kind == "Flatten":
-        y = R.reshape(x, [int(np.prod([int(d) for d in x.ty.shape[:a.get("axis", 1)]])), -1])
+        y = R.reshape(x, [int(np.prod([int(d) for d in list(x.ty.shape)[:a.get("axis", 1)]])), -1])
     elif kind == "Softmax":
         y = R.nn.softmax(x, axis=a.get("axis", -1))
     elif kind == "ArgMax":
