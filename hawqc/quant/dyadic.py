@@ -40,6 +40,7 @@ Requantization ``requantize(acc, b, c, qmin, qmax)``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -420,9 +421,18 @@ def int32_sum_form(multipliers: list[int], zero_points: list[int], c: int, zero_
     of inputs in ``ranges`` (at most ``max_combinations``: two 8-bit inputs) gives the same number, ties and
     clipping included. For the largest shifts whose terms fit int32 it tries each multiplier rounded down and up
     to that grid; the offsets ``d`` that make every combination land in its output step form an interval, and
-    one in it is taken. None where no shift within 4 of the largest works (then the int64 forms serve)."""
+    one in it is taken. None where no shift within 4 of the largest works (then the int64 forms serve). Cached:
+    the x86 lowering asks again for an Add its uint8-storage pass already checked."""
     if math.prod(hi - lo + 1 for lo, hi in ranges) > max_combinations:
         return None
+    return _int32_sum_form(tuple(int(m) for m in multipliers), tuple(int(z) for z in zero_points), int(c),
+                           int(zero_point), tuple((int(lo), int(hi)) for lo, hi in ranges), int(qmin), int(qmax),
+                           int(tie_window))
+
+
+@functools.lru_cache(maxsize=256)
+def _int32_sum_form(multipliers: tuple[int, ...], zero_points: tuple[int, ...], c: int, zero_point: int,
+                    ranges: tuple[tuple[int, int], ...], qmin: int, qmax: int, tie_window: int) -> Int32Sum | None:
     grids = np.meshgrid(*(np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in ranges), indexing="ij")
     xs = [g.ravel() for g in grids]
     total = sum((x.astype(object) - z) * int(m) for x, z, m in zip(xs, zero_points, multipliers))  # exact integers
