@@ -1,6 +1,8 @@
 """hawqc's x86 kernels (VNNI and the AVX2 fallback, each selected explicitly): bit-exact against the
 reference executor on single layers of every shape class and on whole models."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,24 @@ def test_1x1_accumulators_stay_in_registers_and_requantize_with_vpmuldq() -> Non
     assert "AllocWorkspace" not in kernel.inspect_source("ll").split("conv2d_vnni_requant", 1)[1]
     x = np.random.default_rng(2).integers(0, 256, (2, 16, 14, 14)).astype("uint8")
     module = compile_graph(graph, x.shape, TARGET, input_dtype="uint8", kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_own_residual_adds_run_in_their_convs_epilogue(kernels: str) -> None:
+    """hawqc's own W8A8 ResNet: each residual Add reads a conv accumulator (clipped) on its exact grid; the
+    kernel of the conv written last adds the other input in its epilogue, so no Add runs alone. Bit-exact."""
+    torch.manual_seed(0)
+    model = models.get("resnet18")
+    calib = [torch.randn(2, 3, 32, 32)]
+    models.recalibrate_bn(model, calib)
+    graph = quantize(model, "uniform8", calib).integer_graph()
+    _, lowered = _build(_lower(graph, (2, 3, 32, 32), TARGET, kernels), TARGET, kernels)
+    calls = re.findall(r"^\s*(?:\w+ = )?(\w+)\(", lowered["main"].script(), re.MULTILINE)
+    adds = [op for op in graph.ops if op.op == "add"]
+    assert len(adds) == 8 and sum(re.search(r"conv2d_\w+_add\d*$", call) is not None for call in calls) == len(adds)
+    x = np.random.default_rng(6).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
