@@ -44,6 +44,7 @@ from hawqc.frontend.onnx_model import (
     static_shapes,
     with_input_shape,
 )
+from hawqc.frontend.resize import NEAREST_MODES, TRANSFORMS, float_resize_consts, resize_consts
 from hawqc.quant.dyadic import bias_in_accumulator, scale_ratio
 from hawqc.quant.thresholds import activation_thresholds
 from hawqc.reference.float_kernels import FLOAT_OPS
@@ -886,10 +887,10 @@ class _Reader:
         """An ONNX operator computed in float, as the quantizer left it; recorded in ``float_nodes``."""
         from onnx import helper
 
-        dynamic, consts = [], {}
+        dynamic, consts, absent = [], {}, [k for k, name in enumerate(node.input) if not name]
         for k, name in enumerate(node.input):
-            if not name:
-                self.fail(node, "computing it in float needs all its inputs")
+            if not name:  # an optional input left out (Resize's roi and scales)
+                continue
             value = self.float_const(name)
             if value is not None:
                 raw = self.inits.get(name)
@@ -902,8 +903,11 @@ class _Reader:
                  for k, v in attrs.items()}
         out = node.output[0]
         opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        if node.op_type == "Resize":
+            (size, new, scales, mode, transform, nearest) = self.resize_geometry(node)
+            consts.update(float_resize_consts(size, new, scales, mode, transform, nearest))
         self.emit("float_op", dynamic, out, {"onnx_op": node.op_type, "onnx_attrs": attrs, "arity": len(node.input),
-                                             "opset": opset}, consts)
+                                             "opset": opset, **({"absent": absent} if absent else {})}, consts)
         self.values[out] = _Float(out)
         self.float_nodes.append(f"{node.name or out} ({node.op_type})")
 
@@ -947,26 +951,10 @@ class _Reader:
         weights, an accumulator on a grid ``denominator`` times finer, rescaled at the QuantizeLinear, or at
         once onto the input's grid where the file resizes integers (ONNX Runtime's operator form: a
         DequantizeLinear -> Resize -> QuantizeLinear on one grid)."""
-        from hawqc.frontend.resize import resize_consts
-
         src = self.view(node, self.values.get(node.input[0]))
-        (n, c, h, w), out = self.batch_open_shape(node, node.input[0]), node.output[0]
-        out_shape = self.open_shapes[out] if out in self.open_shapes else self.output_shape(node)
-        if out_shape[:2] != [n, c]:
-            self.fail(node, "only resizing of H and W is supported")
-        scales = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        attrs = {a.name: _attr(node, a.name, None) for a in node.attribute}
-        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-        mode = attrs.get("mode", "nearest")
-        if mode not in ("nearest", "linear") or attrs.get("antialias", 0):
-            self.fail(node, f"Resize mode {mode!r} has no integer lowering (nearest and linear have)")
-        try:
-            consts, denominator = resize_consts(
-                (h, w), (out_shape[2], out_shape[3]),
-                None if scales is None or not scales.size else (float(scales[2]), float(scales[3])), mode,
-                attrs.get("coordinate_transformation_mode", "half_pixel"), attrs.get("nearest_mode", "round_prefer_floor"))
-        except ValueError as err:
-            self.fail(node, str(err))
+        out = node.output[0]
+        size, new, scales, mode, transform, nearest = self.resize_geometry(node)
+        consts, denominator = resize_consts(size, new, scales, mode, transform, nearest)
         if mode == "nearest":
             self.moved(node, src, out, "resize", {})
             self.ops[-1].consts.update(consts)
@@ -979,6 +967,29 @@ class _Reader:
             lo, hi = self.rescale(value, out, np.float32(src.scale), src.qmin, src.qmax, src.zero_point)
             value = _View(out, src.scale, lo, hi, src.zero_point)
         self.values[out] = value
+
+    def resize_geometry(self, node: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float] | None, str,
+                                                  str, str]:
+        """A Resize of H, W in a mode hawqc lowers (checked: its taps are computed here): input and output H, W,
+        the model's H, W factors (None where it gives sizes), mode, coordinate transformation, nearest mode."""
+        (n, c, h, w), out = self.batch_open_shape(node, node.input[0]), node.output[0]
+        out_shape = self.open_shapes[out] if out in self.open_shapes else self.output_shape(node)
+        if out_shape[:2] != [n, c]:
+            self.fail(node, "only resizing of H and W is supported")
+        scales = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        attrs = {a.name: _attr(node, a.name, None) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        mode = attrs.get("mode", "nearest")
+        if mode not in ("nearest", "linear") or attrs.get("antialias", 0):
+            self.fail(node, f"Resize mode {mode!r} is not supported (nearest and linear are)")
+        transform = attrs.get("coordinate_transformation_mode", "half_pixel")
+        nearest = attrs.get("nearest_mode", "round_prefer_floor")
+        if transform not in TRANSFORMS or nearest not in NEAREST_MODES:
+            self.fail(node, f"coordinate_transformation_mode {transform!r} / nearest_mode {nearest!r} is not supported "
+                            f"({', '.join(TRANSFORMS)} / {', '.join(NEAREST_MODES)} are)")
+        return ((h, w), (out_shape[2], out_shape[3]),
+                None if scales is None or not scales.size else (float(scales[2]), float(scales[3])), mode, transform,
+                nearest)
 
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul,
