@@ -22,9 +22,9 @@ from torch.nn import functional as F
 
 import hawqc
 from hawqc.frontend.onnx_qdq import from_onnx
-from hawqc.frontend.resize import resize_taps
 from hawqc.models.layers import ConvBNAct, SqueezeExcitation
 from hawqc.models.mobilenet import MBConv
+from hawqc.quant.resize import resize_taps
 from hawqc.relax_passes.float_ops import float_ops
 
 SHAPE = (2, 3, 8, 8)

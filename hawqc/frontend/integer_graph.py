@@ -555,7 +555,7 @@ def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
 
 def _taps(ctx: Context, x: Any, consts: Mapping[str, np.ndarray], axes: tuple[int, int]) -> Any:
-    """``x`` resized along ``axes`` (H, W) by the taps of :mod:`hawqc.frontend.resize`: per axis a gather per
+    """``x`` resized along ``axes`` (H, W) by the taps of :mod:`hawqc.quant.resize`: per axis a gather per
     tap (``iy``, ``ix``), weighted (``wy``, ``wx`` in ``x``'s dtype, for linear) and summed."""
     from tvm.relax import op as R
 

@@ -33,7 +33,6 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import (
     QLINEAR_OPS,
     QUANTIZATION_OPS,
@@ -44,8 +43,9 @@ from hawqc.frontend.onnx_model import (
     static_shapes,
     with_input_shape,
 )
-from hawqc.frontend.resize import NEAREST_MODES, TRANSFORMS, float_resize_consts, resize_consts
 from hawqc.quant.dyadic import bias_in_accumulator, scale_ratio
+from hawqc.quant.elementwise import ELEMENTWISE
+from hawqc.quant.resize import NEAREST_MODES, TRANSFORMS, float_resize_consts, resize_consts
 from hawqc.quant.thresholds import activation_thresholds
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import (
