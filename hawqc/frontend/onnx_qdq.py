@@ -903,9 +903,8 @@ class _Reader:
                  for k, v in attrs.items()}
         out = node.output[0]
         opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
-        if node.op_type == "Resize":
-            (size, new, scales, mode, transform, nearest) = self.resize_geometry(node)
-            consts.update(float_resize_consts(size, new, scales, mode, transform, nearest))
+        if node.op_type == "Resize":  # the module gathers with the taps; the reference runs ONNX's Resize
+            consts.update(float_resize_consts(*self.resize_geometry(node)))
         self.emit("float_op", dynamic, out, {"onnx_op": node.op_type, "onnx_attrs": attrs, "arity": len(node.input),
                                              "opset": opset, **({"absent": absent} if absent else {})}, consts)
         self.values[out] = _Float(out)
@@ -970,8 +969,8 @@ class _Reader:
 
     def resize_geometry(self, node: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float] | None, str,
                                                   str, str]:
-        """A Resize of H, W in a mode hawqc lowers (checked: its taps are computed here): input and output H, W,
-        the model's H, W factors (None where it gives sizes), mode, coordinate transformation, nearest mode."""
+        """A Resize of H, W in a mode hawqc lowers (checked): input and output H, W, the model's H, W factors
+        (None where it gives sizes), mode, coordinate transformation and nearest mode."""
         (n, c, h, w), out = self.batch_open_shape(node, node.input[0]), node.output[0]
         out_shape = self.open_shapes[out] if out in self.open_shapes else self.output_shape(node)
         if out_shape[:2] != [n, c]:
