@@ -618,28 +618,32 @@ def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     """Separable: rows, then columns; each a gather per tap, weighted and summed in int32 (linear)."""
     from tvm.relax import op as R
 
-    h, w = ctx.spatial_axes(4)
-    linear = "wy" in op.consts
+    x = ins[0]
+    if "wy" in op.consts:
+        x = R.astype(x, "int32")
+        if op.attrs.get("input_zero_point", 0):
+            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+        x = ctx.bb.emit(x)
+    return _taps(ctx, x, op.consts, ctx.spatial_axes(4))
 
-    def taps(x: Any, index: np.ndarray, weights: np.ndarray | None, axis: int) -> Any:
-        total = None
+
+def _taps(ctx: Context, x: Any, consts: Mapping[str, np.ndarray], axes: tuple[int, int]) -> Any:
+    """``x`` resized along ``axes`` (H, W) by the taps of :mod:`hawqc.quant.resize`: per axis a gather per
+    tap (``iy``, ``ix``), weighted (``wy``, ``wx`` in ``x``'s dtype, for linear) and summed."""
+    from tvm.relax import op as R
+
+    dtype = str(x.ty.dtype)
+    for axis, name in zip(axes, "yx"):
+        index, weights, total = consts[f"i{name}"], consts.get(f"w{name}"), None
         for k, idx in enumerate(index):
             tap = R.take(x, _const(idx, "int32"), axis=axis, mode="clip")
             if weights is not None:
                 shape = [1, 1, 1, 1]
                 shape[axis] = -1
-                tap = R.multiply(tap, _const(weights[k].reshape(shape), "int32"))
+                tap = R.multiply(tap, _const(weights[k].reshape(shape), dtype))
             total = tap if total is None else R.add(total, tap)
-        return ctx.bb.emit(total)
-
-    x = ins[0]
-    if linear:
-        x = R.astype(x, "int32")
-        if op.attrs.get("input_zero_point", 0):
-            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
-        x = ctx.bb.emit(x)
-    rows = taps(x, op.consts["iy"], op.consts.get("wy"), h)
-    return taps(rows, op.consts["ix"], op.consts.get("wx"), w)
+        x = ctx.bb.emit(total)
+    return x
 
 
 def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -650,7 +654,7 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from hawqc.reference.float_kernels import node_inputs
 
     a, kind = op.attrs["onnx_attrs"], op.attrs["onnx_op"]
-    consts = {k: _const(v, str(v.dtype)) for k, v in op.consts.items()}
+    consts = {k: _const(v, str(v.dtype)) for k, v in op.consts.items() if k.startswith("input")}
     x, *rest = node_inputs([ctx.bb.emit(ctx.to_external(i)) for i in ins], op.attrs, consts)
     if kind == "Conv":
         pads = a.get("pads", [0, 0, 0, 0])
@@ -672,6 +676,8 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         y = R.nn.softmax(x, axis=a.get("axis", -1))
     elif kind == "ArgMax":
         y = R.argmax(x, axis=a.get("axis", 0), keepdims=bool(a.get("keepdims", 1)))
+    elif kind == "Resize":
+        y = _taps(ctx, x, op.consts, (2, 3))
     else:  # element-wise
         y = _float_elementwise(x, kind, a, rest)
     if op.attrs.get("float32_output") and "float" in str(ctx.bb.normalize(y).ty.dtype):

@@ -35,12 +35,12 @@ from torch import nn
 
 from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
-from hawqc.frontend.resize import resize_consts
 from hawqc.quant.activations import ACTIVATIONS
 from hawqc.quant.capture import Node, capture, pool_window
 from hawqc.quant.dyadic import bias_in_accumulator
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
+from hawqc.quant.resize import resize_consts
 from hawqc.reference.graph import (
     AddInput,
     IntegerGraph,
