@@ -339,6 +339,22 @@ def test_oracle_dequantizes_int32_without_float32() -> None:
     assert got.dtype == np.float64 and got.tolist() == big.tolist()
 
 
+@pytest.mark.parametrize("attrs", [dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], ceil_mode=1),  # GoogLeNet's
+                                   dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 0, 0], ceil_mode=1),
+                                   dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], dilations=[2, 1])])
+def test_oracle_max_pool_has_the_output_onnx_runtime_computes(attrs: dict[str, object]) -> None:
+    """The stock reference pads a stride-1 ``ceil_mode`` MaxPool twice (12x12 -> 14x14); the oracle's equals ONNX
+    Runtime's on every element."""
+    import onnxruntime as ort
+
+    g = _Graph(unsigned=False, seed=0)
+    out = g.node("MaxPool", ["input"], "out", **attrs)
+    model = g.model(out)
+    x = images()
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(oracle.oracle_run(model, x), theirs)
+
+
 def test_pools_on_ties_and_of_concats_of_grids_equal_the_oracle() -> None:
     """Average pools whose sums lie exactly on ties (ratio 1/36, no dyadic number) round half to even, and a pool of
     a concat of two grids is a concat of two exact pools: layer by layer equal to the oracle."""
