@@ -259,8 +259,10 @@ class _Reader:
         self.values[out] = _View(out, scale, qmin, qmax, zp)
 
     def quantized_constant(self, node: Any, value: np.ndarray) -> np.ndarray:
-        """QuantizeLinear of a constant as ONNX computes it: float32 ``value / scale``, rounded half to even,
-        plus the zero point, saturated; per-channel scales along ``axis``."""
+        """QuantizeLinear of a constant as the file means it (its float64 oracle): ``value / scale`` in float64
+        (``value`` exact: a float32 number or a dequantized integer), rounded half to even, plus the zero point,
+        saturated; per-channel scales along ``axis``. (A float32 division can round a quotient within 2^-24
+        of a tie to it; ONNX Runtime computes so.)"""
         scale = np.asarray(self.const_array(node.input[1]), np.float32)
         zp = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
         if scale.ndim == 1 and value.ndim > 1:
@@ -268,7 +270,7 @@ class _Reader:
             shape[_axis(_attr(node, "axis", 1), value.ndim)] = -1
             scale, zp = scale.reshape(shape), zp.reshape(shape)
         qmin, qmax = _qrange(self.model, node, self.inits)
-        q = np.rint(value.astype(np.float32) / scale).astype(np.int64) + zp.astype(np.int64)
+        q = np.rint(value.astype(np.float64) / scale.astype(np.float64)).astype(np.int64) + zp.astype(np.int64)
         return np.clip(q, qmin, qmax).astype(zp.dtype)
 
     def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
@@ -446,9 +448,10 @@ class _Reader:
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if node.input[0] in self.inits:
             if len(node.input) > 2 and node.input[2] and np.any(self.const_array(node.input[2]) != 0):
-                # an asymmetric constant (an operand of Mul/Add): its float value; weights need zero point 0
-                q = self.inits[node.input[0]].astype(np.float32) - self.const_array(node.input[2]).astype(np.float32)
-                self.inits[node.output[0]] = q * scale
+                # an asymmetric constant (an operand of Mul/Add, a BatchNormalization's scale): its exact value
+                # (float64, as the oracle dequantizes); weights need zero point 0
+                q = self.inits[node.input[0]].astype(np.int64) - self.const_array(node.input[2]).astype(np.int64)
+                self.inits[node.output[0]] = q.astype(np.float64) * scale.astype(np.float64)
                 return
             self.values[node.output[0]] = _Const(self.inits[node.input[0]], scale)
             self.dequantized_from[node.output[0]] = node.input[0]

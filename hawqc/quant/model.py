@@ -407,7 +407,8 @@ class QuantModel(nn.Module):
             return
         if node.kind == "bn":
             bn = self.norm(node)
-            params = (t.detach().cpu().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+            params = (t.detach().cpu().numpy().astype(np.float32) for t in (bn.weight, bn.bias, bn.running_mean,
+                                                                              bn.running_var))  # as exported
             gain, offset = batch_norm_affine(*params, np.float32(bn.eps))
             op, s_w, fraction = affine_op(src, f"{name}:acc", gain, offset, s_in, 1.0, max(abs(in_min), abs(in_max)))
         else:  # resize
