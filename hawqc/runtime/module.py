@@ -162,14 +162,14 @@ class CompiledModule:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
             with native_stderr_silenced():  # TVM logs an empty "Scope Saving" warning per function
-                self._executable.export_library(str(tmp / LIBRARY))
+                self._executable.export_library(str(tmp / LIBRARY), **thread_pool.export_options(self.target))
                 for batch, executable in self.specialised.items():
-                    executable.export_library(str(tmp / specialised_library(batch)))
+                    executable.export_library(str(tmp / specialised_library(batch)), **thread_pool.export_options(self.target))
             self.graph.save(tmp / GRAPH)
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape), "batch": self.batch,
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "kernels": self.kernels, "int4": self.int4, "specialised_batches": sorted(self.specialised),
+                        "kernels": self.kernels, "int4": self.int4, "input_dtype": self.input_dtype, "specialised_batches": sorted(self.specialised),
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             for name, text in (extra or {}).items():
@@ -334,12 +334,16 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> Compiled
         raise ValueError(f"{folder} was compiled for CUDA: loading it needs a CUDA GPU")
     with native_stderr_silenced():
         executable = tvm.runtime.load_module(str(folder / LIBRARY))
+    thread_pool.install(folder / LIBRARY)
     graph = IntegerGraph.load(folder / GRAPH)
-    module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable, threads=threads)
+    module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable,
+                            input_dtype=manifest.get("input_dtype", "float32"), threads=threads)
     module.kernels, module.int4 = manifest.get("kernels", "generic"), manifest.get("int4", "auto")
     with native_stderr_silenced():
         module.specialised = {batch: tvm.runtime.load_module(str(folder / specialised_library(batch)))
                               for batch in manifest.get("specialised_batches", [])}
+    for batch in module.specialised:
+        thread_pool.install(folder / specialised_library(batch))
     return module
 
 

@@ -1,4 +1,9 @@
-"""TVM's CPU thread pool, set up the way hawqc's modules want it.
+"""The CPU thread pools that run hawqc's kernels: hawqc's own (``pool.c``) and TVM's.
+
+hawqc's pool is linked into every CPU artifact it exports (:func:`export_options`); :func:`install`
+points a loaded library's parallel loops at it: tasks claimed one at a time by the threads, so a core
+taken by other work slows a call by its share, not to the speed of one core (see ``pool.c``).
+``HAWQC_THREAD_POOL=tvm`` keeps TVM's pool, which also runs modules compiled in this process.
 
 TVM sizes its pool once, when it is first used: from ``TVM_NUM_THREADS``, else half the logical
 CPUs (it assumes hyper-threading: a 2-core VM gets one thread). Its idle workers then spin,
@@ -11,13 +16,59 @@ variable left alone; afterwards ``threads`` picks how many of the pool's workers
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+from pathlib import Path
+from typing import Any
 
+POOL_SOURCE = Path(__file__).with_name("pool.c")
+TASKS_PER_THREAD = 2
+"""Tasks a parallel loop is cut into per thread of hawqc's pool."""
+POOL_SPIN_MICROSECONDS = 100
+"""How long an idle worker of hawqc's pool spins (bridging the gap between two kernels) before it sleeps."""
 SPIN_COUNT = 100
 """Yield rounds an idle worker spins before it sleeps (TVM's default: 300000)."""
 
 _pool_size: int | None = None
 _in_use: int | None = None
+_pool: Any = None
+"""The first loaded library carrying hawqc's pool: its pool serves every library installed."""
+
+
+def export_options(target: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``export_library`` for a module of ``target``: hawqc's pool linked in (CPU, Linux).
+    Fresh lists per call: ``export_library`` appends its own object files to ``addons``."""
+    if target.get("kind") != "llvm" or not sys.platform.startswith("linux"):
+        return {}
+    return {"addons": [str(POOL_SOURCE)], "options": ["-O2"]}
+
+
+def install(library: str | os.PathLike[str]) -> bool:
+    """Run the parallel loops of the TVM library at ``library`` (loaded by TVM) on hawqc's pool, if one is
+    loaded and the library's kernels use no barrier; whether they now do."""
+    global _pool
+    if os.environ.get("HAWQC_THREAD_POOL") == "tvm" or not sys.platform.startswith("linux"):
+        return False
+    handle = ctypes.CDLL(str(library))
+    try:
+        launch = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
+    except ValueError:  # no parallel loop in the library
+        return False
+    if hasattr(handle, "__TVMBackendParallelBarrier"):
+        return False
+    if _pool is None and hasattr(handle, "hawqc_pool_launch"):
+        _pool = handle
+        _configure_pool(_in_use or default_threads())
+    if _pool is None:
+        return False
+    launch.value = ctypes.cast(_pool.hawqc_pool_launch, ctypes.c_void_p).value
+    return True
+
+
+def _configure_pool(threads: int) -> None:
+    _pool.hawqc_pool_configure(ctypes.c_int(threads), ctypes.c_int(TASKS_PER_THREAD),
+                               ctypes.c_int64(POOL_SPIN_MICROSECONDS))
 
 
 def default_threads() -> int:
@@ -44,5 +95,7 @@ def configure(threads: int | None = None) -> int:
         import tvm
 
         tvm.get_global_func("runtime.config_threadpool")(1, used)  # 1: TVM's default affinity mode ("big" cores)
+        if _pool is not None:
+            _configure_pool(used)
         _in_use = used
     return used
