@@ -308,7 +308,8 @@ def main() -> None:
             setattr(args, key, value)
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
                                                           "ptq_drop": args.ptq_drop, "ptq_rounding": args.ptq_rounding, "qat_lr": args.qat_lr,
-                                                          "ptq_bias_correction": not args.ptq_no_bias_correction,
+                                                          "ptq_bias_correction": not args.ptq_no_bias_correction and LearnedOptions.for_rounding(
+                                                              args.ptq_rounding).bias_correction,
                                                           "ptq_range_search": not args.ptq_no_range_search,
                                                           "distill_jitter": args.distill_jitter,
                                                           "ilp_options": "/".join(args.ilp_options),
