@@ -392,8 +392,8 @@ def latency_markdown(report: dict[str, Any]) -> str:
     head = ("hawqc (ORT file)", "ONNX Runtime", "OpenVINO", "hawqc / best peer", "PyTorch FP32", "hawqc W8A8",
             "hawqc W4A4", "hawqc mixed")
     lines = [f"# CPU latency, ms ({report['machine']})", "",
-             f"Median over {report['rounds']} rounds, each engine in a fresh process per round ({report['runs']} "
-             f"timed calls each after a 1 s warm-up). Best peer: the faster of ONNX Runtime and OpenVINO on "
+             f"Median over {report['rounds']} rounds, each engine in a fresh process per round (at least "
+             f"{report['runs']} timed calls each, and 1 s of them, after a 1 s warm-up). Best peer: the faster of ONNX Runtime and OpenVINO on "
              "the same QDQ file that the hawqc column compiles.", "",
              "| model | batch | " + " | ".join(head) + " | bit-exact | load 1-min | others' cores |",
              "|---" * (len(head) + 5) + "|"]
@@ -453,7 +453,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma list of hawqc built-in names")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=20, help="timed calls per process")
+    parser.add_argument("--runs", type=int, default=20, help="timed calls per process, at least (calls go on until 1 s is timed, up to 20x)")
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache", help="prepared files")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", default="resnet50:8", help="MODEL:BATCH whose hawqc kernels are profiled")

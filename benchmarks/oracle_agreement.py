@@ -8,7 +8,7 @@ and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default, symmetr
 (QLinearConv, QLinearAdd, ..., uint8, as ``tests/third_party_quantizers.py`` runs it; the oracle reads each
 QLinear* node as its QDQ meaning, :func:`hawqc.reference.oracle.as_qdq`); NNCF's
 post-training quantization as ``tests/third_party_quantizers.py`` runs it; hawqc's own W8A8/W4A4
-exports, for the models with ResNet's layout), on ``--images`` images of batch 1, compares with the oracle
+exports), on ``--images`` images of batch 1, compares with the oracle
 (:mod:`hawqc.reference.oracle`, the file run in float64) the output of
 
 - hawqc (its numpy reference, which every compiled module equals bit for bit; ``--compile`` checks
@@ -47,8 +47,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path | str], tuple[int, ...]]:
-    """The QDQ file of each style (made once, kept under ``work``; or why it could not be made) and the input
-    shape (batch 1); hawqc's own styles only for models with ResNet's layout."""
+    """The QDQ file of each style (made once, kept under ``work``; or why it could not be made: hawqc's own
+    quantizer refusing a model is one line of the table) and the input shape (batch 1)."""
     case = cpu_latency.new_case(name, 1, work)
     files: dict[str, Path | str] = {"ort-u8": case.folder / "qdq.onnx", "ort-s8": case.folder / "qdq-s8.onnx",
              **{style: case.folder / f"{QUANTIZE_WITH.get(style, style)}.onnx" for style in ("ort-qop", "nncf", *OWN)}}
@@ -65,7 +65,7 @@ def prepare(name: str, styles: list[str], work: Path) -> tuple[dict[str, Path | 
                     quantize_with(QUANTIZE_WITH[style], model, tuple(case.shape), case.folder)
                 elif style.startswith("ort"):
                     cpu_latency.export_onnx(model, calib, case, symmetric=style == "ort-s8")
-                elif cpu_latency.own_configs(model):
+                else:
                     to_onnx(quantize(model, OWN[style], calib), files[style], example_input=calib[0][:1])
             except Exception as err:  # one quantizer's failure is one line of the table
                 files[style] = cpu_latency.one_line(err)

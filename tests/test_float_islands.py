@@ -130,3 +130,45 @@ def test_cli_compile_with_calib_data(tmp_path: Path) -> None:
     wrong = compile_("--calib-data", str(tmp_path / "bad.npy"), "--force")
     assert wrong.returncode != 0 and "calibration inputs of shape [4, 3, 6, 6]" in wrong.stderr
     assert "Traceback" not in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("mode", "transform"), [("linear", "pytorch_half_pixel"), ("linear", "align_corners"),
+                                                 ("nearest", "asymmetric")])
+def test_an_unquantized_resize_computes_in_float(mode: str, transform: str) -> None:
+    """PT2E's LR-ASPP head: a ReLU'd conv gated by a sigmoid, neither rounded, resized (6x6 -> 11x11) before
+    its QuantizeLinear: the product and the Resize compute in float64 (listed), equal in the compiled module
+    and the reference, within a step of the file's meaning; calibration quantizes them (PT2E's mode)."""
+    rng = np.random.default_rng(1)
+    weights = {f"w{k}": rng.integers(-127, 128, (4, 4, 1, 1)).astype(np.int8) for k in (1, 2)}
+    consts = {**weights, "ws": np.array(0.004, np.float32), "s": np.array(0.03, np.float32),
+              "s_out": np.array(OUTPUT_STEP, np.float32), "z": np.array(0, np.int8),
+              "sizes": np.array([SHAPE[0], 4, 11, 11], np.int64)}
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
+             *[helper.make_node("DequantizeLinear", [w, "ws"], [f"{w}_f"]) for w in weights],
+             helper.make_node("Conv", ["x", "w1_f"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["x", "w2_f"], ["c2"], name="conv2"),
+             helper.make_node("Sigmoid", ["c2"], ["sg"], name="gate"),
+             helper.make_node("Mul", ["r1", "sg"], ["m"], name="gated"),
+             helper.make_node("Resize", ["m", "", "", "sizes"], ["up"], name="up", mode=mode,
+                              coordinate_transformation_mode=transform),
+             helper.make_node("QuantizeLinear", ["up", "s_out", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s_out", "z"], ["output"])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    module = hawqc.compile_integer_only(model)
+    assert {f.split(" (")[0] for f in module.graph.metadata["float_ops"]} == {"gate", "gated", "up"}
+    for seed in range(2):
+        x = inputs(SHAPE[0], 30 + seed)
+        y = module(x)
+        np.testing.assert_array_equal(y, module.reference(x))
+        assert y.shape == (SHAPE[0], 4, 11, 11) and len(np.unique(y)) > 5
+        assert (np.abs(y - oracle_run(model, x)) / OUTPUT_STEP).max() <= 1 + 1e-3
+    if transform == "pytorch_half_pixel":  # PT2E's
+        calibrated = hawqc.compile_integer_only(model, calib_data=inputs(4, 0))
+        assert "float_ops" not in calibrated.graph.metadata
+        assert "up (Resize)" in calibrated.graph.metadata["calibrated"]["nodes"]
+        np.testing.assert_array_equal(calibrated(x), calibrated.reference(x))

@@ -331,12 +331,64 @@ def test_the_layer_comparison_sees_a_rounding_rule_that_is_not_the_file_s(monkey
     assert sum(layer.mismatches for layer in oracle.layer_by_layer(from_onnx(model), values, x)) > 0
 
 
+def test_a_batch_norm_scale_quantized_twice_is_read_as_its_exact_value() -> None:
+    """ONNX Runtime's quantizer shares equal BatchNormalization scales (DenseNet's ones, through ``Identity``) and
+    quantizes them again: DequantizeLinear -> QuantizeLinear -> DequantizeLinear of a constant. The oracle divides
+    in float64 (channels 0-2: quotients within 1e-6 of a tie that a float32 division rounds onto it) and
+    dequantizes exactly (channel 3: ``255 * float32(1/255)``, which float32 holds as 1.0, an output 1.2e-6 steps
+    above 40.5 that 1.0 puts below). hawqc equals it on every element."""
+    g = _Graph(unsigned=False, seed=0)
+    s_in, q_star, var, eps = np.float32(0.0123), 20, np.float32(0.99999), 1e-5
+    x = g.q("input", float(s_in))
+    q1 = np.array([62, 72, 67, 127], np.int8)
+    s1 = np.array([0.006694526, 0.011328875, 0.013741864, 1 / 127], np.float32)
+    s2 = np.array([0.016276887, 0.014436796, 0.023308985, 1 / 255], np.float32)
+    zp = np.array([0, 0, 0, -128], np.int8)
+    shared = g.node("DequantizeLinear", [g.init("g.q1", q1), g.init("g.s1", s1)], "gamma.shared", axis=0)
+    again = g.node("QuantizeLinear", [g.node("Identity", [shared], "gamma"), g.init("g.s2", s2), g.init("g.zp", zp)],
+                   "gamma.q", axis=0)
+    gamma = g.node("DequantizeLinear", [again, "g.s2", "g.zp"], "gamma.dq", axis=0)
+    exact = 255 * np.float64(s2[3])  # channel 3's scale; float32(exact) == 1.0
+    d = np.sqrt(np.float64(var) + np.float64(np.float32(eps)))
+    x_star = q_star * np.float64(s_in)
+    s_out = np.float32(x_star / d * exact / 40.5)
+    mean = np.zeros(4, np.float32)
+    mean[3] = np.float32(x_star - (40.5 + 1.2e-6) * np.float64(s_out) * d / exact)
+    steps = exact * (x_star - np.float64(mean[3])) / d / np.float64(s_out)
+    assert 40.5 < steps < 40.5 + 2e-6 and np.float32(exact) * (x_star - np.float64(mean[3])) / d / np.float64(s_out) < 40.5
+    params = [gamma, g.init("bn.beta", np.zeros(4, np.float32)), g.init("bn.mean", mean),
+              g.init("bn.var", np.full(4, var, np.float32))]
+    model = g.model(g.q(g.node("BatchNormalization", [x, *params], "bn", epsilon=eps), float(s_out)))
+    images_ = images() * 0 + np.float32(x_star)  # every element of channel 3 on the tie's input
+    images_[:, :3] = images()[:, :3]
+    values = oracle.oracle_run(model, images_, intermediate=True)
+    assert np.all(values["bn.q"][:, 3] == 41)
+    layers = oracle.layer_by_layer(from_onnx(model), values, images_)
+    assert [(layer.name, layer.mismatches) for layer in layers if layer.mismatches] == []
+
+
 def test_oracle_dequantizes_int32_without_float32() -> None:
     g = _Graph(unsigned=False, seed=0)
     big = np.array([2**24 + 1, -(2**30) - 3], np.int32)
     out = g.node("DequantizeLinear", [g.init("big", big), g.init("s", np.array(1.0, np.float32))], "out")
     got = oracle.oracle_run(g.model(out), images())
     assert got.dtype == np.float64 and got.tolist() == big.tolist()
+
+
+@pytest.mark.parametrize("attrs", [dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], ceil_mode=1),  # GoogLeNet's
+                                   dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 0, 0], ceil_mode=1),
+                                   dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], dilations=[2, 1])])
+def test_oracle_max_pool_has_the_output_onnx_runtime_computes(attrs: dict[str, object]) -> None:
+    """The stock reference pads a stride-1 ``ceil_mode`` MaxPool twice (12x12 -> 14x14); the oracle's equals ONNX
+    Runtime's on every element."""
+    import onnxruntime as ort
+
+    g = _Graph(unsigned=False, seed=0)
+    out = g.node("MaxPool", ["input"], "out", **attrs)
+    model = g.model(out)
+    x = images()
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(oracle.oracle_run(model, x), theirs)
 
 
 def test_pools_on_ties_and_of_concats_of_grids_equal_the_oracle() -> None:

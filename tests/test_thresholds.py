@@ -4,7 +4,7 @@ tried: random int32 values, each threshold and its neighbours, the int32 extreme
 import numpy as np
 import pytest
 
-from hawqc.frontend.elementwise import ELEMENTWISE
+from hawqc.quant.elementwise import ELEMENTWISE
 from hawqc.quant.thresholds import activation_thresholds, count_thresholds, output_codes
 
 SIGMOID = ELEMENTWISE["Sigmoid"]

@@ -1,6 +1,8 @@
 """hawqc's x86 kernels (VNNI and the AVX2 fallback, each selected explicitly): bit-exact against the
 reference executor on single layers of every shape class and on whole models."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,24 @@ def test_1x1_accumulators_stay_in_registers_and_requantize_with_vpmuldq() -> Non
     assert "AllocWorkspace" not in kernel.inspect_source("ll").split("conv2d_vnni_requant", 1)[1]
     x = np.random.default_rng(2).integers(0, 256, (2, 16, 14, 14)).astype("uint8")
     module = compile_graph(graph, x.shape, TARGET, input_dtype="uint8", kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_own_residual_adds_run_in_their_convs_epilogue(kernels: str) -> None:
+    """hawqc's own W8A8 ResNet: each residual Add reads a conv accumulator (clipped) on its exact grid; the
+    kernel of the conv written last adds the other input in its epilogue, so no Add runs alone. Bit-exact."""
+    torch.manual_seed(0)
+    model = models.get("resnet18")
+    calib = [torch.randn(2, 3, 32, 32)]
+    models.recalibrate_bn(model, calib)
+    graph = quantize(model, "uniform8", calib).integer_graph()
+    _, lowered = _build(_lower(graph, (2, 3, 32, 32), TARGET, kernels), TARGET, kernels)
+    calls = re.findall(r"^\s*(?:\w+ = )?(\w+)\(", lowered["main"].script(), re.MULTILINE)
+    adds = [op for op in graph.ops if op.op == "add"]
+    assert len(adds) == 8 and sum(re.search(r"conv2d_\w+_add\d*$", call) is not None for call in calls) == len(adds)
+    x = np.random.default_rng(6).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
@@ -342,5 +362,45 @@ def test_int8_activations_read_by_convs_are_stored_unsigned() -> None:
     copies = sum('T.sblock("pad")' in f.script() for f in convs)
     assert len(convs) == 4 and copies == 2  # the 3x3 conv (padding) and the 1x1 conv reading the clip (int8)
     x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32) * 3
+    module = compile_graph(graph, x.shape, TARGET, kernels="vnni")
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+def test_a_concat_moves_with_all_its_inputs_and_pools_read_it_unsigned() -> None:
+    """Inception's pattern: two branches requantized onto one grid and concatenated, the concat read by a 1x1
+    conv and by a 3x3 average pool (padding with the zero point) whose output another 1x1 conv reads: the
+    branches, the concat and the pool's output are produced 128 higher; a concat whose tensors only the
+    output reads stays. Bit-exact."""
+    from hawqc.frontend.unsigned import unsigned_activations
+    from hawqc.reference.graph import pool_consts, rescale_op
+
+    rng = np.random.default_rng(5)
+
+    def conv(src: str, dst: str, cin: int, cout: int, k: int, pad_value: int) -> IntOp:
+        w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+        bias = (-pad_value * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+        return IntOp("conv2d", [src], dst, {"stride": [1, 1], "padding": [k // 2] * 4, "dilation": [1, 1],
+                                            "groups": 1, "pad_value": pad_value}, {"weight": w, "bias": bias})
+
+    s = [np.float32(v) for v in (0.05, 0.004, 0.07, 0.09, 0.06)]
+    consts, tie = pool_consts(s[2], s[3], 9, 256)
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127, "zero_point": -1}, {"scale": np.array(s[0])}),
+           conv("q", "a1", 8, 16, 3, -1), rescale_op("a1", "r1", s[0], s[1], s[2], -128, 127, zero_point=-128),
+           conv("q", "a2", 8, 8, 1, -1), rescale_op("a2", "r2", s[0], s[1], s[2], -128, 127, zero_point=-128),
+           IntOp("concat", ["r1", "r2"], "cat", {"axis": 1}),
+           conv("cat", "a3", 24, 16, 1, -128), rescale_op("a3", "r3", s[2], s[1], s[3], -128, 127, zero_point=-128),
+           IntOp("avgpool", ["cat"], "pooled", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1],
+                                                "qmin": -128, "qmax": 127, "input_zero_point": -128,
+                                                "zero_point": -128, **tie}, consts),
+           conv("pooled", "a4", 24, 16, 1, -128), rescale_op("a4", "r4", s[3], s[1], s[3], -128, 127, zero_point=-128),
+           IntOp("concat", ["r3", "r4"], "out_cat", {"axis": 1}),
+           IntOp("dequantize", ["out_cat"], "output", {"zero_point": -128}, {"scale": np.array(s[3])})]
+    graph = IntegerGraph("input", "output", ops)
+    moved = unsigned_activations(graph)
+    ranges = {op.output: (op.attrs["qmin"], op.attrs["qmax"]) for op in moved.ops if "qmin" in op.attrs}
+    assert all(ranges[t] == (0, 255) for t in ("q", "r1", "r2", "pooled"))
+    assert ranges["r3"] == ranges["r4"] == (-128, 127)
+    assert {op.output: op.attrs.get("input_zero_point") for op in moved.ops}["pooled"] == 0
+    x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32) * 3
     module = compile_graph(graph, x.shape, TARGET, kernels="vnni")
     np.testing.assert_array_equal(module(x), graph.run(x))

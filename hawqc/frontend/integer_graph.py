@@ -78,9 +78,11 @@ def relax_shift_ops() -> ShiftOps:
                     lambda x, k: R.multiply(x, relax.const(k, "int64")))
 
 
-ConvKernels = Callable[[Context, Any, IntOp, "IntOp | None"], Any]
-"""A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None) -> expr``, with the
-requantization fused in when given; ``None`` where it has no kernel (the generic lowering is used)."""
+ConvKernels = Callable[..., Any]
+"""A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None, residual=None, clip=None)
+-> expr``, with the requantization fused in when given: a ``requantize``, or an aligned ``add`` of the
+layer's output (clipped by ``clip``, a requantize by 1, where given) and ``residual`` (the Add's other
+input); ``None`` where it has no kernel for that (the generic lowering is used)."""
 
 TableKernel = Callable[[Context, Any, np.ndarray, int, str], Any]
 """A target's table lookup: ``(ctx, x, table, offset, out_dtype) -> expr`` computing ``table[x - offset]``
@@ -97,7 +99,8 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
 
     ``layout`` is the layout of 4-d tensors inside the module: the input is transposed once after its
     quantize, the outputs once at the end. ``kernels`` lowers conv/dense layers, each fused with the
-    requantize that follows it when nothing else reads the accumulator. ``unsigned_first``: see
+    requantize (or aligned Add: :func:`_fusable_add`) that follows it when nothing else reads the
+    accumulator. ``unsigned_first``: see
     :class:`Context`. ``lookup`` applies the lookup tables of activation functions.
     """
     from tvm import relax
@@ -108,15 +111,27 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
     keep = outputs or [graph.output]
     graph = _pads_folded(graph, keep)
     fused = _fusable_requantize(graph, keep) if kernels else {}
+    adds = _fusable_add(graph, keep) if kernels else {}
+    graph = _moved_to_their_adds(graph, adds)
     with bb.function("main", [x]):
         with bb.dataflow():
             values: dict[str, Any] = {graph.input: x if "float" in input_dtype else bb.emit(ctx.to_internal(x))}
+            inside: set[str] = set()  # the clips of Adds fused into their conv
             for op in graph.ops:
-                if op.output in values:  # a requantize fused into its conv
+                if op.output in values or op.output in inside:  # fused into its conv
                     continue
                 ins = [values[i] for i in op.inputs]
                 requant = fused.get(op.output)
-                expr = kernels(ctx, ins[0], op, requant) if kernels and op.op in ("conv2d", "dense") else None
+                expr = None
+                if kernels and op.op in ("conv2d", "dense"):
+                    if (fusion := adds.get(op.output)) is not None:
+                        requant, clip = fusion
+                        mine = op.output if clip is None else clip.output
+                        residual = values[next(name for name in requant.inputs if name != mine)]
+                        expr = kernels(ctx, ins[0], op, requant, residual, clip)
+                        requant = fused.get(op.output) if expr is None else requant
+                        inside |= {clip.output} if expr is not None and clip is not None else set()
+                    expr = kernels(ctx, ins[0], op, requant) if expr is None else expr
                 if expr is None:
                     values[op.output] = bb.emit(_LOWERINGS[op.op](ctx, ins, op))
                 else:
@@ -196,6 +211,64 @@ def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp
     return {op.output: readers[op.output][0] for op in graph.ops
             if op.op in ("conv2d", "dense") and op.output not in keep and len(readers.get(op.output, [])) == 1
             and readers[op.output][0].op == "requantize"}
+
+
+def _is_exact_identity(op: IntOp) -> bool:
+    b, c, a = np.asarray(op.consts["b"]), np.asarray(op.consts["c"]), op.attrs
+    return (b.size == 1 and c.size == 1 and int(b) == 1 << int(c) and not a.get("input_zero_point")
+            and not a.get("zero_point") and not a.get("tie_window") and "offset" not in op.consts)
+
+
+def _fusable_add(graph: IntegerGraph, keep: list[str]) -> dict[str, tuple[IntOp, IntOp | None]]:
+    """conv output name -> (the aligned Add of two inputs, on exact grids: per-input multipliers, that alone
+    reads it, and the requantize by exactly 1 between them or None): hawqc's own residual Adds read conv
+    accumulators, clipped. Where both inputs are such, the conv written later: the other input must exist
+    when the fused kernel runs."""
+    readers, writer = _readers(graph), {op.output: op for op in graph.ops}
+    order = {op.output: i for i, op in enumerate(graph.ops)}
+
+    def accumulator(name: str) -> tuple[str, IntOp | None] | None:
+        op = writer.get(name)
+        if op is not None and op.op == "requantize" and _is_clip(op) and len(readers[name]) == 1:
+            op, clip = writer.get(op.inputs[0]), op
+        else:
+            clip = None
+        if op is None or op.op != "conv2d" or op.output in keep or len(readers[op.output]) != 1:
+            return None
+        return op.output, clip
+
+    fusable: dict[str, tuple[IntOp, IntOp | None]] = {}
+    for op in graph.ops:
+        if op.op == "add" and "m" in op.consts and len(set(op.inputs)) == len(op.inputs) == 2:
+            found = [a for name in op.inputs if name not in keep and (a := accumulator(name)) is not None]
+            if found:
+                conv, clip = max(found, key=lambda a: order[a[0]])
+                fusable[conv] = (op, clip)
+    return fusable
+
+
+def _is_clip(op: IntOp) -> bool:
+    """Whether a requantize only clips (``b = 2^c``, no zero points or offset)."""
+    b, c, a = np.asarray(op.consts["b"]), np.asarray(op.consts["c"]), op.attrs
+    return (b.size == 1 and c.size == 1 and int(b) == 1 << int(c) and not a.get("input_zero_point")
+            and not a.get("zero_point") and not a.get("tie_window") and "offset" not in op.consts)
+
+
+def _moved_to_their_adds(graph: IntegerGraph, adds: dict[str, tuple[IntOp, IntOp | None]]) -> IntegerGraph:
+    """``graph`` with each conv of ``adds`` (and its clip) right before its Add, after the Add's other input."""
+    if not adds:
+        return graph
+    moved: dict[int, list[IntOp]] = {}
+    for op in graph.ops:
+        if (fusion := adds.get(op.output)) is not None:
+            add, clip = fusion
+            moved[id(add)] = [op, *([clip] if clip else [])]
+    clips = {id(clip) for _, clip in adds.values() if clip is not None}
+    ops = []
+    for op in graph.ops:
+        if op.output not in adds and id(op) not in clips:
+            ops += [*moved[id(op)], op] if id(op) in moved else [op]
+    return IntegerGraph(graph.input, graph.output, ops, graph.metadata)
 
 
 def _const(array: Any, dtype: str) -> Any:
@@ -545,28 +618,32 @@ def _resize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     """Separable: rows, then columns; each a gather per tap, weighted and summed in int32 (linear)."""
     from tvm.relax import op as R
 
-    h, w = ctx.spatial_axes(4)
-    linear = "wy" in op.consts
+    x = ins[0]
+    if "wy" in op.consts:
+        x = R.astype(x, "int32")
+        if op.attrs.get("input_zero_point", 0):
+            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
+        x = ctx.bb.emit(x)
+    return _taps(ctx, x, op.consts, ctx.spatial_axes(4))
 
-    def taps(x: Any, index: np.ndarray, weights: np.ndarray | None, axis: int) -> Any:
-        total = None
+
+def _taps(ctx: Context, x: Any, consts: Mapping[str, np.ndarray], axes: tuple[int, int]) -> Any:
+    """``x`` resized along ``axes`` (H, W) by the taps of :mod:`hawqc.quant.resize`: per axis a gather per
+    tap (``iy``, ``ix``), weighted (``wy``, ``wx`` in ``x``'s dtype, for linear) and summed."""
+    from tvm.relax import op as R
+
+    dtype = str(x.ty.dtype)
+    for axis, name in zip(axes, "yx"):
+        index, weights, total = consts[f"i{name}"], consts.get(f"w{name}"), None
         for k, idx in enumerate(index):
             tap = R.take(x, _const(idx, "int32"), axis=axis, mode="clip")
             if weights is not None:
                 shape = [1, 1, 1, 1]
                 shape[axis] = -1
-                tap = R.multiply(tap, _const(weights[k].reshape(shape), "int32"))
+                tap = R.multiply(tap, _const(weights[k].reshape(shape), dtype))
             total = tap if total is None else R.add(total, tap)
-        return ctx.bb.emit(total)
-
-    x = ins[0]
-    if linear:
-        x = R.astype(x, "int32")
-        if op.attrs.get("input_zero_point", 0):
-            x = R.subtract(x, _const(op.attrs["input_zero_point"], "int32"))
-        x = ctx.bb.emit(x)
-    rows = taps(x, op.consts["iy"], op.consts.get("wy"), h)
-    return taps(rows, op.consts["ix"], op.consts.get("wx"), w)
+        x = ctx.bb.emit(total)
+    return x
 
 
 def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -577,7 +654,7 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from hawqc.reference.float_kernels import node_inputs
 
     a, kind = op.attrs["onnx_attrs"], op.attrs["onnx_op"]
-    consts = {k: _const(v, str(v.dtype)) for k, v in op.consts.items()}
+    consts = {k: _const(v, str(v.dtype)) for k, v in op.consts.items() if k.startswith("input")}
     x, *rest = node_inputs([ctx.bb.emit(ctx.to_external(i)) for i in ins], op.attrs, consts)
     if kind == "Conv":
         pads = a.get("pads", [0, 0, 0, 0])
@@ -599,6 +676,8 @@ def _float_op(ctx: Context, ins: list[Any], op: IntOp) -> Any:
         y = R.nn.softmax(x, axis=a.get("axis", -1))
     elif kind == "ArgMax":
         y = R.argmax(x, axis=a.get("axis", 0), keepdims=bool(a.get("keepdims", 1)))
+    elif kind == "Resize":
+        y = _taps(ctx, x, op.consts, (2, 3))
     else:  # element-wise
         y = _float_elementwise(x, kind, a, rest)
     if op.attrs.get("float32_output") and "float" in str(ctx.bb.normalize(y).ty.dtype):

@@ -22,6 +22,24 @@ QLINEAR_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMu
 QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear", *QLINEAR_OPS}
 
 
+TYPE_PRESERVING_OPS = {"Identity", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice",
+                      "Split", "Concat", "Pad", "MaxPool", "Resize", "DepthToSpace", "SpaceToDepth"}
+"""Operators whose output has their first input's element type (ONNX Runtime runs them on integers)."""
+
+
+def integer_tensors(nodes: list[Any]) -> set[str]:
+    """The tensors that hold quantized integers in the file: the outputs of QuantizeLinear and of ONNX
+    Runtime's QLinear* operators, and what a type-preserving operator computes from them (a Resize of
+    integers in the operator form); a DequantizeLinear's output, and what is computed from it, is float."""
+    found: set[str] = set()
+    for node in nodes:
+        float_gemm = node.op_type == "QGemm" and (len(node.input) < 8 or not node.input[7])  # no output scale
+        if node.op_type == "QuantizeLinear" or (node.op_type in QLINEAR_OPS and not float_gemm) \
+                or (node.op_type in TYPE_PRESERVING_OPS and node.input and node.input[0] in found):
+            found.update(node.output)
+    return found
+
+
 def with_input_shape(model: Any, shape: tuple[int, ...]) -> Any:
     import onnx
 

@@ -33,17 +33,19 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from hawqc.frontend.elementwise import ELEMENTWISE
 from hawqc.frontend.onnx_model import (
     QLINEAR_OPS,
     QUANTIZATION_OPS,
     evaluate_constant,
     fold_constants,
+    integer_tensors,
     load_onnx,
     static_shapes,
     with_input_shape,
 )
 from hawqc.quant.dyadic import bias_in_accumulator, scale_ratio
+from hawqc.quant.elementwise import ELEMENTWISE
+from hawqc.quant.resize import NEAREST_MODES, TRANSFORMS, float_resize_consts, resize_consts
 from hawqc.quant.thresholds import activation_thresholds
 from hawqc.reference.float_kernels import FLOAT_OPS
 from hawqc.reference.graph import (
@@ -76,6 +78,11 @@ class Unquantized(ValueError):
     def __init__(self, message: str, node: str) -> None:
         super().__init__(message)
         self.node = node
+
+
+class _StandIn(Exception):
+    """A shape traced through the stand-in of a node this reading refused (its output, computed in float only
+    by the next reading): the reading ends there."""
 
 
 CALIBRATE_HINT = "; give calibration inputs (--calib-data, calib_data=) and hawqc quantizes it"
@@ -158,6 +165,10 @@ class _Reader:
     """ONNX nodes (by name) computed in float because they read a tensor no QuantizeLinear rounded."""
     producers: dict[str, str] = field(default_factory=dict)
     """ONNX tensor -> the name of the node that writes it."""
+    integer_tensors: set[str] = field(default_factory=set)
+    """The ONNX tensors that hold integers in the file (:func:`integer_tensors`)."""
+    stand_ins: set[str] = field(default_factory=set)
+    """Outputs of the nodes this reading refused, read on as float tensors that no op computes."""
 
     def fail(self, node: Any, why: str) -> None:
         raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}): {why}")
@@ -248,8 +259,10 @@ class _Reader:
         self.values[out] = _View(out, scale, qmin, qmax, zp)
 
     def quantized_constant(self, node: Any, value: np.ndarray) -> np.ndarray:
-        """QuantizeLinear of a constant as ONNX computes it: float32 ``value / scale``, rounded half to even,
-        plus the zero point, saturated; per-channel scales along ``axis``."""
+        """QuantizeLinear of a constant as the file means it (its float64 oracle): ``value / scale`` in float64
+        (``value`` exact: a float32 number or a dequantized integer), rounded half to even, plus the zero point,
+        saturated; per-channel scales along ``axis``. (A float32 division can round a quotient within 2^-24
+        of a tie to it; ONNX Runtime computes so.)"""
         scale = np.asarray(self.const_array(node.input[1]), np.float32)
         zp = self.const_array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
         if scale.ndim == 1 and value.ndim > 1:
@@ -257,7 +270,7 @@ class _Reader:
             shape[_axis(_attr(node, "axis", 1), value.ndim)] = -1
             scale, zp = scale.reshape(shape), zp.reshape(shape)
         qmin, qmax = _qrange(self.model, node, self.inits)
-        q = np.rint(value.astype(np.float32) / scale).astype(np.int64) + zp.astype(np.int64)
+        q = np.rint(value.astype(np.float64) / scale.astype(np.float64)).astype(np.int64) + zp.astype(np.int64)
         return np.clip(q, qmin, qmax).astype(zp.dtype)
 
     def quantize_per_channel(self, node: Any, scales: np.ndarray) -> None:
@@ -435,9 +448,10 @@ class _Reader:
         scale = np.asarray(self.const_array(node.input[1]), dtype=np.float32)
         if node.input[0] in self.inits:
             if len(node.input) > 2 and node.input[2] and np.any(self.const_array(node.input[2]) != 0):
-                # an asymmetric constant (an operand of Mul/Add): its float value; weights need zero point 0
-                q = self.inits[node.input[0]].astype(np.float32) - self.const_array(node.input[2]).astype(np.float32)
-                self.inits[node.output[0]] = q * scale
+                # an asymmetric constant (an operand of Mul/Add, a BatchNormalization's scale): its exact value
+                # (float64, as the oracle dequantizes); weights need zero point 0
+                q = self.inits[node.input[0]].astype(np.int64) - self.const_array(node.input[2]).astype(np.int64)
+                self.inits[node.output[0]] = q.astype(np.float64) * scale.astype(np.float64)
                 return
             self.values[node.output[0]] = _Const(self.inits[node.input[0]], scale)
             self.dequantized_from[node.output[0]] = node.input[0]
@@ -639,6 +653,8 @@ class _Reader:
         if not self.trace:
             self.trace[self.input] = np.zeros(self.shapes[self.input], np.float32)
         for op in self.ops[len(self.trace) - 1:]:
+            if self.stand_ins.intersection(op.inputs):
+                raise _StandIn(op.output)
             self.trace[op.output] = KERNELS[op.op]([self.trace[i] for i in op.inputs], op.attrs, op.consts)
         return list(self.trace[name].shape)
 
@@ -874,10 +890,10 @@ class _Reader:
         """An ONNX operator computed in float, as the quantizer left it; recorded in ``float_nodes``."""
         from onnx import helper
 
-        dynamic, consts = [], {}
+        dynamic, consts, absent = [], {}, [k for k, name in enumerate(node.input) if not name]
         for k, name in enumerate(node.input):
-            if not name:
-                self.fail(node, "computing it in float needs all its inputs")
+            if not name:  # an optional input left out (Resize's roi and scales)
+                continue
             value = self.float_const(name)
             if value is not None:
                 raw = self.inits.get(name)
@@ -890,8 +906,10 @@ class _Reader:
                  for k, v in attrs.items()}
         out = node.output[0]
         opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        if node.op_type == "Resize":  # the module gathers with the taps; the reference runs ONNX's Resize
+            consts.update(float_resize_consts(*self.resize_geometry(node)))
         self.emit("float_op", dynamic, out, {"onnx_op": node.op_type, "onnx_attrs": attrs, "arity": len(node.input),
-                                             "opset": opset}, consts)
+                                             "opset": opset, **({"absent": absent} if absent else {})}, consts)
         self.values[out] = _Float(out)
         self.float_nodes.append(f"{node.name or out} ({node.op_type})")
 
@@ -932,10 +950,30 @@ class _Reader:
     # ---- Resize ----------------------------------------------------------------------------------
     def resize(self, node: Any) -> None:
         """Resize of H, W: nearest is a gather (the same grid); linear a weighted sum with exact integer
-        weights, an accumulator on a grid ``denominator`` times finer, rescaled at the QuantizeLinear."""
-        from hawqc.frontend.resize import resize_consts
-
+        weights, an accumulator on a grid ``denominator`` times finer, rescaled at the QuantizeLinear, or at
+        once onto the input's grid where the file resizes integers (ONNX Runtime's operator form: a
+        DequantizeLinear -> Resize -> QuantizeLinear on one grid)."""
         src = self.view(node, self.values.get(node.input[0]))
+        out = node.output[0]
+        size, new, scales, mode, transform, nearest = self.resize_geometry(node)
+        consts, denominator = resize_consts(size, new, scales, mode, transform, nearest)
+        if mode == "nearest":
+            self.moved(node, src, out, "resize", {})
+            self.ops[-1].consts.update(consts)
+            return
+        attrs_out = {"input_zero_point": src.zero_point} if src.zero_point else {}
+        on_grid = out in self.integer_tensors
+        acc = self.emit("resize", [src.name], f"{out}:acc" if on_grid else out, attrs_out, consts)
+        value = _Acc(acc, np.float32(src.scale), np.asarray(1.0 / denominator, np.float64), exact_w=True)
+        if on_grid:
+            lo, hi = self.rescale(value, out, np.float32(src.scale), src.qmin, src.qmax, src.zero_point)
+            value = _View(out, src.scale, lo, hi, src.zero_point)
+        self.values[out] = value
+
+    def resize_geometry(self, node: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float] | None, str,
+                                                  str, str]:
+        """A Resize of H, W in a mode hawqc lowers (checked): input and output H, W, the model's H, W factors
+        (None where it gives sizes), mode, coordinate transformation and nearest mode."""
         (n, c, h, w), out = self.batch_open_shape(node, node.input[0]), node.output[0]
         out_shape = self.open_shapes[out] if out in self.open_shapes else self.output_shape(node)
         if out_shape[:2] != [n, c]:
@@ -945,21 +983,15 @@ class _Reader:
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
         mode = attrs.get("mode", "nearest")
         if mode not in ("nearest", "linear") or attrs.get("antialias", 0):
-            self.fail(node, f"Resize mode {mode!r} has no integer lowering (nearest and linear have)")
-        try:
-            consts, denominator = resize_consts(
-                (h, w), (out_shape[2], out_shape[3]),
-                None if scales is None or not scales.size else (float(scales[2]), float(scales[3])), mode,
-                attrs.get("coordinate_transformation_mode", "half_pixel"), attrs.get("nearest_mode", "round_prefer_floor"))
-        except ValueError as err:
-            self.fail(node, str(err))
-        if mode == "nearest":
-            self.moved(node, src, out, "resize", {})
-            self.ops[-1].consts.update(consts)
-            return
-        attrs_out = {"input_zero_point": src.zero_point} if src.zero_point else {}
-        self.emit("resize", [src.name], out, attrs_out, consts)
-        self.values[out] = _Acc(out, np.float32(src.scale), np.asarray(1.0 / denominator, np.float64), exact_w=True)
+            self.fail(node, f"Resize mode {mode!r} is not supported (nearest and linear are)")
+        transform = attrs.get("coordinate_transformation_mode", "half_pixel")
+        nearest = attrs.get("nearest_mode", "round_prefer_floor")
+        if transform not in TRANSFORMS or nearest not in NEAREST_MODES:
+            self.fail(node, f"coordinate_transformation_mode {transform!r} / nearest_mode {nearest!r} is not supported "
+                            f"({', '.join(TRANSFORMS)} / {', '.join(NEAREST_MODES)} are)")
+        return ((h, w), (out_shape[2], out_shape[3]),
+                None if scales is None or not scales.size else (float(scales[2]), float(scales[3])), mode, transform,
+                nearest)
 
     def qlinear(self, node: Any) -> None:
         """ONNX Runtime's operator form (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul,
@@ -1141,10 +1173,11 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
     open_shapes = {k: v for k, v in inferred.items() if k not in shapes}
     producers = {o: n.name or n.output[0] for n in nodes for o in n.output}
     op_types = {n.name or n.output[0]: n.op_type for n in nodes}
+    integers = integer_tensors(nodes)
     in_float: set[str] = set()
     while True:  # each reading computes in float the nodes the one before found reading unrounded tensors
         reader = _Reader(model, inits=dict(inits), shapes=dict(shapes), open_shapes=open_shapes, in_float=in_float,
-                         producers=producers)
+                         producers=producers, integer_tensors=integers)
         refused = _read_nodes(reader, nodes, float_regions)
         if not refused:
             break
@@ -1165,8 +1198,9 @@ def from_onnx(source: str | os.PathLike[str] | Any, input_shape: tuple[int, ...]
 
 def _read_nodes(reader: _Reader, nodes: list[Any], float_regions: bool) -> list[Unquantized]:
     """Read ``nodes`` in order into ``reader``; with ``float_regions`` the nodes that read a tensor no
-    QuantizeLinear rounded are returned (their outputs read on as float, to find the others in the same
-    reading), else the first raises."""
+    QuantizeLinear rounded are returned (their outputs read on as float stand-ins, to find the others in the
+    same reading, up to the first shape that needs a stand-in's), else the first raises. A node whose form
+    the reader does not know fails naming it."""
     model = reader.model
     input_name = next(i.name for i in model.graph.input if i.name not in reader.inits)
     reader.values[input_name] = reader.input = input_name
@@ -1179,6 +1213,12 @@ def _read_nodes(reader: _Reader, nodes: list[Any], float_regions: bool) -> list[
                 raise
             refused.append(err)
             reader.values.update({out: _Float(out) for out in node.output})
+            reader.stand_ins.update(node.output)
+        except _StandIn:
+            return refused
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
+                              "hawqc reads the forms ONNX Runtime, NNCF, PT2E and hawqc's export write")
     return refused
 
 
@@ -1196,9 +1236,6 @@ def _read_node(reader: _Reader, node: Any) -> None:
     elif node.op_type in _HANDLERS:
         try:
             _HANDLERS[node.op_type](reader, node)
-        except (KeyError, IndexError, TypeError, AttributeError) as err:  # a form hawqc does not read
-            reader.fail(node, f"this form of {node.op_type} cannot be read ({type(err).__name__}: {err}); "
-                              "hawqc reads the forms ONNX Runtime, NNCF and hawqc's export write")
         except ValueError as err:  # e.g. a rescale no dyadic number represents: name the node
             if str(err).startswith("ONNX "):
                 raise

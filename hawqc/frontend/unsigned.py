@@ -25,44 +25,62 @@ PRODUCERS = {"requantize", "add", "quantize", "mul", "avgpool", "global_avgpool"
 """Ops whose output moves up with their clip bounds and zero point."""
 PASS_THROUGH = {"maxpool", "pad"}
 """Ops that commute with the shift (a pad's value moves with it): their output moves with their input."""
-READERS = {"conv2d", "dense", "requantize", "dequantize", "add"}
-"""Ops that read such a tensor through an input zero point (conv2d and dense: through their bias)."""
+TIED = PASS_THROUGH | {"concat"}
+"""Ops whose output moves with their inputs, all of them or none (a concat's)."""
+READERS = {"conv2d", "dense", "requantize", "dequantize", "add", "avgpool", "global_avgpool"}
+"""Ops that read such a tensor through an input zero point (conv2d and dense: through their bias; a pool
+rescales its window sums minus the zero point's, which the move leaves as they were)."""
 
 
 def unsigned_activations(graph: IntegerGraph, keep: Iterable[str] = ()) -> IntegerGraph:
-    """The same graph with every int8 activation (clip bounds within [-128, 127], some below 0) that is
-    written by :data:`PRODUCERS` (or :data:`PASS_THROUGH` ops from one), read by a conv or dense layer, and
-    read only by :data:`READERS` (or :data:`PASS_THROUGH` ops) stored 128 higher. The graph's output and the
-    tensors in ``keep`` (outputs the caller reads) stay as they are."""
+    """The same graph with int8 activations (clip bounds within [-128, 127], some below 0) stored 128 higher
+    where that is exact and saves a copy: a group of tensors that move together (:data:`TIED` ops tie their
+    output to their inputs) moves when every tensor of it that a non-tied op writes is written by one of
+    :data:`PRODUCERS`, a conv or dense layer reads it, and only :data:`READERS` do. The graph's output and
+    the tensors in ``keep`` (outputs the caller reads) stay as they are."""
     keep = {graph.output, *keep}
     readers: dict[str, list[IntOp]] = {}
     for op in graph.ops:
         for name in op.inputs:
             readers.setdefault(name, []).append(op)
+    writer = {op.output: op for op in graph.ops}
     shifted: set[str] = set()
-    for op in graph.ops:
-        if op.op in PRODUCERS and _is_int8(op) and op.output not in keep:
-            group = _passed_group(op.output, readers)
-            reads = [r for name in group for r in readers.get(name, []) if r.op not in PASS_THROUGH]
-            after = shifted | set(group)
-            if (not keep & set(group) and any(r.op in ("conv2d", "dense") for r in reads)
-                    and all(r.op in READERS and _fits(r, after) for r in reads) and _fits(op, after)):
-                shifted.update(group)
+    for group in _tied_groups(graph):
+        sources = [writer.get(name) for name in group if name not in writer or writer[name].op not in TIED]
+        if keep & group or not all(op is not None and op.op in PRODUCERS and _is_int8(op) for op in sources):
+            continue
+        reads = [r for name in group for r in readers.get(name, []) if r.op not in TIED]
+        after = shifted | group
+        if (any(r.op in ("conv2d", "dense") for r in reads) and all(r.op in READERS and _fits(r, after) for r in reads)
+                and all(_fits(op, after) for op in sources)):
+            shifted |= group
     ops = [_shifted(op, shifted) for op in graph.ops]
     return dataclasses.replace(graph, ops=ops)
 
 
+def _tied_groups(graph: IntegerGraph) -> list[set[str]]:
+    """The tensors :data:`TIED` ops join (each op output alone otherwise), in the order they are first written."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    for op in graph.ops:
+        root(op.output)
+        if op.op in TIED:
+            for name in op.inputs:
+                parent[root(name)] = root(op.output)
+    groups: dict[str, set[str]] = {}
+    for op in graph.ops:
+        for name in (op.output, *op.inputs):
+            groups.setdefault(root(name), set()).add(name)
+    return list(groups.values())
+
+
 def _is_int8(op: IntOp) -> bool:
     return op.attrs.get("qmin", 0) < 0 and -SHIFT <= op.attrs.get("qmin", 0) and op.attrs.get("qmax", 0) < SHIFT
-
-
-def _passed_group(name: str, readers: dict[str, list[IntOp]]) -> list[str]:
-    """``name`` and every tensor :data:`PASS_THROUGH` ops make of it."""
-    group, todo = [], [name]
-    while todo:
-        group.append(current := todo.pop())
-        todo += [r.output for r in readers.get(current, []) if r.op in PASS_THROUGH]
-    return group
 
 
 def _fits(op: IntOp, shifted: set[str]) -> bool:
@@ -101,11 +119,11 @@ def _moved_bias(op: IntOp) -> np.ndarray:
 
 def _shifted(op: IntOp, shifted: set[str]) -> IntOp:
     attrs, consts = dict(op.attrs), dict(op.consts)
-    if op.output in shifted and op.op not in PASS_THROUGH:
+    if op.output in shifted and op.op not in TIED:
         for key in ("qmin", "qmax", "zero_point"):
             attrs[key] = attrs.get(key, 0) + SHIFT
     moved = [name in shifted for name in op.inputs]
-    if any(moved):
+    if any(moved) and op.op not in ("maxpool", "concat"):  # the other tied op, pad, pads with the moved value
         if op.op == "pad":
             attrs["pad_value"] = attrs.get("pad_value", 0) + SHIFT
         elif op.op in ("conv2d", "dense"):
@@ -115,7 +133,7 @@ def _shifted(op: IntOp, shifted: set[str]) -> IntOp:
         elif op.op == "add":
             zero_points = attrs.get("input_zero_points", [0] * len(op.inputs))
             attrs["input_zero_points"] = [z + SHIFT * m for z, m in zip(zero_points, moved)]
-        else:  # requantize, dequantize
-            key = "input_zero_point" if op.op == "requantize" else "zero_point"
+        else:  # requantize, the pools, dequantize
+            key = "zero_point" if op.op == "dequantize" else "input_zero_point"
             attrs[key] = attrs.get(key, 0) + SHIFT
     return dataclasses.replace(op, attrs=attrs, consts=consts)

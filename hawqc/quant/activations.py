@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawqc.frontend.elementwise import ELEMENTWISE
+from hawqc.quant.elementwise import ELEMENTWISE
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ from torch import nn
 
 from hawqc import distributed
 from hawqc.bitconfig import BitConfig, LayerBits
-from hawqc.frontend.resize import resize_consts
 from hawqc.quant.activations import ACTIVATIONS
 from hawqc.quant.capture import Node, capture, pool_window
 from hawqc.quant.dyadic import bias_in_accumulator
 from hawqc.quant.modules import INT32_MAX, INT32_MIN, QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import ActQuantizer
+from hawqc.quant.resize import resize_consts
 from hawqc.reference.graph import (
     AddInput,
     IntegerGraph,
@@ -407,7 +407,8 @@ class QuantModel(nn.Module):
             return
         if node.kind == "bn":
             bn = self.norm(node)
-            params = (t.detach().cpu().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+            params = (t.detach().cpu().numpy().astype(np.float32) for t in (bn.weight, bn.bias, bn.running_mean,
+                                                                              bn.running_var))  # as exported
             gain, offset = batch_norm_affine(*params, np.float32(bn.eps))
             op, s_w, fraction = affine_op(src, f"{name}:acc", gain, offset, s_in, 1.0, max(abs(in_min), abs(in_max)))
         else:  # resize

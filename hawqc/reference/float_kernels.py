@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 
 FLOAT_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Mul", "Add",
-             "Sub", "Div", "GlobalAveragePool", "ReduceMean", "Flatten", "Softmax", "ArgMax")
+             "Sub", "Div", "GlobalAveragePool", "ReduceMean", "Flatten", "Softmax", "ArgMax", "Resize")
 """ONNX operators hawqc can compute in float."""
 
 
 def node_inputs(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> list[Any]:
-    """The node's inputs in order: tensors from ``inputs``, constants from ``consts["input<k>"]``."""
-    dynamic = iter(inputs)
-    return [consts[f"input{k}"] if f"input{k}" in consts else next(dynamic) for k in range(attrs["arity"])]
+    """The node's inputs in order: tensors from ``inputs``, constants from ``consts["input<k>"]``, None for an
+    optional input left out (``attrs["absent"]``)."""
+    dynamic, absent = iter(inputs), attrs.get("absent", ())
+    return [None if k in absent else consts[f"input{k}"] if f"input{k}" in consts else next(dynamic)
+            for k in range(attrs["arity"])]
 
 
 def float_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -31,10 +33,10 @@ def float_op(inputs: list[Any], attrs: Mapping[str, Any], consts: Mapping[str, n
     from onnx.reference import ReferenceEvaluator
 
     values = node_inputs(inputs, attrs, consts)
-    names = [f"i{k}" for k in range(len(values))]
+    names = ["" if v is None else f"i{k}" for k, v in enumerate(values)]
     node = helper.make_node(attrs["onnx_op"], names, ["y"], **attrs["onnx_attrs"])
     graph = helper.make_graph([node], "float_op", [], [helper.make_tensor_value_info("y", 0, None)],
-                              [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values)])
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, values) if n])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", attrs.get("opset", 17))])
     y = np.asarray(ReferenceEvaluator(model).run(None, {})[0])
     return y.astype(np.float32) if attrs.get("float32_output") and y.dtype.kind == "f" else y

@@ -282,9 +282,10 @@ def product_op(a: str, b: str, dst: str, s_a: Any, s_b: Any, s_out: Any, qmin: i
 
 
 def batch_norm_affine(gamma: Any, beta: Any, mean: Any, var: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(gain, offset)`` per channel (float64) of an inference BatchNormalization with these parameters (as
-    float32 values) and ``epsilon``: ``gain * x + offset``."""
-    gamma, beta, mean, var = (np.asarray(np.asarray(v, np.float32), np.float64) for v in (gamma, beta, mean, var))
+    """``(gain, offset)`` per channel (float64) of an inference BatchNormalization with these parameters (their
+    exact values: float32 numbers, or dequantized constants that float32 cannot hold, as ONNX Runtime's quantizer
+    leaves a shared scale) and ``epsilon``: ``gain * x + offset``."""
+    gamma, beta, mean, var = (np.asarray(v, np.float64) for v in (gamma, beta, mean, var))
     gain = gamma / np.sqrt(var + float(eps))
     return gain, beta - mean * gain
 

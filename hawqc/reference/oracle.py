@@ -3,7 +3,8 @@
 :func:`oracle_run` executes the file with ``onnx.reference.ReferenceEvaluator`` after
 :func:`widened` has made every float tensor float64 (initializers, constants, casts, value types;
 the opset raised to 21, where the reference's QDQ kernels start), with a ``DequantizeLinear`` that
-turns integers into float64 directly (the stock one passes int32 biases through float32). A
+turns integers into float64 directly (the stock one passes int32 biases through float32) and a
+``MaxPool`` of the spec's output size (the stock one pads a stride-1 ``ceil_mode`` pool twice). A
 ``QuantizeLinear`` then divides a float64 value by its float32 scale and rounds half to even: a
 result flips only where the real value lies within ~1e-13 of a rounding boundary. ONNX Runtime's operator
 form (QLinearConv, QLinearMatMul, and com.microsoft's QGemm, QLinearAdd, QLinearMul, QLinearConcat,
@@ -79,6 +80,49 @@ def _dequantize_linear_float64() -> type:
             return (dx * scale.reshape(shape if scale.size > 1 else ()),)
 
     return DequantizeLinear
+
+
+def _max_pool_op() -> type:
+    from onnx.reference.ops.op_max_pool import MaxPool as StockMaxPool
+
+    class MaxPool(StockMaxPool):
+        """``MaxPool`` with the output size the spec defines: ``onnx.reference`` (1.23) pads a stride-1
+        ``ceil_mode`` pool with ``pads`` once more on each side (GoogLeNet's 28x28 becomes 30x30). Explicit
+        pads, strides, dilations and ``ceil_mode`` (a window that would start in the right padding is
+        dropped); ``auto_pad`` and the ``Indices`` output are left to the stock kernel."""
+
+        op_domain = ""
+
+        def _run(self, x: Any, auto_pad: Any = None, ceil_mode: int = 0, dilations: Any = None,  # type: ignore[override]
+                 kernel_shape: Any = None, pads: Any = None, storage_order: int = 0, strides: Any = None) -> tuple[Any, ...]:
+            if auto_pad not in (None, "NOTSET", b"NOTSET") or len(self.output) > 1:
+                return super()._run(x, auto_pad, ceil_mode, dilations, kernel_shape, pads, storage_order, strides)
+            return (max_pool(np.asarray(x), list(kernel_shape), strides, pads, dilations, bool(ceil_mode)),)
+
+    return MaxPool
+
+
+def max_pool(x: np.ndarray, kernel: list[int], strides: Any = None, pads: Any = None, dilations: Any = None,
+             ceil_mode: bool = False) -> np.ndarray:
+    """ONNX ``MaxPool`` of ``x`` (N, C, spatial...), explicit pads, exact for any dtype."""
+    n = len(kernel)
+    strides, dilations = list(strides or [1] * n), list(dilations or [1] * n)
+    pads = list(pads or [0] * (2 * n))
+    low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+    widths, index = [(0, 0), (0, 0)], [slice(None), slice(None)]
+    for i in range(n):
+        extent = (kernel[i] - 1) * dilations[i] + 1
+        size = (x.shape[2 + i] + pads[i] + pads[n + i] - extent) / strides[i] + 1
+        out = int(np.ceil(size) if ceil_mode else np.floor(size))
+        if ceil_mode and (out - 1) * strides[i] >= x.shape[2 + i] + pads[i]:
+            out -= 1
+        widths.append((pads[i], max((out - 1) * strides[i] + extent - x.shape[2 + i] - pads[i], 0)))
+        index.append(slice(0, (out - 1) * strides[i] + 1, strides[i]))
+    padded = np.pad(x, widths, constant_values=low)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, [(k - 1) * d + 1 for k, d in zip(kernel, dilations)],
+                                                       axis=tuple(range(2, 2 + n)))
+    windows = windows[tuple(index) + tuple(slice(None, None, d) for d in dilations)]
+    return windows.max(axis=tuple(range(2 + n, 2 + 2 * n)))
 
 
 def as_qdq(model: Any) -> Any:
@@ -161,7 +205,7 @@ def evaluator(model: Any) -> Any:
 
     from hawqc.frontend.onnx_model import load_onnx
 
-    return ReferenceEvaluator(widened(as_qdq(load_onnx(model))), new_ops=[_dequantize_linear_float64()])
+    return ReferenceEvaluator(widened(as_qdq(load_onnx(model))), new_ops=[_dequantize_linear_float64(), _max_pool_op()])
 
 
 def oracle_run(model: Any, x: np.ndarray, intermediate: bool = False) -> Any:

@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 
 WARM_UP_S = 1.0
+TIMED_S = 1.0
+"""Calls go on past ``runs`` until this long has been timed (at most 20x ``runs``): a short call's median
+then rests on hundreds of calls, not on a few that a moment of other work on the machine can move."""
 WORKER_TIMEOUT_S = 900
 PEERS = ("onnxruntime", "openvino")
 """Engines that run the same ONNX file beside hawqc."""
@@ -101,18 +104,18 @@ def warm_up(run: Callable[[], Any]) -> None:
 
 
 def timed(run: Callable[[], Any], runs: int) -> dict[str, Any]:
-    """Median/min/max ms of ``runs`` calls, with the load around them."""
+    """Median/min/max ms of at least ``runs`` calls (see :data:`TIMED_S`), with the load around them."""
     load_before = os.getloadavg()[0]
     busy, own = busy_seconds()
     start = time.perf_counter()
-    times = []
-    for _ in range(runs):
+    times: list[float] = []
+    while len(times) < runs or (time.perf_counter() - start < TIMED_S and len(times) < 20 * runs):
         t = time.perf_counter()
         run()
         times.append((time.perf_counter() - t) * 1e3)
     wall = time.perf_counter() - start
     busy_after, own_after = busy_seconds()
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs,
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": len(times),
             "load_before": load_before, "load_after": os.getloadavg()[0],
             "other_cores": max(0.0, (busy_after - busy) - (own_after - own)) / wall}
 

@@ -45,7 +45,9 @@ class Requant:
     """The epilogue's clip bounds, output zero point and storage type; ``high_word``: the kernel takes
     the constants of :func:`hawqc.quant.dyadic.high_word_form` (``bias`` = its ``d``, ``shift`` = its
     ``s``) and computes that cheaper, equal form; ``tie_window``: that of :func:`hawqc.quant.dyadic.round_shift`
-    (an exact average pool's)."""
+    (an exact average pool's); ``residual``: the storage type of a second tensor of the output's shape
+    that an aligned Add sums in, times its per-channel multiplier (the kernel's last two parameters
+    before the output: the multiplier, then the tensor)."""
 
     qmin: int
     qmax: int
@@ -53,6 +55,10 @@ class Requant:
     dtype: str
     high_word: bool = False
     tie_window: int = 0
+    residual: str | None = None
+    accumulator_clip: tuple[int, int] | None = None
+    """With ``residual``: the bounds the layer's own output (``acc + accumulator bias``, the kernel's last
+    parameter before the residual) is clipped to before it is multiplied."""
 
 
 @dataclass(frozen=True)
@@ -233,14 +239,24 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
             acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], lambda v: v.astype("int32"))), name="out")
         return te.create_prim_func([x, weight, bias, b, shift, out])
     b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
+    m = te.placeholder((ocp,), "int64", name="m")
+    own = te.placeholder((ocp,), "int32", name="acc_bias")
+    residual = te.placeholder(shape, requant.residual or "int8", name="residual")
+    extra = ([m, *([own] if requant.accumulator_clip else []), residual] if requant.residual else [])
 
     def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
-        v = round_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], rnd[o],
-                        tie_window=requant.tie_window)
+        value = acc[i, y, z, o]
+        if requant.accumulator_clip:
+            low, high = requant.accumulator_clip
+            value = tirx.max(tirx.min(value + own[o], high), low)
+        total = value.astype("int64") * b[o] + bias[o]
+        if requant.residual:
+            total = total + residual[i, y, z, o].astype("int64") * m[o]
+        v = round_shift(total, shift[o], rnd[o], tie_window=requant.tie_window)
         return clip(v + requant.zero_point if requant.zero_point else v)
 
     out = te.compute(shape, epilogue, name="out")
-    return te.create_prim_func([x, weight, bias, b, rnd, shift, out])
+    return te.create_prim_func([x, weight, bias, b, rnd, shift, *extra, out])
 
 
 def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[int, int] | None = None) -> Any:

@@ -30,12 +30,13 @@ class X86Kernels:
     vnni: bool
     packed_int4: bool = False
 
-    def __call__(self, ctx: Context, x: Any, op: IntOp, requant: IntOp | None) -> Any:
+    def __call__(self, ctx: Context, x: Any, op: IntOp, requant: IntOp | None, residual: Any = None,
+                 clip: IntOp | None = None) -> Any:
         from tvm import relax
         from tvm.relax import op as R
 
         dtype = str(x.ty.dtype)
-        if ctx.layout != "NHWC" or dtype not in ("int8", "uint8"):
+        if ctx.layout != "NHWC" or dtype not in ("int8", "uint8") or (residual is not None and op.op != "conv2d"):
             return None
         batch = x.ty.shape[0]
         shape = [int(batch) if is_static(batch) else None, *(int(d) for d in list(x.ty.shape)[1:])]
@@ -52,18 +53,21 @@ class X86Kernels:
                                 groups=a.get("groups", 1))
         if self.vnni and self.packed_int4 and -8 <= weight.min() and weight.max() <= 7:
             wl = dataclasses.replace(wl, weight_bits=4)
-        consts, high_word = _constants(wl, weight, op, requant, self.vnni)
-        epilogue = _requant(ctx, requant, high_word)
+        oh, ow = wl.out_size
+        if residual is not None and (depthwise.is_depthwise(wl) or str(residual.ty.dtype) not in ("int8", "uint8", "int32")
+                                     or list(residual.ty.shape)[1:] != [oh, ow, wl.out_channels]):
+            return None
+        consts, high_word = _constants(wl, weight, op, requant, self.vnni, clip)
+        epilogue = _requant(ctx, requant, high_word, residual, clip)
         if depthwise.is_depthwise(wl):
             func, name = depthwise.depthwise(wl, epilogue, self.vnni), "depthwise_conv2d"
         else:
             isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
             func, name = conv2d(wl, epilogue, self.vnni), f"{op.op}_{isa}"
-        name += "_requant" if requant else ""
+        name += ("_add" if residual is not None else "_requant") if requant else ""
         gv = ctx.bb.add_func(func, name)
-        oh, ow = wl.out_size
         out = relax.TensorType((x.ty.shape[0], oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
-        y = R.call_tir(gv, [x, *consts], out)
+        y = R.call_tir(gv, [x, *consts, *([] if residual is None else [residual])], out)
         if op.op == "dense":
             y = R.reshape(ctx.bb.emit(y), [batch, wl.out_channels])
         return y
@@ -86,21 +90,26 @@ def table_lookup(ctx: Context, x: Any, table: np.ndarray, offset: int, out_dtype
     return R.reshape(out, shape)
 
 
-def _requant(ctx: Context, op: IntOp | None, high_word: bool) -> Requant | None:
+def _requant(ctx: Context, op: IntOp | None, high_word: bool, residual: Any = None,
+             clip: IntOp | None = None) -> Requant | None:
     if op is None:
         return None
     a = op.attrs
     return Requant(a["qmin"], a["qmax"], a.get("zero_point", 0), ctx.storage(a["qmin"], a["qmax"]), high_word,
-                   a.get("tie_window", 0))
+                   a.get("tie_window", 0), None if residual is None else str(residual.ty.dtype),
+                   None if clip is None else (clip.attrs["qmin"], clip.attrs["qmax"]))
 
 
 def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp | None,
-               vnni: bool) -> tuple[list[Any], bool]:
+               vnni: bool, clip: IntOp | None = None) -> tuple[list[Any], bool]:
     """Packed weights, the bias with the VNNI activation offset (and input zero point of the requantize)
     folded in (with a requantize: times ``b``, plus its offset), then per-channel ``b``, ``2^(c-1) - 1`` (the
     rounding bias) and ``c``, all padded to whole 16-channel blocks; or, where the accumulator's range
     allows (:func:`hawqc.quant.dyadic.high_word_form`), ``d``, ``b`` and ``s`` of the cheaper form, which
-    the second value says."""
+    the second value says. For an aligned Add (``requant`` an ``add`` reading the layer's output): ``b`` is
+    the layer's multiplier, the bias also holds the Add's offset and the other input's zero point times its
+    multiplier, and that multiplier follows ``c``; with a ``clip`` of the layer's output, the bias holds
+    only those and the layer's own bias (int32) comes last."""
     from tvm import relax
 
     oc, ocp = wl.out_channels, wl.packed_out
@@ -118,6 +127,18 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
         consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits, wl.groups), "int8")]
     if requant is None:
         return [*consts, padded(bias)], False
+    if requant.op == "add":
+        mine = requant.inputs.index(op.output if clip is None else clip.output)
+        other, zero_points = 1 - mine, requant.attrs.get("input_zero_points", [0, 0])
+        b, m = (np.asarray(requant.consts["m"][i], dtype=np.int64) for i in (mine, other))
+        c, tie = np.asarray(requant.consts["c"], dtype=np.int64), requant.attrs.get("tie_window", 0)
+        rest = np.asarray(requant.consts.get("offset", 0), np.int64) - zero_points[mine] * b - zero_points[other] * m
+        tail = [padded(rounding_bias(c, tie)), padded(c, 1), padded(m)]
+        if clip is None:
+            return [*consts, padded(bias * b + rest), padded(b, 1), *tail], False
+        if np.abs(bias).max(initial=0) >= 2**31:
+            raise ValueError("a conv bias beyond int32")
+        return [*consts, padded(rest), padded(b, 1), *tail, padded(bias, 0, "int32")], False
     b, c = (np.asarray(requant.consts[k], dtype=np.int64) for k in ("b", "c"))
     bias = (bias - requant.attrs.get("input_zero_point", 0)) * b + np.asarray(requant.consts.get("offset", 0), np.int64)
     tie = requant.attrs.get("tie_window", 0)

@@ -20,6 +20,11 @@ MAX_DENOMINATOR = 2**11
 accumulator of 8-bit values times D_h * D_w then stays within int32)."""
 
 
+TRANSFORMS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn")
+"""The coordinate transformation modes supported."""
+NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
 def source_coordinate(x: int, size: int, new: int, scale: Fraction, transform: str) -> Fraction:
     """The input coordinate ONNX maps output index ``x`` to."""
     if transform == "half_pixel" or (transform == "pytorch_half_pixel" and new > 1):
@@ -49,24 +54,29 @@ def _nearest(coord: Fraction, mode: str) -> int:
     raise ValueError(f"nearest_mode {mode!r} is not supported")
 
 
-def resize_taps(size: int, new: int, scale: float | None, mode: str, transform: str,
-                nearest_mode: str) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """``(indices (k, new), weights (2, new) or None, denominator)`` for one axis."""
+def exact_taps(size: int, new: int, scale: float | None, mode: str, transform: str,
+               nearest_mode: str) -> tuple[np.ndarray, list[Fraction] | None]:
+    """``(indices (k, new), the exact weight of the upper index (linear) or None)`` for one axis."""
     exact_scale = Fraction(new, size) if scale is None else Fraction(float(np.float32(scale)))
     coords = [source_coordinate(x, size, new, exact_scale, transform) for x in range(new)]
     if mode == "nearest":
         index = [min(max(_nearest(c, nearest_mode), 0), size - 1) for c in coords]
-        return np.array([index], dtype=np.int32), None, 1
+        return np.array([index], dtype=np.int32), None
     clamped = [min(max(c, Fraction(0)), Fraction(size - 1)) for c in coords]
     low = [math.floor(c) for c in clamped]
-    fracs = [c - lo for c, lo in zip(clamped, low)]
-    denominator = math.lcm(*(f.denominator for f in fracs))
-    if denominator > MAX_DENOMINATOR:
-        denominator = MAX_DENOMINATOR
-    upper = [round(f * denominator) for f in fracs]
     index = np.array([low, [min(lo + 1, size - 1) for lo in low]], dtype=np.int32)
-    weights = np.array([[denominator - u for u in upper], upper], dtype=np.int32)
-    return index, weights, denominator
+    return index, [c - lo for c, lo in zip(clamped, low)]
+
+
+def resize_taps(size: int, new: int, scale: float | None, mode: str, transform: str,
+                nearest_mode: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``(indices (k, new), integer weights (2, new) or None, denominator)`` for one axis."""
+    index, fracs = exact_taps(size, new, scale, mode, transform, nearest_mode)
+    if fracs is None:
+        return index, None, 1
+    denominator = min(math.lcm(*(f.denominator for f in fracs)), MAX_DENOMINATOR)
+    upper = [round(f * denominator) for f in fracs]
+    return index, np.array([[denominator - u for u in upper], upper], dtype=np.int32), denominator
 
 
 def resize_consts(size: tuple[int, int], new: tuple[int, int], scales: tuple[float, float] | None, mode: str,
@@ -78,3 +88,17 @@ def resize_consts(size: tuple[int, int], new: tuple[int, int], scales: tuple[flo
                                   for k, (n, m) in enumerate(zip(size, new)))
     consts = {"iy": iy, "ix": ix} if mode == "nearest" else {"iy": iy, "ix": ix, "wy": wy, "wx": wx}
     return consts, dy * dx
+
+
+def float_resize_consts(size: tuple[int, int], new: tuple[int, int], scales: tuple[float, float] | None, mode: str,
+                        transform: str, nearest_mode: str = "round_prefer_floor") -> dict[str, np.ndarray]:
+    """The consts of a Resize of H, W computed in float (a region the quantizer left unquantized): ``iy``,
+    ``ix`` and for linear float64 weights ``wy``, ``wx`` (the exact weights, each rounded once)."""
+    consts: dict[str, np.ndarray] = {}
+    for k, axis in enumerate("yx"):
+        index, fracs = exact_taps(size[k], new[k], None if scales is None else scales[k], mode, transform,
+                                  nearest_mode)
+        consts[f"i{axis}"] = index
+        if fracs is not None:
+            consts[f"w{axis}"] = np.array([[float(1 - f) for f in fracs], [float(f) for f in fracs]], np.float64)
+    return consts

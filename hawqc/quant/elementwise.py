@@ -1,8 +1,9 @@
-"""Element-wise non-linearities that the ONNX reader lowers to exact lookup tables.
+"""Element-wise non-linearities by ONNX operator, whose exact lookup tables the ONNX reader and
+hawqc's own quantizer (:mod:`hawqc.quant.activations`) build alike.
 
 Each entry maps an ONNX operator to its float function (numpy, evaluated in float64) with the
-operator's attributes as keyword arguments and ONNX's defaults. The reader evaluates it on every
-integer an input can hold, once, at compile time.
+operator's attributes as keyword arguments and ONNX's defaults. The table evaluates it on every
+integer an input can hold, once, at compile time (:func:`hawqc.quant.dyadic.function_table`).
 """
 
 from __future__ import annotations
