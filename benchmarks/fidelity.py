@@ -106,8 +106,10 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
     """Quantize with ``ptq`` (then, given ``qat`` data, fine-tune ``args.qat_steps`` QAT steps distilled from
     the float ``model``), compile, run ``x`` through the compiled module and ``score`` its outputs."""
     start = time.perf_counter()
-    learned = LearnedOptions(iters=args.ptq_iters, batch_size=args.ptq_batch, blocks=args.ptq_blocks, drop=args.ptq_drop,
-                             bias_correction=not args.ptq_no_bias_correction, search_ranges=not args.ptq_no_range_search)
+    switches = {"bias_correction": False} if args.ptq_no_bias_correction else {}
+    learned = LearnedOptions.for_rounding(args.ptq_rounding, iters=args.ptq_iters, batch_size=args.ptq_batch,
+                                          blocks=args.ptq_blocks, drop=args.ptq_drop,
+                                          search_ranges=not args.ptq_no_range_search, **switches)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)
     ptq_s = time.perf_counter() - start
@@ -264,6 +266,8 @@ def main() -> None:
     parser.add_argument("--ptq-iters", type=int, help="learned PTQ steps per layer (default 300, quick 20)")
     parser.add_argument("--ptq-batch", type=int, default=8, help="learned PTQ samples per step (default 8)")
     parser.add_argument("--ptq-blocks", action="store_true", help="learned PTQ: block reconstruction (BRECQ)")
+    parser.add_argument("--ptq-rounding", choices=["adaround", "gptq"], default="adaround",
+                        help="learned PTQ per layer: AdaRound (default) or GPTQ (no bias correction, no weight clipping)")
     parser.add_argument("--ptq-no-bias-correction", action="store_true",
                         help="learned PTQ without bias correction (on 8 distilled inputs it can move biases the wrong way)")
     parser.add_argument("--ptq-no-range-search", action="store_true",
@@ -303,8 +307,9 @@ def main() -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     settings = {k: getattr(args, k) for k in settings} | {"ptq_batch": args.ptq_batch, "ptq_blocks": args.ptq_blocks,
-                                                          "ptq_drop": args.ptq_drop, "qat_lr": args.qat_lr,
-                                                          "ptq_bias_correction": not args.ptq_no_bias_correction,
+                                                          "ptq_drop": args.ptq_drop, "ptq_rounding": args.ptq_rounding, "qat_lr": args.qat_lr,
+                                                          "ptq_bias_correction": not args.ptq_no_bias_correction and LearnedOptions.for_rounding(
+                                                              args.ptq_rounding).bias_correction,
                                                           "ptq_range_search": not args.ptq_no_range_search,
                                                           "distill_jitter": args.distill_jitter,
                                                           "ilp_options": "/".join(args.ilp_options),

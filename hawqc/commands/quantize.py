@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learned PTQ: fit steps per layer, or per block with --ptq-blocks (default: 500)")
     parser.add_argument("--ptq-blocks", action="store_true",
                         help="learned PTQ: fit the rounding of each residual/inverted-residual block jointly (BRECQ)")
+    parser.add_argument("--ptq-rounding", default="adaround", choices=("adaround", "gptq"),
+                        help="learned PTQ, per layer: AdaRound's gradient fit, or GPTQ's closed-form error "
+                             "compensation (seconds per layer; without bias correction) (default: adaround)")
     parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps after PTQ (needs labelled data)")
     parser.add_argument("--qat-checkpoint", type=Path,
                         help="QAT checkpoint: continued if it exists, written every 100 steps (by rank 0 under torchrun)")
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     report = quantize_and_export(loaded.module, loaded.name, args.bit_config, train, test, Path(args.out),
                                  args.batch_size, args.calib_batches, args.observer, args.qat_steps, args.lr,
                                  recalibrate_bn=loaded.random_weights, labelled=train.labelled, console=console,
-                                 ptq=args.ptq, learned=LearnedOptions(iters=args.ptq_iters, blocks=args.ptq_blocks),
+                                 ptq=args.ptq, learned=LearnedOptions.for_rounding(args.ptq_rounding, iters=args.ptq_iters,
+                                                                     blocks=args.ptq_blocks),
                                  qat_checkpoint=args.qat_checkpoint)
     return 0 if report is None or report["bit_exact"] else 1
 

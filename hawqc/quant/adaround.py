@@ -46,10 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawqc.quant.capture import Node
+from hawqc.quant.gptq import gptq_integers, input_gram
 from hawqc.quant.model import QuantModel, _as_input, _relu
 from hawqc.quant.modules import QuantConv2d, QuantLinear
 from hawqc.quant.quantizers import quantize_weight, weight_qmax
 
+ROUNDINGS = ("adaround", "gptq")
 ZETA, GAMMA = 1.1, -0.1
 """The rectified sigmoid's stretch: ``h(V) = clamp(sigmoid(V) · (ζ − γ) + γ, 0, 1)``."""
 
@@ -87,15 +89,31 @@ class LearnedOptions:
     drop: float = 0.0
     """With ``blocks``: the share of activation elements left unquantized in each step of a block's fit,
     its input included (QDrop, Wei et al., ICLR 2022): rounding fitted to tolerate activation error."""
+    rounding: str = "adaround"
+    """How the rounding of each layer is chosen (per layer; blocks always use AdaRound): ``"adaround"``
+    (a gradient fit, ``iters`` steps) or ``"gptq"`` (closed-form error compensation, :mod:`hawqc.quant.gptq`)."""
+    gptq_damp: float = 0.01
+    """GPTQ's damping: the share of the mean diagonal of each input Gram matrix added to it."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.range_grid < 2 or (
                 self.crop is not None and self.crop < 1) or not 0 < self.weight_grid[0] <= 1 or self.weight_grid[1] < 1 \
-                or not 0 <= self.drop < 1:
+                or not 0 <= self.drop < 1 or self.rounding not in ROUNDINGS or not self.gptq_damp > 0:
             raise ValueError(f"learned PTQ needs iters, batch_size, crop >= 1, lr > 0, range_grid >= 2, a weight "
-                             f"grid in (0, 1] and drop in [0, 1), got {self.iters}, {self.batch_size}, {self.crop}, "
-                             f"{self.lr}, {self.range_grid}, {self.weight_grid}, {self.drop}")
+                             f"grid in (0, 1], drop in [0, 1), rounding in {ROUNDINGS} and gptq_damp > 0, got "
+                             f"{self.iters}, {self.batch_size}, {self.crop}, {self.lr}, {self.range_grid}, "
+                             f"{self.weight_grid}, {self.drop}, {self.rounding!r}, {self.gptq_damp}")
+        if self.blocks and self.rounding != "adaround":
+            raise ValueError("block reconstruction fits AdaRound per block: it does not combine with GPTQ rounding")
+
+    @classmethod
+    def for_rounding(cls, rounding: str, **settings: object) -> LearnedOptions:
+        """Options for ``rounding`` with the companion steps its measurements chose: GPTQ without bias
+        correction and weight clipping (on EfficientNet-Lite0's distilled data both raised the KL:
+        ``benchmarks/results/fidelity.md``), AdaRound with both."""
+        defaults = {"bias_correction": False, "clip_weights": False} if rounding == "gptq" else {}
+        return cls(**{"rounding": rounding, **defaults, **settings})  # type: ignore[arg-type]
 
 
 def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedOptions = LearnedOptions(),
@@ -124,8 +142,12 @@ def learn(qmodel: QuantModel, batches: Sequence[torch.Tensor], options: LearnedO
         for node in learned if options.clip_weights else ():
             clip_weight_ranges(qmodel, node, *options.weight_grid, inputs=inputs(node))
         if learned:
-            error = (reconstruct_block(qmodel, block, learned, *first, options, generator, reference) if options.blocks
-                     else reconstruct_rounding(qmodel, learned[0], *first, options, generator, reference.layer(learned[0])))
+            if options.blocks:
+                error = reconstruct_block(qmodel, block, learned, *first, options, generator, reference)
+            elif options.rounding == "gptq":
+                error = gptq_rounding(qmodel, learned[0], *first, reference.layer(learned[0]), options.gptq_damp)
+            else:
+                error = reconstruct_rounding(qmodel, learned[0], *first, options, generator, reference.layer(learned[0]))
             if log is not None:
                 names = block.layers[0].layer + (f"..{block.layers[-1].layer}" if len(block.layers) > 1 else "")
                 log(f"[{i + 1}/{len(groups)}] {names}: output error {error[0]:.4g} nearest -> {error[1]:.4g} learned")
@@ -355,6 +377,25 @@ def reconstruct_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp
         errors = tuple(float(F.mse_loss(rounding.output(x_q, kind), target)) for kind in ("nearest", "learned"))
         kind = "learned" if errors[1] <= errors[0] else "nearest"  # the fit saw random windows: keep the better
         rounding.write(rounding.integers(kind))
+    return errors[0], min(errors)
+
+
+@torch.no_grad()
+def gptq_rounding(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp: torch.Tensor,
+                  float_layer: QuantConv2d | QuantLinear, damp: float = 0.01) -> tuple[float, float]:
+    """Round one layer's weights with GPTQ (:mod:`hawqc.quant.gptq`) under the Gram matrix of its
+    quantized input ``x_q``, and write them into the layer unless nearest rounding reconstructs the float
+    layer's output on ``x_fp`` better. Returns the mean squared output error with nearest and with the
+    rounding kept."""
+    layer = qmodel.layer(node)
+    rounding = _SoftRounding(qmodel, node)
+    groups = layer.layer.groups if isinstance(layer, QuantConv2d) else 1
+    learned = gptq_integers(layer.folded()[0], rounding.s, rounding.n, input_gram(layer, x_q), groups, damp)
+    learned = torch.where(rounding.fixed, rounding.nearest, learned)
+    target = _layer_output(float_layer, node, x_fp, *float_layer.folded())
+    errors = [float(F.mse_loss(_layer_output(layer, node, x_q, rounding.s * q, rounding.bias), target))
+              for q in (rounding.nearest, learned)]
+    rounding.write(learned if errors[1] <= errors[0] else rounding.nearest)
     return errors[0], min(errors)
 
 
