@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny ResNet trained on scikit-learn's digits (a couple of seconds)."""
+"""Shared fixtures: a tiny ResNet trained on scikit-learn's digits (a couple of seconds); torch on one thread."""
 
 import pytest
 import torch
@@ -33,3 +33,12 @@ def digits_model(digits_loaders: tuple[DataLoader, DataLoader]) -> torch.nn.Modu
 @pytest.fixture(scope="session")
 def digits_calibration(digits_loaders: tuple[DataLoader, DataLoader]) -> list[torch.Tensor]:
     return [x for x, _ in list(digits_loaders[0])[:4]]
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: torch's intra-op threads cost more than they give on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

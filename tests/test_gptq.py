@@ -17,13 +17,7 @@ from hawqc.quant.gptq import gptq_integers, input_gram
 from hawqc.quant.model import QuantModel
 from hawqc.quant.modules import QuantConv2d
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated(n: int, d: int, generator: torch.Generator) -> torch.Tensor:

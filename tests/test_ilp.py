@@ -31,15 +31,6 @@ from hawqc.quant.qat import accuracy, train_float
 pytestmark = pytest.mark.xdist_group("ilp")
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: torch's intra-op threads cost more than they give on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -24,14 +24,7 @@ from hawqc.quant.adaround import (
 from hawqc.quant.distill import bn_statistics_loss, distill
 from hawqc.quant.model import QuantModel
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: torch's intra-op threads cost more than they give on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bn_net() -> nn.Module:

@@ -1,6 +1,7 @@
 """hawqc's x86 kernels (VNNI and the AVX2 fallback, each selected explicitly): bit-exact against the
 reference executor on single layers of every shape class and on whole models."""
 
+import functools
 import re
 
 import numpy as np
@@ -328,6 +329,14 @@ def test_byte_table_lookup_is_exact(relu: bool, shape: tuple) -> None:
         np.testing.assert_array_equal(module(x), graph.run(x))
 
 
+def conv_op(rng: np.random.Generator, src: str, dst: str, cin: int, cout: int, k: int, pad_value: int) -> IntOp:
+    """A stride-1 same-padded conv of random weights, its bias cancelling the pad value's share."""
+    w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+    bias = (-pad_value * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+    return IntOp("conv2d", [src], dst, {"stride": [1, 1], "padding": [k // 2] * 4, "dilation": [1, 1],
+                                        "groups": 1, "pad_value": pad_value}, {"weight": w, "bias": bias})
+
+
 def test_int8_activations_read_by_convs_are_stored_unsigned() -> None:
     """ONNX Runtime's int8 activations (a zero point of -128 after a ReLU): a conv's output read by a 1x1 conv
     and a residual Add, the Add's max-pooled output read by another 1x1 conv, are produced 128 higher as uint8,
@@ -336,12 +345,7 @@ def test_int8_activations_read_by_convs_are_stored_unsigned() -> None:
     from hawqc.reference.graph import AddInput, aligned_add_op, rescale_op
 
     rng = np.random.default_rng(3)
-
-    def conv(src: str, dst: str, cin: int, cout: int, k: int, pad_value: int) -> IntOp:
-        w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
-        bias = (-pad_value * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
-        return IntOp("conv2d", [src], dst, {"stride": [1, 1], "padding": [k // 2] * 4, "dilation": [1, 1],
-                                            "groups": 1, "pad_value": pad_value}, {"weight": w, "bias": bias})
+    conv = functools.partial(conv_op, rng)
 
     s = [np.float32(v) for v in (0.05, 0.004, 0.07, 0.09, 0.11, 0.06)]
     ops = [IntOp("quantize", ["input"], "q", {"qmin": -128, "qmax": 127, "zero_point": -2}, {"scale": np.array(s[0])}),
@@ -375,12 +379,7 @@ def test_a_concat_moves_with_all_its_inputs_and_pools_read_it_unsigned() -> None
     from hawqc.reference.graph import pool_consts, rescale_op
 
     rng = np.random.default_rng(5)
-
-    def conv(src: str, dst: str, cin: int, cout: int, k: int, pad_value: int) -> IntOp:
-        w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
-        bias = (-pad_value * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
-        return IntOp("conv2d", [src], dst, {"stride": [1, 1], "padding": [k // 2] * 4, "dilation": [1, 1],
-                                            "groups": 1, "pad_value": pad_value}, {"weight": w, "bias": bias})
+    conv = functools.partial(conv_op, rng)
 
     s = [np.float32(v) for v in (0.05, 0.004, 0.07, 0.09, 0.06)]
     consts, tie = pool_consts(s[2], s[3], 9, 256)

@@ -64,7 +64,7 @@ class X86Kernels:
         else:
             isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
             func, name = conv2d(wl, epilogue, self.vnni), f"{op.op}_{isa}"
-        name += ("_add" if residual is not None else "_requant") if requant else ""
+        name += ("_requant_add" if residual is not None else "_requant") if requant else ""
         gv = ctx.bb.add_func(func, name)
         out = relax.TensorType((x.ty.shape[0], oh, ow, wl.out_channels), epilogue.dtype if epilogue else "int32")
         y = R.call_tir(gv, [x, *consts, *([] if residual is None else [residual])], out)
