@@ -213,12 +213,6 @@ def _fusable_requantize(graph: IntegerGraph, keep: list[str]) -> dict[str, IntOp
             and readers[op.output][0].op == "requantize"}
 
 
-def _is_exact_identity(op: IntOp) -> bool:
-    b, c, a = np.asarray(op.consts["b"]), np.asarray(op.consts["c"]), op.attrs
-    return (b.size == 1 and c.size == 1 and int(b) == 1 << int(c) and not a.get("input_zero_point")
-            and not a.get("zero_point") and not a.get("tie_window") and "offset" not in op.consts)
-
-
 def _fusable_add(graph: IntegerGraph, keep: list[str]) -> dict[str, tuple[IntOp, IntOp | None]]:
     """conv output name -> (the aligned Add of two inputs, on exact grids: per-input multipliers, that alone
     reads it, and the requantize by exactly 1 between them or None): hawqc's own residual Adds read conv

@@ -46,8 +46,8 @@ class Requant:
     the constants of :func:`hawqc.quant.dyadic.high_word_form` (``bias`` = its ``d``, ``shift`` = its
     ``s``) and computes that cheaper, equal form; ``tie_window``: that of :func:`hawqc.quant.dyadic.round_shift`
     (an exact average pool's); ``residual``: the storage type of a second tensor of the output's shape
-    that an aligned Add sums in, times its per-channel multiplier (the kernel's last two parameters
-    before the output: the multiplier, then the tensor)."""
+    that an aligned Add sums in, times its per-channel multiplier (the kernel's parameters before the
+    output end with the multiplier, the layer's own bias where ``accumulator_clip`` is set, the tensor)."""
 
     qmin: int
     qmax: int
@@ -57,8 +57,8 @@ class Requant:
     tie_window: int = 0
     residual: str | None = None
     accumulator_clip: tuple[int, int] | None = None
-    """With ``residual``: the bounds the layer's own output (``acc + accumulator bias``, the kernel's last
-    parameter before the residual) is clipped to before it is multiplied."""
+    """With ``residual``: the bounds the layer's own output (``acc`` plus its own bias) is clipped to before
+    it is multiplied."""
 
 
 @dataclass(frozen=True)
