@@ -6,10 +6,10 @@
 For each model of the zoo (random weights, BatchNorm recalibrated: ``cpu_latency.py``'s preparation)
 and each QDQ style (ONNX Runtime ``quantize_static``: its uint8 default, symmetric int8, or its operator form
 (QLinearConv, QLinearAdd, ..., uint8, as ``tests/third_party_quantizers.py`` runs it; the oracle reads each
-QLinear* node as its QDQ meaning, :func:`hawqc.reference.oracle.as_qdq`); NNCF's
+QLinear* node as its QDQ meaning, :func:`hawqc.frontend.oracle.as_qdq`); NNCF's
 post-training quantization as ``tests/third_party_quantizers.py`` runs it; hawqc's own W8A8/W4A4
 exports), on ``--images`` images of batch 1, compares with the oracle
-(:mod:`hawqc.reference.oracle`, the file run in float64) the output of
+(:mod:`hawqc.frontend.oracle`, the file run in float64) the output of
 
 - hawqc (its numpy reference, which every compiled module equals bit for bit; ``--compile`` checks
   that on the first image),
@@ -106,8 +106,8 @@ def measure(path: Path, shape: tuple[int, ...], images: int, compile_check: bool
     """Every comparison for one QDQ file."""
     import onnx
 
+    from hawqc.frontend import oracle
     from hawqc.frontend.onnx_qdq import from_onnx
-    from hawqc.reference import oracle
     from hawqc.reference.graph import execute
     from hawqc.reference.kernels import KERNELS
 
@@ -161,7 +161,7 @@ def measure(path: Path, shape: tuple[int, ...], images: int, compile_check: bool
 
 def _agreement(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     """Integer tensors compared in their steps."""
-    from hawqc.reference.oracle import agreement
+    from hawqc.frontend.oracle import agreement
 
     a = agreement(got, want.reshape(got.shape), 1.0)
     return {"exact_pct": a.exact_pct, "within_one_pct": a.within_one_pct, "mean_steps": a.mean_steps,

@@ -61,9 +61,9 @@ def output_step(path: Path) -> float | None:
 def oracle_agreement(path: Path, graphs: dict[str, object], shape: tuple[int, ...],
                      count: int = 2) -> dict[str, object]:
     """Each integer graph (run by the reference, which its compiled module equals) against the file's float64
-    meaning (:mod:`hawqc.reference.oracle`) on ``count`` inputs: the largest difference (in output steps where
+    meaning (:mod:`hawqc.frontend.oracle`) on ``count`` inputs: the largest difference (in output steps where
     the output is quantized; and as a share of the oracle's largest output) and the share of argmax that agree."""
-    from hawqc.reference.oracle import evaluator, oracle_run
+    from hawqc.frontend.oracle import evaluator, oracle_run
 
     session, step = evaluator(path), output_step(path)
     diffs: dict[str, list[float]] = {k: [] for k in graphs}
@@ -192,7 +192,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
         lines += ["", "## Float regions quantized by hawqc from calibration inputs (`--calib-data`)", "",
                   "The quantizer's own 4 random calibration batches given as `calib_data`. `float ops`: ONNX ops left "
                   "in float with calibration (without it: the row above). `vs oracle`: largest difference from the "
-                  "file's float64 meaning (`hawqc.reference.oracle`, float regions in float64) on 2 inputs, and the "
+                  "file's float64 meaning (`hawqc.frontend.oracle`, float regions in float64) on 2 inputs, and the "
                   "share of argmax that agree, for the module with the regions in float (where the reader computes "
                   "them in float) and the calibrated one.", "",
                   "| model | quantizer | compiled | bit-exact | float ops | quantized by calibration | vs oracle, "

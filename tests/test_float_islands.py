@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import hawqc
 from hawqc.frontend.onnx_qdq import Unquantized, from_onnx
-from hawqc.reference.oracle import oracle_run
+from hawqc.frontend.oracle import oracle_run
 from hawqc.relax_passes.float_ops import float_ops
 
 SHAPE = (2, 4, 6, 6)

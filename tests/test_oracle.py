@@ -1,4 +1,4 @@
-"""hawqc against the float64 oracle of a QDQ file (hawqc.reference.oracle), on small hand-built graphs.
+"""hawqc against the float64 oracle of a QDQ file (hawqc.frontend.oracle), on small hand-built graphs.
 
 Each graph is what ONNX Runtime's ``quantize_static`` writes (QuantizeLinear/DequantizeLinear pairs,
 per-channel int8 weights, int32 biases at scale ``float32(S_in * S_w)``, uint8 or int8 activations),
@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import hawqc
 from hawqc import quantize
+from hawqc.frontend import oracle
 from hawqc.frontend.onnx_qdq import from_onnx
-from hawqc.reference import oracle
 
 SHAPE = (2, 4, 12, 12)
 

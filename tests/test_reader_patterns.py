@@ -403,6 +403,26 @@ def test_a_float_tail_compiles_and_is_reported(op: str) -> None:
         np.testing.assert_allclose(module(x), (v * np.clip(v / 6 + 0.5, 0, 1)).mean(axis=(2, 3)), rtol=1e-6)
 
 
+def test_compiling_an_activation_of_a_conv_writes_nothing_to_stderr(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """A sigmoid of a conv's float output, quantized only after (NNCF, PT2E's HardSwish) is a threshold count;
+    its lowering once made TVM warn at every build, one line per table lookup (~190 for a PT2E MobileNet)."""
+    from hawqc.cli import main
+    from hawqc.reference import IntegerGraph
+
+    weight = np.random.default_rng(0).integers(-127, 128, (2, 2, 3, 3)).astype(np.int8)
+    model = qdq_model([helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
+                       helper.make_node("Conv", ["x", "w"], ["acc"], pads=[1, 1, 1, 1]),
+                       helper.make_node("Sigmoid", ["acc"], ["y"])],
+                      [numpy_helper.from_array(weight, "wq"), numpy_helper.from_array(np.array([0.01, 0.02], np.float32), "ws")])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 4, 4]))
+    onnx.save(model, tmp_path / "gate.onnx")
+    capfd.readouterr()
+    assert main(["compile", str(tmp_path / "gate.onnx"), "-o", str(tmp_path / "out")]) == 0
+    assert capfd.readouterr().err == ""
+    assert "threshold" in {op.op for op in IntegerGraph.load(tmp_path / "out" / "graph.int.npz").ops}
+
+
 def test_a_dequantized_constant_quantized_again_is_a_constant() -> None:
     """The exporter shares equal BatchNorm weights through Identity, and ONNX Runtime quantizes the shared
     (already dequantized) weight again for the next BatchNormalization (DenseNet-121): folded to a constant."""

@@ -526,7 +526,8 @@ def _lut(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 
 def _threshold(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     """:func:`hawqc.quant.thresholds.count_thresholds` on Relax expressions: per step one ``take`` from the
-    channel's row of the flat table and one compare."""
+    channel's row of the flat table and one compare. The indices stay in their row by construction; ``clip``
+    mode states that without TVM's "fast mode" warning, one per take at every build."""
     from tvm.relax import op as R
 
     from hawqc.quant.thresholds import CountOps, count_thresholds
@@ -534,8 +535,8 @@ def _threshold(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     base, up, down = (op.consts[k] for k in ("base", "up", "down"))
     ndim = _ndim(ins[0])
     rows = np.arange(base.shape[0], dtype=np.int32)
-    ops = CountOps(take=lambda table, index: R.take(table, index, axis=0), greater=R.greater, less=R.less,
-                   crossed=lambda cond, step: R.multiply(R.astype(cond, "int32"), _const(step, "int32")),
+    ops = CountOps(take=lambda table, index: R.take(table, index, axis=0, mode="clip"), greater=R.greater,
+                   less=R.less, crossed=lambda cond, step: R.multiply(R.astype(cond, "int32"), _const(step, "int32")),
                    add=R.add, subtract=R.subtract)
     tables = [(_const(t.ravel(), "int32"), _channel(ctx, rows * t.shape[1], ndim, "int32"), t.shape[1])
               for t in (up, down)]

@@ -1245,4 +1245,5 @@ def _read_node(reader: _Reader, node: Any) -> None:
         raise ValueError(f"the model's input shape is {'x'.join(map(str, dims))}: give a static input shape "
                          "(e.g. --input-shape 1,3,224,224)")
     else:
-        reader.fail(node, "operator has no integer lowering in hawqc")
+        reader.fail(node, f"operator has no integer lowering in hawqc, nor a float one (hawqc runs {', '.join(FLOAT_OPS)} "
+                          "in float)")

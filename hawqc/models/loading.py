@@ -57,6 +57,9 @@ def load(spec: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None
         shape = models.spec(text).input_shape
     elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
         module, shape = _factory(text, **kwargs), None
+    elif Path(text).exists():
+        raise ValueError(f"{text}: not a model file hawqc reads: give a .onnx or .pt2 file (or a .int.npz to a "
+                         "command that compiles), a built-in name or package.module:factory")
     else:
         raise ValueError(f"unknown model {text!r}: give a built-in name ({', '.join(models.MODELS)}), a .pt2 "
                          "torch.export program, a float .onnx model or package.module:factory")

@@ -8,7 +8,7 @@ all call it.
 
 Scale ratio
     For an accumulator with scale ``S_in * S_w`` requantized to scale ``S_out`` the ratio is
-    what a QDQ file means (its float64 oracle, see ``tests/oracle.py``)::
+    what a QDQ file means (its float64 oracle, :mod:`hawqc.frontend.oracle`)::
 
         ratio = float64(S_in) * float64(S_w) / float64(S_out)
 

@@ -70,6 +70,7 @@ import io
 import json
 import math
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -131,7 +132,7 @@ class IntegerGraph:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(bytes(data["__header__"]).decode())
                 arrays = {k: data[k] for k in data.files if k != "__header__"}
-        except (ValueError, KeyError, OSError) as err:
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:  # empty, cut, not a zip
             raise ValueError(f"{path}: not an integer graph file ({err})") from None
         if header.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: integer graph format {header.get('format_version')} is not supported")

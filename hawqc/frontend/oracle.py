@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqc.frontend.onnx_model import load_onnx
 from hawqc.reference.graph import IntegerGraph, execute
 
 ORACLE_OPSET = 21
@@ -203,8 +204,6 @@ def evaluator(model: Any) -> Any:
     as :func:`as_qdq` gives it)."""
     from onnx.reference import ReferenceEvaluator
 
-    from hawqc.frontend.onnx_model import load_onnx
-
     return ReferenceEvaluator(widened(as_qdq(load_onnx(model))), new_ops=[_dequantize_linear_float64(), _max_pool_op()])
 
 
@@ -219,8 +218,6 @@ def oracle_run(model: Any, x: np.ndarray, intermediate: bool = False) -> Any:
 
 def quantized_names(model: Any) -> list[str]:
     """The outputs of the model's ``QuantizeLinear`` nodes."""
-    from hawqc.frontend.onnx_model import load_onnx
-
     return [n.output[0] for n in load_onnx(model).graph.node if n.op_type == "QuantizeLinear"]
 
 
