@@ -514,3 +514,48 @@ def test_operator_form_means_its_qdq_form_as_onnx_runtime_computes_it(tmp_path) 
         assert [(layer.name, layer.mismatches) for layer in oracle.layer_by_layer(graph, values, x)
                 if layer.mismatches] == []
     assert equal >= 0.999 * elements
+
+
+def test_operator_form_pads_of_the_float_input_and_of_integers_equal_the_oracle(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ONNX Runtime's operator form of a TF-style explicit padding (EfficientNet-Lite's): a Pad of the float input
+    before its QuantizeLinear, read as the quantized input padded with the quantized value, and a Pad of a uint8
+    tensor with a non-zero zero point, whose constant is already an integer on the tensor's grid."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, 2), nn.Conv2d(8, 8, 3, 2, groups=8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(nn.functional.pad(self.a(nn.functional.pad(x, (0, 1, 0, 1))), (1, 1, 1, 1)))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": images(k)[:1, :3]} for k in range(4)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    torch.manual_seed(0)
+    shape = (1, 3, *SHAPE[2:])
+    float_path, path = tmp_path / "float.onnx", tmp_path / "qop.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(shape),), str(float_path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    model = onnx.load(str(path))
+    nodes = {n.output[0]: n for n in model.graph.node}
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert [p.input[0] in nodes for p in pads] == [False, True]  # the input's pad, then a QLinearConv's
+    zero_point = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == nodes[pads[1].input[0]].input[7]))
+    assert zero_point != 0
+    graph = from_onnx(model, shape)
+    assert [op.attrs["pad_value"] for op in graph.ops if op.op == "pad"][1] == zero_point
+    for seed in range(2):
+        x = images(seed)[:1, :3]
+        values = oracle.oracle_run(model, x, intermediate=True)
+        layers = oracle.layer_by_layer(graph, values, x)
+        assert len(layers) >= 3 and [(layer.name, layer.mismatches) for layer in layers if layer.mismatches] == []

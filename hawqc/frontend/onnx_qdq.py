@@ -225,10 +225,8 @@ class _Reader:
         scale = np.float32(scale.reshape(()))
         qmin, qmax = _qrange(self.model, node, self.inits)
         src, out = self.values[node.input[0]], node.output[0]
-        if isinstance(src, (str, _Float)):  # the float graph input, or a float op's output (in the module's layout)
-            attrs = {"qmin": qmin, "qmax": qmax, **({"zero_point": zp} if zp else {})}
-            attrs.update({"internal": True} if isinstance(src, _Float) else {})
-            self.emit("quantize", [src if isinstance(src, str) else src.name], out, attrs, {"scale": np.array(scale)})
+        if isinstance(src, (str, _Float)):
+            self.quantize_float(src, out, scale, zp, qmin, qmax)
         elif isinstance(src, _Acc):
             qmin, qmax = self.rescale(src, out, scale, qmin, qmax, zp)
         elif isinstance(src, _View):
@@ -247,6 +245,8 @@ class _Reader:
                 self.lut(src, out, scale, zp, lo, hi)
             elif src.kind == "mul":
                 self.product(src, out, scale, zp, lo, hi)
+            elif src.kind == "pad":
+                self.quantized_pad(src, out, scale, zp, lo, hi)
             elif src.kind == "concat":
                 for part, value in zip(parts, src.parts):
                     self.rescale(value, part, scale, lo, hi, zp)
@@ -616,17 +616,42 @@ class _Reader:
                                src.zero_point, zp))
 
     def pad(self, node: Any) -> None:
-        """Constant Pad of the spatial dimensions of an integer tensor (the value on its grid; zeros also on a
-        tensor quantized per channel, as NNCF leaves a depthwise conv's input before its padding)."""
+        """Constant Pad of the spatial dimensions of an integer tensor (a real value put on its grid, an integer
+        one (a Pad of the file's integers, ONNX Runtime's operator form) as it is; zeros also on a tensor
+        quantized per channel, as NNCF leaves a depthwise conv's input before its padding). A Pad of a float
+        tensor (the graph input, which ONNX Runtime's operator form pads before quantizing it) waits for its
+        QuantizeLinear: quantizing is element-wise, so the pad of the quantized tensor with the quantized value
+        is the same integers."""
         value = float(self.const_array(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
-        src = self.view(node, self.values.get(node.input[0]), per_channel=value == 0.0)
         out = node.output[0]
         pads = [int(p) for p in self.const_array(node.input[1])]
         if _attr(node, "mode", b"constant") not in (b"constant", "constant") or len(pads) != 8 or any(pads[:2] + pads[4:6]):
             self.fail(node, "only constant padding of the spatial dimensions is supported")
-        pad_value = src.zero_point if value == 0.0 else _bound(value, src.scale, src.zero_point, "lo")
-        self.emit("pad", [src.name], out, {"pads": [pads[2], pads[3], pads[6], pads[7]], "pad_value": pad_value})
+        attrs = {"pads": [pads[2], pads[3], pads[6], pads[7]]}
+        if isinstance(self.values.get(node.input[0]), (str, _Float)):
+            self.values[out] = _Pending("pad", [self.values[node.input[0]]], attrs={**attrs, "value": value})
+            return
+        src = self.view(node, self.values.get(node.input[0]), per_channel=value == 0.0)
+        if node.input[0] in self.integer_tensors:
+            pad_value = int(value)
+        else:
+            pad_value = src.zero_point if value == 0.0 else _bound(value, src.scale, src.zero_point, "lo")
+        self.emit("pad", [src.name], out, {**attrs, "pad_value": pad_value})
         self.values[out] = _View(out, src.scale, src.qmin, src.qmax, src.zero_point)
+
+    def quantized_pad(self, pending: _Pending, out: str, scale: np.float32, zp: int, lo: int, hi: int) -> None:
+        """A float tensor padded, then quantized: quantized, then padded with the value quantized."""
+        (src,) = pending.parts
+        self.quantize_float(src, f"{out}:unpadded", scale, zp, lo, hi)
+        pad_value = min(max(_bound(pending.attrs["value"], scale, zp, "lo"), lo), hi)
+        self.emit("pad", [f"{out}:unpadded"], out, {"pads": pending.attrs["pads"], "pad_value": pad_value})
+
+    def quantize_float(self, src: str | _Float, out: str, scale: np.float32, zp: int, qmin: int, qmax: int) -> None:
+        """QuantizeLinear of the float graph input (``src``, its name) or of a float op's output (in the module's
+        layout)."""
+        attrs = {"qmin": qmin, "qmax": qmax, **({"zero_point": zp} if zp else {})}
+        attrs.update({"internal": True} if isinstance(src, _Float) else {})
+        self.emit("quantize", [src if isinstance(src, str) else src.name], out, attrs, {"scale": np.array(scale)})
 
     # ---- data movement: an integer tensor keeps its grid ---------------------------------------
     def shape_of(self, node: Any, name: str) -> list[int]:
