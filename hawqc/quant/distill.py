@@ -142,7 +142,7 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
                     scheduler.step()
                 if log is not None and (step + 1) % max(steps // 5, 1) == 0:
                     log(f"distilling inputs {start}-{start + len(x) - 1}: step {step + 1}/{steps}, "
-                        f"BatchNorm statistics loss {float(bn_loss):.4g}, total {value:.4g}")
+                        f"BatchNorm statistics loss {float(bn_loss.detach()):.4g}, total {value:.4g}")
             batches.append(x.detach())
     finally:
         for p, flag in zip(model.parameters(), saved):
