@@ -100,8 +100,8 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
                 "input_range": list(input_range) if input_range is not None else None}
     if jitter or flip:  # absent by default: caches written before these options stay valid
         settings |= {"jitter": jitter, "flip": flip}
-    extras = {"tv_weight": tv_weight, "l2_weight": l2_weight, "first_bn_weight": first_bn_weight,
-              "class_weight": class_weight, "schedule": schedule}
+    extras = {"tv_weight": float(tv_weight), "l2_weight": float(l2_weight), "first_bn_weight": float(first_bn_weight),
+              "class_weight": float(class_weight), "schedule": schedule}  # floats: 10 and 10.0 share a cache
     settings |= {k: v for k, v in extras.items() if v != _DEFAULTS[k]}
     path = _cache_folder(cache_dir) / f"distilled-{_fingerprint(model, settings)}.pt"
     if path.is_file():
