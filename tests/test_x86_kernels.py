@@ -273,6 +273,28 @@ def test_every_aligned_add_form_is_exact(ties: bool, int32: bool, monkeypatch: p
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
+ROW_WIDTHS = {  # (case of CONVS or its spec, input size): rows no register tile divides, 8-pixel rows
+    "depthwise-17-uint8": ("depthwise-uint8-zero-point-pad", 17),
+    "depthwise-17-int8": ("depthwise-3x3", 17),
+    "3x3-8x8-96": ((64, 96, 3, 1, 1, 1, (0, 255), 0, 8, 1), 8),
+}
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("case", ROW_WIDTHS)
+def test_conv_kernel_is_exact_on_other_row_widths(case: str, kernels: str) -> None:
+    """17-pixel rows (depthwise tiles of 9 pixels, the last past the row's end on columns of the pad value)
+    and 8-pixel rows of 6 channel vectors (tiles of 4 x 3): equal to the reference."""
+    spec, size = ROW_WIDTHS[case]
+    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value, weight_bits, groups = CONVS.get(spec, spec)
+    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, True, weight_bits, groups, seed=4)
+    x = np.random.default_rng(5).integers(lo, hi + 1, (2, cin, size, size))
+    dtype = "uint8" if lo >= 0 and hi > 127 else "int8"
+    module = compile_graph(graph, x.shape, TARGET, input_dtype=dtype, kernels=kernels)
+    assert module.fused == (1, 1)
+    np.testing.assert_array_equal(module(x.astype(dtype)), graph.run(x.astype(dtype)))
+
+
 @pytest.mark.parametrize("kernels", ["vnni", "avx2"])
 def test_average_pools_run_the_depthwise_kernel(kernels: str) -> None:
     """Average pools of one divisor (a padded 3x3 with an input zero point, an unpadded 2x2 of stride 2 on
