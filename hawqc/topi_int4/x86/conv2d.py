@@ -357,15 +357,16 @@ def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
     """Register tile: the largest that stays in registers (:func:`stack_tile`; measured against the 16- and
     24-accumulator workspace tiles below: 13-28% faster on MobileNet's and ResNet-50's 1x1 layers, whose
     epilogue is a large share of the work, 19% on MobileNet's stem, 3-4% on 3x3 layers). Where the row
-    width has no divisor for one (prime widths such as 17 or 149): up to 24 accumulators (AVX-512 has 32
-    vector registers), preferring 2 channel vectors (each broadcast feeds two dot products); output pixels
-    dividing the row width where such a tile is at least half full, else the tile that wastes the fewest
-    columns when the row is rounded up to whole tiles."""
+    width has no divisor for one (prime widths such as 17 or 149): still in registers, 2 channel vectors
+    preferred (each broadcast feeds two dot products); output pixels dividing the row width where such a
+    tile is at least half full, else the tile that wastes the fewest columns when the row is rounded up to
+    whole tiles (Inception-V3, batch 8, one thread: 17- and 73-pixel rows 1-5% faster in 6 x 2 and 5 x 2
+    tiles than in 9 x 2 and 11 x 2 ones in a workspace)."""
     _, ow = wl.out_size
     if (tile := stack_tile(ow, wl.packed_out // LANES)) is not None:
         return tile
     vectors = 2 if wl.packed_out % (2 * LANES) == 0 else 1
-    limit = 24 // vectors
+    limit = STACK_VECTORS // vectors
     pixels = max(d for d in range(1, limit + 1) if ow % d == 0)
     if 2 * pixels < min(limit, ow):
         pixels = min(range(limit // 2, limit + 1), key=lambda p: (-(-ow // p) * p, -p))
