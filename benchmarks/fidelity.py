@@ -140,7 +140,9 @@ def efficientnet_table(args: argparse.Namespace, record: Callable[[dict[str, Any
     start = time.perf_counter()
     synthetic = distill(model, (3, CROP, CROP), samples=args.distill_samples, batch_size=16, steps=args.distill_steps,
                         input_range=(-1.0, 1.0),  # EfficientNet-Lite's preprocessing: (pixel - 127) / 128
-                        jitter=args.distill_jitter, flip=args.distill_jitter > 0,
+                        jitter=args.distill_jitter, flip=args.distill_jitter > 0, lr=args.distill_lr,
+                        schedule=args.distill_schedule, tv_weight=args.distill_tv, first_bn_weight=args.distill_first_bn,
+                        class_weight=args.distill_classes,
                         log=lambda line: print(line, flush=True))
     table["distill_s"] = round(time.perf_counter() - start, 1)
     calib = list(synthetic.split(8))
@@ -286,6 +288,15 @@ def main() -> None:
     parser.add_argument("--distill-jitter", type=int, default=0, help="distillation with random shifts of up to "
                         "this many pixels and random flips (DeepInversion; default 0: none)")
     parser.add_argument("--distill-samples", type=int, help="distilled inputs, in batches of 16 (default 16, quick 8)")
+    parser.add_argument("--distill-lr", type=float, default=0.5, help="distillation's Adam learning rate (default 0.5)")
+    parser.add_argument("--distill-schedule", choices=["plateau", "cosine"], default="plateau",
+                        help="distillation's learning-rate schedule (default: halved on plateaus)")
+    parser.add_argument("--distill-tv", type=float, default=0.0, help="distillation's total-variation prior weight "
+                        "(DeepInversion; default 0)")
+    parser.add_argument("--distill-first-bn", type=float, default=1.0,
+                        help="weight of the first BatchNorm layer's statistics term (DeepInversion uses 10; default 1)")
+    parser.add_argument("--distill-classes", type=float, default=0.0, help="weight of a cross-entropy towards a "
+                        "class drawn for each distilled input (GDFQ / DeepInversion; default 0: none)")
     parser.add_argument("--hessian-iters", type=int, help="Hutchinson iterations (default 20, quick 2)")
     rows = ["W8A8", "W4A8", "ILP", "W4A4", "QAT"]
     parser.add_argument("--rows", nargs="+", choices=rows, default=rows,
@@ -312,6 +323,11 @@ def main() -> None:
                                                               args.ptq_rounding).bias_correction,
                                                           "ptq_range_search": not args.ptq_no_range_search,
                                                           "distill_jitter": args.distill_jitter,
+                                                          "distill_lr": args.distill_lr,
+                                                          "distill_schedule": args.distill_schedule,
+                                                          "distill_tv": args.distill_tv,
+                                                          "distill_first_bn": args.distill_first_bn,
+                                                          "distill_classes": args.distill_classes,
                                                           "ilp_options": "/".join(args.ilp_options),
                                                           "depthwise_8bit": args.depthwise_8bit,
                                                           "sensitivity": args.sensitivity}

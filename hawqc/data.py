@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,8 @@ class Preprocess:
 class DataRequest:
     """What a command asks a source for. ``input_shape`` is the model's ``(C, H, W)`` (None: unknown);
     ``size`` the number of samples a generated source makes; ``model`` the float model, for sources that
-    derive data from it."""
+    derive data from it; ``distill`` keyword arguments of :func:`hawqc.quant.distill.distill` (steps, priors,
+    class targets) for distilled data."""
 
     split: str = "train"
     input_shape: tuple[int, ...] | None = None
@@ -83,6 +84,7 @@ class DataRequest:
     preprocess: Preprocess = field(default_factory=Preprocess)
     model: Any = None
     seed: int = 0
+    distill: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _check_split(split: str) -> None:
@@ -142,7 +144,7 @@ def distilled_inputs(request: DataRequest) -> Data:
         raise ValueError("distilled data is synthesised from the model: it needs the model and its input shape")
     from hawqc.quant.distill import distill
 
-    return Data(distill(request.model, request.input_shape, samples=request.size, seed=request.seed))
+    return Data(distill(request.model, request.input_shape, samples=request.size, seed=request.seed, **request.distill))
 
 
 SOURCES: dict[str, Callable[[DataRequest], Data]] = {
@@ -160,13 +162,13 @@ def register_source(name: str, source: Callable[[DataRequest], Data]) -> None:
 
 def load_data(spec: str | os.PathLike[str], split: str = "train", *, input_shape: Sequence[int] | None = None,
               size: int = 256, preprocess: Preprocess | None = None, model: Any = None,
-              labels: str | os.PathLike[str] | None = None, seed: int = 0) -> Data:
+              labels: str | os.PathLike[str] | None = None, seed: int = 0, distill: Mapping[str, Any] | None = None) -> Data:
     """The data a spec names: a source of :data:`SOURCES`, a folder of images or a ``.npy`` array (see the
     module docstring). ``input_shape`` is the model's ``(C, H, W)``; ``labels`` a ``.npy`` of labels for an
-    array spec. Errors (unknown spec, unreadable file, shape or channel mismatch) are ``ValueError``."""
+    array spec; ``distill`` options of distilled data (see :class:`DataRequest`). Errors (unknown spec, unreadable file, shape or channel mismatch) are ``ValueError``."""
     _check_split(split)
     request = DataRequest(split, tuple(input_shape) if input_shape is not None else None, size,
-                          preprocess or Preprocess(), model, seed)
+                          preprocess or Preprocess(), model, seed, dict(distill or {}))
     text = str(spec)
     if text in SOURCES and not Path(text).exists():
         if labels is not None:

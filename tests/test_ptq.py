@@ -21,7 +21,7 @@ from hawqc.quant.adaround import (
     reconstruct_rounding,
     search_activation_ranges,
 )
-from hawqc.quant.distill import bn_statistics_loss, distill
+from hawqc.quant.distill import _class_targets, bn_statistics_loss, distill, total_variation
 from hawqc.quant.model import QuantModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,6 +62,28 @@ def test_distilled_data_with_jitter_and_flips_matches_statistics_shifted_and_mir
             assert float(bn_statistics_loss(model, view)) < 0.3 * float(bn_statistics_loss(model, noise))
     with pytest.raises(ValueError, match="jitter >= 0"):
         distill(model, (3, 8, 8), jitter=-1, cache_dir=tmp_path)
+
+
+def test_distilled_data_image_prior_lowers_total_variation_and_class_targets_set_the_argmax(tmp_path: Path) -> None:
+    model = bn_net()
+    kwargs = {"samples": 10, "batch_size": 5, "steps": 60, "lr": 0.2, "cache_dir": tmp_path}
+    plain = distill(model, (3, 8, 8), **kwargs)
+    smooth = distill(model, (3, 8, 8), tv_weight=0.5, l2_weight=0.1, first_bn_weight=5.0, **kwargs)
+    assert float(total_variation(smooth)) < 0.7 * float(total_variation(plain))
+    assert float(smooth.norm()) < float(plain.norm())
+    labelled = distill(model, (3, 8, 8), class_weight=50.0, schedule="cosine", **kwargs)
+    targets = torch.cat([_class_targets(0, 5, 5, seed=0), _class_targets(5, 5, 5, seed=0)])
+    assert sorted(targets[:5].tolist()) == list(range(5))  # a batch covers distinct classes
+    with torch.no_grad():
+        assert int((model(labelled).argmax(1) == targets).sum()) >= 8  # of 10
+        assert int((model(plain).argmax(1) == targets).sum()) <= 3
+        noise = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert float(bn_statistics_loss(model, labelled)) < float(bn_statistics_loss(model, noise))
+    assert len(list(tmp_path.glob("distilled-*.pt"))) == 3
+    with pytest.raises(ValueError, match="weights >= 0 and schedule plateau or cosine"):
+        distill(model, (3, 8, 8), schedule="linear", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="weights >= 0"):
+        distill(model, (3, 8, 8), tv_weight=-1.0, cache_dir=tmp_path)
 
 
 def test_learned_rounding_lowers_the_layer_reconstruction_error() -> None:
@@ -189,6 +211,9 @@ def test_quantize_rejects_unknown_ptq() -> None:
     ("tiny_resnet", ["--ptq", "fancy"], "invalid choice: 'fancy'"),
     ("tiny_resnet", ["--ptq", "learned", "--ptq-iters", "0"], "hawqc quantize: error: --ptq-iters must be at least 1"),
     ("no_bn.pt2", ["--data", "distilled"], "hawqc quantize: error: distilled data needs a model with BatchNorm layers"),
+    ("tiny_resnet", ["--data", "distilled", "--distill", "speed=3"], "--distill takes KEY=VALUE pairs with keys steps"),
+    ("tiny_resnet", ["--data", "distilled", "--distill", "steps=many"], "--distill steps takes a number, got 'many'"),
+    ("tiny_resnet", ["--data", "distilled", "--distill", "tv=-1"], "hawqc quantize: error: distilled data needs weights >= 0"),
 ])
 def test_cli_flags_fail_cleanly(model: str, args: list[str], message: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,6 +234,7 @@ def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setenv("HAWQC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
+                 "--distill", "steps=20,lr=0.2,schedule=cosine,jitter=1,flip=1,tv=0.01,l2=0.01,first-bn=2,classes=1",
                  "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     text = " ".join(capsys.readouterr().out.split())

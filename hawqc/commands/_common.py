@@ -200,12 +200,38 @@ def image_size(text: str) -> tuple[int, int]:
     return (size[0], size[-1])
 
 
+_DISTILL_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "steps": ("steps", int), "lr": ("lr", float), "schedule": ("schedule", str), "jitter": ("jitter", int),
+    "flip": ("flip", lambda v: bool(int(v))), "tv": ("tv_weight", float), "l2": ("l2_weight", float),
+    "first-bn": ("first_bn_weight", float), "classes": ("class_weight", float)}
+
+
+def distill_options(text: str) -> dict[str, Any]:
+    """``steps=100,classes=10`` -> keyword arguments of :func:`hawqc.quant.distill.distill`, for argparse."""
+    options: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _DISTILL_KEYS or not value:
+            raise argparse.ArgumentTypeError(f"--distill takes KEY=VALUE pairs with keys {', '.join(_DISTILL_KEYS)}, "
+                                             f"got {item!r}")
+        name, parse = _DISTILL_KEYS[key]
+        try:
+            options[name] = parse(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--distill {key} takes a number, got {value!r}") from None
+    return options
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, purpose: str, default: str = "random") -> None:
     """``--data`` (a data spec, see :mod:`hawqc.data`) and the preprocessing of images."""
     parser.add_argument("--data", default=default,
                         help=f"{purpose}: digits, fashion-mnist, random, distilled (synthesised from the model's "
                              "BatchNorm statistics: no data needed), a folder of images (one sub-folder per "
                              f"class gives labels) or a .npy array (default: {default})")
+    parser.add_argument("--distill", type=distill_options, default={}, metavar="KEY=VALUE,...",
+                        help="options of --data distilled: steps, lr, schedule (plateau or cosine), jitter, flip (0/1), "
+                             "tv, l2, first-bn (image priors), classes (weight of per-input class targets); e.g. "
+                             "steps=100,classes=10,tv=0.01,first-bn=10,jitter=30,flip=1,schedule=cosine,lr=0.25")
     parser.add_argument("--labels", help="labels for a .npy --data: a .npy of one integer per sample")
     parser.add_argument("--image-size", type=image_size, metavar="H[,W]",
                         help="resize images to this size (default: the model's input size)")
@@ -235,7 +261,7 @@ def load_data_for(args: argparse.Namespace, model: Any, split: str, size: int, s
 
     data = load_data(args.data, split, input_shape=model.input_shape, size=size,
                      preprocess=Preprocess(args.image_size, args.mean, args.std), model=model.module,
-                     labels=args.labels, seed=seed)
+                     labels=args.labels, seed=seed, distill=args.distill)
     model.input_shape = tuple(data.inputs.shape[1:])
     return data
 
