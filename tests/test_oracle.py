@@ -10,6 +10,7 @@ layer by layer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -447,11 +448,33 @@ def test_own_exports_mean_to_onnx_runtime_what_hawqc_computes(config: str, digit
     assert vs_hawqc.exact >= vs_oracle.exact and vs_hawqc.mean_steps <= vs_oracle.mean_steps + 0.5
 
 
+def operator_form(make: Callable[[], Any], tmp_path) -> tuple[onnx.ModelProto, tuple[int, ...]]:  # type: ignore[no-untyped-def]
+    """The net ``make`` builds (3 input channels, random weights, seed 0) exported at batch 1 and quantized by ONNX Runtime in operator
+    form (uint8 activations, per-channel int8 weights), calibrated on 4 images."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": images(k)[:1, :3]} for k in range(4)])
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    torch.manual_seed(0)
+    net, shape = make(), (1, 3, *SHAPE[2:])
+    float_path, path = tmp_path / "float.onnx", tmp_path / "qop.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(shape),), str(float_path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(path)), shape
+
+
 def operator_form_model(tmp_path) -> tuple[onnx.ModelProto, tuple[int, ...]]:  # type: ignore[no-untyped-def]
     """A small net in ONNX Runtime's operator form: QLinearConv, QLinearLeakyRelu, QLinearSigmoid, QLinearMul,
     QLinearAdd, QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool, QLinearMatMul."""
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from torch import nn
 
     class Net(nn.Module):
@@ -467,21 +490,7 @@ def operator_form_model(tmp_path) -> tuple[onnx.ModelProto, tuple[int, ...]]:  #
             y = torch.cat([a * torch.sigmoid(b), a + b], 1)
             return torch.matmul(torch.flatten(nn.functional.adaptive_avg_pool2d(self.pool(y), 1), 1), self.w)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": images(k)[:1, :3]} for k in range(4)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    torch.manual_seed(0)
-    shape = (1, 3, *SHAPE[2:])
-    float_path, path = tmp_path / "float.onnx", tmp_path / "qop.onnx"
-    torch.onnx.export(Net().eval(), (torch.randn(shape),), str(float_path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"])
-    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return onnx.load(str(path)), shape
+    return operator_form(Net, tmp_path)
 
 
 def test_operator_form_means_its_qdq_form_as_onnx_runtime_computes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -521,7 +530,6 @@ def test_operator_form_pads_of_the_float_input_and_of_integers_equal_the_oracle(
     before its QuantizeLinear, read as the quantized input padded with the quantized value, and a Pad of a uint8
     tensor with a non-zero zero point, whose constant is already an integer on the tensor's grid."""
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from torch import nn
 
     class Net(nn.Module):
@@ -532,21 +540,7 @@ def test_operator_form_pads_of_the_float_input_and_of_integers_equal_the_oracle(
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(nn.functional.pad(self.a(nn.functional.pad(x, (0, 1, 0, 1))), (1, 1, 1, 1)))
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": images(k)[:1, :3]} for k in range(4)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    torch.manual_seed(0)
-    shape = (1, 3, *SHAPE[2:])
-    float_path, path = tmp_path / "float.onnx", tmp_path / "qop.onnx"
-    torch.onnx.export(Net().eval(), (torch.randn(shape),), str(float_path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"])
-    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    model = onnx.load(str(path))
+    model, shape = operator_form(Net, tmp_path)
     nodes = {n.output[0]: n for n in model.graph.node}
     pads = [n for n in model.graph.node if n.op_type == "Pad"]
     assert [p.input[0] in nodes for p in pads] == [False, True]  # the input's pad, then a QLinearConv's
