@@ -366,11 +366,16 @@ def default_tile(wl: Conv2dWorkload) -> tuple[int, int]:
     if (tile := stack_tile(ow, wl.packed_out // LANES)) is not None:
         return tile
     vectors = 2 if wl.packed_out % (2 * LANES) == 0 else 1
-    limit = STACK_VECTORS // vectors
-    pixels = max(d for d in range(1, limit + 1) if ow % d == 0)
-    if 2 * pixels < min(limit, ow):
-        pixels = min(range(limit // 2, limit + 1), key=lambda p: (-(-ow // p) * p, -p))
-    return pixels, vectors
+    return row_pixels(ow, STACK_VECTORS // vectors), vectors
+
+
+def row_pixels(width: int, limit: int) -> int:
+    """Pixels of a register tile of at most ``limit``: the largest divisor of the row ``width`` where it fills
+    half a tile or more, else the tile wasting the fewest columns when the row is rounded up to whole tiles."""
+    pixels = max(d for d in range(1, limit + 1) if width % d == 0)
+    if 2 * pixels >= min(limit, width):
+        return pixels
+    return min(range(limit // 2, limit + 1), key=lambda p: (-(-width // p) * p, -p))
 
 
 def stack_tile(width: int, vectors: int) -> tuple[int, int] | None:

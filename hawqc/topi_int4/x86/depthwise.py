@@ -28,6 +28,7 @@ from hawqc.topi_int4.x86.conv2d import (
     finish_schedule,
     input_copy,
     parallel_rows,
+    row_pixels,
     with_epilogue,
 )
 from hawqc.topi_int4.x86.intrin import LANES, depthwise_name
@@ -76,7 +77,8 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = False) -
     from tvm import s_tir
 
     dot = vnni and wl.in_dtype == "uint8" and wl.stride == (1, 1)
-    pixels = tile_pixels(wl.out_size[1])
+    # 17-pixel rows: 2 tiles of 9 (1-pixel tiles: Inception-V3's 17x17x768 average pools 2.4x slower)
+    pixels = row_pixels(wl.out_size[1], STACK_VECTORS)
     sch = s_tir.Schedule(depthwise_compute(wl, requant, pixels))
     conv = sch.get_sblock("acc")
     n, y, z, o, ry, rx = sch.get_loops(conv)
@@ -101,16 +103,6 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = False) -
     if padded and not copies:
         sch.compute_inline(sch.get_sblock("pad"))
     return finish_schedule(sch, wl, copies, scope)
-
-
-def tile_pixels(width: int) -> int:
-    """Pixels of a register tile for rows of ``width``: the largest divisor up to :data:`STACK_VECTORS` where
-    it fills half a tile or more, else the tile wasting the fewest columns (17: 9, for 18 columns; the
-    1-pixel tiles of 17 measured 2.4x slower on Inception-V3's 17x17x768 average pools, batch 8)."""
-    pixels = max(d for d in range(1, STACK_VECTORS + 1) if width % d == 0)
-    if 2 * pixels >= min(STACK_VECTORS, width):
-        return pixels
-    return min(range(STACK_VECTORS // 2, STACK_VECTORS + 1), key=lambda p: (-(-width // p) * p, -p))
 
 
 def copies_input(wl: Conv2dWorkload) -> bool:
