@@ -23,6 +23,7 @@ the settings, in ``cache_dir`` (default ``$HAWQC_CACHE`` or ``~/.cache/hawqc``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -35,7 +36,6 @@ from torch import nn
 from hawqc.fileio import atomic_output
 
 CACHE_VERSION = 1
-_DEFAULTS = {"tv_weight": 0.0, "l2_weight": 0.0, "first_bn_weight": 1.0, "class_weight": 0.0, "schedule": "plateau"}
 
 
 def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,8 @@ def distill(model: nn.Module, input_shape: Sequence[int], *, samples: int = 32, 
         settings |= {"jitter": jitter, "flip": flip}
     extras = {"tv_weight": float(tv_weight), "l2_weight": float(l2_weight), "first_bn_weight": float(first_bn_weight),
               "class_weight": float(class_weight), "schedule": schedule}  # floats: 10 and 10.0 share a cache
-    settings |= {k: v for k, v in extras.items() if v != _DEFAULTS[k]}
+    defaults = inspect.signature(distill).parameters  # absent at their defaults: older caches stay valid
+    settings |= {k: v for k, v in extras.items() if v != defaults[k].default}
     path = _cache_folder(cache_dir) / f"distilled-{_fingerprint(model, settings)}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
