@@ -553,3 +553,41 @@ def test_operator_form_pads_of_the_float_input_and_of_integers_equal_the_oracle(
         values = oracle.oracle_run(model, x, intermediate=True)
         layers = oracle.layer_by_layer(graph, values, x)
         assert len(layers) >= 3 and [(layer.name, layer.mismatches) for layer in layers if layer.mismatches] == []
+
+
+def test_operator_form_pool_of_a_batch_norm_is_rounded_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DenseNet's last layers in ONNX Runtime's operator form: a BatchNormalization in float on a dequantized concat,
+    ReLU, GlobalAveragePool and Flatten, quantized only before the classifier. The mean is rounded once at that
+    QuantizeLinear, from a grid 2^15 times finer than its output (it was first rounded onto a grid 16x finer than
+    the BatchNorm's, then pooled on it and rounded again through the Flatten: 3 of 256 elements differed)."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(3, 32, 3, padding=1)
+            self.bn, self.fc = nn.BatchNorm2d(64), nn.Linear(64, 10)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-0.3, 0.3)
+                self.bn.running_var.uniform_(0.2, 2.0)
+                self.bn.weight.uniform_(0.5, 3.0)
+                self.bn.bias.uniform_(-1.0, 1.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    model, shape = operator_form(Net, tmp_path)
+    assert [n.op_type for n in model.graph.node][4:9] == ["DequantizeLinear", "BatchNormalization", "Relu",
+                                                          "GlobalAveragePool", "Flatten"]
+    graph = from_onnx(model, shape)
+    pool = next(op for op in graph.ops if op.op == "global_avgpool")
+    fine = next(op for op in graph.ops if op.output == pool.inputs[0])
+    assert fine.op == "requantize" and pool.attrs["scale"] / pool.attrs["input_scale"] == 2**15  # 144 cells, uint8
+    module = hawqc.compile_integer_only(model, input_shape=shape)
+    for seed in range(4):
+        x = images(seed)[:1, :3]
+        layers = oracle.layer_by_layer(graph, oracle.oracle_run(model, x, intermediate=True), x)
+        assert [(layer.name, layer.mismatches) for layer in layers if layer.mismatches] == []
+        np.testing.assert_array_equal(module(x), module.reference(x))

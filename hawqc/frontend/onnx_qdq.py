@@ -60,6 +60,7 @@ from hawqc.reference.graph import (
     ceil_mode_padding,
     lut_op,
     pool_consts,
+    pool_grid_bits,
     product_op,
     rescale_op,
 )
@@ -343,6 +344,8 @@ class _Reader:
                 self.emit("reshape", [concat], out, {"shape": pending.attrs["reshape"]})
             return
         (src,) = pending.parts
+        if isinstance(src, _Acc):
+            src = self.fine_pool_input(pending, src, out, scale, zp, lo, hi)
         s_in = np.float64(np.float32(src.scale)) * pending.attrs.get("sum_of", 1)
         bound = max(abs(src.qmin), abs(src.qmax)) + abs(src.zero_point)
         reshape = pending.attrs.get("reshape")
@@ -360,6 +363,18 @@ class _Reader:
         self.emit(pending.kind, [src.name], pooled, attrs, consts)
         if reshape:
             self.emit("reshape", [pooled], out, {"shape": reshape})
+
+    def fine_pool_input(self, pending: _Pending, acc: _Acc, out: str, scale: np.float32, zp: int, lo: int,
+                        hi: int) -> _View:
+        """A conv's or affine map's output that an average pool reads before its QuantizeLinear, requantized
+        onto a grid ``2^pool_grid_bits`` times finer than the pool's output (int32), so that the mean is rounded
+        once, as the file means."""
+        kernel = pending.attrs.get("kernel") or self.traced_shape(acc.name)[2:]
+        bits = pool_grid_bits(lo, hi, zp, int(np.prod(kernel)), acc.lo >= 0 or acc.hi <= 0)
+        fine = np.float32(scale / np.float32(2**bits))
+        name = f"{out}:fine"
+        fine_lo, fine_hi = self.rescale(acc, name, fine, INT32_MIN, INT32_MAX)
+        return _View(name, fine, fine_lo, fine_hi)
 
     def view(self, node: Any, value: Any, per_channel: bool = False, tensor: str | None = None) -> _View:
         """``value`` (ONNX tensor ``tensor``, by default the node's first input) as an integer tensor; a pool
@@ -386,9 +401,9 @@ class _Reader:
             if len(value.parts) > 1:  # a pool of a concat of grids, not quantized: the concat on a common grid
                 value = replace(value, parts=[self.view(node, value.attrs["concat"], tensor=f"{tensor}:of")],
                                 attrs={k: v for k, v in value.attrs.items() if k != "concat"})
-            (src,) = value.parts
+            src = self.pool_source(value.parts[0])
             name = f"{tensor}:pooled"
-            self.pool(value, name, src.scale, src.zero_point, src.qmin, src.qmax)
+            self.pool(replace(value, parts=[src]), name, src.scale, src.zero_point, src.qmin, src.qmax)
             return _View(name, src.scale, src.qmin, src.qmax, src.zero_point)
         if value.kind == "concat" and all(
                 isinstance(p, _View) and (p.scale, p.zero_point) == (value.parts[0].scale, value.parts[0].zero_point)
@@ -415,6 +430,11 @@ class _Reader:
             lo, hi = self.rescale(acc, name, fine, INT32_MIN, INT32_MAX)
             self.fine_views[key] = _View(name, fine, lo, hi)
         return self.fine_views[key]
+
+    def pool_source(self, src: _View | _Acc) -> _View:
+        """A pool's input read with no output scale to rescale to: an accumulator on its fine grid
+        (:meth:`accumulator_view`)."""
+        return self.accumulator_view(src) if isinstance(src, _Acc) else src
 
     def common_grid(self, tensor: str, pending: _Pending) -> _View:
         """An add or concat of integer tensors or accumulators on different grids that no QuantizeLinear
@@ -541,8 +561,8 @@ class _Reader:
         if node.op_type != "MaxPool" and _concat_of_grids(value):
             sources: list[Any] = value.parts  # pooled one grid at a time (see :meth:`pool`)
             src = sources[0]
-        else:
-            src = value if node.op_type == "MaxPool" and isinstance(value, _Acc) else self.view(node, value)
+        else:  # an accumulator is read as it is: the max commutes with its rescale, a mean is rescaled at its Q
+            src = value if isinstance(value, _Acc) else self.view(node, value)
             sources = [src]
         out, attrs = node.output[0], {}
         if node.op_type in ("MaxPool", "AveragePool"):
@@ -731,9 +751,18 @@ class _Reader:
 
     def movement(self, node: Any) -> None:
         """Transpose, Reshape, Flatten, Squeeze, Unsqueeze, DepthToSpace, SpaceToDepth, Slice and Split of
-        an integer tensor: the same integers rearranged (reshapes take ONNX's inferred output shape)."""
-        src = self.view(node, self.values.get(node.input[0]))
-        out, op_type = node.output[0], node.op_type
+        an integer tensor: the same integers rearranged (reshapes take ONNX's inferred output shape). A Flatten or
+        reshape of an average pool no QuantizeLinear rounded yet keeps it pending: its exact mean is rounded
+        once, at the QuantizeLinear that follows."""
+        value, out, op_type = self.values.get(node.input[0]), node.output[0], node.op_type
+        if isinstance(value, _Pending) and value.kind in ("avgpool", "global_avgpool") and \
+                op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            shape = self.flattened_pool(node, value) if op_type == "Flatten" and _attr(node, "axis", 1) == 1 \
+                else self.output_shape(node)
+            if shape is not None:
+                self.values[out] = replace(value, attrs={**value.attrs, "reshape": shape})
+                return
+        src = self.view(node, value)
         if op_type == "Transpose":
             perm = _attr(node, "perm", None) or list(reversed(range(len(self.shape_of(node, node.input[0])))))
             self.moved(node, src, out, "transpose", {"perm": [int(p) for p in perm]})
@@ -755,6 +784,15 @@ class _Reader:
                 begin[axis], end[axis] = start, start + size
                 self.slice(node, src, name, (begin, end, [1] * len(shape)))
                 start += size
+
+    def flattened_pool(self, node: Any, pending: _Pending) -> list[int] | None:
+        """The shape ``[-1, C * H * W]`` of a pending pool flattened (any batch), or None where its size is not
+        known (an average pool after operators shape inference does not know: pooled first)."""
+        if node.input[0] in self.shapes:
+            return [-1, int(np.prod(self.shapes[node.input[0]][1:]))]
+        if pending.kind == "global_avgpool" and "reshape" not in pending.attrs:
+            return [-1, sum(self.traced_shape(p.name)[1] for p in pending.parts)]
+        return None
 
     def slice_spec(self, node: Any) -> tuple[list[int], list[int], list[int]]:
         """ONNX Slice's starts/ends/axes/steps as a begin, end and stride per axis (steps > 0)."""
@@ -944,8 +982,9 @@ class _Reader:
         value = self.values.get(name)
         if isinstance(value, _Float):
             return value.name
-        if isinstance(value, _Pending) and value.kind == "global_avgpool" and len(value.parts) == 1:
-            (src,) = value.parts  # the exact mean, not rounded to a grid
+        if isinstance(value, _Pending) and value.kind == "global_avgpool" and len(value.parts) == 1 \
+                and "reshape" not in value.attrs:
+            src = self.pool_source(value.parts[0])  # the exact mean, not rounded to a grid
             if any(op.output == f"{name}:float" for op in self.ops):  # read by another float op already
                 return f"{name}:float"
             opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)

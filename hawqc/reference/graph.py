@@ -179,6 +179,17 @@ def accumulator_grid_bits(qmin: int, qmax: int, zero_point: int = 0) -> int:
     return ((2**31 - 1) // reach).bit_length() - 1
 
 
+def pool_grid_bits(qmin: int, qmax: int, zero_point: int, window: int, one_sided: bool) -> int:
+    """An accumulator that an average pool reads before any QuantizeLinear (ONNX Runtime's operator form pooling
+    DenseNet's last BatchNorm + ReLU) is first requantized onto a grid ``2^k`` times finer than the pool's output,
+    in int32, with ``k`` the largest for which ``window`` times the output's range (plus one step) fits, times
+    ``ACCUMULATOR_HEADROOM`` unless a ReLU keeps every cell on one side of 0: a cell clipped there alone makes
+    the window's mean saturate, so clipping it changes nothing. The pool is then rounded once, off only within
+    ``2^-(k+1)`` steps of a tie."""
+    reach = window * (max(abs(qmin - zero_point), abs(qmax - zero_point)) + 1)
+    return ((2**31 - 1) // (reach if one_sided else ACCUMULATOR_HEADROOM * reach)).bit_length() - 1
+
+
 def accumulator_bound(weight: np.ndarray, lo: int, hi: int, bias: Any = 0) -> int:
     """The largest ``|acc|`` of a conv/dense accumulator ``sum(w * x) + bias`` (``weight`` [out, ...]) over
     inputs ``x`` in ``[lo, hi]``."""
