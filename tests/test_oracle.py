@@ -210,13 +210,21 @@ def accumulator_add(g: _Graph) -> str:
     return g.q(down, step)
 
 
+def mean_of_relu(g: _Graph) -> str:
+    """PT2E's mean of a ReLU'd conv: a ReduceMean (keepdims 0) of the conv's float output, quantized after."""
+    x = g.q("input", 0.0123)
+    mean = g.node("ReduceMean", [g.node("Relu", [g.conv(x, 0.0123, 16, "conv")], "relu")], "mean", axes=[2, 3],
+                  keepdims=0)
+    return g.q(mean, 0.011, zero_point=0)
+
+
 GRAPHS: dict[str, Callable[[_Graph], str]] = {"conv_relu": conv_relu, "residual_add": residual_add,
                                                  "concat": concat, "avgpool": avgpool, "depthwise": depthwise,
                                                  "batchnorm": batchnorm,
                                                  "per_channel_activation": per_channel_activation,
                                                  "activations": activations, "shared_concat": shared_concat,
                                                  "pool_ties": pool_ties, "float_island": float_island,
-                                                 "accumulator_add": accumulator_add}
+                                                 "accumulator_add": accumulator_add, "mean_of_relu": mean_of_relu}
 
 
 def qdq_model(name: str, unsigned: bool) -> onnx.ModelProto:

@@ -830,8 +830,9 @@ class _Reader:
     # ---- reductions over H, W --------------------------------------------------------------------
     def reduce(self, node: Any) -> None:
         """ReduceMean/ReduceSum (a global average pool, resolved at the QuantizeLinear) and ReduceMax (a
-        global max pool) over H and W of an NCHW tensor."""
-        src = self.view(node, self.values.get(node.input[0]))
+        global max pool) over H and W of an NCHW tensor; a mean reads an accumulator as an average pool does."""
+        value = self.values.get(node.input[0])
+        src = value if isinstance(value, _Acc) and node.op_type != "ReduceMax" else self.view(node, value)
         shape = self.shape_of(node, node.input[0])
         axes = _attr(node, "axes", None)
         if axes is None and len(node.input) > 1 and node.input[1]:
