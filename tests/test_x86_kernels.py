@@ -130,6 +130,20 @@ def test_the_vnni_kernels_run_vpdpbusd(kernels: str, weight_bits: int, kernel: s
     assert ("vpdpbusd" in assembly) == kernels.startswith("vnni")
 
 
+@pytest.mark.parametrize(("kernels", "width", "tensorized"), [("vnni", 16, True), ("vnni", 17, False), ("avx2", 16, False)])
+def test_depthwise_epilogue_takes_the_high_word_intrinsic_on_whole_tiles(kernels: str, width: int, tensorized: bool) -> None:
+    """The depthwise epilogue runs :func:`~hawqc.topi_int4.x86.intrin.requantize_name` (``vpmuldq`` on the even
+    and odd lanes) where rows are whole tiles, and stays exact either way (17-pixel rows: 2 tiles of 9)."""
+    graph = layer_graph("conv2d", 32, 32, 3, 1, 1, 1, 0, True, groups=32)
+    shape = (1, 32, 6, width)
+    lowered = _lower(graph, shape, TARGET, kernels, input_dtype="int8")
+    executable, _ = _build(lowered, TARGET, kernels)
+    assert ("vpmuldq" in executable.mod.imports[0].inspect_source("asm")) == tensorized
+    x = np.random.default_rng(5).integers(-128, 128, shape).astype(np.int8)
+    module = compile_graph(graph, shape, TARGET, input_dtype="int8", kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
 def test_1x1_accumulators_stay_in_registers_and_requantize_with_vpmuldq() -> None:
     """A 1x1 conv's register tile (7 pixels x 2 channel vectors here) is a stack array, not a workspace,
     and its high-word requantization multiplies 32-bit lanes (``vpmuldq``), not sign-extended 64-bit ones;

@@ -292,10 +292,8 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
         sch.tensorize(oci, intrinsic_name(wl.weight_bits))
     scope = accumulator_scope(ow_block * oc_vectors)
     sch.set_scope(init, 0, scope)
-    # else the epilogue has a predicate (columns past the row, channels past the last) no intrinsic matches
-    whole_tiles = wl.out_size[1] % ow_block == 0 and wl.out_channels % LANES == 0
-    high_word = requant if vnni and whole_tiles and requant is not None and requant.high_word else None
-    return finish_schedule(sch, wl, copies_input(wl, vnni, ow_block), scope, high_word)
+    return finish_schedule(sch, wl, copies_input(wl, vnni, ow_block), scope,
+                           tensorized_requant(wl, requant, vnni, ow_block))
 
 
 def parallel_rows(sch: Any, wl: Conv2dWorkload, n: Any, *rows: Any) -> None:
@@ -318,6 +316,14 @@ def accumulator_scope(vectors: int) -> str:
     under 1 KB on the stack, where LLVM keeps it in registers, and every ``local`` one (or larger one) in
     a workspace from ``TVMBackendAllocWorkspace`` that it must store to and reload."""
     return "global" if vectors * LANES * 4 < STACK_BYTES else "local"
+
+
+def tensorized_requant(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, pixels: int) -> Requant | None:
+    """``requant`` where the epilogue of rows of ``pixels``-pixel tiles takes :func:`.intrin.requantize_name`
+    (AVX-512, the high-word form, whole tiles: else the epilogue has a predicate, columns past the row or
+    channels past the last, that no intrinsic matches), else None."""
+    whole_tiles = wl.out_size[1] % pixels == 0 and wl.out_channels % LANES == 0
+    return requant if vnni and whole_tiles and requant is not None and requant.high_word else None
 
 
 def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "local",
