@@ -312,21 +312,24 @@ def test_conv_kernel_is_exact_on_other_row_widths(case: str, kernels: str) -> No
 @pytest.mark.parametrize("kernels", ["vnni", "avx2"])
 def test_average_pools_run_the_depthwise_kernel(kernels: str) -> None:
     """Average pools of one divisor (a padded 3x3 with an input zero point, an unpadded 2x2 of stride 2 on
-    a grid of ties) are depthwise convs with a ones kernel and their requantize: the depthwise kernel,
-    equal to the reference."""
+    a grid of ties, a 1x1 of ratio 1 whose multiplier 2^32 is beyond the high-word intrinsic's 31 bits: VGG's)
+    are depthwise convs with a ones kernel and their requantize: the depthwise kernel, equal to the reference."""
     from hawqc.reference.graph import pool_consts
 
-    (c3, t3), (c2, t2) = pool_consts(0.7, 1.0, 9, 255 + 77), pool_consts(1.0, 1.0, 4, 128)
+    (c3, t3), (c2, t2), (c1, t1) = (pool_consts(0.7, 1.0, 9, 255 + 77), pool_consts(1.0, 1.0, 4, 128),
+                                    pool_consts(1.0, 1.0, 1, 128))
     ops = [IntOp("quantize", ["input"], "q", {"qmin": 0, "qmax": 255, "zero_point": 77}, {"scale": np.array(0.1)}),
            IntOp("avgpool", ["q"], "p3", {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1], "qmin": -128,
                                           "qmax": 127, "input_zero_point": 77, "zero_point": -5, **t3}, c3),
            IntOp("avgpool", ["p3"], "p2", {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0], "qmin": -128,
                                            "qmax": 127, **t2}, c2),
-           IntOp("dequantize", ["p2"], "output", {}, {"scale": np.array(0.1)})]
+           IntOp("avgpool", ["p2"], "p1", {"kernel": [1, 1], "stride": [1, 1], "padding": [0, 0, 0, 0], "qmin": -128,
+                                           "qmax": 127, **t1}, c1),
+           IntOp("dequantize", ["p1"], "output", {}, {"scale": np.array(0.1)})]
     graph = IntegerGraph("input", "output", ops)
-    lowered = _lower(graph, (2, 24, 10, 10), TARGET, kernels)
-    assert sum(gv.name_hint.startswith("depthwise_conv2d_requant") for gv in lowered.functions) == 2
-    x = np.random.default_rng(8).standard_normal((2, 24, 10, 10)).astype(np.float32) * 6
+    lowered = _lower(graph, (2, 32, 10, 10), TARGET, kernels)
+    assert sum(gv.name_hint.startswith("depthwise_conv2d_requant") for gv in lowered.functions) == 3
+    x = np.random.default_rng(8).standard_normal((2, 32, 10, 10)).astype(np.float32) * 6
     module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
     np.testing.assert_array_equal(module(x), graph.run(x))
 

@@ -105,8 +105,8 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
     """Packed weights, the bias with the VNNI activation offset (and input zero point of the requantize)
     folded in (with a requantize: times ``b``, plus its offset), then per-channel ``b``, ``2^(c-1) - 1`` (the
     rounding bias) and ``c``, all padded to whole 16-channel blocks; or, where the accumulator's range
-    allows (:func:`hawqc.quant.dyadic.high_word_form`), ``d``, ``b`` and ``s`` of the cheaper form, which
-    the second value says. For an aligned Add (``requant`` an ``add`` reading the layer's output): ``b`` is
+    allows (:func:`hawqc.quant.dyadic.high_word_form`) and ``b < 2^31``, ``d``, ``b`` and ``s`` of the cheaper
+    form, which the second value says. For an aligned Add (``requant`` an ``add`` reading the layer's output): ``b`` is
     the layer's multiplier, the bias also holds the Add's offset and the other input's zero point times its
     multiplier, and that multiplier follows ``c``; with a ``clip`` of the layer's output, the bias holds
     only those and the layer's own bias (int32) comes last."""
@@ -142,7 +142,8 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
     b, c = (np.asarray(requant.consts[k], dtype=np.int64) for k in ("b", "c"))
     bias = (bias - requant.attrs.get("input_zero_point", 0)) * b + np.asarray(requant.consts.get("offset", 0), np.int64)
     tie = requant.attrs.get("tie_window", 0)
-    cheaper = None if tie else high_word_form(
+    # the form's intrinsic multiplies 32-bit lanes (vpmuldq): an average pool's multiplier may reach 2^32
+    cheaper = None if tie or np.max(b) >= 2**31 else high_word_form(
         np.broadcast_to(b, (oc,)), np.broadcast_to(c, (oc,)), np.broadcast_to(bias, (oc,)),
         requant.attrs.get("zero_point", 0), *_accumulator_range(weight, wl.in_dtype, offset))
     if cheaper is not None:
