@@ -242,7 +242,8 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
     ``bias`` being the accumulator's bias times ``b`` plus the requantization's offset and ``round``
     :func:`hawqc.quant.dyadic.rounding_bias` of ``shift``. With ``requant.high_word`` the PrimFunc is
     ``(x, weight, d, b, s) -> out`` computing ``clip(high_word_shift(acc * b + d, s))``, the same numbers
-    (:func:`hawqc.quant.dyadic.high_word_form`) in half the int64 operations."""
+    (:func:`hawqc.quant.dyadic.high_word_form`) in half the int64 operations. With ``requant.then`` that result
+    (block ``requant``) goes through the :class:`AddStage` into ``out``, its second tensor the parameter before it."""
     from tvm import te, tirx
 
     ocp = acc.shape[-1]
