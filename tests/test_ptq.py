@@ -281,7 +281,7 @@ def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     out = tmp_path / "out"
     code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
                  "--distill", "steps=20,lr=0.2,schedule=cosine,jitter=1,flip=1,tv=0.01,l2=0.01,first-bn=2,classes=1",
-                 "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
+                 "--ptq-iters", "5", "--ptq-bias-statistics", "batchnorm", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     text = " ".join(capsys.readouterr().out.split())
     assert "bit-exact" in text and "learned" in text
