@@ -108,7 +108,8 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
     start = time.perf_counter()
     switches = {"bias_correction": False} if args.ptq_no_bias_correction else {}
     learned = LearnedOptions.for_rounding(args.ptq_rounding, iters=args.ptq_iters, batch_size=args.ptq_batch,
-                                          blocks=args.ptq_blocks, drop=args.ptq_drop, bias_statistics=args.ptq_bias_statistics,
+                                          blocks=args.ptq_blocks, drop=args.ptq_drop,
+                                          bias_statistics=args.ptq_bias_statistics,
                                           search_ranges=not args.ptq_no_range_search, **switches)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)

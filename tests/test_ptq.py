@@ -206,13 +206,16 @@ def test_data_free_bias_correction_cancels_the_expected_output_shift() -> None:
     node = [n for n in qmodel.nodes if n.kind == "conv"][1]
     layer, reference = qmodel.layer(node), copy.deepcopy(qmodel.layer(node))
     mean_q, mean_fp = torch.rand(4), torch.rand(4)
-    constant = mean_fp.reshape(1, 4, 1, 1).expand(1, 4, 5, 5)  # a grouped conv's output on a constant input
+    constant = mean_fp.reshape(1, 4, 1, 1).expand(1, 4, 5, 5)  # its interior output: _mean_output + bias
     w, b = reference.folded()
-    torch.testing.assert_close(_mean_output(reference, w, mean_fp), (reference._op(constant, w, b) - b.reshape(1, -1, 1, 1))[0, :, 2, 2])
+    interior = (reference._op(constant, w, b) - b.reshape(1, -1, 1, 1))[0, :, 2, 2]
+    torch.testing.assert_close(_mean_output(reference, w, mean_fp), interior)
     shift = correct_bias_expected(qmodel, node, mean_q, mean_fp, reference)
     assert float(shift.abs().max()) > 0
-    w_q = torch.from_numpy(layer.integer_params(qmodel.input_scale(node))["weight"]).float() * _scale(qmodel, node, *layer.folded())
-    torch.testing.assert_close(_mean_output(layer, w_q, mean_q) + layer.folded()[1], _mean_output(reference, w, mean_fp) + b)
+    integers = torch.from_numpy(layer.integer_params(qmodel.input_scale(node))["weight"]).float()
+    w_q = integers * _scale(qmodel, node, *layer.folded())  # the weights the integer graph runs
+    torch.testing.assert_close(_mean_output(layer, w_q, mean_q) + layer.folded()[1],
+                               _mean_output(reference, w, mean_fp) + b)
 
 
 def test_w4a8_preset_and_ilp_option() -> None:
@@ -281,7 +284,8 @@ def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     out = tmp_path / "out"
     code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
                  "--distill", "steps=20,lr=0.2,schedule=cosine,jitter=1,flip=1,tv=0.01,l2=0.01,first-bn=2,classes=1",
-                 "--ptq-iters", "5", "--ptq-bias-statistics", "batchnorm", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
+                 "--ptq-iters", "5", "--ptq-bias-statistics", "batchnorm", "--calib-batches", "1", "--batch-size", "8",
+                 "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     text = " ".join(capsys.readouterr().out.split())
     assert "bit-exact" in text and "learned" in text
