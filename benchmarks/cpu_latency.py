@@ -63,11 +63,13 @@ class Engine:
     worker: str
     file: str
     module: str
+    fallback: tuple[tuple[str, str], ...] = ()
+    """Environment under which the engine is timed instead where it fails in its default configuration."""
 
 
 ENGINES = (Engine("hawqc", "hawqc", "hawqc-ort", "tvm"),
            Engine("onnxruntime", "onnxruntime", "qdq.onnx", "onnxruntime"),
-           Engine("openvino", "openvino", "qdq.onnx", "openvino"),
+           Engine("openvino", "openvino", "qdq.onnx", "openvino", (("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI"),)),
            Engine("pytorch-fp32", "pytorch", "model.pt", "torch"),
            Engine("hawqc-w8a8", "hawqc", "hawqc-w8a8", "tvm"),
            Engine("hawqc-w4a4", "hawqc", "hawqc-w4a4", "tvm"),
@@ -275,18 +277,19 @@ def why_not(case: Case, engine: Engine) -> str | None:
     return None
 
 
-def run_worker(engine: Engine, case: Case, runs: int, layers: bool = False) -> dict[str, Any]:
-    """One fresh interpreter running ``engine`` on ``case``: its JSON line, or ``{"error": ...}``."""
+def run_worker(engine: Engine, case: Case, runs: int, layers: bool = False,
+               env: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """One fresh interpreter running ``engine`` on ``case`` (with ``env`` added to the environment): its JSON line,
+    or ``{"error": ...}``."""
     command = [sys.executable, str(WORKER), engine.worker, str(case.path(engine)), ",".join(map(str, case.shape)),
                "--runs", str(runs)] + (["--layers"] if layers else [])
-    env = {**os.environ, "TVM_NUM_THREADS": str(THREADS)}
-    return timing.run_worker(command, env)
+    return timing.run_worker(command, {**os.environ, "TVM_NUM_THREADS": str(THREADS), **dict(env)})
 
 
-def figure(engine: str, case: Case, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median across rounds, with every round's load."""
+def figure(engine: str, case: Case, rounds: list[dict[str, Any]], fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The median across rounds, with every round's load (and the ``fallback`` it was timed under, if any)."""
     loads = [max(r["load_before"], r["load_after"]) for r in rounds]
-    return {"model": case.model, "batch": case.batch, "engine": engine,
+    return {"model": case.model, "batch": case.batch, "engine": engine, **({"fallback": fallback} if fallback else {}),
             "ms": statistics.median(r["median_ms"] for r in rounds), "min_ms": min(r["min_ms"] for r in rounds),
             "max_ms": max(r["max_ms"] for r in rounds), "rounds": len(rounds), "runs": sum(r["runs"] for r in rounds),
             "load": max(loads), "loads": loads, "loaded": max(loads) > LOADED,
@@ -297,6 +300,7 @@ def time_case(case: Case, engines: list[Engine], rounds: int, runs: int) -> list
     """Every engine's figure (or error) for ``case``: engines alternating, one process each, per round."""
     results: dict[str, list[dict[str, Any]]] = {}
     errors: dict[str, str] = {}
+    fallbacks: dict[str, dict[str, Any]] = {}  # engine -> the environment it is timed under and why
     for engine in engines:
         reason = why_not(case, engine)
         if reason is not None:
@@ -305,14 +309,17 @@ def time_case(case: Case, engines: list[Engine], rounds: int, runs: int) -> list
         for engine in engines:
             if engine.label in errors:
                 continue
-            result = run_worker(engine, case, runs)
+            result = run_worker(engine, case, runs, env=fallbacks.get(engine.label, {}).get("env", ()))
+            if "error" in result and engine.fallback and engine.label not in fallbacks:
+                fallbacks[engine.label] = {"env": engine.fallback, "default_error": result["error"]}
+                result = run_worker(engine, case, runs, env=engine.fallback)
             if "error" in result:
                 errors[engine.label] = result["error"]
             else:
                 results.setdefault(engine.label, []).append(result)
             print(json.dumps({"model": case.model, "batch": case.batch, "round": round_ + 1, "engine": engine.label,
                               **result}), flush=True)
-    return ([figure(label, case, done) for label, done in results.items() if label not in errors]
+    return ([figure(label, case, done, fallbacks.get(label)) for label, done in results.items() if label not in errors]
             + [{"model": case.model, "batch": case.batch, "engine": label, "error": error}
                for label, error in errors.items()])
 
@@ -345,7 +352,8 @@ def check_standalone(cases: list[Case], figures: list[dict[str, Any]], runs: int
         script = STANDALONE_TIMING.format(engine=STANDALONE[row["engine"]])
         load = os.getloadavg()[0]
         done = subprocess.run([sys.executable, "-c", script, str(case.path(engine)), ",".join(map(str, case.shape)),
-                               str(runs)], capture_output=True, text=True, timeout=timing.WORKER_TIMEOUT_S)
+                               str(runs)], capture_output=True, text=True, timeout=timing.WORKER_TIMEOUT_S,
+                              env={**os.environ, **dict(row.get("fallback", {}).get("env", ()))})
         check = {"model": case.model, "batch": case.batch, "engine": row["engine"], "harness_ms": row["ms"],
                  "load": load}
         try:
@@ -369,6 +377,7 @@ def rows_by_case(figures: list[dict[str, Any]], cases: list[Case]) -> list[dict[
         peers = [ms[p] for p in PEERS if ms.get(p)]
         timed = [f for f in mine.values() if "ms" in f]
         rows.append({"model": case.model, "batch": case.batch, "ms": ms,
+                     "fallbacks": [label for label, f in mine.items() if "fallback" in f],
                      "vs_best_peer": ms["hawqc"] / min(peers) if ms.get("hawqc") and peers else None,
                      "bit_exact": case.bit_exact, "load": max((f["load"] for f in timed), default=None),
                      "other_cores": max((f["other_cores"] for f in timed), default=None)})
@@ -402,7 +411,8 @@ def latency_markdown(report: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     for row in report["rows"]:
-        cells = [cell(row["vs_best_peer"]) if c is None else cell(row["ms"].get(c)) for c in columns]
+        cells = [cell(row["vs_best_peer"]) if c is None else cell(row["ms"].get(c)) + "†" * (c in row.get("fallbacks", []))
+                 for c in columns]
         load = "-" if row["load"] is None else f"{row['load']:.2f}" + (" loaded" if row["load"] > LOADED else "")
         lines.append(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) +
                      f" | {exactness(row['bit_exact'])} | {load} | {cell(row['other_cores'])} |")
@@ -413,6 +423,12 @@ def latency_markdown(report: dict[str, Any]) -> str:
               f"(\"loaded\": above {LOADED}; back-to-back workers raise it themselves, 2 threads each); others' cores: "
               "the most CPU the rest of the machine used while a figure was taken.",
               "", f"int8 peak: {report['peak_gmac_per_s']:.0f} GMAC/s ({report['peak']})."]
+    fallbacks = [f for f in report["figures"] if "fallback" in f]
+    for engine in sorted({f["engine"] for f in fallbacks}):
+        first = next(f["fallback"] for f in fallbacks if f["engine"] == engine)
+        env = " ".join(f"{k}={v}" for k, v in first["env"])
+        lines += ["", f"† {engine} fails in its default configuration on this machine ({first['default_error']}); "
+                  f"timed with `{env}` instead."]
     errors = [f for f in report["figures"] if "error" in f]
     if errors:
         lines += ["", "## Engines without a figure", "", "| model | batch | engine | why |", "|---|---|---|---|"]

@@ -112,7 +112,7 @@ def main() -> None:
             timing.warm_up(run)
             result = timing.timed(run, args.runs)
     except Exception as err:  # any engine's failure is one line of the report
-        print(json.dumps({"error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"}))
+        print(timing.error_json(err))
         sys.exit(1)
     print(json.dumps(result), flush=True)
 

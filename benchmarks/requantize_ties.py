@@ -28,6 +28,8 @@ from hawqc.fileio import write_atomic
 from hawqc.quant import dyadic
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+"""Files inside the repository are named from its root, however ``--work`` or a file was given."""
 INT32 = (-(2**31), 2**31 - 1)
 """An accumulator's range: ties beyond it are never met."""
 
@@ -104,7 +106,13 @@ def count(path: Path) -> dict[str, Any]:
         from_onnx(model, shape)
     finally:
         dyadic.exact_requantization = original
-    return {"file": str(path), **counts}
+    return {"file": _name(path), **counts}
+
+
+def _name(path: Path) -> str:
+    """``path`` from the repository root (the key of its saved row), or as given if outside it."""
+    full = path.resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:

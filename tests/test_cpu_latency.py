@@ -46,3 +46,31 @@ def test_unknown_model_is_a_one_line_error() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "unknown model nosuch" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_peer_failing_by_default_is_timed_under_its_fallback(tmp_path: Path, monkeypatch) -> None:
+    """OpenVINO's default CPU configuration fails on some machines (its AMX int8 path): the harness times it
+    under its fallback environment instead, from then on, and the table marks the figure and says why."""
+    calls = []
+
+    def run_worker(engine, case, runs, layers=False, env=()):
+        calls.append((engine.label, env))
+        if engine.label == "openvino" and not env:
+            return {"error": "RuntimeError: No suitable implementations."}
+        return {"median_ms": 10.0 if engine.label == "hawqc" else 8.0, "min_ms": 1.0, "max_ms": 20.0, "runs": 5,
+                "load_before": 0.1, "load_after": 0.1, "other_cores": 0.0}
+
+    monkeypatch.setattr(cpu_latency, "run_worker", run_worker)
+    case = cpu_latency.Case("a", 1, [1, 3, 8, 8], tmp_path, bit_exact={"hawqc-ort": True})
+    engines = [e for e in cpu_latency.ENGINES if e.label in ("hawqc", "openvino")]
+    figures = cpu_latency.time_case(case, engines, rounds=2, runs=5)
+    fallback = dict(next(e for e in engines if e.label == "openvino").fallback)
+    assert calls == [("hawqc", ()), ("openvino", ()), ("openvino", tuple(fallback.items())), ("hawqc", ()),
+                     ("openvino", tuple(fallback.items()))]
+    ov = next(f for f in figures if f["engine"] == "openvino")
+    assert ov["ms"] == 8.0 and ov["fallback"]["default_error"].endswith("No suitable implementations.")
+    report = {"machine": "test", "rounds": 2, "runs": 5, "peak_gmac_per_s": 400.0, "peak": "measured", "notes": [],
+              "figures": figures, "rows": cpu_latency.rows_by_case(figures, [case]), "standalone": []}
+    text = cpu_latency.latency_markdown(report)
+    assert "| a | 1 | 10.00 | - | 8.00† | 1.25 |" in text
+    assert "† openvino fails in its default configuration on this machine (RuntimeError: No suitable" in text

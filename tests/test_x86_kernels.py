@@ -176,6 +176,41 @@ def test_own_residual_adds_run_in_their_convs_epilogue(kernels: str) -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
+def _requantized_conv(name: str, source: str, cin: int, cout: int, seed: int, qmin: int, qmax: int) -> list[IntOp]:
+    """A 1x1 conv and its requantize onto ``[qmin, qmax]`` (zero point 3), as ONNX Runtime's files have them."""
+    rng = np.random.default_rng(seed)
+    b, c = dyadic_per_channel(rng.uniform(2e-5, 2e-4, cout))
+    attrs = {"stride": [1, 1], "padding": [0] * 4, "dilation": [1, 1], "groups": 1}
+    return [IntOp("conv2d", [source], name + "_acc", attrs,
+                  {"weight": rng.integers(-128, 128, (cout, cin, 1, 1)).astype(np.int8),
+                   "bias": rng.integers(-5000, 5000, cout).astype(np.int32)}),
+            IntOp("requantize", [name + "_acc"], name, {"qmin": qmin, "qmax": qmax, "zero_point": 3}, {"b": b, "c": c})]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_adds_of_requantized_convs_run_in_the_later_convs_epilogue(kernels: str) -> None:
+    """ONNX Runtime's residual Adds read requantized 8-bit conv outputs: the Add (in its int32 form, a ReLU's
+    clip included) runs in the epilogue of the conv written later, after its requantize, whether the other
+    input is a conv's output or an earlier tensor; no Add runs alone. Bit-exact."""
+    from hawqc.reference.graph import AddInput, aligned_add_op
+
+    s = np.float32
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": 0, "qmax": 255, "zero_point": 10}, {"scale": np.array(0.1)}),
+           *_requantized_conv("a", "q", 32, 64, 1, 0, 255), *_requantized_conv("b", "q", 32, 64, 2, -128, 127),
+           aligned_add_op([AddInput("a", s(0.07), 3, 256), AddInput("b", s(0.05), 3, 256)], "sum", s(0.09), 0, 255, 5),
+           *_requantized_conv("c", "sum", 64, 64, 3, 0, 255),
+           aligned_add_op([AddInput("sum", s(0.09), 5, 256), AddInput("c", s(0.06), 3, 256)], "relu", s(0.0813), 7, 255, 7),
+           IntOp("dequantize", ["relu"], "output", {"zero_point": 7}, {"scale": np.array(0.0813)})]
+    graph = IntegerGraph("input", "output", ops)
+    _, lowered = _build(_lower(graph, (2, 32, 14, 14), TARGET, kernels), TARGET, kernels)
+    calls = re.findall(r"^\s*(?:\w+ = )?(\w+)\(", lowered["main"].script(), re.MULTILINE)
+    assert sum(re.search(r"conv2d_\w+_requant_add\d*$", call) is not None for call in calls) == 2
+    assert not [call for call in calls if "right_shift" in call]
+    x = np.random.default_rng(6).standard_normal((2, 32, 14, 14)).astype(np.float32) * 5
+    module = compile_graph(graph, x.shape, TARGET, kernels=kernels)
+    np.testing.assert_array_equal(module(x), graph.run(x))
+
+
 def test_every_kernel_of_a_model_is_scheduled() -> None:
     torch.manual_seed(0)
     model = models.get("resnet18")

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from hawqc.quant.dyadic import ShiftOps, high_word_shift, high_word_sum_form, int32_sum_form, round_shift, rounding_bias
+from hawqc.quant.dyadic import (Int32Sum, ShiftOps, high_word_shift, high_word_sum_form, int32_sum_form, round_shift,
+                                rounding_bias)
 from hawqc.reference.graph import IntegerGraph, IntOp, pool_padding, pool_rescale
 
 
@@ -79,10 +80,11 @@ def relax_shift_ops() -> ShiftOps:
 
 
 ConvKernels = Callable[..., Any]
-"""A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None, residual=None, clip=None)
--> expr``, with the requantization fused in when given: a ``requantize``, or an aligned ``add`` of the
-layer's output (clipped by ``clip``, a requantize by 1, where given) and ``residual`` (the Add's other
-input); ``None`` where it has no kernel for that (the generic lowering is used)."""
+"""A target's conv/dense lowering: ``(ctx, x, conv_or_dense, requantize_or_None, residual=None, clip=None,
+then=None) -> expr``, with the requantization fused in when given: a ``requantize``, or an aligned ``add`` of
+the layer's output (clipped by ``clip``, a requantize by 1, where given) and ``residual`` (the Add's other
+input); with ``then``, an aligned Add of the requantized output and ``residual`` follows the requantize;
+``None`` where it has no kernel for that (the generic lowering is used)."""
 
 TableKernel = Callable[[Context, Any, np.ndarray, int, str], Any]
 """A target's table lookup: ``(ctx, x, table, offset, out_dtype) -> expr`` computing ``table[x - offset]``
@@ -113,10 +115,11 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
     fused = _fusable_requantize(graph, keep) if kernels else {}
     adds = _fusable_add(graph, keep) if kernels else {}
     graph = _moved_to_their_adds(graph, adds)
+    later_adds = _fusable_later_add(graph, keep, fused, adds) if kernels else {}
     with bb.function("main", [x]):
         with bb.dataflow():
             values: dict[str, Any] = {graph.input: x if "float" in input_dtype else bb.emit(ctx.to_internal(x))}
-            inside: set[str] = set()  # the clips of Adds fused into their conv
+            inside: set[str] = set()  # the clips and requantizes of Adds fused into their conv
             for op in graph.ops:
                 if op.output in values or op.output in inside:  # fused into its conv
                     continue
@@ -124,6 +127,12 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
                 requant = fused.get(op.output)
                 expr = None
                 if kernels and op.op in ("conv2d", "dense"):
+                    if (add := later_adds.get(op.output)) is not None:
+                        other = values[next(name for name in add.inputs if name != requant.output)]
+                        if (expr := kernels(ctx, ins[0], op, requant, other, then=add)) is not None:
+                            values[add.output] = bb.emit(expr)
+                            inside.add(requant.output)
+                            continue
                     if (fusion := adds.get(op.output)) is not None:
                         requant, clip = fusion
                         mine = op.output if clip is None else clip.output
@@ -238,6 +247,27 @@ def _fusable_add(graph: IntegerGraph, keep: list[str]) -> dict[str, tuple[IntOp,
             if found:
                 conv, clip = max(found, key=lambda a: order[a[0]])
                 fusable[conv] = (op, clip)
+    return fusable
+
+
+def _fusable_later_add(graph: IntegerGraph, keep: list[str], fused: dict[str, IntOp],
+                       adds: dict[str, tuple[IntOp, IntOp | None]]) -> dict[str, IntOp]:
+    """conv output name -> the aligned Add (per-tensor multipliers, two inputs) that alone reads the conv's
+    fused requantize, unless ``adds`` fuses it already: ONNX Runtime's residual Adds. The conv written later
+    of two such, and only where the Add's other input is written before it."""
+    readers, taken = _readers(graph), {id(add) for add, _ in adds.values()}
+    order = {op.output: i for i, op in enumerate(graph.ops)}
+    conv_of = {requant.output: conv for conv, requant in fused.items()
+               if requant.output not in keep and len(readers.get(requant.output, [])) == 1}
+    fusable: dict[str, IntOp] = {}
+    for op in graph.ops:
+        if (op.op != "add" or id(op) in taken or np.ndim(op.consts.get("m")) != 1 or "offset" in op.consts
+                or len(op.inputs) != 2 or len(set(op.inputs)) != 2 or not any(name in conv_of for name in op.inputs)):
+            continue
+        mine = max((name for name in op.inputs if name in conv_of), key=lambda name: order[conv_of[name]])
+        other = next(name for name in op.inputs if name != mine)
+        if order.get(other, -1) < order[conv_of[mine]]:
+            fusable[conv_of[mine]] = op
     return fusable
 
 
@@ -402,6 +432,17 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     return R.astype(total, ctx.storage(a["qmin"], a["qmax"]))
 
 
+def add_in_int32(op: IntOp, dtypes: list[str]) -> Int32Sum | None:
+    """An aligned Add of 8-bit inputs stored as ``dtypes`` (per-tensor multipliers, no offset) as
+    :func:`hawqc.quant.dyadic.int32_sum_form` computes it, or None where it has no such form."""
+    a, m = op.attrs, op.consts["m"]
+    if m.ndim != 1 or "offset" in op.consts or any(d not in ("int8", "uint8") for d in dtypes):
+        return None
+    ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
+    return int32_sum_form([int(v) for v in m], a.get("input_zero_points", [0] * len(dtypes)), int(op.consts["c"]),
+                          a.get("zero_point", 0), ranges, a["qmin"], a["qmax"], a.get("tie_window", 0))
+
+
 def _cheaper_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     """The aligned Add of 8-bit inputs (per-tensor multipliers) in int32 (:func:`hawqc.quant.dyadic.int32_sum_form`:
     half the work of int64 lanes) or else in the high-word form (:func:`hawqc.quant.dyadic.high_word_sum_form`),
@@ -416,7 +457,7 @@ def _cheaper_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     multipliers = [int(v) for v in m]
     ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
     zero_points, zero_point, window = a.get("input_zero_points", [0] * len(ins)), a.get("zero_point", 0), a.get("tie_window", 0)
-    if (form := int32_sum_form(multipliers, zero_points, c, zero_point, ranges, a["qmin"], a["qmax"], window)) is not None:
+    if (form := add_in_int32(op, dtypes)) is not None:
         total = _const(form.d, "int32")
         for x, mult in zip(ins, form.multipliers):
             total = R.add(total, R.multiply(R.astype(x, "int32"), _const(mult, "int32")))

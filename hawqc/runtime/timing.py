@@ -136,7 +136,10 @@ def run_worker(command: list[str], env: Mapping[str, str] | None = None) -> dict
 
 
 def error_json(err: BaseException) -> str:
-    return json.dumps({"error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"})
+    """``{"error": ...}``: the exception's type and its first line, or its last where the first only says where
+    (ends with a colon, as OpenVINO's nested exceptions do)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
+    return json.dumps({"error": f"{type(err).__name__}: {lines[-1] if lines[0].endswith(':') else lines[0]}"})
 
 
 def main(argv: list[str] | None = None) -> None:

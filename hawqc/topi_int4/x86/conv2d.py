@@ -41,6 +41,22 @@ layer 13% faster, 32->192 7%; no change on 3x3 or wider layers)."""
 
 
 @dataclass(frozen=True)
+class AddStage:
+    """An aligned Add after the requantize, in int32 (:class:`hawqc.quant.dyadic.Int32Sum`): the requantized
+    output times ``mine`` plus a second tensor (stored as ``residual``) times ``other`` plus ``d``, shifted
+    right by ``shift``, clipped to ``[qmin, qmax]`` and stored as ``dtype``."""
+
+    mine: int
+    other: int
+    d: int
+    shift: int
+    qmin: int
+    qmax: int
+    dtype: str
+    residual: str
+
+
+@dataclass(frozen=True)
 class Requant:
     """The epilogue's clip bounds, output zero point and storage type; ``high_word``: the kernel takes
     the constants of :func:`hawqc.quant.dyadic.high_word_form` (``bias`` = its ``d``, ``shift`` = its
@@ -59,6 +75,12 @@ class Requant:
     accumulator_clip: tuple[int, int] | None = None
     """With ``residual``: the bounds the layer's own output (``acc`` plus its own bias) is clipped to before
     it is multiplied."""
+    then: AddStage | None = None
+    """An Add of the requantized output and a second tensor (the kernel's last parameter before the output)."""
+
+    @property
+    def out_dtype(self) -> str:
+        return self.then.dtype if self.then else self.dtype
 
 
 @dataclass(frozen=True)
@@ -220,7 +242,8 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
     ``bias`` being the accumulator's bias times ``b`` plus the requantization's offset and ``round``
     :func:`hawqc.quant.dyadic.rounding_bias` of ``shift``. With ``requant.high_word`` the PrimFunc is
     ``(x, weight, d, b, s) -> out`` computing ``clip(high_word_shift(acc * b + d, s))``, the same numbers
-    (:func:`hawqc.quant.dyadic.high_word_form`) in half the int64 operations."""
+    (:func:`hawqc.quant.dyadic.high_word_form`) in half the int64 operations. With ``requant.then`` that result
+    (block ``requant``) goes through the :class:`AddStage` into ``out``, its second tensor the parameter before it."""
     from tvm import te, tirx
 
     ocp = acc.shape[-1]
@@ -235,28 +258,39 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
 
     if requant.high_word:
         b, shift = te.placeholder((ocp,), "int64", name="b"), te.placeholder((ocp,), "int32", name="shift")
-        out = te.compute(shape, lambda i, y, z, o: clip(high_word_shift(
-            acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o], lambda v: v.astype("int32"))), name="out")
-        return te.create_prim_func([x, weight, bias, b, shift, out])
-    b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
-    m = te.placeholder((ocp,), "int64", name="m")
-    own = te.placeholder((ocp,), "int32", name="acc_bias")
-    residual = te.placeholder(shape, requant.residual or "int8", name="residual")
-    extra = ([m, *([own] if requant.accumulator_clip else []), residual] if requant.residual else [])
+        params = [bias, b, shift]
 
-    def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
-        value = acc[i, y, z, o]
-        if requant.accumulator_clip:
-            low, high = requant.accumulator_clip
-            value = tirx.max(tirx.min(value + own[o], high), low)
-        total = value.astype("int64") * b[o] + bias[o]
-        if requant.residual:
-            total = total + residual[i, y, z, o].astype("int64") * m[o]
-        v = round_shift(total, shift[o], rnd[o], tie_window=requant.tie_window)
-        return clip(v + requant.zero_point if requant.zero_point else v)
+        def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
+            return clip(high_word_shift(acc[i, y, z, o].astype("int64") * b[o] + bias[o], shift[o],
+                                        lambda v: v.astype("int32")))
+    else:
+        b, rnd, shift = (te.placeholder((ocp,), "int64", name=k) for k in ("b", "round", "shift"))
+        m = te.placeholder((ocp,), "int64", name="m")
+        own = te.placeholder((ocp,), "int32", name="acc_bias")
+        residual = te.placeholder(shape, requant.residual or "int8", name="residual")
+        params = [bias, b, rnd, shift, *([m, *([own] if requant.accumulator_clip else []), residual]
+                                        if requant.residual else [])]
 
-    out = te.compute(shape, epilogue, name="out")
-    return te.create_prim_func([x, weight, bias, b, rnd, shift, *extra, out])
+        def epilogue(i: Any, y: Any, z: Any, o: Any) -> Any:
+            value = acc[i, y, z, o]
+            if requant.accumulator_clip:
+                low, high = requant.accumulator_clip
+                value = tirx.max(tirx.min(value + own[o], high), low)
+            total = value.astype("int64") * b[o] + bias[o]
+            if requant.residual:
+                total = total + residual[i, y, z, o].astype("int64") * m[o]
+            v = round_shift(total, shift[o], rnd[o], tie_window=requant.tie_window)
+            return clip(v + requant.zero_point if requant.zero_point else v)
+
+    if requant.then is None:
+        return te.create_prim_func([x, weight, *params, te.compute(shape, epilogue, name="out")])
+    add = requant.then
+    q = te.compute(shape, epilogue, name="requant")
+    other = te.placeholder(shape, add.residual, name="residual")
+    out = te.compute(shape, lambda i, y, z, o: tirx.max(tirx.min(
+        (q[i, y, z, o].astype("int32") * add.mine + other[i, y, z, o].astype("int32") * add.other + add.d)
+        >> add.shift, add.qmax), add.qmin).astype(add.dtype), name="out")
+    return te.create_prim_func([x, weight, *params, other, out])
 
 
 def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[int, int] | None = None) -> Any:
@@ -273,11 +307,13 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     rco, rci = sch.split(rc, [None, GROUP])
     if channels_outer(wl):
         sch.reorder(n, oco, y, zo, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
-        sch.reverse_compute_at(sch.get_sblock("out"), zo)
+        for block in epilogue_blocks(requant):
+            sch.reverse_compute_at(sch.get_sblock(block), zo)
         parallel_rows(sch, wl, n, oco, y)
     else:
         sch.reorder(n, y, zo, oco, ry, rx, rco, zi, ocv, *((oci, rci) if vnni else (rci, oci)))
-        sch.reverse_compute_at(sch.get_sblock("out"), oco)
+        for block in epilogue_blocks(requant):
+            sch.reverse_compute_at(sch.get_sblock(block), oco)
         parallel_rows(sch, wl, n, y)
         if int(sch.get(oco).extent) <= UNROLLED_BLOCKS:
             sch.unroll(oco)
@@ -293,7 +329,12 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
     scope = accumulator_scope(ow_block * oc_vectors)
     sch.set_scope(init, 0, scope)
     return finish_schedule(sch, wl, copies_input(wl, vnni, ow_block), scope,
-                           tensorized_requant(wl, requant, vnni, ow_block))
+                           tensorized_requant(wl, requant, vnni, ow_block), epilogue_blocks(requant))
+
+
+def epilogue_blocks(requant: Requant | None) -> tuple[str, ...]:
+    """The blocks after the accumulator, in order: the requantize, and the Add after it where there is one."""
+    return ("requant", "out") if requant is not None and requant.then else ("out",)
 
 
 def parallel_rows(sch: Any, wl: Conv2dWorkload, n: Any, *rows: Any) -> None:
@@ -327,21 +368,22 @@ def tensorized_requant(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, 
 
 
 def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "local",
-                    high_word: Requant | None = None) -> Any:
-    """The epilogue over 16 output channels at a time (where they divide evenly): unrolled over the tile
-    where the accumulators are in registers (``scope`` ``global``, see :func:`accumulator_scope`), with
-    :func:`.intrin.requantize_name` for a ``high_word`` requantization there, else vectorized by LLVM;
-    the input copy (if ``copies``) parallel over rows. The scheduled PrimFunc, marked opaque for FuseOps."""
-    *_, pixels, last = sch.get_loops(sch.get_sblock("out"))
-    if int(sch.get(last).extent) % LANES == 0:
-        vectors, inner = sch.split(last, [None, LANES])
-        if scope == "global":
-            sch.unroll(pixels)
-            sch.unroll(vectors)
-        if scope == "global" and high_word is not None:
-            sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype))
-        else:
-            sch.vectorize(inner)
+                    high_word: Requant | None = None, blocks: tuple[str, ...] = ("out",)) -> Any:
+    """The epilogue ``blocks`` over 16 output channels at a time (where they divide evenly): unrolled over the
+    tile where the accumulators are in registers (``scope`` ``global``, see :func:`accumulator_scope`), the
+    first with :func:`.intrin.requantize_name` for a ``high_word`` requantization there, else vectorized by
+    LLVM; the input copy (if ``copies``) parallel over rows. The scheduled PrimFunc, marked opaque for FuseOps."""
+    for block in blocks:
+        *_, pixels, last = sch.get_loops(sch.get_sblock(block))
+        if int(sch.get(last).extent) % LANES == 0:
+            vectors, inner = sch.split(last, [None, LANES])
+            if scope == "global":
+                sch.unroll(pixels)
+                sch.unroll(vectors)
+            if scope == "global" and high_word is not None and block == blocks[0]:
+                sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype))
+            else:
+                sch.vectorize(inner)
     if copies and not is_small(wl):
         pn, py, *_ = sch.get_loops(sch.get_sblock("pad"))
         sch.parallel(sch.fuse(pn, py))
