@@ -109,6 +109,7 @@ def quantized_row(name: str, ptq: str, model: Any, config: Any, calib: list[torc
     switches = {"bias_correction": False} if args.ptq_no_bias_correction else {}
     learned = LearnedOptions.for_rounding(args.ptq_rounding, iters=args.ptq_iters, batch_size=args.ptq_batch,
                                           blocks=args.ptq_blocks, drop=args.ptq_drop,
+                                          bias_statistics=args.ptq_bias_statistics,
                                           search_ranges=not args.ptq_no_range_search, **switches)
     qmodel = quantize(model, config, calib, ptq=ptq, learned=learned,
                       log=(lambda line: print(f"  {line}", flush=True)) if args.verbose else None)
@@ -272,6 +273,9 @@ def main() -> None:
                         help="learned PTQ per layer: AdaRound (default) or GPTQ (no bias correction, no weight clipping)")
     parser.add_argument("--ptq-no-bias-correction", action="store_true",
                         help="learned PTQ without bias correction (on 8 distilled inputs it can move biases the wrong way)")
+    parser.add_argument("--ptq-bias-statistics", choices=["data", "batchnorm"], default="data",
+                        help="learned PTQ's bias correction: mean shifts measured on the calibration data (default), "
+                             "or data-free from the BatchNorm statistics (DFQ)")
     parser.add_argument("--ptq-no-range-search", action="store_true",
                         help="learned PTQ keeps the calibrated activation ranges (no MSE clipping search)")
     parser.add_argument("--ptq-drop", type=float, default=0.0, help="learned PTQ with --ptq-blocks: QDrop share")
@@ -321,6 +325,7 @@ def main() -> None:
                                                           "ptq_drop": args.ptq_drop, "ptq_rounding": args.ptq_rounding, "qat_lr": args.qat_lr,
                                                           "ptq_bias_correction": not args.ptq_no_bias_correction and LearnedOptions.for_rounding(
                                                               args.ptq_rounding).bias_correction,
+                                                          "ptq_bias_statistics": args.ptq_bias_statistics,
                                                           "ptq_range_search": not args.ptq_no_range_search,
                                                           "distill_jitter": args.distill_jitter,
                                                           "distill_lr": args.distill_lr,

@@ -16,7 +16,11 @@ from hawqc.quant.adaround import (
     Block,
     LearnedOptions,
     blocks,
+    _mean_output,
+    _scale,
     clip_weight_ranges,
+    correct_bias_expected,
+    expected_inputs,
     reconstruct_block,
     reconstruct_rounding,
     search_activation_ranges,
@@ -172,6 +176,48 @@ def test_activation_range_search_clips_4_bit_ranges() -> None:
     assert all(0 < f <= 1 for f in fractions.values())
 
 
+def test_expected_inputs_follow_the_batchnorm_statistics() -> None:
+    model = bn_net()
+    torch.manual_seed(1)  # a fresh draw from the distribution the BatchNorm statistics were taken on
+    x = torch.randn(64, 3, 8, 8) * 3 + torch.tensor([2.0, -1.0, 0.5]).reshape(1, 3, 1, 1)
+    qmodel = QuantModel(model, BitConfig(default=LayerBits(4, 8)).resolve(model))
+    qmodel.calibrate([x])
+    expected = expected_inputs(qmodel, [torch.zeros(2, 3, 8, 8)])  # the data is only the input's mean here
+    trace: dict[str, torch.Tensor] = {}
+    qmodel._float_forward(x, fake=False, observe=False, trace=trace)
+    relu_outputs = [n.name for n in qmodel.nodes if n.kind == "conv"]
+    for name in relu_outputs + [n.name for n in qmodel.nodes if n.kind in ("gap", "flatten")]:
+        measured = trace[name].transpose(0, 1).flatten(1).mean(dim=1)
+        torch.testing.assert_close(expected[name][1], measured, atol=0.08, rtol=0.1)  # clipped Gaussians
+    assert torch.equal(expected["input_1"][0], torch.zeros(3))
+    quantizer = qmodel.acts[relu_outputs[0]]
+    quantizer.scale.mul_(0.25)  # a range clipping the ReLU's output: its quantized mean falls below the float one
+    clipped = expected_inputs(qmodel, [x[:2]])[relu_outputs[0]]
+    assert bool((clipped[0] <= clipped[1] + 1e-6).all()) and bool((clipped[0] < clipped[1] - 1e-3).any())
+
+
+def test_data_free_bias_correction_cancels_the_expected_output_shift() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6(),
+                          nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6)).eval()
+    models.recalibrate_bn(model, [torch.randn(8, 4, 8, 8)])
+    qmodel = QuantModel(model, BitConfig(default=LayerBits(4, 8)).resolve(model))
+    qmodel.calibrate([torch.randn(8, 4, 8, 8)])
+    node = [n for n in qmodel.nodes if n.kind == "conv"][1]
+    layer, reference = qmodel.layer(node), copy.deepcopy(qmodel.layer(node))
+    mean_q, mean_fp = torch.rand(4), torch.rand(4)
+    constant = mean_fp.reshape(1, 4, 1, 1).expand(1, 4, 5, 5)  # its interior output: _mean_output + bias
+    w, b = reference.folded()
+    interior = (reference._op(constant, w, b) - b.reshape(1, -1, 1, 1))[0, :, 2, 2]
+    torch.testing.assert_close(_mean_output(reference, w, mean_fp), interior)
+    shift = correct_bias_expected(qmodel, node, mean_q, mean_fp, reference)
+    assert float(shift.abs().max()) > 0
+    integers = torch.from_numpy(layer.integer_params(qmodel.input_scale(node))["weight"]).float()
+    w_q = integers * _scale(qmodel, node, *layer.folded())  # the weights the integer graph runs
+    torch.testing.assert_close(_mean_output(layer, w_q, mean_q) + layer.folded()[1],
+                               _mean_output(reference, w, mean_fp) + b)
+
+
 def test_w4a8_preset_and_ilp_option() -> None:
     model = models.get("tiny_resnet")
     bits = BitConfig.from_any("w4a8").resolve(model)
@@ -185,13 +231,14 @@ def test_w4a8_preset_and_ilp_option() -> None:
     assert {solution.bits[n] for n in names[1:-1]} == {LayerBits(4, 8)}
 
 
-@pytest.mark.parametrize("blocks", [False, True])
-def test_learned_ptq_on_distilled_data_compiles_bit_exact(tmp_path: Path, blocks: bool) -> None:
+@pytest.mark.parametrize(("blocks", "bias_statistics"), [(False, "data"), (True, "data"), (False, "batchnorm")])
+def test_learned_ptq_on_distilled_data_compiles_bit_exact(tmp_path: Path, blocks: bool, bias_statistics: str) -> None:
     torch.manual_seed(0)
     model = models.get("tiny_resnet")
     models.recalibrate_bn(model, [torch.randn(16, 1, 28, 28)])
     calib = list(distill(model, (1, 28, 28), samples=8, batch_size=8, steps=5, cache_dir=tmp_path).split(4))
-    qmodel = quantize(model, "w4a8", calib, ptq="learned", learned=LearnedOptions(iters=10, blocks=blocks, drop=0.5))
+    qmodel = quantize(model, "w4a8", calib, ptq="learned", learned=LearnedOptions(iters=10, blocks=blocks, drop=0.5,
+                                                                               bias_statistics=bias_statistics))
     x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
     module = hawqc.compile_integer_only(qmodel, input_shape=x.shape)
     expected = qmodel.integer_graph().run(x)
@@ -205,6 +252,8 @@ def test_quantize_rejects_unknown_ptq() -> None:
         quantize(bn_net(), "uniform8", [torch.randn(2, 3, 8, 8)], ptq="fancy")
     with pytest.raises(ValueError, match="iters, batch_size, crop >= 1"):
         LearnedOptions(iters=0)
+    with pytest.raises(ValueError, match="bias_statistics in"):
+        LearnedOptions(bias_statistics="mean")
 
 
 @pytest.mark.parametrize(("model", "args", "message"), [
@@ -235,7 +284,8 @@ def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     out = tmp_path / "out"
     code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
                  "--distill", "steps=20,lr=0.2,schedule=cosine,jitter=1,flip=1,tv=0.01,l2=0.01,first-bn=2,classes=1",
-                 "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8", "-o", str(out)])
+                 "--ptq-iters", "5", "--ptq-bias-statistics", "batchnorm", "--calib-batches", "1", "--batch-size", "8",
+                 "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     text = " ".join(capsys.readouterr().out.split())
     assert "bit-exact" in text and "learned" in text

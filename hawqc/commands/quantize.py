@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ptq-rounding", default="adaround", choices=("adaround", "gptq"),
                         help="learned PTQ, per layer: AdaRound's gradient fit, or GPTQ's closed-form error "
                              "compensation (seconds per layer; without bias correction) (default: adaround)")
+    parser.add_argument("--ptq-bias-statistics", default="data", choices=("data", "batchnorm"),
+                        help="learned PTQ's bias correction: mean output shifts measured on the calibration data, or "
+                             "derived from the BatchNorm statistics without data (DFQ; better with distilled data) "
+                             "(default: data)")
     parser.add_argument("--qat-steps", type=int, default=0, help="QAT steps after PTQ (needs labelled data)")
     parser.add_argument("--qat-checkpoint", type=Path,
                         help="QAT checkpoint: continued if it exists, written every 100 steps (by rank 0 under torchrun)")
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                                  args.batch_size, args.calib_batches, args.observer, args.qat_steps, args.lr,
                                  recalibrate_bn=loaded.random_weights, labelled=train.labelled, console=console,
                                  ptq=args.ptq, learned=LearnedOptions.for_rounding(args.ptq_rounding, iters=args.ptq_iters,
-                                                                     blocks=args.ptq_blocks),
+                                                                     blocks=args.ptq_blocks,
+                                                                     bias_statistics=args.ptq_bias_statistics),
                                  qat_checkpoint=args.qat_checkpoint)
     return 0 if report is None or report["bit_exact"] else 1
 
