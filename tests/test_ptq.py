@@ -285,10 +285,22 @@ def test_cli_data_free_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     out = tmp_path / "out"
     code = main(["quantize", "tiny_resnet", "--data", "distilled", "--ptq", "learned", "--bit-config", "w4a8",
                  "--distill", "steps=20,lr=0.2,schedule=cosine,jitter=1,flip=1,tv=0.01,l2=0.01,first-bn=2,classes=1",
-                 "--ptq-iters", "5", "--ptq-bias-statistics", "batchnorm", "--calib-batches", "1", "--batch-size", "8",
+                 "--ptq-iters", "5", "--calib-batches", "1", "--batch-size", "8",
                  "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     text = " ".join(capsys.readouterr().out.split())
     assert "bit-exact" in text and "learned" in text
     assert set(BitConfig.load(out / "bit_config.json").layers.values()) == {LayerBits(8, 8), LayerBits(4, 8)}
     assert len(list((tmp_path / "cache").glob("distilled-*.pt"))) == 1
+
+
+def test_distilled_data_takes_the_batchnorm_bias_correction_by_default() -> None:
+    """Distilled inputs' own channel means mislead bias correction: the data-free path derives it from BatchNorm
+    unless told otherwise; real data keeps the measured one."""
+    from argparse import Namespace
+
+    from hawqc.commands.quantize import bias_statistics
+
+    assert bias_statistics(Namespace(ptq_bias_statistics=None, data="distilled")) == "batchnorm"
+    assert bias_statistics(Namespace(ptq_bias_statistics=None, data="digits")) == "data"
+    assert bias_statistics(Namespace(ptq_bias_statistics="data", data="distilled")) == "data"
