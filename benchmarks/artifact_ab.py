@@ -31,10 +31,10 @@ def alternate(paths: list[str], shape: list[int], calls: int, threads: int) -> l
     modules = [hawqc.load(path, threads=threads) for path in paths]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     expected = modules[0](x)
-    for module in modules:
-        for _ in range(3):
+    for path, module in zip(paths, modules):
+        for _ in range(3):  # warm-up, each call checked
             if not np.array_equal(module(x), expected):
-                raise SystemExit(f"error: {paths[modules.index(module)]} computes other numbers than {paths[0]}")
+                raise SystemExit(f"error: {path} computes other numbers than {paths[0]}")
     times: list[list[float]] = [[] for _ in modules]
     for i in range(calls):
         for k in (range(len(modules)) if i % 2 == 0 else reversed(range(len(modules)))):

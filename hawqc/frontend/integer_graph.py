@@ -435,12 +435,19 @@ def _add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
 def add_in_int32(op: IntOp, dtypes: list[str]) -> Int32Sum | None:
     """An aligned Add of 8-bit inputs stored as ``dtypes`` (per-tensor multipliers, no offset) as
     :func:`hawqc.quant.dyadic.int32_sum_form` computes it, or None where it has no such form."""
-    a, m = op.attrs, op.consts["m"]
-    if m.ndim != 1 or "offset" in op.consts or any(d not in ("int8", "uint8") for d in dtypes):
+    a, ranges = op.attrs, _eight_bit_ranges(op, dtypes)
+    if ranges is None:
         return None
-    ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
-    return int32_sum_form([int(v) for v in m], a.get("input_zero_points", [0] * len(dtypes)), int(op.consts["c"]),
-                          a.get("zero_point", 0), ranges, a["qmin"], a["qmax"], a.get("tie_window", 0))
+    return int32_sum_form([int(v) for v in op.consts["m"]], a.get("input_zero_points", [0] * len(dtypes)),
+                          int(op.consts["c"]), a.get("zero_point", 0), ranges, a["qmin"], a["qmax"], a.get("tie_window", 0))
+
+
+def _eight_bit_ranges(op: IntOp, dtypes: list[str]) -> list[tuple[int, int]] | None:
+    """The inputs' storage ranges where an aligned Add has the cheaper forms' shape (8-bit inputs, per-tensor
+    multipliers, no offset), else None."""
+    if op.consts["m"].ndim != 1 or "offset" in op.consts or any(d not in ("int8", "uint8") for d in dtypes):
+        return None
+    return [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
 
 
 def _cheaper_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
@@ -450,12 +457,10 @@ def _cheaper_add(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
-    a, m, c = op.attrs, op.consts["m"], int(op.consts["c"])
-    dtypes = [str(x.ty.dtype) for x in ins]
-    if m.ndim != 1 or "offset" in op.consts or any(d not in ("int8", "uint8") for d in dtypes):
+    a, c, dtypes = op.attrs, int(op.consts["c"]), [str(x.ty.dtype) for x in ins]
+    if (ranges := _eight_bit_ranges(op, dtypes)) is None:
         return None
-    multipliers = [int(v) for v in m]
-    ranges = [(int(np.iinfo(d).min), int(np.iinfo(d).max)) for d in dtypes]
+    multipliers = [int(v) for v in op.consts["m"]]
     zero_points, zero_point, window = a.get("input_zero_points", [0] * len(ins)), a.get("zero_point", 0), a.get("tie_window", 0)
     if (form := add_in_int32(op, dtypes)) is not None:
         total = _const(form.d, "int32")

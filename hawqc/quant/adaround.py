@@ -530,10 +530,7 @@ def correct_bias(qmodel: QuantModel, node: Node, x_q: torch.Tensor, x_fp: torch.
     ``x_q``, weights as they will be rounded) and the float layer's output (``float_layer``, the layer
     before any fitting, on ``x_fp``), before activation. Returns the shift."""
     layer = qmodel.layer(node)
-    w, b = layer.folded()
-    s = _scale(qmodel, node, w, b)
-    n = weight_qmax(layer.w_bits)
-    w_q = torch.clamp(torch.round(w / s), -n, n) * s
+    w_q, b = _nearest_weights(qmodel, node)
     dims = [0, 2, 3] if x_q.dim() == 4 else [0]
     shift = (layer._op(x_q, w_q, b) - float_layer._op(x_fp, *float_layer.folded())).mean(dim=dims)
     _shift_bias(layer, shift)
@@ -549,13 +546,19 @@ def correct_bias_expected(qmodel: QuantModel, node: Node, mean_q: torch.Tensor, 
     per-channel expectations of its quantized and float input (:func:`expected_inputs`); padding is
     ignored (an interior output). Returns the shift."""
     layer = qmodel.layer(node)
-    w, b = layer.folded()
-    s = _scale(qmodel, node, w, b)
-    n = weight_qmax(layer.w_bits)
-    w_q = torch.clamp(torch.round(w / s), -n, n) * s
+    w_q, _ = _nearest_weights(qmodel, node)
     shift = _mean_output(layer, w_q, mean_q) - _mean_output(layer, float_layer.folded()[0], mean_fp)
     _shift_bias(layer, shift)
     return shift
+
+
+def _nearest_weights(qmodel: QuantModel, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's folded weights as they will be rounded (``s`` times their integers) and its folded bias."""
+    layer = qmodel.layer(node)
+    w, b = layer.folded()
+    s = _scale(qmodel, node, w, b)
+    n = weight_qmax(layer.w_bits)
+    return torch.clamp(torch.round(w / s), -n, n) * s, b
 
 
 def _mean_output(layer: QuantConv2d | QuantLinear, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
