@@ -13,6 +13,7 @@ from hawqc.quant.dyadic import dyadic_per_channel
 from hawqc.reference.graph import IntegerGraph, IntOp
 from hawqc.runtime.module import _build, _lower, compile_graph
 from hawqc.runtime.target import parse_target
+from hawqc.topi_int4.x86 import conv2d as conv2d_kernel
 from hawqc.topi_int4.x86.conv2d import pack_weight
 
 TARGET = parse_target("llvm")
@@ -342,6 +343,59 @@ def test_conv_kernel_is_exact_on_other_row_widths(case: str, kernels: str) -> No
     module = compile_graph(graph, x.shape, TARGET, input_dtype=dtype, kernels=kernels)
     assert module.fused == (1, 1)
     np.testing.assert_array_equal(module(x.astype(dtype)), graph.run(x.astype(dtype)))
+
+
+@pytest.mark.parametrize("batch", [2, None])
+@pytest.mark.parametrize("case", ["3x3", "3x3-s2-w4a4", "grouped-32-per-group-s2", "odd-channels-w4"])
+def test_layers_whose_weights_outgrow_the_l2_cache_run_channels_outer_exactly(
+        case: str, batch: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a (pretended) 4 KB L2 every layer here takes the weight-resident order (blocks of output channels
+    outside the batch's rows, fused into the parallel loop): equal to the reference at a fixed and an open batch."""
+    monkeypatch.setattr(conv2d_kernel, "l2_bytes", lambda: 4096)
+    cin, cout, k, stride, pad, dilation, (lo, hi), pad_value, weight_bits, groups = CONVS[case]
+    wl = conv2d_kernel.Conv2dWorkload(batch, 15, 15, cin, cout, (k, k), (stride, stride), (pad,) * 4,
+                                      (dilation, dilation), "int8", weight_bits=weight_bits, groups=groups)
+    assert conv2d_kernel.channels_outer(wl)
+    graph = layer_graph("conv2d", cin, cout, k, stride, pad, dilation, pad_value, True, weight_bits, groups, seed=6)
+    dtype = "uint8" if lo >= 0 and hi > 127 else "int8"
+    module = compile_graph(graph, (batch, cin, 15, 15), TARGET, input_dtype=dtype, kernels="vnni")
+    assert module.fused == (1, 1)
+    for n in (2,) if batch else (1, 3):
+        x = np.random.default_rng(n).integers(lo, hi + 1, (n, cin, 15, 15)).astype(dtype)
+        np.testing.assert_array_equal(module(x), graph.run(x))
+
+
+def test_the_l2_cache_size_is_read_from_the_machine() -> None:
+    assert 64 << 10 <= conv2d_kernel.l2_bytes() <= 64 << 20
+
+
+@pytest.mark.parametrize("kernels", ["vnni", "avx2"])
+@pytest.mark.parametrize(("shape", "zero_point", "unsigned"), [
+    ((2, 3, 7, 37), 0, False),  # two 16-pixel steps and a 5-pixel tail per row
+    ((None, 3, 4, 16), 3, True),  # any batch, whole steps only, uint8 with a zero point
+    ((1, 1, 5, 5), -4, False),  # one channel, a tail only
+    ((1, 4, 3, 33), 0, True),
+    ((1, 5, 4, 16), 0, False),  # five channels: TVM's quantize and transpose
+])
+def test_the_input_quantize_into_nhwc_is_exact(shape: tuple, zero_point: int, unsigned: bool, kernels: str) -> None:
+    """The model input's quantize and move to NHWC in one kernel (images of at most 4 channels): every value,
+    exact ties of ``x / scale`` both ways, infinities and values past the range included, equal to the
+    reference's ``rint(float64(x) / scale)``."""
+    # x * (1 / scale) in float64 would round the ties 1.5, 3.5, 7.5, 11.5, ... of this scale the wrong way
+    scale, (qmin, qmax) = np.float32(49 / 4096), (0, 255) if unsigned else (-128, 127)
+    ops = [IntOp("quantize", ["input"], "q", {"qmin": qmin, "qmax": qmax, "zero_point": zero_point},
+                 {"scale": np.array(scale)}),
+           IntOp("dequantize", ["q"], "output", {"zero_point": zero_point}, {"scale": np.array(0.5, np.float32)})]
+    graph = IntegerGraph("input", "output", ops)
+    _, built = _build(_lower(graph, shape, TARGET, kernels), TARGET, kernels)
+    assert any(gv.name_hint.startswith("quantize_nhwc") for gv in built.functions) == (shape[1] <= 4)
+    module = compile_graph(graph, shape, TARGET, kernels=kernels)
+    for batch in (1, 3) if shape[0] is None else (shape[0],):
+        x = np.random.default_rng(batch).standard_normal((batch, *shape[1:])).astype(np.float32) * 2
+        flat = x.reshape(-1)
+        flat[:12] = scale * (np.arange(-6, 6, dtype=np.float32) * 2 + 1.5)  # x / scale = k + 1/2 exactly
+        flat[12:15] = [np.inf, -np.inf, 1e30]
+        np.testing.assert_array_equal(module(x), graph.run(x))
 
 
 @pytest.mark.parametrize("kernels", ["vnni", "avx2"])

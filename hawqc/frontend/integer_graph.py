@@ -42,6 +42,7 @@ class Context:
     kernels: ConvKernels | None = None
     unsigned_first: bool = False
     lookup: TableKernel | None = None
+    quantize: QuantizeKernel | None = None
 
     def storage(self, qmin: int, qmax: int) -> str:
         """The type a tensor with values in [qmin, qmax] is stored in."""
@@ -91,9 +92,15 @@ TableKernel = Callable[[Context, Any, np.ndarray, int, str], Any]
 (clipped to the table) into ``out_dtype``; ``None`` where it has no kernel for ``x`` (``take`` is used)."""
 
 
+QuantizeKernel = Callable[..., Any]
+"""A target's quantize of the NCHW float32 model input into the module's layout: ``(ctx, x, scale, zero_point,
+qmin, qmax, out_dtype) -> expr``; ``None`` where it has no kernel for ``x``."""
+
+
 def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: list[str] | None = None,
              input_dtype: str = "float32", layout: str = "NCHW", kernels: ConvKernels | None = None,
-             unsigned_first: bool = False, lookup: TableKernel | None = None) -> Any:
+             unsigned_first: bool = False, lookup: TableKernel | None = None,
+             quantize: QuantizeKernel | None = None) -> Any:
     """An ``IRModule`` whose ``main`` maps an input of ``input_shape`` to the graph's output (or, for
     debugging, to the tuple of the named intermediate tensors). A batch (first dimension) given as ``None``
     stays symbolic (a ``tirx.Var``): the module runs any batch size. Whole models take and give float32;
@@ -103,12 +110,13 @@ def to_relax(graph: IntegerGraph, input_shape: tuple[int | None, ...], outputs: 
     quantize, the outputs once at the end. ``kernels`` lowers conv/dense layers, each fused with the
     requantize (or aligned Add: :func:`_fusable_add`) that follows it when nothing else reads the
     accumulator. ``unsigned_first``: see
-    :class:`Context`. ``lookup`` applies the lookup tables of activation functions.
+    :class:`Context`. ``lookup`` applies the lookup tables of activation functions; ``quantize`` quantizes
+    the input.
     """
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    ctx = Context(bb, layout, kernels, unsigned_first, lookup)
+    ctx = Context(bb, layout, kernels, unsigned_first, lookup, quantize)
     x = relax.Var("input", relax.TensorType(symbolic_batch(input_shape), input_dtype))
     keep = outputs or [graph.output]
     graph = _pads_folded(graph, keep)
@@ -341,14 +349,19 @@ def _quantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:
     from tvm import relax
     from tvm.relax import op as R
 
-    x = ins[0] if op.attrs.get("internal") else R.astype(ins[0], "float32")  # an island's value is float64
+    a, scale, dtype = op.attrs, op.consts["scale"], ctx.storage(op.attrs["qmin"], op.attrs["qmax"])
+    if (ctx.quantize is not None and not a.get("internal") and np.size(scale) == 1
+            and (expr := ctx.quantize(ctx, ins[0], float(np.float32(scale)), a.get("zero_point", 0), a["qmin"],
+                                      a["qmax"], dtype)) is not None):
+        return expr
+    x = ins[0] if a.get("internal") else R.astype(ins[0], "float32")  # an island's value is float64
     x = R.astype(x, "float64")  # x / scale in float64, as QuantizeLinear means it
-    q = R.round(R.divide(x, _const(np.float32(op.consts["scale"]), "float64")))
-    if op.attrs.get("zero_point", 0):
-        q = R.add(q, _const(op.attrs["zero_point"], "float64"))
-    q = R.clip(q, relax.prim_value(float(op.attrs["qmin"])), relax.prim_value(float(op.attrs["qmax"])))
-    q = R.astype(q, ctx.storage(op.attrs["qmin"], op.attrs["qmax"]))
-    return q if op.attrs.get("internal") else ctx.to_internal(ctx.bb.emit(q))
+    q = R.round(R.divide(x, _const(np.float32(scale), "float64")))
+    if a.get("zero_point", 0):
+        q = R.add(q, _const(a["zero_point"], "float64"))
+    q = R.clip(q, relax.prim_value(float(a["qmin"])), relax.prim_value(float(a["qmax"])))
+    q = R.astype(q, dtype)
+    return q if a.get("internal") else ctx.to_internal(ctx.bb.emit(q))
 
 
 def _dequantize(ctx: Context, ins: list[Any], op: IntOp) -> Any:

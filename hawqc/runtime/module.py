@@ -246,7 +246,7 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
     """The integer-only Relax module, with the target's conv/dense kernels and layout."""
     from hawqc.frontend.integer_graph import to_relax
     from hawqc.frontend.unsigned import unsigned_activations
-    from hawqc.topi_int4.x86.lowering import X86Kernels, table_lookup
+    from hawqc.topi_int4.x86.lowering import X86Kernels, input_quantize, table_lookup
 
     kernels = resolve_kernels(kernels, target)
     if kernels == "generic":
@@ -258,7 +258,7 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
     if x86.vnni:
         graph = unsigned_activations(graph, keep=kwargs.get("outputs") or ())
     return to_relax(graph, input_shape, layout="NHWC", kernels=x86, unsigned_first=x86.vnni, lookup=lookup,
-                    **kwargs)
+                    quantize=input_quantize, **kwargs)
 
 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from hawqc.frontend.integer_graph import Context, add_in_int32, is_static
 from hawqc.quant.dyadic import high_word_form, rounding_bias
 from hawqc.reference.graph import IntOp
-from hawqc.topi_int4.x86 import depthwise, lookup
+from hawqc.topi_int4.x86 import depthwise, lookup, quantize
 from hawqc.topi_int4.x86.conv2d import AddStage, Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
 from hawqc.topi_int4.x86.intrin import LANES
 
@@ -95,6 +95,23 @@ def table_lookup(ctx: Context, x: Any, table: np.ndarray, offset: int, out_dtype
     full = relax.const(lookup.byte_table(table, offset, dtype).astype(out_dtype), out_dtype)
     out = ctx.bb.emit(R.call_tir(gv, [flat, full], relax.TensorType(flat.ty.shape, out_dtype)))
     return R.reshape(out, shape)
+
+
+def input_quantize(ctx: Context, x: Any, scale: float, zero_point: int, qmin: int, qmax: int, out_dtype: str) -> Any:
+    """The NCHW float32 input quantized into NHWC by the kernel of :mod:`.quantize` (both tensors read flat),
+    or None where it is not an image of at most :data:`.quantize.MAX_CHANNELS` channels."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    shape = list(x.ty.shape)
+    if (ctx.layout != "NHWC" or str(x.ty.dtype) != "float32" or len(shape) != 4
+            or not all(is_static(d) for d in shape[1:]) or int(shape[1]) > quantize.MAX_CHANNELS):
+        return None
+    n, c, h, w = shape[0], *(int(d) for d in shape[1:])
+    gv = ctx.bb.add_func(quantize.quantize_nhwc(c, h, w, scale, zero_point, qmin, qmax, out_dtype), "quantize_nhwc")
+    flat = ctx.bb.emit(R.reshape(x, [n * c * h * w]))
+    out = ctx.bb.emit(R.call_tir(gv, [flat], relax.TensorType(flat.ty.shape, out_dtype)))
+    return R.reshape(out, [n, h, w, c])
 
 
 def _requant(ctx: Context, op: IntOp | None, high_word: bool, residual: Any = None,
