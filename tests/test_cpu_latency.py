@@ -1,11 +1,15 @@
-"""benchmarks/cpu_latency.py without timing anything: the report's arithmetic, its errors, the worker's failure line."""
+"""benchmarks/cpu_latency.py without timing any engine: the report's arithmetic, its errors, the worker's failure line;
+the int8 peak loops of benchmarks/vnni_peak.py."""
 
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 _spec = importlib.util.spec_from_file_location("cpu_latency", BENCHMARKS / "cpu_latency.py")
@@ -74,3 +78,30 @@ def test_a_peer_failing_by_default_is_timed_under_its_fallback(tmp_path: Path, m
     text = cpu_latency.latency_markdown(report)
     assert "| a | 1 | 10.00 | - | 8.00† | 1.25 |" in text
     assert "† openvino fails in its default configuration on this machine (RuntimeError: No suitable" in text
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def _peak_script():
+    spec = importlib.util.spec_from_file_location("vnni_peak", BENCHMARKS / "vnni_peak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or "avx512_vnni" not in _cpu_flags(), reason="needs gcc and AVX-512 VNNI")
+def test_the_int8_peak_loops_count_their_macs(tmp_path: Path) -> None:
+    """The VNNI loop (and, where the CPU has it, the AMX one) gives a positive peak and says how it was
+    measured; AMX's tiles do far more per core than 512-bit ``vpdpbusd``."""
+    peak = _peak_script()
+    vnni, how = peak.measure(1, 0.05, tmp_path)
+    assert vnni > 10 and "vpdpbusd" in how
+    if "amx_int8" in _cpu_flags():
+        amx, how = peak.measure(1, 0.05, tmp_path, isa="amx")
+        assert amx > 2 * vnni and "tdpbusd" in how
