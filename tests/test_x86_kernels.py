@@ -131,6 +131,17 @@ def test_the_vnni_kernels_run_vpdpbusd(kernels: str, weight_bits: int, kernel: s
     assert ("vpdpbusd" in assembly) == kernels.startswith("vnni")
 
 
+@pytest.mark.parametrize(("kernels", "stride", "multiply"), [("vnni", 2, "vpmaddwd"), ("avx2", 1, "vpmaddwd"),
+                                                              ("vnni", 1, "vpdpbusd")])
+def test_depthwise_windows_of_unsigned_bytes_multiply_with_vpmaddwd(kernels: str, stride: int, multiply: str) -> None:
+    """Outside the ``vpdpbusd`` step (VNNI, uint8, stride 1) the weights are int16, so LLVM multiplies each
+    zero-extended uint8 activation with ``vpmaddwd`` instead of the two-uop ``vpmulld`` an int32 weight took."""
+    graph = layer_graph("conv2d", 32, 32, 3, stride, 1, 1, 0, True, 8, 32)
+    executable, _ = _build(_lower(graph, (2, 32, 16, 16), TARGET, kernels, input_dtype="uint8"), TARGET, kernels)
+    assembly = executable.mod.imports[0].inspect_source("asm")
+    assert assembly.count(multiply) > 4 * assembly.count("vpmulld")  # the window's, against the epilogue's
+
+
 @pytest.mark.parametrize(("kernels", "width", "tensorized"), [("vnni", 16, True), ("vnni", 17, False), ("avx2", 16, False)])
 def test_depthwise_epilogue_takes_the_high_word_intrinsic_on_whole_tiles(kernels: str, width: int, tensorized: bool) -> None:
     """The depthwise epilogue runs :func:`~hawqc.topi_int4.x86.intrin.requantize_name` (``vpmuldq`` on the even

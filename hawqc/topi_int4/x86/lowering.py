@@ -156,7 +156,8 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
 
     bias = np.asarray(op.consts.get("bias", 0), dtype=np.int64)
     if depthwise.is_depthwise(wl):
-        offset, consts = 0, [relax.const(depthwise.pack_weight(weight), "int32")]
+        dtype = depthwise.weight_dtype(wl, vnni)
+        offset, consts = 0, [relax.const(depthwise.pack_weight(weight, dtype), dtype)]
     else:
         offset = offset_of(wl.in_dtype, vnni)
         bias = bias - offset * weight.astype(np.int64).sum(axis=(1, 2, 3))
