@@ -4,7 +4,7 @@ dyadic requantization of :mod:`.conv2d` in the epilogue.
 A depthwise layer does ``KH*KW`` MACs per output value: no dot product to feed ``vpdpbusd``. Each
 output row runs on one core; a register tile of up to 15 pixels x 16 channels (kept in registers, see
 :func:`.conv2d.accumulator_scope`: measured 5-11% faster than 16 pixels in a workspace) is accumulated in
-int32 lanes (activations widened from bytes, weights stored as int32 ``[KH, KW, C/16*16]``) over the
+int32 lanes (activations widened from bytes, weights stored ``[KH, KW, C/16*16]``: :func:`weight_dtype`) over the
 window, then requantized while it is in registers (the high-word form with :func:`.intrin.requantize_name`
 where it applies, as in :mod:`.conv2d`: with 9 MACs per output the epilogue costs as much as the window,
 and LLVM's own vectorization of it is 20-30% slower per layer, batch 8, one thread: 144 channels 56x56
