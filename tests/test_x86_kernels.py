@@ -11,13 +11,15 @@ import torch
 from hawqc import models, quantize
 from hawqc.quant.dyadic import dyadic_per_channel
 from hawqc.reference.graph import IntegerGraph, IntOp
-from hawqc.runtime.module import _build, _lower, compile_graph
+from hawqc.runtime import threads
+from hawqc.runtime.module import _build, _lower, compile_graph, has_feature
 from hawqc.runtime.target import parse_target
 from hawqc.topi_int4.x86 import conv2d as conv2d_kernel
 from hawqc.topi_int4.x86.conv2d import pack_weight
 
 TARGET = parse_target("llvm")
-KERNELS = ["vnni", "vnni-w4", "avx2"]
+AMX = ["amx"] if has_feature(TARGET, "amx-int8") and threads.request_amx() else []
+KERNELS = ["vnni", "vnni-w4", "avx2", *AMX]
 
 # (in channels, out channels, kernel, stride, padding, dilation, input range, pad value, weight bits, groups)
 CONVS = {

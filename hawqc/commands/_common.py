@@ -71,8 +71,9 @@ def add_target_arguments(parser: argparse.ArgumentParser, threads: bool = True) 
     parser.add_argument("-arch", "--arch", help=f"CUDA architecture of a cuda target: {DEFAULT_ARCH} (default), "
                         "sm_80, sm_86, sm_89 or sm_90")
     parser.add_argument("--kernels", choices=KERNELS,
-                        help="CPU kernels: auto (the default: VNNI where the CPU has it, else AVX2), vnni, vnni-w4, "
-                             "avx2, or generic (TVM's unscheduled lowering, a baseline)")
+                        help="CPU kernels: auto (the default: AMX tiles where the CPU has AMX int8, VNNI where it has "
+                             "that, else AVX2), amx, vnni, vnni-w4, avx2, or generic (TVM's unscheduled lowering, "
+                             "a baseline)")
     if threads:
         add_threads_argument(parser)
 

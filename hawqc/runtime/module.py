@@ -56,7 +56,7 @@ class CompiledModule:
         self.ir = ir
         """The integer-only Relax IRModule (before TVM's lowering), when compiled in this process."""
         self.kernels = "generic"
-        """The conv/dense kernels it runs: vnni, avx2 or generic."""
+        """The conv/dense kernels it runs: amx, vnni, vnni-w4, avx2 or generic."""
         self.int4 = "auto"
         """What 4-bit layers run on (CUDA): see :data:`hawqc.topi_int4.cuda.pipeline.INT4`."""
         self.lowered: Any = None
@@ -90,6 +90,9 @@ class CompiledModule:
         if vm is None:
             if not self.device.exist:
                 raise ValueError(f"this module was compiled for {self.target.get('kind')}: running it needs that device")
+            if self.kernels == "amx" and not thread_pool.request_amx():
+                raise ValueError("this module runs AMX tiles: this CPU or Linux does not grant them to the process "
+                                 "(compile it with kernels='vnni')")
             vm = relax.VirtualMachine(executable, self.device)
             if executable is self._executable:
                 self._vm = vm
@@ -253,7 +256,7 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
         return to_relax(graph, input_shape, **kwargs)
     if kernels == "tensor_core":  # NHWC; the CUDA pipeline swaps the convs for its own kernels
         return to_relax(graph, input_shape, layout="NHWC", **kwargs)
-    x86 = X86Kernels(vnni=kernels.startswith("vnni"), packed_int4=kernels == "vnni-w4")
+    x86 = X86Kernels(vnni=kernels != "avx2", packed_int4=kernels == "vnni-w4", amx=kernels == "amx")
     lookup = table_lookup if has_feature(target, "avx512vbmi") else None
     if x86.vnni:
         graph = unsigned_activations(graph, keep=kwargs.get("outputs") or ())
@@ -262,8 +265,8 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
 
 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
-    """``auto`` made concrete for ``target``: ``vnni`` where it has AVX-512 VNNI, else ``avx2``;
-    ``tensor_core`` (the only choice) for CUDA."""
+    """``auto`` made concrete for ``target``: ``amx`` where it has AMX int8 and AVX-512 VNNI, ``vnni`` where it
+    has VNNI only, else ``avx2``; ``tensor_core`` (the only choice) for CUDA."""
     if target.get("kind") == "cuda":
         if kernels not in ("auto", "tensor_core"):
             raise ValueError(f"kernels {kernels!r} are for CPUs: a cuda target uses Tensor Core kernels (auto)")
@@ -272,7 +275,9 @@ def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
         raise ValueError(f"unknown kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
     if kernels != "auto":
         return kernels
-    return "vnni" if has_vnni(target) else "avx2"
+    if has_vnni(target):
+        return "amx" if has_feature(target, "amx-int8") else "vnni"
+    return "avx2"
 
 
 def has_vnni(target: dict[str, Any]) -> bool:

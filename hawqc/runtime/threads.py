@@ -17,6 +17,7 @@ variable left alone; afterwards ``threads`` picks how many of the pool's workers
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -64,6 +65,16 @@ def install(library: str | os.PathLike[str]) -> bool:
         return False
     launch.value = ctypes.cast(_pool.hawqc_pool_launch, ctypes.c_void_p).value
     return True
+
+
+@functools.cache
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``), which a process needs
+    before its first tile instruction; whether it is granted (False off Linux x86-64 or without AMX)."""
+    if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
 
 
 def _configure_pool(threads: int) -> None:

@@ -8,7 +8,8 @@ already multiplied by ``b``, with the requantization's offset), cast to the outp
 type: the rule of :func:`hawqc.quant.dyadic.requantize`, with the input zero point and the VNNI
 offset compensation folded into ``bias``. Without requantization the epilogue writes ``acc + bias``.
 
-Schedule: output rows in parallel (blocks of output channels x rows where the rows are few), a register tile of ``ow_block`` pixels x ``oc_vectors`` x 16
+Schedule (VNNI and AVX2; :func:`conv2d_amx` for AMX tiles): output rows in parallel (blocks of output channels
+x rows where the rows are few), a register tile of ``ow_block`` pixels x ``oc_vectors`` x 16
 channels accumulated over (kh, kw, ic/4), its innermost 16x4 step tensorized with ``vpdpbusd``
 (:mod:`.intrin`) or, without VNNI, left to LLVM as 16-lane int32 multiply-adds; the epilogue runs on the
 tile while it is in registers.
@@ -26,6 +27,7 @@ import numpy as np
 
 from hawqc.quant.dyadic import high_word_shift, round_shift
 from hawqc.reference.graph import conv_output_size
+from hawqc.topi_int4.x86 import amx
 from hawqc.topi_int4.x86.intrin import GROUP, LANES, intrinsic_name, requantize_name, unpack_nibble
 
 OPAQUE = 8
@@ -109,6 +111,8 @@ class Conv2dWorkload:
     weight_bits: int = 8
     """4: weights packed two per byte (VNNI only), sign-extended in registers."""
     groups: int = 1
+    channel_align: int = GROUP
+    """Input channels the kernel reads come in multiples of this (the AMX kernel's 64), zeros past the last."""
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -125,7 +129,7 @@ class Conv2dWorkload:
         icg, ocg = self.in_channels // self.groups, self.out_channels // self.groups
         groups_met = max(min((LANES * j + LANES - 1) // ocg, self.groups - 1) - LANES * j // ocg + 1
                          for j in range(self.packed_out // LANES))
-        return -(-groups_met * icg // GROUP) * GROUP
+        return -(-groups_met * icg // self.channel_align) * self.channel_align
 
     def block_base(self, block: Any) -> Any:
         """The first input channel block ``block`` (an int or a TIR expression) reads."""
@@ -138,14 +142,16 @@ class Conv2dWorkload:
         return -(-self.out_channels // LANES) * LANES
 
 
-def pack_weight(weight: np.ndarray, vnni: bool = True, weight_bits: int = 8, groups: int = 1) -> np.ndarray:
+def pack_weight(weight: np.ndarray, vnni: bool = True, weight_bits: int = 8, groups: int = 1,
+                channel_align: int = GROUP) -> np.ndarray:
     """OIHW int8 weights to ``[OC/16, KH, KW, IC/4, 16, 4]`` (``[..., 4, 16]`` without VNNI: 16
     channels contiguous for plain vector multiply-adds), zero-padded to whole blocks; ``IC`` is the
     block span of a grouped convolution (see :class:`Conv2dWorkload`). With
     ``weight_bits=4`` (values in [-8, 7]) each 16x4 block becomes 32 bytes: ``[..., IC/4, 32]``, the
     weight ``e = 4*channel + k`` in the low nibble of byte ``e`` (e < 32) or the high one of ``e - 32``."""
     oc, icg, kh, kw = weight.shape
-    wl = Conv2dWorkload(1, 1, 1, icg * groups, oc, (kh, kw), (1, 1), (0, 0, 0, 0), (1, 1), "int8", groups=groups)
+    wl = Conv2dWorkload(1, 1, 1, icg * groups, oc, (kh, kw), (1, 1), (0, 0, 0, 0), (1, 1), "int8", groups=groups,
+                        channel_align=channel_align)
     ocp, icp, ocg = wl.packed_out, wl.block_span, oc // groups
     padded = np.zeros((ocp, icp, kh, kw), dtype=np.int8)
     for o in range(oc):
@@ -335,6 +341,38 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
                            tensorized_requant(wl, requant, vnni, ow_block), epilogue_blocks(requant))
 
 
+def runs_on_amx(wl: Conv2dWorkload) -> bool:
+    """Whether the AMX kernel takes the layer: not grouped, 8-bit weights, at least 64 input channels (fewer would
+    be mostly the zeros that pad them to 64) and 128 products per output (ResNet-50's 1x1 convs of 64 input
+    channels ran 1.0-1.4x the VNNI kernel's time at batch 8: their epilogue is most of the work), whole blocks of
+    32 output channels, and not small."""
+    return (wl.groups == 1 and wl.weight_bits == 8 and wl.in_channels >= amx.CHUNK
+            and wl.in_channels * math.prod(wl.kernel) >= 2 * amx.CHUNK
+            and wl.packed_out % amx.BLOCK == 0 and not is_small(wl))
+
+
+def conv2d_amx(wl: Conv2dWorkload, requant: Requant | None) -> Any:
+    """The scheduled PrimFunc on AMX tiles (:mod:`.amx`) for a layer :func:`runs_on_amx` takes, its input channels
+    aligned to :data:`.amx.CHUNK`: each output row (in whole pairs of tiles) x block of 32 channels accumulated
+    by the tiles into a row buffer, the epilogue after it; rows and blocks in the order of :func:`channels_outer`."""
+    from tvm import s_tir
+
+    pixels = amx.row_pixels(wl.out_size[1])
+    sch = s_tir.Schedule(conv2d_compute(wl, requant, True, pixels))
+    conv = sch.get_sblock("acc")
+    n, y, z, o, ry, rx, rc = sch.get_loops(conv)
+    oco, oci = sch.split(o, [None, amx.BLOCK])
+    outer = channels_outer(wl)
+    rows = ((oco, n, y) if wl.batch is not None else (n, oco, y)) if outer else (n, y)
+    sch.reorder(*rows, *(() if outer else (oco,)), z, oci, ry, rx, rc)
+    for block in epilogue_blocks(requant):
+        sch.reverse_compute_at(sch.get_sblock(block), rows[-1] if outer else oco)
+    parallel_rows(sch, wl, *rows)
+    sch.tensorize(z, amx.intrinsic_name(pixels, wl.kernel, wl.stride[1], wl.dilation, wl.block_span))
+    return finish_schedule(sch, wl, copies_input(wl, True, pixels), high_word=tensorized_requant(wl, requant, True, 1),
+                           blocks=epilogue_blocks(requant))
+
+
 def epilogue_blocks(requant: Requant | None) -> tuple[str, ...]:
     """The blocks after the accumulator, in order: the requantize, and the Add after it where there is one."""
     return ("requant", "out") if requant is not None and requant.then else ("out",)
@@ -376,8 +414,8 @@ def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "lo
                     high_word: Requant | None = None, blocks: tuple[str, ...] = ("out",)) -> Any:
     """The epilogue ``blocks`` over 16 output channels at a time (where they divide evenly): unrolled over the
     tile where the accumulators are in registers (``scope`` ``global``, see :func:`accumulator_scope`), the
-    first with :func:`.intrin.requantize_name` for a ``high_word`` requantization there, else vectorized by
-    LLVM; the input copy (if ``copies``) parallel over rows. The scheduled PrimFunc, marked opaque for FuseOps."""
+    first with :func:`.intrin.requantize_name` for a ``high_word`` requantization, else vectorized by LLVM; the
+    input copy (if ``copies``) parallel over rows. The scheduled PrimFunc, marked opaque for FuseOps."""
     for block in blocks:
         *_, pixels, last = sch.get_loops(sch.get_sblock(block))
         if int(sch.get(last).extent) % LANES == 0:
@@ -385,7 +423,7 @@ def finish_schedule(sch: Any, wl: Conv2dWorkload, copies: bool, scope: str = "lo
             if scope == "global":
                 sch.unroll(pixels)
                 sch.unroll(vectors)
-            if scope == "global" and high_word is not None and block == blocks[0]:
+            if high_word is not None and block == blocks[0]:
                 sch.tensorize(inner, requantize_name(high_word.qmin, high_word.qmax, high_word.dtype))
             else:
                 sch.vectorize(inner)

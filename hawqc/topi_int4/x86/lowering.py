@@ -18,18 +18,21 @@ import numpy as np
 from hawqc.frontend.integer_graph import Context, add_in_int32, is_static
 from hawqc.quant.dyadic import high_word_form, rounding_bias
 from hawqc.reference.graph import IntOp
-from hawqc.topi_int4.x86 import depthwise, lookup, quantize
-from hawqc.topi_int4.x86.conv2d import AddStage, Conv2dWorkload, Requant, conv2d, offset_of, pack_weight
+from hawqc.topi_int4.x86 import amx, depthwise, lookup, quantize
+from hawqc.topi_int4.x86.conv2d import (AddStage, Conv2dWorkload, Requant, conv2d, conv2d_amx, offset_of, pack_weight,
+                                       runs_on_amx)
 from hawqc.topi_int4.x86.intrin import LANES
 
 
 @dataclass(frozen=True)
 class X86Kernels:
     """Conv/dense kernels for x86: ``vnni`` picks ``vpdpbusd``, else plain 16-lane vector code (AVX2).
-    With ``packed_int4`` (VNNI only), layers whose weights fit in 4 bits keep them two per byte."""
+    With ``packed_int4`` (VNNI only), layers whose weights fit in 4 bits keep them two per byte; with ``amx``
+    (VNNI too), the layers :func:`.conv2d.runs_on_amx` takes run on AMX tiles."""
 
     vnni: bool
     packed_int4: bool = False
+    amx: bool = False
 
     def __call__(self, ctx: Context, x: Any, op: IntOp, requant: IntOp | None, residual: Any = None,
                  clip: IntOp | None = None, then: IntOp | None = None) -> Any:
@@ -54,6 +57,8 @@ class X86Kernels:
                                 groups=a.get("groups", 1))
         if self.vnni and self.packed_int4 and -8 <= weight.min() and weight.max() <= 7:
             wl = dataclasses.replace(wl, weight_bits=4)
+        if self.amx and runs_on_amx(wl):
+            wl = dataclasses.replace(wl, channel_align=amx.CHUNK)
         oh, ow = wl.out_size
         if residual is not None and (depthwise.is_depthwise(wl) or str(residual.ty.dtype) not in ("int8", "uint8", "int32")
                                      or list(residual.ty.shape)[1:] != [oh, ow, wl.out_channels]):
@@ -68,6 +73,8 @@ class X86Kernels:
             epilogue = _requant(ctx, requant, high_word, residual, clip)
         if depthwise.is_depthwise(wl):
             func, name = depthwise.depthwise(wl, epilogue, self.vnni), "depthwise_conv2d"
+        elif wl.channel_align == amx.CHUNK:
+            func, name = conv2d_amx(wl, epilogue), f"{op.op}_amx"
         else:
             isa = ("vnni_w4" if wl.weight_bits == 4 else "vnni") if self.vnni else "avx2"
             func, name = conv2d(wl, epilogue, self.vnni), f"{op.op}_{isa}"
@@ -161,7 +168,7 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
     else:
         offset = offset_of(wl.in_dtype, vnni)
         bias = bias - offset * weight.astype(np.int64).sum(axis=(1, 2, 3))
-        consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits, wl.groups), "int8")]
+        consts = [relax.const(pack_weight(weight, vnni, wl.weight_bits, wl.groups, wl.channel_align), "int8")]
     if requant is None:
         return [*consts, padded(bias)], False
     if requant.op == "add":
