@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (has_feature(TARGET, "amx-int8") and threads
 # (in channels, out channels, kernel, stride, padding, dilation, input range, pad value, row width)
 CASES = {
     "3x3-int8": (64, 64, (3, 3), 1, 1, 1, (-128, 127), 0, 14),
-    "3x3-s2-channels-padded-to-128-zero-point": (96, 64, (3, 3), 2, 1, 1, (0, 255), 7, 15),
+    "3x3-s2-channels-padded-to-192-zero-point": (160, 64, (3, 3), 2, 1, 1, (0, 255), 7, 15),
     "1x1-s2": (128, 96, (1, 1), 2, 0, 1, (0, 255), 0, 28),
     "1x7-rows-of-7-in-tiles-of-4": (160, 64, (1, 7), 1, (0, 3), 1, (-128, 127), 0, 7),
     "7x1-rows-of-17-in-tiles-of-9": (128, 32, (7, 1), 1, (3, 0), 1, (0, 255), 3, 17),
@@ -67,6 +67,7 @@ def test_auto_picks_amx_here_and_its_kernel_runs_tile_instructions() -> None:
 @pytest.mark.parametrize(("case", "kernel"), [((64, 64, (3, 3), 16), "amx"),
                                               ((64, 256, (1, 1), 16), "vnni"),  # 64 products per output
                                               ((32, 64, (3, 3), 16), "vnni"),  # fewer than 64 input channels
+                                              ((144, 64, (1, 1), 16), "vnni"),  # a third more in padding
                                               ((64, 48, (3, 3), 16), "vnni"),  # a block of 16 channels left over
                                               ((64, 64, (3, 3), 2), "vnni")])  # under a million products
 def test_layers_the_amx_kernel_leaves_to_vnni(case: tuple, kernel: str) -> None:
@@ -103,6 +104,10 @@ def test_amx_epilogue_adds_a_residual() -> None:
     np.testing.assert_array_equal(module(x), graph.run(x))
 
 
-def test_tiles_cover_each_row_in_the_fewest_pairs() -> None:
-    assert [(w, amx.tile_rows(w), amx.row_pixels(w)) for w in (7, 14, 17, 28, 56, 112, 149)] == [
-        (7, 4, 8), (14, 7, 14), (17, 9, 18), (28, 14, 28), (56, 14, 56), (112, 14, 112), (149, 15, 150)]
+def test_tiles_cover_rows_in_the_fewest_pairs_and_pointwise_maps_regrid() -> None:
+    """Rows of up to 16 pixels: two rows of a tile each; wider ones: the fewest pairs of tiles, as small as hold
+    the row. A pointwise conv's pixels laid out in rows that fill the tiles best."""
+    tilings = [amx.Tiling(w) for w in (7, 14, 16, 17, 28, 56, 149)]
+    assert [(t.lines, t.rows, t.pixels) for t in tilings] == [
+        (2, 7, 7), (2, 14, 14), (2, 16, 16), (1, 9, 18), (1, 14, 28), (1, 14, 56), (1, 15, 150)]
+    assert [amx.pixel_grid(p) for p in (8 * 49, 49, 8 * 196)] == [(7, 56), (1, 49), (49, 32)]

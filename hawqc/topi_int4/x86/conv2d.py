@@ -172,24 +172,35 @@ def offset_of(in_dtype: str, vnni: bool) -> int:
     return 128 if vnni and in_dtype == "int8" else 0
 
 
-def copies_input(wl: Conv2dWorkload, vnni: bool, ow_block: int = 1) -> bool:
+def copies_input(wl: Conv2dWorkload, vnni: bool, ow_block: int = 1, oh_block: int = 1) -> bool:
     """Whether the input is copied first: for spatial padding, channels up to a multiple of 4, the
     VNNI offset of int8 activations (once per input byte, measured faster than in every dot product),
-    or columns for a row computed in whole tiles of ``ow_block`` pixels."""
+    or columns (rows) for rows (row blocks) computed in whole tiles of ``ow_block`` pixels (``oh_block`` rows)."""
     return (any(wl.padding) or wl.packed_in != wl.in_channels or offset_of(wl.in_dtype, vnni) > 0
-            or extra_columns(wl, ow_block) > 0)
+            or extra_columns(wl, ow_block) > 0 or extra_rows(wl, oh_block) > 0)
 
 
 def extra_columns(wl: Conv2dWorkload, ow_block: int) -> int:
     """Input columns beyond the padded input that rows of whole ``ow_block``-pixel tiles read."""
-    ow = wl.out_size[1]
-    needed = (-(-ow // ow_block) * ow_block - 1) * wl.stride[1] + (wl.kernel[1] - 1) * wl.dilation[1] + 1
-    return max(0, needed - (wl.width + wl.padding[1] + wl.padding[3]))
+    return _past_end(wl, 1, ow_block)
 
 
-def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True, ow_block: int = 1) -> Any:
+def extra_rows(wl: Conv2dWorkload, oh_block: int) -> int:
+    """Input rows beyond the padded input that whole blocks of ``oh_block`` output rows read."""
+    return _past_end(wl, 0, oh_block)
+
+
+def _past_end(wl: Conv2dWorkload, axis: int, block: int) -> int:
+    out, stride, kernel, dilation = wl.out_size[axis], wl.stride[axis], wl.kernel[axis], wl.dilation[axis]
+    needed = (-(-out // block) * block - 1) * stride + (kernel - 1) * dilation + 1
+    return max(0, needed - ((wl.height, wl.width)[axis] + wl.padding[axis] + wl.padding[axis + 2]))
+
+
+def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = True, ow_block: int = 1,
+                   oh_block: int = 1) -> Any:
     """The unscheduled PrimFunc ``(x, packed_weight, bias[, b, round, shift]) -> out``; the accumulator
-    rows are computed in whole tiles of ``ow_block`` pixels (the columns past the row are dropped)."""
+    rows are computed in whole tiles of ``ow_block`` pixels and whole blocks of ``oh_block`` rows (the columns and
+    rows past the output are dropped)."""
     from tvm import te
 
     n, h, w, cin = batch_extent(wl), wl.height, wl.width, wl.in_channels
@@ -207,11 +218,11 @@ def conv2d_compute(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = Tru
             return unpack_nibble(weight[(*outer, i % 8 * 4 + k)], i // 8)
         return weight[(*outer, i, k) if vnni else (*outer, k, i)]
 
-    data = (input_copy(x, wl, wl.packed_in, offset_of(wl.in_dtype, vnni), extra_columns(wl, ow_block))
-            if copies_input(wl, vnni, ow_block) else x)
+    data = (input_copy(x, wl, wl.packed_in, offset_of(wl.in_dtype, vnni), extra_columns(wl, ow_block),
+                       extra_rows(wl, oh_block)) if copies_input(wl, vnni, ow_block, oh_block) else x)
     ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, span), "rc")
     acc = te.compute(
-        (n, oh, -(-ow // ow_block) * ow_block, ocp),
+        (n, -(-oh // oh_block) * oh_block, -(-ow // ow_block) * ow_block, ocp),
         lambda i, y, z, o: te.sum(
             data[i, y * sh + ry * dh, z * sw + rx * dw, wl.block_base(o // LANES) + rc].astype("int32")
             * weight_at(o, ry, rx, rc).astype("int32"),
@@ -227,9 +238,9 @@ def batch_extent(wl: Conv2dWorkload) -> Any:
     return te.var("n", "int32") if wl.batch is None else wl.batch
 
 
-def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: int = 0) -> Any:
-    """The input padded spatially with ``pad_value`` (and ``extra`` more columns on the right) and to
-    ``channels`` channels with zeros, ``offset`` added (int8 + 128 as uint8 for VNNI)."""
+def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: int = 0, extra_rows: int = 0) -> Any:
+    """The input padded spatially with ``pad_value`` (and ``extra`` more columns on the right, ``extra_rows`` more
+    rows at the bottom) and to ``channels`` channels with zeros, ``offset`` added (int8 + 128 as uint8 for VNNI)."""
     from tvm import te, tirx
 
     n, h, w, cin = x.shape
@@ -240,7 +251,7 @@ def input_copy(x: Any, wl: Conv2dWorkload, channels: int, offset: int, extra: in
         value = tirx.if_then_else(inside, x[i, y - top, z - left, c], tirx.const(wl.pad_value, wl.in_dtype))
         value = tirx.if_then_else(c < cin, value, tirx.const(0, wl.in_dtype))
         return (value.astype("int16") + offset).astype("uint8") if offset else value
-    return te.compute((n, h + top + bottom, w + left + right + extra, channels), pad, name="pad")
+    return te.compute((n, h + top + bottom + extra_rows, w + left + right + extra, channels), pad, name="pad")
 
 
 def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant: Requant | None) -> Any:
@@ -342,13 +353,14 @@ def conv2d(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, tile: tuple[
 
 
 def runs_on_amx(wl: Conv2dWorkload) -> bool:
-    """Whether the AMX kernel takes the layer: not grouped, 8-bit weights, at least 64 input channels (fewer would
-    be mostly the zeros that pad them to 64) and 128 products per output (ResNet-50's 1x1 convs of 64 input
-    channels ran 1.0-1.4x the VNNI kernel's time at batch 8: their epilogue is most of the work), whole blocks of
-    32 output channels, and not small."""
-    return (wl.groups == 1 and wl.weight_bits == 8 and wl.in_channels >= amx.CHUNK
-            and wl.in_channels * math.prod(wl.kernel) >= 2 * amx.CHUNK
-            and wl.packed_out % amx.BLOCK == 0 and not is_small(wl))
+    """Whether the AMX kernel takes the layer: not grouped, 8-bit weights, whole blocks of 32 output channels, not
+    small, at least 64 input channels of which the padding to whole chunks of 64 adds at most a quarter
+    (MobileNet-V2's 144-channel 1x1 convs, padded to 192, ran 1.3-1.5x the VNNI kernel's time), and 128 products
+    per output (ResNet-50's 1x1 convs of 64 input channels ran 1.0-1.4x: their epilogue is most of the work)."""
+    padded = -(-wl.in_channels // amx.CHUNK) * amx.CHUNK
+    return (wl.groups == 1 and wl.weight_bits == 8 and wl.packed_out % amx.BLOCK == 0 and not is_small(wl)
+            and amx.CHUNK <= wl.in_channels and 4 * padded <= 5 * wl.in_channels
+            and wl.in_channels * math.prod(wl.kernel) >= 2 * amx.CHUNK)
 
 
 def conv2d_amx(wl: Conv2dWorkload, requant: Requant | None) -> Any:
@@ -357,20 +369,21 @@ def conv2d_amx(wl: Conv2dWorkload, requant: Requant | None) -> Any:
     by the tiles into a row buffer, the epilogue after it; rows and blocks in the order of :func:`channels_outer`."""
     from tvm import s_tir
 
-    pixels = amx.row_pixels(wl.out_size[1])
-    sch = s_tir.Schedule(conv2d_compute(wl, requant, True, pixels))
+    tiling = amx.Tiling(wl.out_size[1])
+    sch = s_tir.Schedule(conv2d_compute(wl, requant, True, tiling.pixels, tiling.lines))
     conv = sch.get_sblock("acc")
     n, y, z, o, ry, rx, rc = sch.get_loops(conv)
     oco, oci = sch.split(o, [None, amx.BLOCK])
+    y, line = sch.split(y, [None, tiling.lines]) if tiling.lines > 1 else (y, None)
     outer = channels_outer(wl)
     rows = ((oco, n, y) if wl.batch is not None else (n, oco, y)) if outer else (n, y)
-    sch.reorder(*rows, *(() if outer else (oco,)), z, oci, ry, rx, rc)
+    sch.reorder(*rows, *(() if outer else (oco,)), *((line,) if line else ()), z, oci, ry, rx, rc)
     for block in epilogue_blocks(requant):
         sch.reverse_compute_at(sch.get_sblock(block), rows[-1] if outer else oco)
     parallel_rows(sch, wl, *rows)
-    sch.tensorize(z, amx.intrinsic_name(pixels, wl.kernel, wl.stride[1], wl.dilation, wl.block_span))
-    return finish_schedule(sch, wl, copies_input(wl, True, pixels), high_word=tensorized_requant(wl, requant, True, 1),
-                           blocks=epilogue_blocks(requant))
+    sch.tensorize(line or z, amx.intrinsic_name(tiling.width, wl.kernel, wl.stride, wl.dilation, wl.block_span))
+    return finish_schedule(sch, wl, copies_input(wl, True, tiling.pixels, tiling.lines),
+                           high_word=tensorized_requant(wl, requant, True, 1, tiling.lines), blocks=epilogue_blocks(requant))
 
 
 def epilogue_blocks(requant: Requant | None) -> tuple[str, ...]:
@@ -402,11 +415,13 @@ def accumulator_scope(vectors: int) -> str:
     return "global" if vectors * LANES * 4 < STACK_BYTES else "local"
 
 
-def tensorized_requant(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, pixels: int) -> Requant | None:
-    """``requant`` where the epilogue of rows of ``pixels``-pixel tiles takes :func:`.intrin.requantize_name`
-    (AVX-512, the high-word form, whole tiles: else the epilogue has a predicate, columns past the row or
-    channels past the last, that no intrinsic matches), else None."""
-    whole_tiles = wl.out_size[1] % pixels == 0 and wl.out_channels % LANES == 0
+def tensorized_requant(wl: Conv2dWorkload, requant: Requant | None, vnni: bool, pixels: int,
+                       lines: int = 1) -> Requant | None:
+    """``requant`` where the epilogue of rows of ``pixels``-pixel tiles (in blocks of ``lines`` rows) takes
+    :func:`.intrin.requantize_name` (AVX-512, the high-word form, whole tiles: else the epilogue has a predicate,
+    columns or rows past the output or channels past the last, that no intrinsic matches), else None."""
+    oh, ow = wl.out_size
+    whole_tiles = ow % pixels == 0 and oh % lines == 0 and wl.out_channels % LANES == 0
     return requant if vnni and whole_tiles and requant is not None and requant.high_word else None
 
 
