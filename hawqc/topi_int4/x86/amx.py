@@ -86,8 +86,8 @@ def _intrinsic(tiling: Tiling, kernel: tuple[int, int], stride: tuple[int, int],
     rows, cols = (lines - 1) * sh + (kh - 1) * dh + 1, (pixels - 1) * sw + (kw - 1) * dw + 1
     per_line, chunks = pixels // m, span // CHUNK
     i8 = T.int8
-    # the compute has no axis for a dimension of extent 1: rows of one line, kernels of one tap
-    used = [lines > 1, True, True, kh > 1, kw > 1, True]
+    # the compute has no axis of extent 1: one line, rows of one pixel, kernels of one tap
+    used = [lines > 1, pixels > 1, True, kh > 1, kw > 1, True]
     kinds = "".join(kind for kind, use in zip("SSSRRR", used) if use)
 
     def axes(*loops: Any) -> list[Any]:
