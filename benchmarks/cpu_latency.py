@@ -14,8 +14,8 @@ Then times each engine in its own interpreter (``cpu_latency_worker.py``: one pr
 that no engine's threads starve another's), the engines alternating across ``--rounds`` rounds; a
 figure is the median across rounds of each process's median. Every figure carries the 1-minute load
 average and the CPU the rest of the machine used meanwhile; "loaded" marks a load average above 0.5.
-Also measures the machine's VNNI int8 peak (``vnni_peak.py``) and the achieved GMAC/s of every hawqc
-conv/dense kernel of ``--profile``. Writes ``cpu_latency.{json,md}`` and ``cpu_latency_layers.md``.
+Also measures the machine's int8 peaks (``vnni_peak.py``: VNNI, and AMX tiles where the CPU has them) and
+the achieved GMAC/s of every hawqc conv/dense kernel of ``--profile``, against the peak of its instructions. Writes ``cpu_latency.{json,md}`` and ``cpu_latency_layers.md``.
 """
 
 from __future__ import annotations
@@ -422,7 +422,9 @@ def latency_markdown(report: dict[str, Any]) -> str:
               "on the timed input. Load 1-min: the highest 1-minute load average around the row's figures "
               f"(\"loaded\": above {LOADED}; back-to-back workers raise it themselves, 2 threads each); others' cores: "
               "the most CPU the rest of the machine used while a figure was taken.",
-              "", f"int8 peak: {report['peak_gmac_per_s']:.0f} GMAC/s ({report['peak']})."]
+              "", f"int8 peak, VNNI: {report['peak_gmac_per_s']:.0f} GMAC/s ({report['peak']})."]
+    if report.get("amx_peak_gmac_per_s"):
+        lines.append(f"int8 peak, AMX tiles: {report['amx_peak_gmac_per_s']:.0f} GMAC/s ({report['amx_peak']}).")
     fallbacks = [f for f in report["figures"] if "fallback" in f]
     for engine in sorted({f["engine"] for f in fallbacks}):
         first = next(f["fallback"] for f in fallbacks if f["engine"] == engine)
@@ -446,20 +448,41 @@ def latency_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def layers_markdown(profile: dict[str, Any], peak: float, how: str) -> str:
-    lines = [f"# hawqc conv/dense kernels, {profile['case']} (artifact {profile['artifact']}): achieved GMAC/s", "",
-             f"Against the measured int8 peak {peak:.0f} GMAC/s ({how}). Median of {profile.get('runs', 0)} model "
-             f"runs per kernel, in one worker process; load 1-min {profile['load']:.2f}.", ""]
+def layers_markdown(profile: dict[str, Any], peaks: dict[str, tuple[float, str]]) -> str:
+    """The profiled kernels' GMAC/s, each against the measured peak of its instructions (AMX tiles for the
+    ``_amx`` kernels, VNNI for the others); the sum of all against each peak measured."""
+    lines = [f"# hawqc conv/dense kernels, {profile['case']} (artifact {profile['artifact']}): achieved GMAC/s", ""]
+    lines += [f"Measured int8 peak, {isa.upper()}: {peak:.0f} GMAC/s ({how})." for isa, (peak, how) in peaks.items()]
+    lines += ["", f"Median of {profile.get('runs', 0)} model runs per kernel, in one worker process; load 1-min "
+              f"{profile['load']:.2f}. % peak: against the peak of the kernel's own instructions.", ""]
     if "error" in profile:
         return "\n".join(lines + [f"No profile: {profile['error']}"]) + "\n"
     lines += ["| layer | kernel | GMAC | us | GMAC/s | % peak |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['kernel']} | {r['gmac']:.3f} | {r['us']:.0f} | {r['gmac_per_s']:.0f} | "
-              f"{100 * r['gmac_per_s'] / peak:.0f} |" for r in profile["layers"]]
+              f"{100 * r['gmac_per_s'] / peaks[kernel_isa(r['kernel'], peaks)][0]:.0f} |" for r in profile["layers"]]
     total_gmac = sum(r["gmac"] for r in profile["layers"])
     total_s = sum(r["us"] for r in profile["layers"]) / 1e6
-    lines.append(f"| all | | {total_gmac:.3f} | {total_s * 1e6:.0f} | {total_gmac / total_s:.0f} | "
-                 f"{100 * total_gmac / total_s / peak:.0f} |")
+    shares = ", ".join(f"{100 * total_gmac / total_s / peak:.0f} of {isa.upper()}" for isa, (peak, _) in peaks.items())
+    lines.append(f"| all | | {total_gmac:.3f} | {total_s * 1e6:.0f} | {total_gmac / total_s:.0f} | {shares} |")
     return "\n".join(lines) + "\n"
+
+
+def kernel_isa(kernel: str, peaks: dict[str, Any]) -> str:
+    """The instructions a hawqc kernel (by its name) runs on, among those with a measured peak."""
+    return "amx" if "_amx" in kernel and "amx" in peaks else "vnni"
+
+
+def measure_peaks(work: Path) -> dict[str, tuple[float, str]]:
+    """The machine's measured int8 peaks: VNNI, and AMX where the CPU and Linux run it."""
+    peaks = {}
+    for isa in ("vnni", "amx"):
+        try:
+            peak, how = vnni_peak.measure(THREADS, folder=work / isa, isa=isa)
+        except RuntimeError:
+            continue
+        peaks[isa] = (peak, how + f", load 1-min {os.getloadavg()[0]:.2f}")
+        print(f"int8 peak, {isa.upper()}: {peak:.0f} GMAC/s ({peaks[isa][1]})", flush=True)
+    return peaks
 
 
 # ---------------------------------------------------------------- main
@@ -522,9 +545,7 @@ def main() -> None:
         prepare_model(args.prepare_model, args.batches, args.work)
         return
     names, engines, notes = available(args.models)
-    peak, how = vnni_peak.measure(THREADS, folder=args.work / "vnni")
-    how += f", load 1-min {os.getloadavg()[0]:.2f}"
-    print(f"int8 peak {peak:.0f} GMAC/s ({how})", flush=True)
+    peaks = measure_peaks(args.work)
     cases = [case for name in names for case in prepared(name, args.batches, args.work)]
     figures = [f for case in cases for f in time_case(case, engines, args.rounds, args.runs)]
     profile_case = next((c for c in cases if (c.model, c.batch) == args.profile), None)
@@ -534,7 +555,9 @@ def main() -> None:
     profile = ({"error": why_not(profile_case, hawqc)} if why_not(profile_case, hawqc)
                else run_worker(hawqc, profile_case, args.runs, layers=True))
     profile.update(case=f"{profile_case.model} batch {profile_case.batch}", artifact="hawqc-ort", load=load)
-    report = {"machine": machine(), "rounds": args.rounds, "runs": args.runs, "peak_gmac_per_s": peak, "peak": how,
+    report = {"machine": machine(), "rounds": args.rounds, "runs": args.runs, "peak_gmac_per_s": peaks["vnni"][0],
+              "peak": peaks["vnni"][1], "amx_peak_gmac_per_s": peaks.get("amx", (None,))[0],
+              "amx_peak": peaks.get("amx", (None, None))[1],
               "figures": figures, "rows": rows_by_case(figures, cases), "notes": notes,
               "standalone": check_standalone(cases, figures, args.runs) if args.check_standalone else [],
               "layers": profile}
@@ -542,7 +565,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "cpu_latency.json", json.dumps(report, indent=2) + "\n")
     write_atomic(args.out / "cpu_latency.md", latency_markdown(report))
-    write_atomic(args.out / "cpu_latency_layers.md", layers_markdown(profile, peak, how))
+    write_atomic(args.out / "cpu_latency_layers.md", layers_markdown(profile, peaks))
     print(latency_markdown(report))
 
 

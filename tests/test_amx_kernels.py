@@ -112,3 +112,22 @@ def test_tiles_cover_rows_in_the_fewest_pairs_and_pointwise_maps_regrid() -> Non
     assert [(t.lines, t.rows, t.pixels) for t in tilings] == [
         (2, 7, 7), (2, 14, 14), (2, 16, 16), (1, 9, 18), (1, 14, 28), (1, 14, 56), (1, 15, 150)]
     assert [amx.pixel_grid(p) for p in (8 * 49, 49, 8 * 196)] == [(7, 56), (1, 49), (49, 32)]
+
+
+def test_onnx_runtime_runs_beside_an_amx_module(tmp_path) -> None:
+    """ONNX Runtime's own AMX kernels load their tile configuration once per thread: an AMX module called in
+    between must leave the thread's configuration as it found it (else ONNX Runtime stops on an illegal
+    instruction: it did on this file, whose one AMX layer is a residual block's conv). Calls alternate."""
+    import onnxruntime as ort
+
+    import hawqc
+    from test_third_party import ort_quantized
+
+    path, shape = ort_quantized("tiny_resnet", "qdq-uint8-asymmetric", tmp_path)
+    module = hawqc.compile_integer_only(path, input_shape=shape)
+    assert "conv2d_amx" in module.lowered["main"].script()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed in range(10):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(module(x), module.reference(x))
+        assert session.run(None, {"input": x})[0].shape == (1, 10)

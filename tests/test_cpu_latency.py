@@ -21,6 +21,18 @@ def figure(model: str, engine: str, ms: float, load: float = 0.1) -> dict:
     return {"model": model, "batch": 1, "engine": engine, "ms": ms, "load": load, "other_cores": 0.0}
 
 
+def test_each_kernel_is_rated_against_the_peak_of_its_own_instructions() -> None:
+    profile = {"case": "m batch 8", "artifact": "hawqc-ort", "runs": 3, "load": 0.1,
+               "layers": [{"layer": "conv1", "kernel": "conv2d_amx_requant", "gmac": 2.0, "us": 1000, "gmac_per_s": 2000.0},
+                          {"layer": "conv2", "kernel": "conv2d_vnni_requant", "gmac": 0.4, "us": 1000, "gmac_per_s": 400.0}]}
+    table = cpu_latency.layers_markdown(profile, {"vnni": (800.0, "vnni loop"), "amx": (8000.0, "amx loop")})
+    assert "| conv1 | conv2d_amx_requant | 2.000 | 1000 | 2000 | 25 |" in table
+    assert "| conv2 | conv2d_vnni_requant | 0.400 | 1000 | 400 | 50 |" in table
+    assert "| all | | 2.400 | 2000 | 1200 | 150 of VNNI, 15 of AMX |" in table
+    vnni_only = cpu_latency.layers_markdown(profile, {"vnni": (800.0, "vnni loop")})
+    assert "| conv1 | conv2d_amx_requant | 2.000 | 1000 | 2000 | 250 |" in vnni_only
+
+
 def test_report_ratio_geomean_and_errors(tmp_path: Path) -> None:
     cases = [cpu_latency.Case("a", 1, [1, 3, 8, 8], tmp_path, bit_exact={"hawqc-ort": True}),
              cpu_latency.Case("b", 1, [1, 3, 8, 8], tmp_path, bit_exact={"hawqc-ort": True, "hawqc-w4a4": False})]

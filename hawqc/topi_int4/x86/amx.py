@@ -8,7 +8,9 @@ buffer: 8 tile registers. Input channels come in whole chunks of 64 (the input c
 kernel's int32 row buffer then goes through the same epilogue as the VNNI kernel's (:mod:`.conv2d`).
 
 A process must ask Linux for the tile state before the first AMX instruction
-(:func:`hawqc.runtime.threads.request_amx`).
+(:func:`hawqc.runtime.threads.request_amx`). Each call puts back the thread's tile configuration as it found it
+(none, or another library's): ONNX Runtime's AMX kernels load theirs once per thread and stop with an illegal
+instruction on tiles shaped by anyone else.
 """
 
 from __future__ import annotations
@@ -135,8 +137,11 @@ def _intrinsic(tiling: Tiling, kernel: tuple[int, int], stride: tuple[int, int],
             T.reads(a[0:rows, 0:cols, 0:span], w[0:BLOCK // 16, 0:kh, 0:kw, 0:span // 4, 0:16, 0:4])
             T.writes(c[0:lines, 0:pixels, 0:BLOCK])
             config = T.alloc_buffer((64,), "uint8")
-            for i in range(64):
+            caller = T.alloc_buffer((64,), "uint8")  # the thread's tile configuration, restored at the end
+            for i in range(64):  # every byte written here, so that TVM keeps all 64 of each buffer
                 config[i] = T.uint8(0)
+                caller[i] = T.uint8(0)
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.sttilecfg", T.address_of(caller[0])))
             config[0] = T.uint8(1)  # palette 1; tiles 0-3 C, 4-5 A (m rows of 64 bytes), 6-7 B (16 rows)
             for t in range(8):
                 config[16 + 2 * t] = T.uint8(64)
@@ -162,5 +167,6 @@ def _intrinsic(tiling: Tiling, kernel: tuple[int, int], stride: tuple[int, int],
                         "void", "llvm.x86.tilestored64", i8(t),
                         T.address_of(c[(2 * pair + t // 2) // per_line, (2 * pair + t // 2) % per_line * m, t % 2 * 16]),
                         T.int64(sc1 * 4)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(caller[0])))
 
     return desc, impl
