@@ -96,6 +96,20 @@ def test_target_strings(spec: str, expected: dict) -> None:  # type: ignore[type
     assert parse_target("llvm")["mcpu"]  # the host CPU
 
 
+@pytest.mark.parametrize(("flags", "amx"), [({"avx512_vnni", "amx_tile", "amx_int8"}, True), ({"avx512_vnni"}, False)])
+def test_plain_llvm_is_the_host_with_the_amx_its_cpu_name_hides(flags: set, amx: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM may report an older CPU model than it runs on: plain ``llvm`` adds the AMX features Linux lists."""
+    from hawqc.runtime import target
+    from hawqc.runtime.module import has_feature
+
+    monkeypatch.setattr(target, "host_cpu", lambda: "rocketlake")  # a name without AMX
+    monkeypatch.setattr(target, "linux_cpu_flags", lambda: flags)
+    config = parse_target("llvm")
+    assert has_feature(config, "amx-int8") == amx and ("mattr" in config) == amx
+    assert "mattr" not in parse_target("llvm -mcpu=znver4")  # an explicit CPU is taken as it is
+
+
 @pytest.mark.parametrize("spec", ["tpu", "llvm mcpu", "-mcpu=x", "{nope"])
 def test_unknown_targets_are_one_error(spec: str) -> None:
     with pytest.raises(ValueError, match="target"):

@@ -117,3 +117,13 @@ def test_the_int8_peak_loops_count_their_macs(tmp_path: Path) -> None:
     if "amx_int8" in _cpu_flags():
         amx, how = peak.measure(1, 0.05, tmp_path, isa="amx")
         assert amx > 2 * vnni and "tdpbusd" in how
+
+
+def test_conv_kernels_script_times_each_kernel_and_compares_outputs(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "conv_kernels.py"), "2,8,8,64,64,3,1", "--runs", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "conv_kernels.json").read_text())["rows"]
+    assert "vnni" in [r["kernel"] for r in rows] and all(r["outputs_equal"] and r["ms"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "conv_kernels.py"), "2,8,8"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "seven positive integers" in bad.stderr

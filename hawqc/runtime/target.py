@@ -60,13 +60,18 @@ def host_only_features() -> list[str]:
     an older model (an Intel Xeon VM here reads as ``rocketlake``), from Linux's CPU flags."""
     import tvm
 
-    try:
-        flags = set(open("/proc/cpuinfo").read().split("flags", 2)[1].splitlines()[0].split())
-    except (OSError, IndexError):
-        return []
     cpu = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
     return [llvm for linux, llvm in AMX_FEATURES.items()
-            if linux in flags and not tvm.target.codegen.target_has_features(llvm[1:], cpu)]
+            if linux in linux_cpu_flags() and not tvm.target.codegen.target_has_features(llvm[1:], cpu)]
+
+
+def linux_cpu_flags() -> set[str]:
+    """The first CPU's flags in ``/proc/cpuinfo`` (empty off Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def host_cpu() -> str:
