@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402  (beside this file)
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -65,20 +68,11 @@ def main() -> None:
     missing = [a for a in args.artifacts if not Path(a).is_dir()]
     if missing:
         parser.error(f"no artifact folder {missing[0]}")
-    from hawqc.fileio import write_atomic
-
     rows = alternate(args.artifacts, [int(d) for d in args.shape.split(",")], args.calls, args.threads)
     how = (f"input {args.shape}, {args.calls} alternating calls each, {args.threads} threads, "
            f"load 1-min {os.getloadavg()[0]:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "artifact_ab.json", json.dumps({"how": how, "rows": rows}, indent=2) + "\n")
-    write_atomic(args.out / "artifact_ab.md", markdown(rows, how))
-    print(markdown(rows, how), end="")
+    report.save(args.out, "artifact_ab", {"how": how, "rows": rows}, markdown(rows, how))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    report.run(main)

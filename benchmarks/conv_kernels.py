@@ -13,7 +13,6 @@ VNNI runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402  (beside this file)
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import report  # noqa: E402  (beside this file)
+
 INTERFERER = ("import time\nend = time.perf_counter() + float(__import__('sys').argv[1])\n"
               "while time.perf_counter() < end:\n    t = time.perf_counter()\n"
               "    while time.perf_counter() - t < 0.002: pass\n    time.sleep(0.008)\n")
@@ -109,13 +112,8 @@ def main() -> None:
     how = (f"One process per case at 2 threads, the two pools alternating every {args.calls} calls for {args.rounds} "
            "rounds; 'beside a 20% job': another process busy-waits 2 ms of every 10 ms meanwhile. "
            f"Machine: {os.cpu_count()} CPUs; load 1-min at the end of each row in the JSON.")
-    from hawqc.fileio import write_atomic
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "pool_ab.json", json.dumps({"how": how, "rows": rows}, indent=2) + "\n")
-    write_atomic(args.out / "pool_ab.md", markdown(rows, how))
-    print(markdown(rows, how))
+    report.save(args.out, "pool_ab", {"how": how, "rows": rows}, markdown(rows, how))
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main)

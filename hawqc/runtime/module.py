@@ -265,8 +265,9 @@ def _lower(graph: IntegerGraph, input_shape: tuple[int | None, ...], target: dic
 
 
 def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
-    """``auto`` made concrete for ``target``: ``amx`` where it has AMX int8 and AVX-512 VNNI, ``vnni`` where it
-    has VNNI only, else ``avx2``; ``tensor_core`` (the only choice) for CUDA."""
+    """``auto`` made concrete for ``target``: ``amx`` where it has AMX int8 and AVX-512 VNNI and this process may
+    run tiles (a module then runs here; ``kernels="amx"`` compiles them for another machine), else ``vnni`` where it
+    has VNNI, else ``avx2``; ``tensor_core`` (the only choice) for CUDA."""
     if target.get("kind") == "cuda":
         if kernels not in ("auto", "tensor_core"):
             raise ValueError(f"kernels {kernels!r} are for CPUs: a cuda target uses Tensor Core kernels (auto)")
@@ -276,7 +277,7 @@ def resolve_kernels(kernels: str, target: dict[str, Any]) -> str:
     if kernels != "auto":
         return kernels
     if has_vnni(target):
-        return "amx" if has_feature(target, "amx-int8") else "vnni"
+        return "amx" if has_feature(target, "amx-int8") and thread_pool.request_amx() else "vnni"
     return "avx2"
 
 
