@@ -114,17 +114,8 @@ def main() -> None:
         rows = [row for layer in layers for row in time_layer(layer, kernels, args.runs, target, folder)]
     how = (f"`python benchmarks/{' '.join([Path(__file__).name, *sys.argv[1:]])}`: {args.threads} threads, median of "
            f"{args.runs} calls, load 1-min {os.getloadavg()[0]:.2f}.")
-    from hawqc.fileio import write_atomic
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "conv_kernels.json", json.dumps({"how": how, "rows": rows}, indent=2) + "\n")
-    write_atomic(args.out / "conv_kernels.md", markdown(rows, how))
-    print(markdown(rows, how))
+    report.save(args.out, "conv_kernels", {"how": how, "rows": rows}, markdown(rows, how))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    report.run(main)
