@@ -1,7 +1,8 @@
 """The conv kernel's accumulation on Intel AMX tiles (``tdpbusd``: 16 rows x 16 int32 += 16 x 64 uint8 . 64 x 16 int8).
 
-A row of output pixels against a block of :data:`BLOCK` output channels is one tensor intrinsic: per pair of
-``pixels``-row tiles of the row (A: each pixel's 64 input channels of one kernel tap, rows ``stride`` pixels apart)
+A row of output pixels (two rows where they are 16 pixels or fewer: :class:`Tiling`) against a block of :data:`BLOCK`
+output channels is one tensor intrinsic: per pair of A tiles (each pixel's 64 input channels of one kernel tap, rows
+``stride`` pixels apart)
 and the block's two 16-channel weight tiles (B: the packed weights ``[OC/16, KH, KW, IC/4, 16, 4]`` as they are,
 64 bytes a row), four accumulator tiles (C) zeroed, summed over every tap and 64-channel chunk, stored to the row
 buffer: 8 tile registers. Input channels come in whole chunks of 64 (the input copy pads them with zeros). The
