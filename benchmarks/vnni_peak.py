@@ -23,6 +23,8 @@ from pathlib import Path
 CHAINS = 12
 TILES = 4
 TRIALS = 3
+ISAS = {"vnni": (CHAINS, 64, "vpdpbusd zmm"), "amx": (TILES, 16384, "tdpbusd tile")}
+"""Per instruction set: independent accumulators per thread, MACs per instruction, what each chain runs."""
 COMMON = r"""
 #include <immintrin.h>
 #include <pthread.h>
@@ -122,7 +124,7 @@ static void *loop(void *out) {
 def build(folder: Path, isa: str = "vnni") -> Path:
     """The compiled loop of ``isa``, built once per source in ``folder``."""
     flags, loop = LOOPS[isa]
-    chains = TILES if isa == "amx" else CHAINS
+    chains = ISAS[isa][0]
     source = COMMON % {"loop": loop % {"chains": chains}, "each": " ".join(f"X({c})" for c in range(chains))}
     binary = folder / f"{isa}_peak-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     if not binary.exists():
@@ -150,9 +152,8 @@ def measure(threads: int = 2, seconds: float = 0.3, folder: Path | None = None, 
                                f"run {isa.upper()} instructions")
         trials.append([float(v) for v in run.stdout.split()])
     per_cpu_s, per_wall_s = max(trials)
-    step = (f"{TILES} independent tdpbusd tile chains" if isa == "amx" else f"{CHAINS} independent vpdpbusd zmm chains")
-    macs = 16384 if isa == "amx" else 64
-    how = (f"measured: {threads} threads x {step} for {seconds} s, {macs} MAC each, "
+    chains, macs, step = ISAS[isa]
+    how = (f"measured: {threads} threads x {chains} independent {step} chains for {seconds} s, {macs} MAC each, "
            f"per thread CPU time, best of {TRIALS}; by wall clock {per_wall_s / 1e9:.0f} GMAC/s")
     return per_cpu_s / 1e9, how
 
