@@ -35,6 +35,8 @@ CONVS = {
     "depthwise-uint8-zero-point-pad": (32, 32, 3, 1, 1, 1, (0, 255), 5, 8, 32),
     "depthwise-s2-odd-channels-uint8": (72, 72, 3, 2, 1, 1, (0, 255), 9, 8, 72),
     "depthwise-5x5-dilated-w4": (20, 20, 5, 1, 4, 2, (-8, 7), 0, 4, 20),
+    "depthwise-5x5-uint8-odd-channels": (40, 40, 5, 1, 2, 1, (0, 255), 3, 8, 40),
+    "depthwise-dilated-uint8": (32, 32, 3, 1, 2, 2, (0, 255), 0, 8, 32),
     "grouped-4-per-group": (64, 64, 3, 1, 1, 1, (-128, 127), 0, 8, 16),
     "grouped-32-per-group-s2": (128, 128, 3, 2, 1, 1, (0, 255), 3, 8, 4),
     "grouped-uneven-w4": (30, 60, 3, 1, 1, 1, (-128, 127), 0, 4, 6),

@@ -108,39 +108,60 @@ def _intrinsic(weight_bits: int) -> tuple[Any, Any]:
     return (desc8, impl8) if weight_bits == 8 else (desc4, impl4)
 
 
+SPREAD = 0x8888444422221111
+"""The byte mask of :func:`depthwise_name`'s weights: byte ``L`` of each int32 lane in 128-bit lane ``L``."""
+
+
 @cache
-def depthwise_name() -> str:
-    """The registered depthwise step ``acc[i] += a[i] * w[i]`` for 16 channels, uint8 activations and
-    int32 weights in ``[-128, 127]``, as one ``vpdpbusd``: each activation zero-extended to 4 bytes
-    ``[a, 0, 0, 0]``, each weight sign-extended ``[w, s, s, s]``, so the dot product of a lane is ``a * w``
-    (the widening multiply-add it replaces, ``vpmulld`` + ``vpaddd``, measured 7-17% slower per layer)."""
+def depthwise_name(taps: int) -> str:
+    """The registered depthwise step ``acc[c] += sum over taps of a[tap, c] * w[tap, c]`` for 16 channels over
+    a row of ``taps`` taps, uint8 activations and int8 weights (each ``[taps, 16]``, taps any stride apart),
+    one ``vpdpbusd`` per tap: the 16 activation bytes loaded as they are into each 128-bit lane
+    (``vbroadcasti32x4``, a load alone), the weights likewise with all bytes but byte ``L`` of each int32 lane
+    of 128-bit lane ``L`` zeroed (mask :data:`SPREAD`), so int32 lane ``4L + d`` sums channel ``4d + L`` (the
+    other products are zero); one ``vpermd`` puts the row's sums back in channel order. Measured against each
+    activation zero-extended to its own lane (``vpmovzxbd``, a shuffle on top of the load): 14% faster
+    (144 channels 56x56, batch 8)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
+    def row(a: Any, w: Any) -> Any:  # int32x16 in channel order
+        sums = T.broadcast(T.int32(0), 16)
+        for tap in range(taps):
+            pixels = T.Shuffle([a.vload([tap, 0], "uint8x16")] * 4, list(range(64)))
+            weights = T.Shuffle([w.vload([tap, 0], "int8x16"), *[T.broadcast(T.int8(0), 16)] * 3],
+                                [b % 16 if SPREAD >> b & 1 else 16 for b in range(64)])
+            sums = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", sums,
+                                           T.reinterpret(pixels, dtype="int8x64"), weights)
+        return T.Shuffle([sums], [c % 4 * 4 + c // 4 for c in range(16)])
+
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((16,), "uint8", offset_factor=1), w: T.Buffer((16,), "int32", offset_factor=1),
-             acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def desc(a_h: T.handle, w_h: T.handle, acc_h: T.handle) -> None:
+        ac, wc = T.int32(), T.int32()
+        a = T.match_buffer(a_h, (taps, 16), "uint8", strides=[ac, 1], offset_factor=1)
+        w = T.match_buffer(w_h, (taps, 16), "int8", strides=[wc, 1], offset_factor=1)
+        acc = T.match_buffer(acc_h, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(acc[0:16], a[0:16], w[0:16])
+            T.reads(acc[0:16], a[0:taps, 0:16], w[0:taps, 0:16])
             T.writes(acc[0:16])
-            for i in T.serial(16):
+            for tap, i in T.grid(taps, 16):
                 with T.sblock("update"):
-                    vi = T.axis.remap("S", [i])
-                    acc[vi] = acc[vi] + T.Cast("int32", a[vi]) * w[vi]
+                    vi, vtap = T.axis.remap("SR", [i, tap])
+                    acc[vi] = acc[vi] + T.Cast("int32", a[vtap, vi]) * T.Cast("int32", w[vtap, vi])
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((16,), "uint8", offset_factor=1), w: T.Buffer((16,), "int32", offset_factor=1),
-             acc: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def impl(a_h: T.handle, w_h: T.handle, acc_h: T.handle) -> None:
+        ac, wc = T.int32(), T.int32()
+        a = T.match_buffer(a_h, (taps, 16), "uint8", strides=[ac, 1], offset_factor=1)
+        w = T.match_buffer(w_h, (taps, 16), "int8", strides=[wc, 1], offset_factor=1)
+        acc = T.match_buffer(acc_h, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(acc[0:16], a[0:16], w[0:16])
+            T.reads(acc[0:16], a[0:taps, 0:16], w[0:taps, 0:16])
             T.writes(acc[0:16])
-            acc[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc.vload([0], dtype="int32x16"),
-                T.reinterpret(T.Cast("int32x16", a.vload([0], dtype="uint8x16")), dtype="int8x64"),
-                T.reinterpret(w.vload([0], dtype="int32x16"), dtype="int8x64"))
+            acc[T.ramp(T.int32(0), 1, 16)] = acc.vload([0], dtype="int32x16") + row(a, w)
 
-    TensorIntrin.register("hawqc_vnni_depthwise", desc, impl, override=True)
-    return "hawqc_vnni_depthwise"
+    TensorIntrin.register(f"hawqc_vnni_depthwise_{taps}", desc, impl, override=True)
+    return f"hawqc_vnni_depthwise_{taps}"
 
 
 @cache

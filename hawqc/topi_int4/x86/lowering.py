@@ -177,8 +177,8 @@ def _constants(wl: Conv2dWorkload, weight: np.ndarray, op: IntOp, requant: IntOp
 
     bias = np.asarray(op.consts.get("bias", 0), dtype=np.int64)
     if depthwise.is_depthwise(wl):
-        dtype = depthwise.weight_dtype(wl, vnni)
-        offset, consts = 0, [relax.const(depthwise.pack_weight(weight, dtype), dtype)]
+        packed = depthwise.pack_weight(weight, depthwise.uses_dot(wl, vnni))
+        offset, consts = 0, [relax.const(packed, str(packed.dtype))]
     else:
         offset = offset_of(wl.in_dtype, vnni)
         bias = bias - offset * weight.astype(np.int64).sum(axis=(1, 2, 3))
