@@ -28,6 +28,7 @@ from hawqc.topi_int4.x86.conv2d import (
     Requant,
     accumulator_scope,
     batch_extent,
+    epilogue_blocks,
     extra_columns,
     finish_schedule,
     input_copy,
@@ -105,7 +106,8 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = False) -
     # one intrinsic per row of taps and pixel (the whole 3x3 window as one: no faster; 5x5: 1.7x slower, its 25
     # weight vectors outgrowing the registers), else each tap's weights over the whole tile
     sch.reorder(n, yo, yi, zo, oo, ry, *((zi, rx) if dot else (rx, zi)), oi)
-    sch.reverse_compute_at(sch.get_sblock("out"), oo)
+    for block in epilogue_blocks(wl, requant):
+        sch.reverse_compute_at(sch.get_sblock(block), oo)
     padded = any(wl.padding) or extra_columns(wl, pixels) > 0
     if copies_input(wl) or (dot and padded):
         pad = sch.get_sblock("pad")
@@ -126,7 +128,8 @@ def depthwise(wl: Conv2dWorkload, requant: Requant | None, vnni: bool = False) -
         sch.tensorize(rx, depthwise_name(wl.kernel[1]))
     scope = accumulator_scope(pixels)
     sch.set_scope(init, 0, scope)
-    return finish_schedule(sch, wl, False, scope, tensorized_requant(wl, requant, vnni, pixels))
+    return finish_schedule(sch, wl, False, scope, tensorized_requant(wl, requant, vnni, pixels),
+                           epilogue_blocks(wl, requant))
 
 
 def task_rows(wl: Conv2dWorkload) -> int:
