@@ -62,6 +62,23 @@ def test_python_api_export_and_load(tmp_path: Path) -> None:
         module(x[:1])
 
 
+@pytest.mark.parametrize("kernels", ["vnni", "generic"])
+def test_the_input_is_read_in_place_only_by_the_input_quantize(kernels: str, tmp_path: Path) -> None:
+    """Where the model's one reader of its input is the x86 input quantize (which assumes no alignment), a
+    call hands the caller's array over as it is, here one whose data is 4 bytes past a 64-byte boundary;
+    the artifact keeps the choice. The generic kernels read it in TVM's own, and get an aligned copy."""
+    qmodel = quantized("tiny_resnet", (1, 28, 28), "uniform8")
+    module = compile_graph(qmodel.integer_graph(), (2, 1, 28, 28), TARGET, kernels=kernels)
+    assert module.input_in_place == (kernels == "vnni")
+    storage = np.zeros(2 * 28 * 28 + 32, np.float32)
+    start = (-storage.ctypes.data % 64) // 4 + 1
+    x = storage[start:start + 2 * 28 * 28].reshape(2, 1, 28, 28)
+    x[:] = np.random.default_rng(3).standard_normal(x.shape)
+    assert x.ctypes.data % 64 == 4
+    np.testing.assert_array_equal(module(x), qmodel.integer_graph().run(x))
+    assert hawqc.load(module.export(tmp_path / "artifact")).input_in_place == module.input_in_place
+
+
 def test_a_float_model_is_quantized_first() -> None:
     torch.manual_seed(0)
     model = models.get("tiny_resnet")

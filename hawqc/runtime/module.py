@@ -63,6 +63,10 @@ class CompiledModule:
         """The module after TVM's pipeline (its fused kernels are what MetaSchedule tunes), idem."""
         self.fused: tuple[int, int] | None = None
         """(conv/dense kernels with the requantization fused in, all conv/dense kernels)."""
+        self.input_in_place = False
+        """Whether a call hands the caller's array to the module as it is (its one reader, the input quantize of
+        :mod:`hawqc.topi_int4.x86.quantize`, assumes no alignment) instead of copying it into an aligned tensor:
+        MobileNet-V2 batch 8 4% faster (the copy of its 4.8 MB took 0.36 ms)."""
         self.note = ""
         """Why the module was compiled for a fixed batch although the model's is open (else empty)."""
         self.specialised: dict[int, Any] = {}
@@ -80,6 +84,7 @@ class CompiledModule:
 
     def __call__(self, x: Any) -> np.ndarray:
         import tvm
+        import tvm_ffi
         from tvm import relax
 
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
@@ -102,6 +107,8 @@ class CompiledModule:
             thread_pool.configure(self.threads)
 
         def run(part: np.ndarray) -> np.ndarray:
+            if self.input_in_place and part.flags.aligned:
+                return vm["main"](tvm_ffi.from_dlpack(part, require_alignment=part.itemsize)).numpy()
             if self._input is None or tuple(self._input.shape) != part.shape:
                 self._input = tvm.runtime.empty(part.shape, self.input_dtype, self.device)
             return vm["main"](self._input.copyfrom(part)).numpy()
@@ -172,7 +179,8 @@ class CompiledModule:
             manifest = {"format_version": FORMAT_VERSION, "input_shape": list(self.input_shape), "batch": self.batch,
                         "target": self.target, "tvm_version": tvm.__version__, "hawqc_version": hawqc.__version__,
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "kernels": self.kernels, "int4": self.int4, "input_dtype": self.input_dtype, "specialised_batches": sorted(self.specialised),
+                        "kernels": self.kernels, "int4": self.int4, "input_dtype": self.input_dtype,
+                        "input_in_place": self.input_in_place, "specialised_batches": sorted(self.specialised),
                         "layers": self.summary(), "metadata": self.graph.metadata}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             for name, text in (extra or {}).items():
@@ -222,11 +230,34 @@ def compile_graph(graph: IntegerGraph, input_shape: tuple[int | None, ...], targ
     module = CompiledModule(graph, input_shape, target, executable, ir, input_dtype, threads)
     module.kernels, module.int4, module.fused, module.lowered = kernels, int4, fused_requant(lowered), lowered
     module.note = note
+    module.input_in_place = target["kind"] == "llvm" and _read_by_input_quantize(ir)
     if input_shape[0] is None and target["kind"] == "llvm" and kernels != "generic" and _batch_leads(ir):
         for batch in specialise:
             static = _lower(graph, (batch, *input_shape[1:]), target, kernels, input_dtype=input_dtype)
             module.specialised[batch] = _build(static, target, kernels, database, int4)[0]
     return module
+
+
+def _read_by_input_quantize(ir: Any) -> bool:
+    """Whether ``ir``'s main reads its input only in :mod:`hawqc.topi_int4.x86.quantize`'s kernel (through the
+    reshape flattening it): see :attr:`CompiledModule.input_in_place`."""
+    from tvm import relax
+
+    main = ir["main"]
+    views, readers = {main.params[0]}, 0
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not views & set(relax.analysis.free_vars(value)):
+                continue
+            op = getattr(value, "op", None)
+            if getattr(op, "name", None) == "relax.reshape":
+                views.add(binding.var)
+            elif getattr(op, "name", None) == "relax.call_tir" and value.args[0].name_hint.startswith("quantize_nhwc"):
+                readers += 1
+            else:
+                return False
+    return readers > 0 and not views & set(relax.analysis.free_vars(main.body.body))
 
 
 def _batch_leads(ir: Any) -> bool:
@@ -345,6 +376,7 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> Compiled
     module = CompiledModule(graph, tuple(manifest["input_shape"]), manifest["target"], executable,
                             input_dtype=manifest.get("input_dtype", "float32"), threads=threads)
     module.kernels, module.int4 = manifest.get("kernels", "generic"), manifest.get("int4", "auto")
+    module.input_in_place = manifest.get("input_in_place", False)
     with native_stderr_silenced():
         module.specialised = {batch: tvm.runtime.load_module(str(folder / specialised_library(batch)))
                               for batch in manifest.get("specialised_batches", [])}

@@ -5,7 +5,8 @@ TVM lowers the transpose of a few-channel image (``C`` = 3) to a vector loop ove
 model; this kernel: 0.5 ms). Here each step quantizes 16 pixels of every channel, ``clip(rint(x / scale) +
 zero_point)`` in float64 (:func:`hawqc.reference.kernels.quantize`'s rule), and interleaves the ``C``
 vectors into ``16 C`` contiguous bytes with one shuffle; the rest of a row (its width mod 16) pixel by
-pixel. Both tensors are read flat.
+pixel. Both tensors are read flat; the input assumes no more alignment than a float's, so a call reads the
+caller's array in place (:attr:`hawqc.runtime.module.CompiledModule.input_in_place`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def quantize_nhwc(channels: int, height: int, width: int, scale: float, zero_poi
     def quantize(x_handle: T.handle, out_handle: T.handle) -> None:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         size = T.int64()
-        x = T.match_buffer(x_handle, (size,), "float32")
+        x = T.match_buffer(x_handle, (size,), "float32", align=4)  # the caller's array, read in place
         out = T.match_buffer(out_handle, (size,), out_dtype)
         for row in T.parallel(size // T.int64(channels * width)):
             quantize_row(x, out, row)
