@@ -1,8 +1,8 @@
 """Depthwise conv2d for x86 (one input channel per group, one output channel each), NHWC, with the
 dyadic requantization of :mod:`.conv2d` in the epilogue.
 
-A depthwise layer does ``KH*KW`` MACs per output value: no dot product to feed ``vpdpbusd`` as a dot
-product. Each task takes a few output rows (:func:`task_rows`); a register tile of up to 15 pixels x 16
+A depthwise layer does ``KH*KW`` MACs per output value and none across channels: no dot product for
+``vpdpbusd`` to sum. Each task takes a few output rows (:func:`task_rows`); a register tile of up to 15 pixels x 16
 channels (kept in registers, see :func:`.conv2d.accumulator_scope`: measured 5-11% faster than 16 pixels in
 a workspace) is accumulated in int32 lanes over the window (weights stored ``[KH, KW, C/16*16]``,
 :func:`pack_weight`), then requantized while it is in registers (the high-word form with
