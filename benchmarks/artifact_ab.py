@@ -12,7 +12,6 @@ of its per-round time over the first artifact's to ``DIR/artifact_ab.{json,md}``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -3,6 +3,7 @@ taking only the layers it should. Skipped where the CPU or Linux has no AMX int8
 
 import numpy as np
 import pytest
+from test_x86_kernels import _requantized_conv, layer_graph
 
 from hawqc.reference.graph import IntegerGraph, IntOp
 from hawqc.runtime import threads
@@ -10,7 +11,6 @@ from hawqc.runtime.module import _build, _lower, compile_graph, has_feature, res
 from hawqc.runtime.target import parse_target
 from hawqc.topi_int4.x86 import amx
 from hawqc.topi_int4.x86 import conv2d as conv2d_kernel
-from test_x86_kernels import _requantized_conv, layer_graph
 
 TARGET = parse_target("llvm")
 pytestmark = pytest.mark.skipif(not (has_feature(TARGET, "amx-int8") and threads.request_amx()),
@@ -119,9 +119,9 @@ def test_onnx_runtime_runs_beside_an_amx_module(tmp_path) -> None:
     between must leave the thread's configuration as it found it (else ONNX Runtime stops on an illegal
     instruction: it did on this file, whose one AMX layer is a residual block's conv). Calls alternate."""
     import onnxruntime as ort
+    from test_third_party import ort_quantized
 
     import hawqc
-    from test_third_party import ort_quantized
 
     path, shape = ort_quantized("tiny_resnet", "qdq-uint8-asymmetric", tmp_path)
     module = hawqc.compile_integer_only(path, input_shape=shape)

@@ -243,6 +243,8 @@ def _read_by_input_quantize(ir: Any) -> bool:
     reshape flattening it): see :attr:`CompiledModule.input_in_place`."""
     from tvm import relax
 
+    from hawqc.topi_int4.x86 import quantize
+
     main = ir["main"]
     views, readers = {main.params[0]}, 0
     for block in main.body.blocks:
@@ -253,7 +255,7 @@ def _read_by_input_quantize(ir: Any) -> bool:
             op = getattr(value, "op", None)
             if getattr(op, "name", None) == "relax.reshape":
                 views.add(binding.var)
-            elif getattr(op, "name", None) == "relax.call_tir" and value.args[0].name_hint.startswith("quantize_nhwc"):
+            elif getattr(op, "name", None) == "relax.call_tir" and value.args[0].name_hint.startswith(quantize.NAME):
                 readers += 1
             else:
                 return False

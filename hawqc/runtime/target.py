@@ -60,9 +60,9 @@ def host_only_features() -> list[str]:
     an older model (an Intel Xeon VM here reads as ``rocketlake``), from Linux's CPU flags."""
     import tvm
 
-    cpu = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+    cpu, flags = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}), linux_cpu_flags()
     return [llvm for linux, llvm in AMX_FEATURES.items()
-            if linux in linux_cpu_flags() and not tvm.target.codegen.target_has_features(llvm[1:], cpu)]
+            if linux in flags and not tvm.target.codegen.target_has_features(llvm[1:], cpu)]
 
 
 def linux_cpu_flags() -> set[str]:

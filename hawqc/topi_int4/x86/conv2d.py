@@ -304,11 +304,10 @@ def with_epilogue(x: Any, weight: Any, acc: Any, shape: tuple[int, ...], requant
             v = round_shift(total, shift[o], rnd[o], tie_window=requant.tie_window)
             return clip(v + requant.zero_point if requant.zero_point else v)
 
-    channels = int(acc.shape[-1])
-    if requant.then is None and (shape[-1] == channels or requant.residual):
+    if not requantize_apart(requant, shape[-1], int(acc.shape[-1])):
         return te.create_prim_func([x, weight, *params, te.compute(shape, epilogue, name="out")])
     # whole vectors of channels, where :func:`.intrin.requantize_name` takes them, then the cut or the Add
-    q = te.compute((*shape[:-1], shape[-1] if requant.residual else channels), epilogue, name="requant")
+    q = te.compute((*shape[:-1], shape[-1] if requant.residual else acc.shape[-1]), epilogue, name="requant")
     if requant.then is None:
         return te.create_prim_func([x, weight, *params, te.compute(shape, lambda *i: q[i], name="out")])
     add = requant.then
@@ -396,8 +395,13 @@ def conv2d_amx(wl: Conv2dWorkload, requant: Requant | None) -> Any:
 def epilogue_blocks(wl: Conv2dWorkload, requant: Requant | None) -> tuple[str, ...]:
     """The blocks after the accumulator, in order: the requantize, and the Add after it where there is one
     or the cut to the output's channels where they are not whole vectors (:func:`with_epilogue`)."""
-    cut = wl.out_channels != wl.packed_out and not requant.residual if requant is not None else False
-    return ("requant", "out") if requant is not None and (requant.then or cut) else ("out",)
+    return ("requant", "out") if requantize_apart(requant, wl.out_channels, wl.packed_out) else ("out",)
+
+
+def requantize_apart(requant: Requant | None, out_channels: int, acc_channels: int) -> bool:
+    """Whether the requantize is a block of its own before ``out``: an Add follows it, or the output's
+    channels are fewer than the accumulator's whole vectors (and no residual, read per output channel)."""
+    return requant is not None and (requant.then is not None or (out_channels != acc_channels and not requant.residual))
 
 
 def parallel_rows(sch: Any, wl: Conv2dWorkload, *loops: Any) -> None:

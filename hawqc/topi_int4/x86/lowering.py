@@ -19,8 +19,16 @@ from hawqc.frontend.integer_graph import Context, add_in_int32, is_static
 from hawqc.quant.dyadic import high_word_form, rounding_bias
 from hawqc.reference.graph import IntOp
 from hawqc.topi_int4.x86 import amx, depthwise, lookup, quantize
-from hawqc.topi_int4.x86.conv2d import (AddStage, Conv2dWorkload, Requant, conv2d, conv2d_amx, offset_of, pack_weight,
-                                       runs_on_amx)
+from hawqc.topi_int4.x86.conv2d import (
+    AddStage,
+    Conv2dWorkload,
+    Requant,
+    conv2d,
+    conv2d_amx,
+    offset_of,
+    pack_weight,
+    runs_on_amx,
+)
 from hawqc.topi_int4.x86.intrin import LANES
 
 
@@ -129,7 +137,7 @@ def input_quantize(ctx: Context, x: Any, scale: float, zero_point: int, qmin: in
             or not all(is_static(d) for d in shape[1:]) or int(shape[1]) > quantize.MAX_CHANNELS):
         return None
     n, c, h, w = shape[0], *(int(d) for d in shape[1:])
-    gv = ctx.bb.add_func(quantize.quantize_nhwc(c, h, w, scale, zero_point, qmin, qmax, out_dtype), "quantize_nhwc")
+    gv = ctx.bb.add_func(quantize.quantize_nhwc(c, h, w, scale, zero_point, qmin, qmax, out_dtype), quantize.NAME)
     flat = ctx.bb.emit(R.reshape(x, [n * c * h * w]))
     out = ctx.bb.emit(R.call_tir(gv, [flat], relax.TensorType(flat.ty.shape, out_dtype)))
     return R.reshape(out, [n, h, w, c])

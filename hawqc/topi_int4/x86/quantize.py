@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 LANES = 16
+NAME = "quantize_nhwc"
+"""The kernel's function name in the lowered module (TVM may add a numeric suffix)."""
 MAX_CHANNELS = 4
 """Images: the kernel runs where the input has at most this many channels (one shuffle of their vectors)."""
 
